@@ -1,0 +1,130 @@
+"""Benchmark cases shared by the kernel benchmark script and its pytest-benchmark twin.
+
+Each case builds fresh random inputs and returns the callables that compete on them, so
+every variant runs on the same data in the same process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dinofuse.kernels import dino_loss, dino_loss_reference, ema_reference_, ema_update_
+
+OUT_DIM = 65536
+NCROPS = 10
+NUM_GLOBAL = 2
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@dataclass
+class LossCase:
+    batch: int
+    dtype: torch.dtype
+    K: int = OUT_DIM
+    ncrops: int = NCROPS
+
+    @property
+    def name(self) -> str:
+        return f"loss B={self.batch} K={self.K} crops={self.ncrops} {str(self.dtype)[6:]}"
+
+    def floor_bytes(self) -> int:
+        """Read student and teacher once, write the gradient once."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        student = self.ncrops * self.batch * self.K * item
+        teacher = NUM_GLOBAL * self.batch * self.K * item
+        return 2 * student + teacher
+
+    def inputs(self, device):
+        s = (torch.randn(self.ncrops * self.batch, self.K, device=device) * 4).to(self.dtype)
+        t = (torch.randn(NUM_GLOBAL * self.batch, self.K, device=device) * 0.2).to(self.dtype)
+        c = torch.randn(self.K, device=device) * 0.05
+        return s.requires_grad_(), t, c
+
+
+def official_loss(s, t, c):
+    return dino_loss_reference(s, t, c, num_global_crops=NUM_GLOBAL)[0]
+
+
+def fused_loss(s, t, c):
+    return dino_loss(s, t, c, num_global_crops=NUM_GLOBAL)[0]
+
+
+def loss_step(loss_fn) -> Callable:
+    """Forward and backward, leaving the gradient in s.grad (cleared first)."""
+
+    def step(s, t, c):
+        s.grad = None
+        loss_fn(s, t, c).backward()
+
+    return step
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+def vit_param_shapes(dim: int, depth: int = 12, patch: int = 16, tokens: int = 197):
+    """Parameter shapes of a timm/DINO ViT, in its named order."""
+    shapes = [(1, 1, dim), (1, tokens, dim), (dim, 3, patch, patch), (dim,)]
+    for _ in range(depth):
+        shapes += [(dim,), (dim,), (3 * dim, dim), (3 * dim,), (dim, dim), (dim,),
+                   (dim,), (dim,), (4 * dim, dim), (4 * dim,), (dim, 4 * dim), (dim,)]
+    return shapes + [(dim,), (dim,)]
+
+
+def dino_head_param_shapes(in_dim: int, out_dim: int = OUT_DIM, hidden: int = 2048,
+                           bottleneck: int = 256):
+    return [(hidden, in_dim), (hidden,), (hidden, hidden), (hidden,), (bottleneck, hidden),
+            (bottleneck,), (out_dim, 1), (out_dim, bottleneck)]
+
+
+EMA_MODELS = {
+    "vit_small16+head": vit_param_shapes(384) + dino_head_param_shapes(384),
+    "vit_base16+head": vit_param_shapes(768) + dino_head_param_shapes(768),
+}
+
+
+@dataclass
+class EmaCase:
+    model: str
+    student_dtype: torch.dtype = torch.float32
+
+    @property
+    def name(self) -> str:
+        return f"ema {self.model} student {str(self.student_dtype)[6:]}"
+
+    def numel(self) -> int:
+        return sum(torch.Size(s).numel() for s in EMA_MODELS[self.model])
+
+    def floor_bytes(self) -> int:
+        """Read teacher and student once, write the teacher once."""
+        s_item = torch.empty((), dtype=self.student_dtype).element_size()
+        return self.numel() * (4 + s_item + 4)
+
+    def inputs(self, device):
+        shapes = EMA_MODELS[self.model]
+        teacher = [torch.randn(s, device=device) for s in shapes]
+        student = [torch.randn(s, device=device).to(self.student_dtype) for s in shapes]
+        return teacher, student
+
+    def variants(self, device) -> dict[str, Callable]:
+        m = 0.996
+        m_dev = torch.tensor(m, device=device)
+        out = {
+            "fused": lambda T, S: ema_update_(T, S, m),
+            "fused (momentum tensor)": lambda T, S: ema_update_(T, S, m_dev),
+            "official per-param loop": lambda T, S: ema_reference_(T, S, m),
+        }
+        if self.student_dtype == torch.float32:  # torch's foreach ops want one dtype
+            out["_foreach_mul_+_foreach_add_"] = _foreach_mul_add
+            out["_foreach_lerp_"] = lambda T, S: torch._foreach_lerp_(T, S, 1 - m)
+        return out
+
+
+def _foreach_mul_add(T, S, m=0.996):
+    torch._foreach_mul_(T, m)
+    torch._foreach_add_(T, S, alpha=1 - m)

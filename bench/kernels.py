@@ -1,0 +1,262 @@
+"""Kernel benchmark: the fused DINO loss and EMA against the official code paths, side by side.
+
+    python -m dinofuse.bench.kernels [--out DIR] [--quick]
+
+Loss (K=65536, 10 crops, B=64 and 256, fp32 and bf16; forward + backward): fused op, the
+official eager math, torch.compile of the official math. EMA (ViT-S/16 and ViT-B/16 with a
+DINO head): fused op (float and tensor momentum), the official per-parameter loop,
+_foreach_mul_ + _foreach_add_, _foreach_lerp_. Each row reports the median time, the
+bytes floor over that time (GB/s), that as a share of the copy bandwidth measured in the same
+run, and peak extra memory. Writes kernels.json and kernels.md into --out.
+On a machine without CUDA it runs the CPU-capable rows and lists what it skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from dinofuse.bench.cases import (
+    EmaCase,
+    LossCase,
+    fused_loss,
+    loss_step,
+    official_loss,
+)
+from dinofuse.kernels import ema_update_
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _time_ms(fn, device, reps: int) -> float:
+    """Median milliseconds; CUDA events via triton's do_bench (it flushes L2 between runs)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=reps, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(max(3, reps // 20)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_extra_mb(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth_gbs(device) -> float:
+    """Device copy bandwidth, counting bytes read plus written."""
+    n = (1 << 29) if device.type == "cuda" else (1 << 25)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src), device, reps=100)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def _row(case, variant, ms, floor_bytes, copy_bw, peak_mb):
+    gbs = floor_bytes / ms / 1e6
+    return dict(case=case, variant=variant, ms=round(ms, 4), floor_gbs=round(gbs, 1),
+                pct_copy_bw=round(100 * gbs / copy_bw, 1),
+                floor_ms=round(floor_bytes / copy_bw / 1e6, 4),
+                peak_extra_mb=None if peak_mb is None else round(peak_mb, 1))
+
+
+def bench_loss(case: LossCase, device, copy_bw, reps, skipped, compile_ok=True):
+    rows = []
+    s, t, c = case.inputs(device)
+    variants = {"fused": loss_step(fused_loss), "official eager": loss_step(official_loss)}
+    if device.type != "cuda":
+        skipped.append(f"{case.name}: fused Triton kernel (needs CUDA; on CPU the op runs the "
+                       "official math, already timed as 'official eager')")
+        del variants["fused"]
+    if compile_ok:
+        torch._dynamo.reset()
+        variants["torch.compile(official)"] = loss_step(torch.compile(official_loss, dynamic=False))
+    else:
+        skipped.append(f"{case.name}: torch.compile(official) (skipped on CPU: compile time)")
+    # sanity: the fused loss agrees with the official math on these inputs
+    with torch.no_grad():
+        ref = official_loss(s.float(), t, c)
+        check = {"official_loss": float(ref)}
+        if "fused" in variants:
+            check["fused_rel_err"] = abs(float(fused_loss(s, t, c)) - float(ref)) / abs(float(ref))
+    for name, step in variants.items():
+        step(s, t, c)  # warm-up (compiles)
+        ms = _time_ms(lambda: step(s, t, c), device, reps)
+        peak = _peak_extra_mb(lambda: step(s, t, c), device)
+        rows.append(_row(case.name, name, ms, case.floor_bytes(), copy_bw, peak))
+    del s, t, c
+    return rows, check
+
+
+def bench_ema(case: EmaCase, device, copy_bw, reps, skipped):
+    rows = []
+    teacher, student = case.inputs(device)
+    for name, fn in case.variants(device).items():
+        if device.type != "cuda" and name.startswith("fused"):
+            skipped.append(f"{case.name}: {name} (Triton kernel needs CUDA; on CPU it is the "
+                           "official loop)")
+            continue
+        ms = _time_ms(lambda: fn(teacher, student), device, reps)
+        peak = _peak_extra_mb(lambda: fn(teacher, student), device)
+        rows.append(_row(case.name, name, ms, case.floor_bytes(), copy_bw, peak))
+    return rows
+
+
+STUDENT_SWEEP = [(1, 2048, 8), (2, 2048, 8), (2, 4096, 16), (4, 1024, 8), (4, 2048, 16),
+                 (8, 1024, 16)]
+EMA_SWEEP = [dict(chunk=16384, block=1024, num_warps=4), dict(chunk=65536, block=2048, num_warps=8),
+             dict(chunk=4096, block=1024, num_warps=4), dict(chunk=32768, block=4096, num_warps=8)]
+
+
+def sweep_launch_shapes(loss_case: LossCase, ema_case: EmaCase, device, copy_bw, reps):
+    """The fused ops under each launch shape, to choose the defaults from measurements."""
+    import importlib
+
+    loss_mod = importlib.import_module("dinofuse.kernels.dino_loss")
+    ema_mod = importlib.import_module("dinofuse.kernels.ema")
+    rows = []
+    s, t, c = loss_case.inputs(device)
+    step = loss_step(fused_loss)
+    for launch in STUDENT_SWEEP:
+        loss_mod.STUDENT_LAUNCH_OVERRIDE = launch
+        try:
+            step(s, t, c)
+            ms = _time_ms(lambda: step(s, t, c), device, reps)
+            rows.append(_row(loss_case.name, f"fused V,BK,warps={launch}", ms,
+                             loss_case.floor_bytes(), copy_bw, None))
+        finally:
+            loss_mod.STUDENT_LAUNCH_OVERRIDE = None
+    del s, t, c
+    teacher, student = ema_case.inputs(device)
+    default = dict(ema_mod.LAUNCH)
+    for launch in EMA_SWEEP:
+        ema_mod.LAUNCH.update(launch)
+        try:
+            fn = lambda: ema_update_(teacher, student, 0.996)  # noqa: E731
+            fn()
+            ms = _time_ms(fn, device, reps)
+            label = ",".join(f"{k}={v}" for k, v in launch.items())
+            rows.append(_row(ema_case.name, f"fused {label}", ms, ema_case.floor_bytes(),
+                             copy_bw, None))
+        finally:
+            ema_mod.LAUNCH.update(default)
+    return rows
+
+
+def _ratios(rows):
+    """Each variant's time over the fused op's time on the same case."""
+    fused = {r["case"]: r["ms"] for r in rows if r["variant"] == "fused"}
+    for r in rows:
+        if r["case"] in fused:
+            r["x_of_fused_time"] = round(r["ms"] / fused[r["case"]], 2)
+    return rows
+
+
+def markdown(result) -> str:
+    lines = [f"# Kernel benchmark — {result['device']}", "",
+             f"date {result['date']}, commit {result['commit']}, torch {result['torch']}, "
+             f"triton {result['triton']}; measured copy bandwidth "
+             f"{result['copy_bandwidth_gbs']:.0f} GB/s (read + write).", "",
+             "| case | variant | ms (median) | floor ms | floor GB/s | % copy BW | "
+             "time / fused | peak extra MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['case']} | {r['variant']} | {r['ms']} | {r['floor_ms']} | "
+                     f"{r['floor_gbs']} | {r['pct_copy_bw']} | {r.get('x_of_fused_time', '')} | "
+                     f"{r['peak_extra_mb'] if r['peak_extra_mb'] is not None else 'n/a'} |")
+    if result["skipped"]:
+        lines += ["", "Skipped:"] + [f"- {s}" for s in result["skipped"]]
+    lines += ["", "Correctness checks on the benchmark inputs:", "```",
+              json.dumps(result["checks"], indent=1), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/out"), help="output folder")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and cases")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the fused ops under each launch shape (GPU only)")
+    ap.add_argument("--compile-budget-s", type=float, default=300.0,
+                    help="stop adding torch.compile rows once compiling took this long")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    reps = 30 if args.quick else 100
+    import triton
+
+    skipped: list[str] = []
+    copy_bw = copy_bandwidth_gbs(device)
+    if cuda:
+        loss_cases = [LossCase(b, d) for b in (64, 256) for d in (torch.float32, torch.bfloat16)]
+        ema_cases = [EmaCase("vit_small16+head"), EmaCase("vit_base16+head"),
+                     EmaCase("vit_base16+head", torch.bfloat16)]
+    else:
+        skipped.append("loss at B=64/256 (CPU: one reduced case B=4 instead)")
+        loss_cases = [LossCase(4, torch.float32)]
+        ema_cases = [EmaCase("vit_small16+head")]
+        skipped.append("EMA ViT-B/16 and bf16-student rows (CPU)")
+    if args.quick and cuda:
+        loss_cases = loss_cases[-1:]
+    rows, checks = [], {}
+    started = time.perf_counter()
+    for case in loss_cases:
+        compile_ok = cuda and not args.no_compile
+        if compile_ok and time.perf_counter() - started > args.compile_budget_s:
+            compile_ok = False
+            skipped.append(f"{case.name}: torch.compile(official) (over --compile-budget-s)")
+        r, check = bench_loss(case, device, copy_bw, reps, skipped, compile_ok=compile_ok)
+        rows += r
+        checks[case.name] = check
+        print(f"done: {case.name}", flush=True)
+    for case in ema_cases:
+        rows += bench_ema(case, device, copy_bw, reps, skipped)
+        print(f"done: {case.name}", flush=True)
+    if args.sweep and cuda:
+        rows += sweep_launch_shapes(loss_cases[-1], ema_cases[-2 if len(ema_cases) > 1 else -1],
+                                    device, copy_bw, reps)
+        print("done: launch-shape sweep", flush=True)
+
+    result = dict(
+        device=torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=_git_commit(), torch=torch.__version__, triton=triton.__version__,
+        copy_bandwidth_gbs=round(copy_bw, 1), rows=_ratios(rows), skipped=skipped, checks=checks,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result)
+    (args.out / "kernels.md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()

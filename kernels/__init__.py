@@ -1,0 +1,18 @@
+"""Fused DINO ops: the loss with teacher centering and the teacher EMA.
+
+CUDA tensors run the Triton kernels; CPU tensors run the same kernels under
+TRITON_INTERPRET=1 (set before import), and the official math in plain PyTorch otherwise.
+"""
+
+from dinofuse.kernels.dino_loss import DINOLoss, dino_loss
+from dinofuse.kernels.ema import ema_update_
+from dinofuse.kernels.reference import dino_loss_reference, ema_reference_, teacher_temp_schedule
+
+__all__ = [
+    "DINOLoss",
+    "dino_loss",
+    "dino_loss_reference",
+    "ema_reference_",
+    "ema_update_",
+    "teacher_temp_schedule",
+]

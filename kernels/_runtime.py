@@ -1,0 +1,31 @@
+"""Where a fused op runs: Triton on CUDA, Triton's interpreter on CPU, or the reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# `triton.jit` reads TRITON_INTERPRET when a kernel is defined, so the choice is made once,
+# at import: set the variable before importing dinofuse.kernels.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def runs_triton(tensor: torch.Tensor) -> bool:
+    """True when `tensor`'s device runs our Triton kernels (CUDA, or CPU under the interpreter)."""
+    if tensor.device.type == "cuda":
+        return True
+    return INTERPRET and tensor.device.type == "cpu"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float(name: str, tensor: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must be one of {allowed}; got {tensor.dtype}")

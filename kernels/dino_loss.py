@@ -1,0 +1,430 @@
+"""The DINO loss with teacher centering, fused: Triton kernels, the custom op, and `DINOLoss`.
+
+Math (official DINOLoss, `reference.dino_loss_reference`): for teacher view i and student
+view v != i, the term is mean_b sum_k -q_i log p_v with q_i = softmax((t_i - c)/tau_t) and
+p_v = softmax(s_v/tau_s); the loss averages the terms.
+
+The fused form visits each student row once per pass. For student row (v, b) the target is
+Q = sum_{i != v} q_i[b] and its mass is n_v = number of teacher views other than v, so
+
+    row loss = n_v * lse(s/tau_s) - <Q, s/tau_s>
+    d loss / d s = (n_v * softmax(s/tau_s) - Q) / (tau_s * n_terms * B)
+
+Two kernels:
+  1. teacher pass, one program per block of K columns: reads the teacher once, writes each
+     row's partial (max, sum exp) of (t - c)/tau_t for its block and the column means
+     (the center statistic) -- no atomics, so the result is deterministic.
+  2. student pass, one program per few student views of one image (V_BLOCK rows), ordered
+     image-major so the programs that share an image's teacher rows run together: pass A
+     computes the rows' logsumexp; pass B (whose reads mostly hit L2) recomputes q from the
+     teacher logits once for the V_BLOCK rows, writes the gradient and the rows' losses.
+     The per-row losses are summed afterwards in a fixed order.
+
+The gradient is produced in forward; backward only scales it by the incoming gradient, in
+place, and skips even that when the incoming gradient is 1 (checked on the device).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+from torch import nn
+
+from dinofuse.kernels._runtime import check_float, next_power_of_2, runs_triton
+from dinofuse.kernels.ema import ema_update_
+from dinofuse.kernels.reference import (
+    dino_loss_reference,
+    dino_loss_student_grad,
+    pair_count,
+    teacher_temp_schedule,
+)
+
+# ----------------------------------------------------------------------------- kernels
+# Both kernels work in base 2 (exp2/log2 are the native instructions): x2 = x * log2(e)/tau,
+# and lse = ln(2) * lse2. The teacher pass and the student pass agree on that convention.
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _teacher_pass_kernel(
+    t_ptr, t_row_stride, c_ptr, part_max_ptr, part_sum_ptr, mean_ptr,
+    n_rows, K, t_scale, inv_rows,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_blocks = tl.num_programs(0)
+    cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
+    col_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for r0 in range(0, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        ok = row_ok[:, None] & col_ok[None, :]
+        offs = rows[:, None].to(tl.int64) * t_row_stride + cols[None, :]
+        t = tl.load(t_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        col_sum += tl.sum(t, axis=0)
+        x = tl.where(ok, (t - center[None, :]) * t_scale, float("-inf"))
+        x_max = tl.max(x, axis=1)
+        x_sum = tl.sum(tl.exp2(x - x_max[:, None]), axis=1)
+        tl.store(part_max_ptr + rows * n_blocks + pid, x_max, mask=row_ok)
+        tl.store(part_sum_ptr + rows * n_blocks + pid, x_sum, mask=row_ok)
+    tl.store(mean_ptr + cols, col_sum * inv_rows, mask=col_ok)
+
+
+@triton.jit
+def _student_pass_kernel(
+    s_ptr, s_row_stride, t_ptr, t_row_stride, c_ptr, part_max_ptr, part_sum_ptr,
+    grad_ptr, row_loss_ptr,
+    B, K, n_tblocks, s_scale, t_scale, grad_scale,
+    NCROPS: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, V_BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):
+    # One program: V_BLOCK student views of one image. Image-major order, so the programs
+    # that read an image's teacher rows run side by side and share them through L2.
+    N_GROUPS: tl.constexpr = (NCROPS + V_BLOCK - 1) // V_BLOCK
+    pid = tl.program_id(0)
+    b = pid // N_GROUPS
+    vs = (pid % N_GROUPS) * V_BLOCK + tl.arange(0, V_BLOCK)
+    v_ok = vs < NCROPS
+    rows = (vs * B + b).to(tl.int64)
+    s_rows = s_ptr + rows[:, None] * s_row_stride
+    # Student view v learns from every global view but itself.
+    n_targets = G - (vs < G).to(tl.float32)
+
+    # Teacher log2-normalizers, combined from the teacher pass's per-block partials.
+    views = tl.arange(0, G_P2)
+    is_view = views < G
+    t_part = (views * B + b) * n_tblocks
+    t_max = tl.full([G_P2], float("-inf"), tl.float32)
+    t_sum = tl.zeros([G_P2], dtype=tl.float32)
+    for p0 in range(0, n_tblocks, BLOCK_P):
+        blocks = p0 + tl.arange(0, BLOCK_P)
+        ok = is_view[:, None] & (blocks < n_tblocks)[None, :]
+        offs = t_part[:, None] + blocks[None, :]
+        pm = tl.load(part_max_ptr + offs, mask=ok, other=float("-inf"))
+        ps = tl.load(part_sum_ptr + offs, mask=ok, other=0.0)
+        new_max = tl.maximum(t_max, tl.max(pm, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        t_sum = t_sum * tl.exp2(t_max - safe_max) + tl.sum(ps * tl.exp2(pm - safe_max[:, None]), axis=1)
+        t_max = new_max
+    t_lse = tl.where(is_view, t_max + tl.log2(t_sum), 0.0)
+
+    # Pass A: each row's log2-sum-exp2 (online max and sum).
+    s_max = tl.full([V_BLOCK], float("-inf"), tl.float32)
+    s_sum = tl.zeros([V_BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        ok = v_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(s_rows + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * s_scale
+        new_max = tl.maximum(s_max, tl.max(x, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past NCROPS
+        s_sum = s_sum * tl.exp2(s_max - safe_max) + tl.sum(tl.exp2(x - safe_max[:, None]), axis=1)
+        s_max = new_max
+    s_lse = s_max + tl.log2(s_sum)
+
+    # Pass B (reads mostly from L2): targets from the teacher, gradient, <Q, x2> for the loss.
+    dot = tl.zeros([V_BLOCK], dtype=tl.float32)
+    g_rows = grad_ptr + rows[:, None] * K
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        ok = v_ok[:, None] & col_ok[None, :]
+        x = tl.load(s_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32) * s_scale
+        center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
+        q_target = tl.zeros([V_BLOCK, BLOCK_K], dtype=tl.float32)
+        for i in tl.static_range(G):
+            t_row = t_ptr + (i * B + b).to(tl.int64) * t_row_stride
+            t_i = tl.load(t_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+            lse_i = tl.sum(tl.where(views == i, t_lse, 0.0), axis=0)
+            q_i = tl.where(col_ok, tl.exp2((t_i - center) * t_scale - lse_i), 0.0)
+            q_target += tl.where((vs != i)[:, None], q_i[None, :], 0.0)
+        dot += tl.sum(tl.where(ok, q_target * x, 0.0), axis=1)
+        if WRITE_GRAD:
+            g = grad_scale * (n_targets[:, None] * tl.exp2(x - s_lse[:, None]) - q_target)
+            tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=ok)
+    tl.store(row_loss_ptr + rows, LN2 * (n_targets * s_lse - dot), mask=v_ok)
+
+
+@triton.jit
+def _scale_inplace_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:  # the usual `loss.backward()` passes 1: then nothing to read or write
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        x = tl.load(x_ptr + offs, mask=ok).to(tl.float32)
+        tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------- launch
+
+# Tests set this to fill every output with NaN before the kernels run, so an element the
+# kernels fail to write shows up as NaN instead of passing on stale memory.
+POISON_OUTPUTS = False
+
+
+def _new_output(shape, *, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+# (V_BLOCK, BLOCK_K, num_warps) for the student pass, or None for the default; the
+# benchmark sweeps it.
+STUDENT_LAUNCH_OVERRIDE: tuple[int, int, int] | None = None
+
+
+def _student_launch_config(K: int, ncrops: int) -> tuple[int, int, int]:
+    """Views per program, columns per step, warps."""
+    v_block, block_k, warps = STUDENT_LAUNCH_OVERRIDE or (2, 2048, 8)
+    v_block = min(v_block, next_power_of_2(ncrops))
+    block_k = min(block_k, max(16, next_power_of_2(K) // v_block))
+    return v_block, block_k, warps
+
+
+def _fused_forward(student_out, teacher_out, center, num_global_crops, student_temp,
+                   teacher_temp, compute_grad):
+    n_student, K = student_out.shape
+    n_teacher = teacher_out.shape[0]
+    B = n_teacher // num_global_crops
+    ncrops = n_student // B
+    f32 = dict(like=student_out, dtype=torch.float32)
+
+    block_kt = min(256, next_power_of_2(K))
+    n_tblocks = triton.cdiv(K, block_kt)
+    part_max = _new_output((n_teacher, n_tblocks), **f32)
+    part_sum = _new_output((n_teacher, n_tblocks), **f32)
+    teacher_mean = _new_output((K,), **f32)
+    _teacher_pass_kernel[(n_tblocks,)](
+        teacher_out, teacher_out.stride(0), center, part_max, part_sum, teacher_mean,
+        n_teacher, K, LOG2E / teacher_temp, 1.0 / n_teacher,
+        BLOCK_R=16, BLOCK_K=block_kt, num_warps=4,
+    )
+
+    grad = _new_output((n_student, K) if compute_grad else (0,), like=student_out,
+                       dtype=student_out.dtype)
+    row_loss = _new_output((n_student,), **f32)
+    scale = 1.0 / (pair_count(ncrops, num_global_crops) * B)
+    v_block, block_k, warps = _student_launch_config(K, ncrops)
+    _student_pass_kernel[(B * triton.cdiv(ncrops, v_block),)](
+        student_out, student_out.stride(0), teacher_out, teacher_out.stride(0), center,
+        part_max, part_sum, grad, row_loss,
+        B, K, n_tblocks, LOG2E / student_temp, LOG2E / teacher_temp, scale / student_temp,
+        NCROPS=ncrops, G=num_global_crops, G_P2=next_power_of_2(num_global_crops),
+        V_BLOCK=v_block, BLOCK_K=block_k, BLOCK_P=min(1024, next_power_of_2(n_tblocks)),
+        WRITE_GRAD=compute_grad, num_warps=warps,
+    )
+    loss = row_loss.sum() * scale
+    return loss, teacher_mean, grad
+
+
+def _reference_forward(student_out, teacher_out, center, num_global_crops, student_temp,
+                       teacher_temp, compute_grad):
+    """CPU without the interpreter: the official math (no autograd runs inside a custom op)."""
+    temps = dict(num_global_crops=num_global_crops, student_temp=student_temp,
+                 teacher_temp=teacher_temp)
+    loss, teacher_mean = dino_loss_reference(student_out, teacher_out, center, **temps)
+    grad = dino_loss_student_grad(student_out, teacher_out, center, **temps) if compute_grad \
+        else student_out.new_empty((0,))
+    return loss, teacher_mean, grad
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("dinofuse::dino_loss_fwd", mutates_args=())
+def _dino_loss_fwd(
+    student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor,
+    num_global_crops: int, student_temp: float, teacher_temp: float, compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = _fused_forward if runs_triton(student_out) else _reference_forward
+    return impl(student_out, teacher_out, center, num_global_crops, student_temp,
+                teacher_temp, compute_grad)
+
+
+@_dino_loss_fwd.register_fake
+def _(student_out, teacher_out, center, num_global_crops, student_temp, teacher_temp,
+      compute_grad):
+    K = student_out.shape[1]
+    loss = student_out.new_empty((), dtype=torch.float32)
+    mean = student_out.new_empty((K,), dtype=torch.float32)
+    grad = torch.empty_like(student_out, memory_format=torch.contiguous_format) if compute_grad \
+        else student_out.new_empty((0,))
+    return loss, mean, grad
+
+
+@torch.library.custom_op("dinofuse::scale_", mutates_args=("x",))
+def _scale_(x: torch.Tensor, g: torch.Tensor) -> None:
+    """x *= g in place, where g is a 0-d tensor; no work when g == 1."""
+    if runs_triton(x):
+        block = 4096
+        _scale_inplace_kernel[(max(1, triton.cdiv(x.numel(), block)),)](
+            x, g, x.numel(), BLOCK=block)
+    else:
+        x.mul_(g.to(torch.float32))
+
+
+@_scale_.register_fake
+def _(x, g):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(output[2])
+
+
+def _backward(ctx, grad_loss, grad_mean, grad_grad):
+    (grad,) = ctx.saved_tensors
+    torch.ops.dinofuse.scale_(grad, grad_loss)
+    return grad, None, None, None, None, None, None
+
+
+_dino_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _validate(student_out, teacher_out, center, num_global_crops):
+    for name, t in (("student_out", student_out), ("teacher_out", teacher_out)):
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows, K); got shape {tuple(t.shape)}")
+        check_float(name, t)
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+    check_float("center", center, (torch.float32,))
+    K = student_out.shape[1]
+    if teacher_out.shape[1] != K:
+        raise ValueError(f"student_out has K={K} columns but teacher_out has {teacher_out.shape[1]}")
+    if center.numel() != K or center.dim() > 2 or (center.dim() == 2 and center.shape[0] != 1):
+        raise ValueError(f"center must have shape ({K},) or (1, {K}); got {tuple(center.shape)}")
+    if num_global_crops < 1:
+        raise ValueError(f"num_global_crops must be >= 1; got {num_global_crops}")
+    n_teacher, n_student = teacher_out.shape[0], student_out.shape[0]
+    if n_teacher % num_global_crops:
+        raise ValueError(f"teacher_out has {n_teacher} rows, not a multiple of "
+                         f"num_global_crops={num_global_crops}")
+    B = n_teacher // num_global_crops
+    if n_student % B:
+        raise ValueError(f"student_out has {n_student} rows, not a multiple of the batch size "
+                         f"B={B} (teacher_out rows / num_global_crops)")
+    ncrops = n_student // B
+    if ncrops < num_global_crops or pair_count(ncrops, num_global_crops) == 0:
+        raise ValueError(f"student_out holds {ncrops} crops of B={B}; it needs at least "
+                         f"num_global_crops={num_global_crops} and at least one pair of "
+                         f"different views")
+    devices = {student_out.device, teacher_out.device, center.device}
+    if len(devices) != 1:
+        raise ValueError(f"inputs are on different devices: {sorted(map(str, devices))}")
+
+
+def _unit_stride_columns(name: str, t: torch.Tensor) -> torch.Tensor:
+    # The kernels take any row stride; columns must be adjacent. Other layouts are copied once.
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+def dino_loss(
+    student_out: torch.Tensor,
+    teacher_out: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    num_global_crops: int = 2,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused DINO loss. Returns (loss, teacher_mean), both float32.
+
+    student_out: (ncrops*B, K), crops stacked crop-major, global crops first.
+    teacher_out: (num_global_crops*B, K); no gradient flows into it.
+    center: (K,) or (1, K) float32.
+    teacher_mean is the batch mean of teacher_out's rows (before any all-reduce).
+    """
+    _validate(student_out, teacher_out, center, num_global_crops)
+    if student_temp <= 0 or teacher_temp <= 0:
+        raise ValueError(f"temperatures must be > 0; got student_temp={student_temp}, "
+                         f"teacher_temp={teacher_temp}")
+    compute_grad = torch.is_grad_enabled() and student_out.requires_grad
+    loss, teacher_mean, _ = _dino_loss_fwd(
+        _unit_stride_columns("student_out", student_out),
+        _unit_stride_columns("teacher_out", teacher_out.detach()),
+        center.detach().reshape(-1).contiguous(),
+        num_global_crops, float(student_temp), float(teacher_temp), compute_grad,
+    )
+    return loss, teacher_mean
+
+
+class DINOLoss(nn.Module):
+    """Drop-in for the official `DINOLoss` (same constructor and forward), fused.
+
+    The center statistic is all-reduced asynchronously when torch.distributed is initialized
+    with more than one process; the update lands before the center's next use (the next
+    forward, `state_dict`, or an explicit `apply_center_update()`), so the loss sequence is
+    the official one.
+    """
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float,
+                 teacher_temp: float, warmup_teacher_temp_epochs: int, nepochs: int,
+                 student_temp: float = 0.1, center_momentum: float = 0.9,
+                 num_global_crops: int = 2):
+        super().__init__()
+        self.out_dim = out_dim
+        self.ncrops = ncrops
+        self.num_global_crops = num_global_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self._pending_center = None  # (all-reduce work handle, summed teacher means)
+
+    def teacher_temp_at(self, epoch: int) -> float:
+        if not 0 <= epoch < len(self.teacher_temp_schedule):
+            raise IndexError(f"epoch {epoch} is outside the teacher temperature schedule "
+                             f"(0..{len(self.teacher_temp_schedule) - 1}; nepochs too small?)")
+        return self.teacher_temp_schedule[epoch]
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                epoch: int) -> torch.Tensor:
+        rows = student_output.shape[0]
+        expected = self.ncrops * (teacher_output.shape[0] // self.num_global_crops)
+        if rows != expected:
+            raise ValueError(f"student_output has {rows} rows; ncrops={self.ncrops} with "
+                             f"teacher_output's batch needs {expected}")
+        self.apply_center_update()
+        loss, teacher_mean = dino_loss(
+            student_output, teacher_output, self.center,
+            num_global_crops=self.num_global_crops, student_temp=self.student_temp,
+            teacher_temp=self.teacher_temp_at(epoch))
+        self.update_center(teacher_mean)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_mean: torch.Tensor) -> None:
+        """Start the center EMA with this step's local teacher mean."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(teacher_mean, async_op=True)
+            self._pending_center = (work, teacher_mean)
+        else:
+            self._ema_center(teacher_mean)
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """Wait for a pending all-reduce of the center statistic and apply the EMA."""
+        if self._pending_center is None:
+            return
+        work, summed = self._pending_center
+        self._pending_center = None
+        work.wait()
+        self._ema_center(summed / dist.get_world_size())
+
+    def _ema_center(self, batch_center: torch.Tensor) -> None:
+        ema_update_([self.center], [batch_center.reshape_as(self.center)], self.center_momentum)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.apply_center_update()
+        super()._save_to_state_dict(destination, prefix, keep_vars)

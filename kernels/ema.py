@@ -1,0 +1,145 @@
+"""The teacher EMA, fused: teacher <- m * teacher + (1 - m) * student over a list of tensors.
+
+One launch per student dtype covers every tensor: a small device table lists each tensor's
+teacher address, student address and length, and every program takes one fixed-size chunk of
+one tensor. The table is built once per set of tensors and cached, so a training step pays
+no host-to-device copy and a captured CUDA graph can replay the launch. The momentum is a
+Python float or a 0-d tensor on the device (read inside the kernel, so a graph replays it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from dinofuse.kernels._runtime import check_float, runs_triton
+from dinofuse.kernels.reference import ema_reference_
+
+# Launch shape: elements per program (a multiple of `block`), elements per loop step, warps.
+# A module-level dict so the benchmark can sweep it.
+LAUNCH = dict(chunk=16384, block=1024, num_warps=4)
+_TABLE_CACHE_SIZE = 16
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _ema_kernel(
+    table_ptr, n_tensors, momentum_ptr, momentum,
+    S_DTYPE: tl.constexpr, MOMENTUM_ON_DEVICE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # table: [teacher addr] * n, [student addr] * n, [numel] * n, then per chunk (tensor, start)
+    pid = tl.program_id(0)
+    chunk = table_ptr + 3 * n_tensors + 2 * pid
+    idx = tl.load(chunk)
+    start = tl.load(chunk + 1)
+    teacher = tl.load(table_ptr + idx).to(tl.pointer_type(tl.float32))
+    student = tl.load(table_ptr + n_tensors + idx).to(tl.pointer_type(S_DTYPE))
+    numel = tl.load(table_ptr + 2 * n_tensors + idx)
+    if MOMENTUM_ON_DEVICE:
+        m = tl.load(momentum_ptr).to(tl.float32)
+    else:
+        m = momentum
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        ok = offs < numel
+        t = tl.load(teacher + offs, mask=ok)
+        s = tl.load(student + offs, mask=ok).to(tl.float32)
+        tl.store(teacher + offs, t * m + s * (1.0 - m), mask=ok)
+
+
+_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _table(teacher: list[torch.Tensor], student: list[torch.Tensor], chunk: int) -> torch.Tensor:
+    """The launch table for these tensors, built on the host once and kept on the device."""
+    key = (teacher[0].device, chunk, tuple((t.data_ptr(), s.data_ptr(), t.numel())
+                                           for t, s in zip(teacher, student)))
+    table = _tables.get(key)
+    if table is not None:
+        _tables.move_to_end(key)
+        return table
+    numels = [t.numel() for t in teacher]
+    chunks = [v for i, n in enumerate(numels) for start in range(0, n, chunk) for v in (i, start)]
+    rows = [t.data_ptr() for t in teacher] + [s.data_ptr() for s in student] + numels + chunks
+    table = torch.tensor(rows, dtype=torch.int64).to(teacher[0].device)
+    _tables[key] = table
+    if len(_tables) > _TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return table
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor parameter (no communication), else the tensor."""
+    to_local = getattr(t, "to_local", None)
+    return (to_local() if to_local is not None else t).detach()
+
+
+@torch.no_grad()
+def ema_update_(
+    teacher_params: Sequence[torch.Tensor],
+    student_params: Sequence[torch.Tensor],
+    momentum: float | torch.Tensor,
+) -> None:
+    """In place: teacher <- momentum * teacher + (1 - momentum) * student, for each pair.
+
+    Teachers are float32; students float32, bfloat16 or float16, same shapes. DTensor
+    parameters (FSDP2) are updated shard by shard on each rank's local data.
+    `momentum` is a float or a 0-d float tensor on the tensors' device.
+    """
+    teacher = [_local(t) for t in teacher_params]
+    student = [_local(s) for s in student_params]
+    if len(teacher) != len(student):
+        raise ValueError(f"ema_update_ got {len(teacher)} teacher tensors and "
+                         f"{len(student)} student tensors")
+    if not teacher:
+        return
+    device = teacher[0].device
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        check_float(f"teacher tensor {i}", t, (torch.float32,))
+        check_float(f"student tensor {i}", s)
+        if t.shape != s.shape:
+            raise ValueError(f"tensor {i}: teacher shape {tuple(t.shape)} != student shape "
+                             f"{tuple(s.shape)}")
+        if t.device != device or s.device != device:
+            raise ValueError(f"tensor {i} is on {t.device}/{s.device}; expected {device}")
+    on_device = isinstance(momentum, torch.Tensor)
+    if on_device:
+        if momentum.numel() != 1 or momentum.device != device or not momentum.is_floating_point():
+            raise ValueError(f"momentum tensor must be a 1-element float tensor on {device}; got "
+                             f"{momentum.dtype} of shape {tuple(momentum.shape)} on {momentum.device}")
+    elif not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1]; got {momentum}")
+
+    if not runs_triton(teacher[0]):
+        ema_reference_(teacher, student, momentum)
+        return
+
+    # Fused path for contiguous pairs, grouped by student dtype; anything else (rare:
+    # non-contiguous views) takes the reference loop.
+    groups: dict[torch.dtype, tuple[list, list]] = {}
+    odd_t, odd_s = [], []
+    for t, s in zip(teacher, student):
+        if t.numel() == 0:
+            continue
+        if t.is_contiguous() and s.is_contiguous():
+            group = groups.setdefault(s.dtype, ([], []))
+            group[0].append(t)
+            group[1].append(s)
+        else:
+            odd_t.append(t)
+            odd_s.append(s)
+    if odd_t:
+        ema_reference_(odd_t, odd_s, momentum)
+    for s_dtype, (ts, ss) in groups.items():
+        table = _table(ts, ss, LAUNCH["chunk"])
+        n_chunks = (table.numel() - 3 * len(ts)) // 2
+        _ema_kernel[(n_chunks,)](
+            table, len(ts), momentum if on_device else table, 0.0 if on_device else float(momentum),
+            S_DTYPE=_TL_DTYPE[s_dtype], MOMENTUM_ON_DEVICE=on_device,
+            CHUNK=LAUNCH["chunk"], BLOCK=LAUNCH["block"], num_warps=LAUNCH["num_warps"],
+        )

@@ -1,0 +1,129 @@
+"""The compiled Triton kernels on a GPU, at full size. Skipped where there is no CUDA device.
+
+Run with TRITON_INTERPRET=0 (bench/gpu_check.sh does): under the interpreter CUDA tensors
+would be copied through the host instead of running the compiled kernels.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from dinofuse.kernels import DINOLoss, dino_loss, ema_update_
+from official_dino import OfficialDINOLoss
+from test_dino_loss import assert_matches_reference, make_inputs
+from test_ema import assert_ema_exact
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_kernels_are_compiled_not_interpreted():
+    from dinofuse.kernels import _runtime
+
+    assert not _runtime.INTERPRET, "set TRITON_INTERPRET=0 for the CUDA tests"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,B,G,ncrops", [
+    (65536, 64, 2, 10),   # the official size
+    (262144, 2, 2, 4),    # the largest K the issue names
+    (65537, 1, 1, 10),    # K not a power of two, batch 1, one global crop
+    (1000, 3, 2, 2),
+    (7, 5, 2, 12),
+])
+def test_loss_matches_float64_reference(K, B, G, ncrops, dtype, poisoned_outputs):
+    student, teacher, center = make_inputs(K, B, G, ncrops, dtype, device="cuda")
+    assert_matches_reference(student, teacher, center, G)
+
+
+@pytest.mark.parametrize("launch", [(1, 2048, 8), (2, 2048, 8), (2, 4096, 16), (4, 1024, 8),
+                                    (4, 2048, 16), (8, 1024, 16)])
+def test_every_benchmarked_launch_shape(launch, monkeypatch, poisoned_outputs):
+    monkeypatch.setattr(importlib.import_module("dinofuse.kernels.dino_loss"),
+                        "STUDENT_LAUNCH_OVERRIDE", launch)
+    student, teacher, center = make_inputs(65536, 4, 2, 10, torch.bfloat16, device="cuda")
+    assert_matches_reference(student, teacher, center, 2)
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_propagates(where):
+    student, teacher, center = make_inputs(65536, 2, 2, 4, torch.bfloat16, device="cuda")
+    (student if where == "student" else teacher)[1, 12345] = float("nan")
+    assert torch.isnan(dino_loss(student, teacher, center)[0])
+
+
+def test_upstream_gradient_scales_in_place():
+    student, teacher, center = make_inputs(4096, 8, 2, 10, torch.bfloat16, device="cuda")
+    grads = []
+    for factor in (1.0, 3.0):
+        s = student.clone().requires_grad_()
+        (dino_loss(s, teacher, center)[0] * factor).backward()
+        grads.append(s.grad.float())
+    torch.testing.assert_close(grads[1], grads[0] * 3.0, rtol=8e-3, atol=1e-6)
+
+
+def test_inductor_compiles_a_model_calling_the_loss():
+    K, B, ncrops = 65536, 4, 10
+    head = torch.nn.Linear(64, K, device="cuda")
+    x = torch.randn(ncrops * B, 64, device="cuda")
+    teacher = torch.randn(2 * B, K, device="cuda")
+    center = torch.randn(K, device="cuda") * 0.1
+
+    def step(x):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return dino_loss(head(x), teacher, center)[0]
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss_c = compiled(x)
+    loss_c.backward()
+    grad_c = head.weight.grad.clone()
+    head.weight.grad = None
+    loss_e = step(x)
+    loss_e.backward()
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_c, head.weight.grad, rtol=2e-2, atol=1e-4)
+
+
+def test_dino_loss_module_matches_official():
+    args = dict(out_dim=65536, ncrops=10, warmup_teacher_temp=0.04, teacher_temp=0.07,
+                warmup_teacher_temp_epochs=2, nepochs=4)
+    ours, official = DINOLoss(**args).cuda(), OfficialDINOLoss(**args).cuda()
+    for epoch in range(4):
+        student = torch.randn(10 * 8, 65536, device="cuda") * 3
+        teacher = torch.randn(2 * 8, 65536, device="cuda") * 0.3 + 0.05 * epoch
+        s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
+        loss, loss_off = ours(s1, teacher, epoch), official(s2, teacher, epoch)
+        loss.backward()
+        loss_off.backward()
+        torch.testing.assert_close(loss, loss_off, rtol=2e-5, atol=1e-5)
+        torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(ours.center, official.center, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
+def test_ema_vit_base_with_head(student_dtype, momentum_kind):
+    from dinofuse.bench.cases import EmaCase
+
+    teacher, student = EmaCase("vit_base16+head", student_dtype).inputs("cuda")
+    before = [t.clone() for t in teacher]
+    m = 0.9961
+    ema_update_(teacher, student, m if momentum_kind == "float" else torch.tensor(m, device="cuda"))
+    assert_ema_exact(before, student, teacher, float(torch.tensor(m, dtype=torch.float32)))
+
+
+def test_ema_replays_in_a_cuda_graph_with_a_new_momentum():
+    teacher = [torch.randn(n, device="cuda") for n in (1, 1000, 70001)]
+    student = [torch.randn(n, device="cuda", dtype=torch.bfloat16) for n in (1, 1000, 70001)]
+    momentum = torch.tensor(0.5, device="cuda")
+    ema_update_(teacher, student, momentum)  # warm up: compile and cache the table
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ema_update_(teacher, student, momentum)
+    for m in (0.9, 0.999):
+        momentum.fill_(m)
+        before = [t.clone() for t in teacher]
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_ema_exact(before, student, teacher, float(torch.tensor(m, dtype=torch.float32)))

@@ -1,0 +1,99 @@
+"""The fused EMA against the float64 formula, to fp32 rounding.
+
+Bound: |fused - ref64| <= 4 * eps32 * (|teacher| + |student|) per element. The kernel rounds
+m to fp32 and computes m*t + (1-m)*s in fp32: a handful of roundings of terms no larger than
+|t| and |s|.
+"""
+
+import pytest
+import torch
+
+from dinofuse.kernels import ema_reference_, ema_update_
+from dinofuse.kernels import ema as ema_module
+
+SIZES = [1, 3, 1023, 1024, 1025, 16383, 16384, 16385, 40000, 7 * 11 * 13]
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def make_params(student_dtype, sizes=SIZES):
+    shapes = [(n,) if i % 2 else (n, 1) for i, n in enumerate(sizes)]
+    teacher = [torch.randn(s) for s in shapes]
+    student = [torch.randn(s).to(student_dtype) for s in shapes]
+    return teacher, student
+
+
+def assert_ema_exact(before, student, after, m):
+    for t0, s, t1 in zip(before, student, after):
+        ref = m * t0.double() + (1 - m) * s.double()
+        bound = 4 * EPS32 * (t0.double().abs() + s.double().abs())
+        assert t1.dtype == torch.float32
+        assert ((t1.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("student_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("momentum_kind", ["float", "tensor"])
+@pytest.mark.parametrize("m", [0.996, 0.5, 0.0, 1.0])
+def test_matches_formula(student_dtype, momentum_kind, m):
+    teacher, student = make_params(student_dtype)
+    before = [t.clone() for t in teacher]
+    momentum = m if momentum_kind == "float" else torch.tensor(m)
+    ema_update_(teacher, student, momentum)
+    m32 = float(torch.tensor(m, dtype=torch.float32))
+    assert_ema_exact(before, student, teacher, m32)
+
+
+def test_mixed_student_dtypes_and_parameters():
+    teacher_mod, student_mod = torch.nn.Linear(37, 5), torch.nn.Linear(37, 5).to(torch.bfloat16)
+    extra_t, extra_s = make_params(torch.float32, [3, 16385])
+    teacher = list(teacher_mod.parameters()) + extra_t
+    student = list(student_mod.parameters()) + extra_s
+    before = [t.detach().clone() for t in teacher]
+    ema_update_(teacher, student, 0.9)
+    assert_ema_exact(before, student, [t.detach() for t in teacher], 0.9)
+    assert teacher_mod.weight.grad is None
+
+
+def test_non_contiguous_and_empty_tensors():
+    teacher = [torch.randn(8, 6).t(), torch.randn(0), torch.randn(5)]
+    student = [torch.randn(6, 8), torch.randn(0), torch.randn(5)]
+    before = [t.clone() for t in teacher]
+    ema_update_(teacher, student, 0.7)
+    assert_ema_exact(before, student, teacher, float(torch.tensor(0.7)))
+
+
+def test_table_cache_follows_new_values_and_new_tensors():
+    teacher, student = make_params(torch.float32, [100, 20000])
+    for step in range(3):
+        before = [t.clone() for t in teacher]
+        for s in student:
+            s.normal_()
+        ema_update_(teacher, student, 0.99)
+        assert_ema_exact(before, student, teacher, float(torch.tensor(0.99)))
+    other_t, other_s = make_params(torch.float32, [7])
+    before = [t.clone() for t in other_t]
+    ema_update_(other_t, other_s, 0.5)
+    assert_ema_exact(before, other_s, other_t, 0.5)
+    assert len(ema_module._tables) <= ema_module._TABLE_CACHE_SIZE
+
+
+def test_reference_path(reference_path):
+    teacher, student = make_params(torch.bfloat16)
+    expected = [t.clone() for t in teacher]
+    ema_reference_(expected, student, 0.996)
+    ema_update_(teacher, student, 0.996)
+    for t, e in zip(teacher, expected):
+        assert torch.equal(t, e)
+
+
+@pytest.mark.parametrize("teacher,student,momentum,message", [
+    ([torch.randn(3)], [torch.randn(4)], 0.9, "teacher shape"),
+    ([torch.randn(3)], [], 0.9, "1 teacher tensors and 0 student"),
+    ([torch.randn(3).half()], [torch.randn(3)], 0.9, "teacher tensor 0 must be one of float32"),
+    ([torch.randn(3)], [torch.arange(3)], 0.9, "student tensor 0 must be one of"),
+    ([torch.randn(3)], [torch.randn(3)], 1.5, r"momentum must be in \[0, 1\]"),
+    ([torch.randn(3)], [torch.randn(3)], torch.ones(2), "1-element float tensor"),
+    ([torch.randn(3)], [torch.randn(3)], torch.tensor(1), "1-element float tensor"),
+])
+def test_bad_input_is_rejected(teacher, student, momentum, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        ema_update_(teacher, student, momentum)
