@@ -5,7 +5,7 @@
 #
 # Runs on a bare GPU machine with torch + triton installed (no network): dinofuse is put on
 # the import path from this checkout; wheels in .whl/ (if any) are installed to /tmp/site.
-# Each stage has its own time limit and writes its log into OUT_DIR as it goes, so a stage
+# DINOFUSE_COMMIT names the commit where the copy has no .git. Each stage has its own time limit and writes its log into OUT_DIR as it goes, so a stage
 # that fails or runs long still leaves the others' results.
 set -u
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,7 +26,7 @@ fi
 
 {
   date -u +"date %Y-%m-%dT%H:%M:%SZ"
-  echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
+  echo "commit ${DINOFUSE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
 } 2>&1 | tee "$out/env.txt"

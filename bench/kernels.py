@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -35,6 +36,8 @@ from dinofuse.kernels import ema_update_
 
 
 def _git_commit() -> str:
+    if os.environ.get("DINOFUSE_COMMIT"):  # set by gpu_check.sh where the copy has no .git
+        return os.environ["DINOFUSE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=Path(__file__).parent, check=True)

@@ -45,7 +45,7 @@ from dinofuse.kernels.reference import (
 # Both kernels work in base 2 (exp2/log2 are the native instructions): x2 = x * log2(e)/tau,
 # and lse = ln(2) * lse2. The teacher pass and the student pass agree on that convention.
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # a constexpr: kernels may read only those globals
 LOG2E = 1.4426950408889634
 
 
