@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from dinofuse.kernels import dino_loss, dino_loss_reference, ema_reference_, ema_update_
+from dinofuse.kernels import (
+    EMAPlan,
+    dino_loss,
+    dino_loss_reference,
+    ema_reference_,
+    ema_update_,
+)
 
 OUT_DIM = 65536
 NCROPS = 10
@@ -111,12 +117,14 @@ class EmaCase:
         student = [torch.randn(s, device=device).to(self.student_dtype) for s in shapes]
         return teacher, student
 
-    def variants(self, device) -> dict[str, Callable]:
+    def variants(self, teacher, student, device) -> dict[str, Callable]:
         m = 0.996
         m_dev = torch.tensor(m, device=device)
+        plan = EMAPlan(teacher, student) if device.type == "cuda" else None
         out = {
             "fused": lambda T, S: ema_update_(T, S, m),
             "fused (momentum tensor)": lambda T, S: ema_update_(T, S, m_dev),
+            "fused (prepared EMAPlan)": lambda T, S: plan(m),
             "official per-param loop": lambda T, S: ema_reference_(T, S, m),
         }
         if self.student_dtype == torch.float32:  # torch's foreach ops want one dtype

@@ -40,7 +40,7 @@ stage() {  # stage NAME SECONDS COMMAND...
   return $rc
 }
 
-stage cuda_tests "${CUDA_TESTS_S:-240}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -x --no-header -rA
+stage cuda_tests "${CUDA_TESTS_S:-240}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --no-header -rfE
 stage kernel_bench "${BENCH_S:-420}" python3 -m dinofuse.bench.kernels --out "$out" --sweep ${BENCH_ARGS:-}
 
 echo

@@ -72,6 +72,28 @@ def _peak_extra_mb(fn, device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def _kernel_ms(fn, device, calls: int = 10) -> float | None:
+    """GPU time of one call: the sum of its kernels' durations (torch.profiler), free of the
+    host's launch overhead that the wall time can include when the GPU waits for the CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    device_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return device_us / calls / 1e3
+
+
+def measure(fn, device, reps) -> dict:
+    fn()  # warm-up (compiles)
+    return dict(ms=_time_ms(fn, device, reps), kernel_ms=_kernel_ms(fn, device),
+                peak_mb=_peak_extra_mb(fn, device))
+
+
 def copy_bandwidth_gbs(device) -> float:
     """Device copy bandwidth, counting bytes read plus written."""
     n = (1 << 29) if device.type == "cuda" else (1 << 25)
@@ -81,12 +103,14 @@ def copy_bandwidth_gbs(device) -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def _row(case, variant, ms, floor_bytes, copy_bw, peak_mb):
+def _row(case, variant, m: dict, floor_bytes, copy_bw):
+    """Floor GB/s and % of copy bandwidth use the GPU kernel time where measured."""
+    ms = m["kernel_ms"] or m["ms"]
     gbs = floor_bytes / ms / 1e6
-    return dict(case=case, variant=variant, ms=round(ms, 4), floor_gbs=round(gbs, 1),
-                pct_copy_bw=round(100 * gbs / copy_bw, 1),
-                floor_ms=round(floor_bytes / copy_bw / 1e6, 4),
-                peak_extra_mb=None if peak_mb is None else round(peak_mb, 1))
+    rnd = lambda v, n: None if v is None else round(v, n)  # noqa: E731
+    return dict(case=case, variant=variant, ms=rnd(m["ms"], 4), kernel_ms=rnd(m["kernel_ms"], 4),
+                floor_ms=round(floor_bytes / copy_bw / 1e6, 4), floor_gbs=round(gbs, 1),
+                pct_copy_bw=round(100 * gbs / copy_bw, 1), peak_extra_mb=rnd(m["peak_mb"], 1))
 
 
 def bench_loss(case: LossCase, device, copy_bw, reps, skipped, compile_ok=True):
@@ -109,10 +133,8 @@ def bench_loss(case: LossCase, device, copy_bw, reps, skipped, compile_ok=True):
         if "fused" in variants:
             check["fused_rel_err"] = abs(float(fused_loss(s, t, c)) - float(ref)) / abs(float(ref))
     for name, step in variants.items():
-        step(s, t, c)  # warm-up (compiles)
-        ms = _time_ms(lambda: step(s, t, c), device, reps)
-        peak = _peak_extra_mb(lambda: step(s, t, c), device)
-        rows.append(_row(case.name, name, ms, case.floor_bytes(), copy_bw, peak))
+        m = measure(lambda: step(s, t, c), device, reps)
+        rows.append(_row(case.name, name, m, case.floor_bytes(), copy_bw))
     del s, t, c
     return rows, check
 
@@ -120,64 +142,65 @@ def bench_loss(case: LossCase, device, copy_bw, reps, skipped, compile_ok=True):
 def bench_ema(case: EmaCase, device, copy_bw, reps, skipped):
     rows = []
     teacher, student = case.inputs(device)
-    for name, fn in case.variants(device).items():
+    for name, fn in case.variants(teacher, student, device).items():
         if device.type != "cuda" and name.startswith("fused"):
             skipped.append(f"{case.name}: {name} (Triton kernel needs CUDA; on CPU it is the "
                            "official loop)")
             continue
-        ms = _time_ms(lambda: fn(teacher, student), device, reps)
-        peak = _peak_extra_mb(lambda: fn(teacher, student), device)
-        rows.append(_row(case.name, name, ms, case.floor_bytes(), copy_bw, peak))
+        m = measure(lambda: fn(teacher, student), device, reps)
+        rows.append(_row(case.name, name, m, case.floor_bytes(), copy_bw))
     return rows
 
 
-STUDENT_SWEEP = [(1, 2048, 8), (2, 2048, 8), (2, 4096, 16), (4, 1024, 8), (4, 2048, 16),
-                 (8, 1024, 16)]
+STUDENT_SWEEP = [(1, 2048, 8, 1), (1, 4096, 16, 1), (2, 2048, 8, 1), (2, 4096, 16, 1),
+                 (2, 8192, 16, 1), (4, 2048, 16, 1), (2, 2048, 8, 4), (2, 4096, 16, 8),
+                 (1, 2048, 8, 16)]
 EMA_SWEEP = [dict(chunk=16384, block=1024, num_warps=4), dict(chunk=65536, block=2048, num_warps=8),
              dict(chunk=4096, block=1024, num_warps=4), dict(chunk=32768, block=4096, num_warps=8)]
 
 
-def sweep_launch_shapes(loss_case: LossCase, ema_case: EmaCase, device, copy_bw, reps):
+def sweep_launch_shapes(loss_cases: list[LossCase], ema_case: EmaCase, device, copy_bw, reps):
     """The fused ops under each launch shape, to choose the defaults from measurements."""
     import importlib
 
     loss_mod = importlib.import_module("dinofuse.kernels.dino_loss")
     ema_mod = importlib.import_module("dinofuse.kernels.ema")
     rows = []
-    s, t, c = loss_case.inputs(device)
     step = loss_step(fused_loss)
-    for launch in STUDENT_SWEEP:
-        loss_mod.STUDENT_LAUNCH_OVERRIDE = launch
-        try:
-            step(s, t, c)
-            ms = _time_ms(lambda: step(s, t, c), device, reps)
-            rows.append(_row(loss_case.name, f"fused V,BK,warps={launch}", ms,
-                             loss_case.floor_bytes(), copy_bw, None))
-        finally:
-            loss_mod.STUDENT_LAUNCH_OVERRIDE = None
-    del s, t, c
+    for loss_case in loss_cases:
+        s, t, c = loss_case.inputs(device)
+        for launch in STUDENT_SWEEP:
+            loss_mod.STUDENT_LAUNCH_OVERRIDE = launch
+            try:
+                m = measure(lambda: step(s, t, c), device, reps)
+                rows.append(_row(loss_case.name, f"fused V,BK,warps,splits={launch}", m,
+                                 loss_case.floor_bytes(), copy_bw))
+            finally:
+                loss_mod.STUDENT_LAUNCH_OVERRIDE = None
+        del s, t, c
     teacher, student = ema_case.inputs(device)
     default = dict(ema_mod.LAUNCH)
     for launch in EMA_SWEEP:
         ema_mod.LAUNCH.update(launch)
         try:
-            fn = lambda: ema_update_(teacher, student, 0.996)  # noqa: E731
-            fn()
-            ms = _time_ms(fn, device, reps)
+            ema_mod._plans.clear()  # a plan holds the chunk size it was built with
+            m = measure(lambda: ema_update_(teacher, student, 0.996), device, reps)
             label = ",".join(f"{k}={v}" for k, v in launch.items())
-            rows.append(_row(ema_case.name, f"fused {label}", ms, ema_case.floor_bytes(),
-                             copy_bw, None))
+            rows.append(_row(ema_case.name, f"fused {label}", m, ema_case.floor_bytes(), copy_bw))
         finally:
             ema_mod.LAUNCH.update(default)
+            ema_mod._plans.clear()
     return rows
 
 
 def _ratios(rows):
-    """Each variant's time over the fused op's time on the same case."""
-    fused = {r["case"]: r["ms"] for r in rows if r["variant"] == "fused"}
+    """Each variant's time over the fused op's time on the same case (GPU kernel time where
+    measured, else wall time)."""
+    key = lambda r: r["kernel_ms"] or r["ms"]  # noqa: E731
+    fused = {r["case"]: key(r) for r in rows if r["variant"] == "fused"}
     for r in rows:
         if r["case"] in fused:
-            r["x_of_fused_time"] = round(r["ms"] / fused[r["case"]], 2)
+            r["x_of_fused_time"] = round(key(r) / fused[r["case"]], 2)
     return rows
 
 
@@ -186,13 +209,20 @@ def markdown(result) -> str:
              f"date {result['date']}, commit {result['commit']}, torch {result['torch']}, "
              f"triton {result['triton']}; measured copy bandwidth "
              f"{result['copy_bandwidth_gbs']:.0f} GB/s (read + write).", "",
-             "| case | variant | ms (median) | floor ms | floor GB/s | % copy BW | "
+             "wall ms: median time of a call as the host sees it (CUDA events around it; it "
+             "includes launch overhead when the GPU waits for the CPU). GPU ms: the sum of the "
+             "call's kernel durations (torch.profiler). floor ms: the bytes floor (each input "
+             "read once, each output written once) over the copy bandwidth. GB/s and % copy BW: "
+             "floor bytes over GPU ms (wall ms on CPU). time / fused: GPU ms over the fused "
+             "op's.", "",
+             "| case | variant | wall ms | GPU ms | floor ms | floor GB/s | % copy BW | "
              "time / fused | peak extra MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    na = lambda v: "n/a" if v is None else v  # noqa: E731
     for r in result["rows"]:
-        lines.append(f"| {r['case']} | {r['variant']} | {r['ms']} | {r['floor_ms']} | "
-                     f"{r['floor_gbs']} | {r['pct_copy_bw']} | {r.get('x_of_fused_time', '')} | "
-                     f"{r['peak_extra_mb'] if r['peak_extra_mb'] is not None else 'n/a'} |")
+        lines.append(f"| {r['case']} | {r['variant']} | {r['ms']} | {na(r['kernel_ms'])} | "
+                     f"{r['floor_ms']} | {r['floor_gbs']} | {r['pct_copy_bw']} | "
+                     f"{r.get('x_of_fused_time', '')} | {na(r['peak_extra_mb'])} |")
     if result["skipped"]:
         lines += ["", "Skipped:"] + [f"- {s}" for s in result["skipped"]]
     lines += ["", "Correctness checks on the benchmark inputs:", "```",
@@ -244,7 +274,8 @@ def main(argv=None):
         rows += bench_ema(case, device, copy_bw, reps, skipped)
         print(f"done: {case.name}", flush=True)
     if args.sweep and cuda:
-        rows += sweep_launch_shapes(loss_cases[0], ema_cases[1], device, copy_bw, reps)
+        rows += sweep_launch_shapes([loss_cases[0], loss_cases[2]], ema_cases[1], device, copy_bw,
+                                    reps)
         print("done: launch-shape sweep", flush=True)
 
     result = dict(

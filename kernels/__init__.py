@@ -5,11 +5,12 @@ TRITON_INTERPRET=1 (set before import), and the official math in plain PyTorch o
 """
 
 from dinofuse.kernels.dino_loss import DINOLoss, dino_loss
-from dinofuse.kernels.ema import ema_update_
+from dinofuse.kernels.ema import EMAPlan, ema_update_
 from dinofuse.kernels.reference import dino_loss_reference, ema_reference_, teacher_temp_schedule
 
 __all__ = [
     "DINOLoss",
+    "EMAPlan",
     "dino_loss",
     "dino_loss_reference",
     "ema_reference_",

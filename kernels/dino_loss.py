@@ -19,12 +19,17 @@ Two kernels:
      computes the rows' logsumexp; pass B (whose reads mostly hit L2) recomputes q from the
      teacher logits once for the V_BLOCK rows, writes the gradient and the rows' losses.
      The per-row losses are summed afterwards in a fixed order.
+     With few images (a small batch) the rows are also cut into column slices to fill the
+     GPU: a statistics kernel writes each slice's partial logsumexp, and pass B combines
+     them (the student is then read twice from memory instead of once plus L2 hits).
 
 The gradient is produced in forward; backward only scales it by the incoming gradient, in
 place, and skips even that when the incoming gradient is 1 (checked on the device).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -77,62 +82,101 @@ def _teacher_pass_kernel(
 
 
 @triton.jit
-def _student_pass_kernel(
-    s_ptr, s_row_stride, t_ptr, t_row_stride, c_ptr, part_max_ptr, part_sum_ptr,
-    grad_ptr, row_loss_ptr,
-    B, K, n_tblocks, s_scale, t_scale, grad_scale,
-    NCROPS: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, V_BLOCK: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_GRAD: tl.constexpr,
-):
-    # One program: V_BLOCK student views of one image. Image-major order, so the programs
-    # that read an image's teacher rows run side by side and share them through L2.
+def _view_group(pid, B, NCROPS: tl.constexpr, V_BLOCK: tl.constexpr):
+    """Program -> (image b, its views vs, which exist, their student rows). Image-major, so
+    the programs that read an image's teacher rows run side by side and share them in L2."""
     N_GROUPS: tl.constexpr = (NCROPS + V_BLOCK - 1) // V_BLOCK
-    pid = tl.program_id(0)
     b = pid // N_GROUPS
     vs = (pid % N_GROUPS) * V_BLOCK + tl.arange(0, V_BLOCK)
-    v_ok = vs < NCROPS
-    rows = (vs * B + b).to(tl.int64)
-    s_rows = s_ptr + rows[:, None] * s_row_stride
-    # Student view v learns from every global view but itself.
-    n_targets = G - (vs < G).to(tl.float32)
+    return b, vs, vs < NCROPS, (vs * B + b).to(tl.int64)
 
-    # Teacher log2-normalizers, combined from the teacher pass's per-block partials.
-    views = tl.arange(0, G_P2)
-    is_view = views < G
-    t_part = (views * B + b) * n_tblocks
-    t_max = tl.full([G_P2], float("-inf"), tl.float32)
-    t_sum = tl.zeros([G_P2], dtype=tl.float32)
-    for p0 in range(0, n_tblocks, BLOCK_P):
-        blocks = p0 + tl.arange(0, BLOCK_P)
-        ok = is_view[:, None] & (blocks < n_tblocks)[None, :]
-        offs = t_part[:, None] + blocks[None, :]
-        pm = tl.load(part_max_ptr + offs, mask=ok, other=float("-inf"))
-        ps = tl.load(part_sum_ptr + offs, mask=ok, other=0.0)
-        new_max = tl.maximum(t_max, tl.max(pm, axis=1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        t_sum = t_sum * tl.exp2(t_max - safe_max) + tl.sum(ps * tl.exp2(pm - safe_max[:, None]), axis=1)
-        t_max = new_max
-    t_lse = tl.where(is_view, t_max + tl.log2(t_sum), 0.0)
 
-    # Pass A: each row's log2-sum-exp2 (online max and sum).
-    s_max = tl.full([V_BLOCK], float("-inf"), tl.float32)
-    s_sum = tl.zeros([V_BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+@triton.jit
+def _lse2_partial(row_ptrs, row_ok, k_start, k_end, scale, V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Online max and sum of exp2(x * scale) over columns [k_start, k_end) of V rows."""
+    x_max = tl.full([V], float("-inf"), tl.float32)
+    x_sum = tl.zeros([V], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        ok = v_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(s_rows + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * s_scale
-        new_max = tl.maximum(s_max, tl.max(x, axis=1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows past NCROPS
-        s_sum = s_sum * tl.exp2(s_max - safe_max) + tl.sum(tl.exp2(x - safe_max[:, None]), axis=1)
-        s_max = new_max
-    s_lse = s_max + tl.log2(s_sum)
+        ok = row_ok[:, None] & (cols < k_end)[None, :]
+        x = tl.load(row_ptrs + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * scale
+        new_max = tl.maximum(x_max, tl.max(x, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that do not exist
+        x_sum = x_sum * tl.exp2(x_max - safe_max) + tl.sum(tl.exp2(x - safe_max[:, None]), axis=1)
+        x_max = new_max
+    return x_max, x_sum
 
-    # Pass B (reads mostly from L2): targets from the teacher, gradient, <Q, x2> for the loss.
+
+@triton.jit
+def _combine_lse2(max_ptr, sum_ptr, part_offs, row_ok, n_parts, V: tl.constexpr,
+                  BLOCK_P: tl.constexpr):
+    """log2-sum-exp2 of V rows from n_parts partial (max, sum) pairs at part_offs + p."""
+    x_max = tl.full([V], float("-inf"), tl.float32)
+    x_sum = tl.zeros([V], dtype=tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        ok = row_ok[:, None] & (parts < n_parts)[None, :]
+        offs = part_offs[:, None] + parts[None, :]
+        pm = tl.load(max_ptr + offs, mask=ok, other=float("-inf"))
+        ps = tl.load(sum_ptr + offs, mask=ok, other=0.0)
+        new_max = tl.maximum(x_max, tl.max(pm, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        x_sum = x_sum * tl.exp2(x_max - safe_max) + tl.sum(ps * tl.exp2(pm - safe_max[:, None]), axis=1)
+        x_max = new_max
+    return tl.where(row_ok, x_max + tl.log2(x_sum), 0.0)
+
+
+@triton.jit
+def _student_stats_kernel(
+    s_ptr, s_row_stride, part_max_ptr, part_sum_ptr, B, K, split_len, s_scale,
+    NCROPS: tl.constexpr, V_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Split mode only: the student rows' partial logsumexp over one column slice each.
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b, vs, v_ok, rows = _view_group(tl.program_id(0), B, NCROPS, V_BLOCK)
+    k_start = split * split_len
+    x_max, x_sum = _lse2_partial(s_ptr + rows[:, None] * s_row_stride, v_ok, k_start,
+                                 tl.minimum(K, k_start + split_len), s_scale, V_BLOCK, BLOCK_K)
+    tl.store(part_max_ptr + rows * n_splits + split, x_max, mask=v_ok)
+    tl.store(part_sum_ptr + rows * n_splits + split, x_sum, mask=v_ok)
+
+
+@triton.jit
+def _student_pass_kernel(
+    s_ptr, s_row_stride, t_ptr, t_row_stride, c_ptr, t_max_ptr, t_sum_ptr,
+    s_max_ptr, s_sum_ptr, grad_ptr, row_loss_ptr,
+    B, K, n_tblocks, split_len, s_scale, t_scale, grad_scale, loss_scale,
+    NCROPS: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, V_BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+):
+    # One program: V_BLOCK student views of one image, over one column slice (all of K when
+    # ONE_SPLIT; then the program also computes the rows' logsumexp itself).
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    b, vs, v_ok, rows = _view_group(tl.program_id(0), B, NCROPS, V_BLOCK)
+    s_rows = s_ptr + rows[:, None] * s_row_stride
+    n_targets = G - (vs < G).to(tl.float32)  # student view v learns from the global views != v
+
+    views = tl.arange(0, G_P2)
+    t_lse = _combine_lse2(t_max_ptr, t_sum_ptr, (views * B + b) * n_tblocks, views < G,
+                          n_tblocks, G_P2, BLOCK_P)
+    if ONE_SPLIT:  # pass A: the rows' logsumexp; pass B's re-reads then mostly hit L2
+        x_max, x_sum = _lse2_partial(s_rows, v_ok, 0, K, s_scale, V_BLOCK, BLOCK_K)
+        s_lse = tl.where(v_ok, x_max + tl.log2(x_sum), 0.0)
+    else:
+        s_lse = _combine_lse2(s_max_ptr, s_sum_ptr, rows * n_splits, v_ok, n_splits, V_BLOCK,
+                              BLOCK_P)
+
+    # Pass B: targets from the teacher, the gradient, and <Q, x2> for the loss.
+    k_start = split * split_len
+    k_end = tl.minimum(K, k_start + split_len)
     dot = tl.zeros([V_BLOCK], dtype=tl.float32)
     g_rows = grad_ptr + rows[:, None] * K
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        col_ok = cols < K
+        col_ok = cols < k_end
         ok = v_ok[:, None] & col_ok[None, :]
         x = tl.load(s_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32) * s_scale
         center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
@@ -147,7 +191,10 @@ def _student_pass_kernel(
         if WRITE_GRAD:
             g = grad_scale * (n_targets[:, None] * tl.exp2(x - s_lse[:, None]) - q_target)
             tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=ok)
-    tl.store(row_loss_ptr + rows, n_targets * s_lse - dot, mask=v_ok)  # in bits; x LN2 on host
+    # Row loss in bits: n * lse2 - <Q, x2>, the lse term counted by the first slice only.
+    # loss_scale = ln(2) / (pairs * B) turns it into the mean over pairs and batch.
+    row_loss = tl.where(split == 0, n_targets * s_lse, 0.0) - dot
+    tl.store(row_loss_ptr + rows * n_splits + split, row_loss * loss_scale, mask=v_ok)
 
 
 @triton.jit
@@ -173,17 +220,34 @@ def _new_output(shape, *, like: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-# (V_BLOCK, BLOCK_K, num_warps) for the student pass, or None for the default; the
-# benchmark sweeps it.
-STUDENT_LAUNCH_OVERRIDE: tuple[int, int, int] | None = None
+# (V_BLOCK, BLOCK_K, num_warps, splits) for the student pass, or None for the defaults;
+# splits=None picks by occupancy. The benchmark sweeps it.
+STUDENT_LAUNCH_OVERRIDE: tuple[int, int, int, int | None] | None = None
 
 
-def _student_launch_config(K: int, ncrops: int) -> tuple[int, int, int]:
-    """Views per program, columns per step, warps."""
-    v_block, block_k, warps = STUDENT_LAUNCH_OVERRIDE or (2, 2048, 8)
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number exercises both modes
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _student_launch_config(K: int, B: int, ncrops: int, device) -> tuple[int, int, int, int, int]:
+    """Views per program, columns per step, warps, column slices and slice length.
+
+    Small batches leave too few (image, view-group) programs to fill the GPU, each walking a
+    whole row twice in series; then each row is cut into slices run in parallel, at the
+    price of a separate statistics kernel (the student is read twice from memory).
+    """
+    v_block, block_k, warps, splits = STUDENT_LAUNCH_OVERRIDE or (2, 2048, 8, None)
     v_block = min(v_block, next_power_of_2(ncrops))
     block_k = min(block_k, max(16, next_power_of_2(K) // v_block))
-    return v_block, block_k, warps
+    programs = B * triton.cdiv(ncrops, v_block)
+    if splits is None:
+        want = 4 * _multiprocessors(device)
+        splits = 1 if programs >= want else triton.cdiv(want, programs)
+    split_len = triton.cdiv(triton.cdiv(K, max(1, splits)), block_k) * block_k
+    return v_block, block_k, warps, triton.cdiv(K, split_len), split_len
 
 
 def _fused_forward(student_out, teacher_out, center, num_global_crops, student_temp,
@@ -207,18 +271,30 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
 
     grad = _new_output((n_student, K) if compute_grad else (0,), like=student_out,
                        dtype=student_out.dtype)
-    row_loss = _new_output((n_student,), **f32)
     scale = 1.0 / (pair_count(ncrops, num_global_crops) * B)
-    v_block, block_k, warps = _student_launch_config(K, ncrops)
-    _student_pass_kernel[(B * triton.cdiv(ncrops, v_block),)](
+    v_block, block_k, warps, splits, split_len = _student_launch_config(
+        K, B, ncrops, student_out.device)
+    grid = (B * triton.cdiv(ncrops, v_block), splits)
+    row_loss = _new_output((n_student, splits), **f32)
+    s_max = s_sum = row_loss  # unused when one program sees a whole row
+    if splits > 1:
+        s_max = _new_output((n_student, splits), **f32)
+        s_sum = _new_output((n_student, splits), **f32)
+        _student_stats_kernel[grid](
+            student_out, student_out.stride(0), s_max, s_sum, B, K, split_len,
+            LOG2E / student_temp, NCROPS=ncrops, V_BLOCK=v_block, BLOCK_K=block_k,
+            num_warps=warps,
+        )
+    _student_pass_kernel[grid](
         student_out, student_out.stride(0), teacher_out, teacher_out.stride(0), center,
-        part_max, part_sum, grad, row_loss,
-        B, K, n_tblocks, LOG2E / student_temp, LOG2E / teacher_temp, scale / student_temp,
+        part_max, part_sum, s_max, s_sum, grad, row_loss,
+        B, K, n_tblocks, split_len, LOG2E / student_temp, LOG2E / teacher_temp,
+        scale / student_temp, scale * LN2,
         NCROPS=ncrops, G=num_global_crops, G_P2=next_power_of_2(num_global_crops),
-        V_BLOCK=v_block, BLOCK_K=block_k, BLOCK_P=min(1024, next_power_of_2(n_tblocks)),
-        WRITE_GRAD=compute_grad, num_warps=warps,
+        V_BLOCK=v_block, BLOCK_K=block_k, BLOCK_P=min(1024, next_power_of_2(max(n_tblocks, splits))),
+        WRITE_GRAD=compute_grad, ONE_SPLIT=splits == 1, num_warps=warps,
     )
-    loss = row_loss.sum() * (scale * LN2)
+    loss = row_loss.sum()
     return loss, teacher_mean, grad
 
 

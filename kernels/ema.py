@@ -2,8 +2,9 @@
 
 One launch per student dtype covers every tensor: a small device table lists each tensor's
 teacher address, student address and length, and every program takes one fixed-size chunk of
-one tensor. The table is built once per set of tensors and cached, so a training step pays
-no host-to-device copy and a captured CUDA graph can replay the launch. The momentum is a
+one tensor. The table is built once per set of tensors (`EMAPlan`) and cached, so a training
+step pays no host-to-device copy and little Python, and a captured CUDA graph can replay the
+launch. The momentum is a
 Python float or a 0-d tensor on the device (read inside the kernel, so a graph replays it).
 """
 
@@ -16,13 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
+from torch.distributed.tensor import DTensor
+
 from dinofuse.kernels._runtime import check_float, runs_triton
 from dinofuse.kernels.reference import ema_reference_
 
 # Launch shape: elements per program (a multiple of `block`), elements per loop step, warps.
 # A module-level dict so the benchmark can sweep it.
 LAUNCH = dict(chunk=16384, block=1024, num_warps=4)
-_TABLE_CACHE_SIZE = 16
+_PLAN_CACHE_SIZE = 16
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -52,34 +55,84 @@ def _ema_kernel(
         tl.store(teacher + offs, t * m + s * (1.0 - m), mask=ok)
 
 
-_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+class EMAPlan:
+    """A validated EMA over fixed tensors: the launch tables are built once, and each call
+    only launches (one kernel per student dtype). `ema_update_` caches these by address;
+    a trainer may hold one directly to skip even the per-call lookup."""
+
+    def __init__(self, teacher_params: Sequence[torch.Tensor],
+                 student_params: Sequence[torch.Tensor]):
+        teacher = [_local(t) for t in teacher_params]
+        student = [_local(s) for s in student_params]
+        _validate(teacher, student)
+        self.device = teacher[0].device if teacher else None
+        self.fused = bool(teacher) and runs_triton(teacher[0])
+        self.launches = []  # (student dtype, table, tensor count, chunk count)
+        self.loop = ([], [])  # pairs for the reference loop (no Triton, or non-contiguous)
+        groups: dict[torch.dtype, tuple[list, list]] = {}
+        for t, s in zip(teacher, student):
+            if t.numel() == 0:
+                continue
+            group = groups.setdefault(s.dtype, ([], [])) \
+                if self.fused and t.is_contiguous() and s.is_contiguous() else self.loop
+            group[0].append(t)
+            group[1].append(s)
+        chunk = LAUNCH["chunk"]
+        for s_dtype, (ts, ss) in groups.items():
+            numels = [t.numel() for t in ts]
+            chunks = [v for i, n in enumerate(numels) for k in range(0, n, chunk) for v in (i, k)]
+            rows = [t.data_ptr() for t in ts] + [s.data_ptr() for s in ss] + numels + chunks
+            table = torch.tensor(rows, dtype=torch.int64).to(self.device)
+            self.launches.append((s_dtype, table, len(ts), len(chunks) // 2))
+        self._keep = (teacher, student)  # the table holds their addresses: keep them alive
+
+    def __call__(self, momentum: float | torch.Tensor) -> None:
+        _check_momentum(momentum, self.device)
+        on_device = isinstance(momentum, torch.Tensor)
+        with torch.no_grad():
+            if self.loop[0]:
+                ema_reference_(*self.loop, momentum)
+            for s_dtype, table, n_tensors, n_chunks in self.launches:
+                _ema_kernel[(n_chunks,)](
+                    table, n_tensors, momentum if on_device else table,
+                    0.0 if on_device else float(momentum),
+                    S_DTYPE=_TL_DTYPE[s_dtype], MOMENTUM_ON_DEVICE=on_device,
+                    CHUNK=LAUNCH["chunk"], BLOCK=LAUNCH["block"], num_warps=LAUNCH["num_warps"],
+                )
 
 
-def _table(teacher: list[torch.Tensor], student: list[torch.Tensor], chunk: int) -> torch.Tensor:
-    """The launch table for these tensors, built on the host once and kept on the device."""
-    key = (teacher[0].device, chunk, tuple((t.data_ptr(), s.data_ptr(), t.numel())
-                                           for t, s in zip(teacher, student)))
-    table = _tables.get(key)
-    if table is not None:
-        _tables.move_to_end(key)
-        return table
-    numels = [t.numel() for t in teacher]
-    chunks = [v for i, n in enumerate(numels) for start in range(0, n, chunk) for v in (i, start)]
-    rows = [t.data_ptr() for t in teacher] + [s.data_ptr() for s in student] + numels + chunks
-    table = torch.tensor(rows, dtype=torch.int64).to(teacher[0].device)
-    _tables[key] = table
-    if len(_tables) > _TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
-    return table
+_plans: OrderedDict[tuple, EMAPlan] = OrderedDict()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 DTensor parameter (no communication), else the tensor."""
-    to_local = getattr(t, "to_local", None)
-    return (to_local() if to_local is not None else t).detach()
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
-@torch.no_grad()
+def _validate(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> None:
+    if len(teacher) != len(student):
+        raise ValueError(f"ema_update_ got {len(teacher)} teacher tensors and "
+                         f"{len(student)} student tensors")
+    device = teacher[0].device if teacher else None
+    for i, (t, s) in enumerate(zip(teacher, student)):
+        check_float(f"teacher tensor {i}", t, (torch.float32,))
+        check_float(f"student tensor {i}", s)
+        if t.shape != s.shape:
+            raise ValueError(f"tensor {i}: teacher shape {tuple(t.shape)} != student shape "
+                             f"{tuple(s.shape)}")
+        if t.device != device or s.device != device:
+            raise ValueError(f"tensor {i} is on {t.device}/{s.device}; expected {device}")
+
+
+def _check_momentum(momentum, device) -> None:
+    if isinstance(momentum, torch.Tensor):
+        if momentum.numel() != 1 or momentum.device != device or not momentum.is_floating_point():
+            raise ValueError(f"momentum tensor must be a 1-element float tensor on {device}; got "
+                             f"{momentum.dtype} of shape {tuple(momentum.shape)} on {momentum.device}")
+    elif not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1]; got {momentum}")
+
+
 def ema_update_(
     teacher_params: Sequence[torch.Tensor],
     student_params: Sequence[torch.Tensor],
@@ -90,56 +143,21 @@ def ema_update_(
     Teachers are float32; students float32, bfloat16 or float16, same shapes. DTensor
     parameters (FSDP2) are updated shard by shard on each rank's local data.
     `momentum` is a float or a 0-d float tensor on the tensors' device.
+    The validated launch plan is cached by the tensors' addresses, lengths and dtypes.
     """
     teacher = [_local(t) for t in teacher_params]
     student = [_local(s) for s in student_params]
-    if len(teacher) != len(student):
-        raise ValueError(f"ema_update_ got {len(teacher)} teacher tensors and "
-                         f"{len(student)} student tensors")
-    if not teacher:
+    if not teacher and not student:
         return
-    device = teacher[0].device
-    for i, (t, s) in enumerate(zip(teacher, student)):
-        check_float(f"teacher tensor {i}", t, (torch.float32,))
-        check_float(f"student tensor {i}", s)
-        if t.shape != s.shape:
-            raise ValueError(f"tensor {i}: teacher shape {tuple(t.shape)} != student shape "
-                             f"{tuple(s.shape)}")
-        if t.device != device or s.device != device:
-            raise ValueError(f"tensor {i} is on {t.device}/{s.device}; expected {device}")
-    on_device = isinstance(momentum, torch.Tensor)
-    if on_device:
-        if momentum.numel() != 1 or momentum.device != device or not momentum.is_floating_point():
-            raise ValueError(f"momentum tensor must be a 1-element float tensor on {device}; got "
-                             f"{momentum.dtype} of shape {tuple(momentum.shape)} on {momentum.device}")
-    elif not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1]; got {momentum}")
-
-    if not runs_triton(teacher[0]):
-        ema_reference_(teacher, student, momentum)
-        return
-
-    # Fused path for contiguous pairs, grouped by student dtype; anything else (rare:
-    # non-contiguous views) takes the reference loop.
-    groups: dict[torch.dtype, tuple[list, list]] = {}
-    odd_t, odd_s = [], []
-    for t, s in zip(teacher, student):
-        if t.numel() == 0:
-            continue
-        if t.is_contiguous() and s.is_contiguous():
-            group = groups.setdefault(s.dtype, ([], []))
-            group[0].append(t)
-            group[1].append(s)
-        else:
-            odd_t.append(t)
-            odd_s.append(s)
-    if odd_t:
-        ema_reference_(odd_t, odd_s, momentum)
-    for s_dtype, (ts, ss) in groups.items():
-        table = _table(ts, ss, LAUNCH["chunk"])
-        n_chunks = (table.numel() - 3 * len(ts)) // 2
-        _ema_kernel[(n_chunks,)](
-            table, len(ts), momentum if on_device else table, 0.0 if on_device else float(momentum),
-            S_DTYPE=_TL_DTYPE[s_dtype], MOMENTUM_ON_DEVICE=on_device,
-            CHUNK=LAUNCH["chunk"], BLOCK=LAUNCH["block"], num_warps=LAUNCH["num_warps"],
-        )
+    key = (LAUNCH["chunk"], runs_triton(teacher[0]) if teacher else False,
+           tuple((t.data_ptr(), s.data_ptr(), t.numel(), s.dtype) for t, s in zip(teacher, student)),
+           len(teacher), len(student))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = EMAPlan(teacher, student)
+        _plans[key] = plan
+        if len(_plans) > _PLAN_CACHE_SIZE:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(key)
+    plan(momentum)

@@ -37,8 +37,9 @@ def test_loss_matches_float64_reference(K, B, G, ncrops, dtype, poisoned_outputs
     assert_matches_reference(student, teacher, center, G)
 
 
-@pytest.mark.parametrize("launch", [(1, 2048, 8), (2, 2048, 8), (2, 4096, 16), (4, 1024, 8),
-                                    (4, 2048, 16), (8, 1024, 16)])
+@pytest.mark.parametrize("launch", [(1, 2048, 8, 1), (1, 4096, 16, 1), (2, 2048, 8, 1),
+                                    (2, 4096, 16, 1), (2, 8192, 16, 1), (4, 2048, 16, 1),
+                                    (2, 2048, 8, 4), (2, 4096, 16, 8), (1, 2048, 8, 16)])
 def test_every_benchmarked_launch_shape(launch, monkeypatch, poisoned_outputs):
     monkeypatch.setattr(importlib.import_module("dinofuse.kernels.dino_loss"),
                         "STUDENT_LAUNCH_OVERRIDE", launch)

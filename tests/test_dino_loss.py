@@ -6,8 +6,8 @@ Tolerances (stated once, used everywhere below):
 - teacher_mean: |fused - ref64| <= 1e-5 * (1 + max |teacher|) per element (fp32 sums of rows).
 - gradient: ||fused - ref64|| / ||ref64|| <= 1e-5 in fp32, 1e-3 in fp16 and 8e-3 in bf16 (the
   gradient is stored in the input dtype: one rounding, 2^-11 and 2^-8 relative), and
-  elementwise within 2 rounding units of that dtype plus that same bound times the largest
-  entry (logits up to 40/tau_s amplify fp32 rounding in exp by about |x| ulp).
+  elementwise within 2 rounding units of that dtype plus GRAD_ELEM_RTOL times the largest
+  entry (logits up to 60 after /tau_s amplify fp32 rounding in exp by about |x| ulp).
 """
 
 import importlib
@@ -19,6 +19,9 @@ import torch
 from dinofuse.kernels import dino_loss, dino_loss_reference
 
 GRAD_RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# elementwise slack, relative to the largest gradient entry: exp of logits up to |s|/tau_s ~ 60
+# carries ~60 ulp of relative error in fp32 (exp2.approx on a GPU adds a couple more)
+GRAD_ELEM_RTOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -55,7 +58,7 @@ def assert_matches_reference(student, teacher, center, G, **temps):
     if scale > 0:
         assert (grad - ref_grad).norm() / ref_grad.norm() <= GRAD_RTOL[dtype]
         ulp = torch.finfo(dtype).eps
-        assert ((grad - ref_grad).abs() <= 2 * ulp * ref_grad.abs() + GRAD_RTOL[dtype] * scale).all()
+        assert ((grad - ref_grad).abs() <= 2 * ulp * ref_grad.abs() + GRAD_ELEM_RTOL[dtype] * scale).all()
     else:
         assert (grad == 0).all()
 
@@ -88,11 +91,13 @@ def test_extreme_logits_stay_finite(poisoned_outputs):
     assert_matches_reference(student, teacher, center, 2)
 
 
-@pytest.mark.parametrize("launch", [(1, 64, 4), (4, 128, 4), (8, 32, 2), (16, 16, 1)])
+@pytest.mark.parametrize("launch", [(1, 64, 4, 1), (4, 128, 4, 1), (8, 32, 2, 1), (16, 16, 1, 1),
+                                    (1, 64, 4, 3), (2, 32, 4, 5), (4, 16, 2, 64)])
 @pytest.mark.parametrize("G,ncrops", [(1, 3), (2, 10)])
 def test_every_launch_shape(launch, G, ncrops, monkeypatch, poisoned_outputs):
-    # Views per program that do and do not divide the crop count (padded rows), and column
-    # blocks smaller than K: the shapes the benchmark sweeps must all be right.
+    # Views per program that do and do not divide the crop count (padded rows), column
+    # blocks smaller than K, one slice per row and several (more than there are blocks, too):
+    # the shapes the benchmark sweeps must all be right.
     monkeypatch.setattr(importlib.import_module("dinofuse.kernels.dino_loss"),
                         "STUDENT_LAUNCH_OVERRIDE", launch)
     student, teacher, center = make_inputs(300, 3, G, ncrops, torch.bfloat16)

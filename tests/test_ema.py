@@ -73,7 +73,18 @@ def test_table_cache_follows_new_values_and_new_tensors():
     before = [t.clone() for t in other_t]
     ema_update_(other_t, other_s, 0.5)
     assert_ema_exact(before, other_s, other_t, 0.5)
-    assert len(ema_module._tables) <= ema_module._TABLE_CACHE_SIZE
+    assert len(ema_module._plans) <= ema_module._PLAN_CACHE_SIZE
+
+
+def test_prepared_plan_and_parameter_iterators():
+    teacher_mod, student_mod = torch.nn.Linear(300, 7), torch.nn.Linear(300, 7)
+    plan = ema_module.EMAPlan(teacher_mod.parameters(), student_mod.parameters())
+    for m in (0.9, torch.tensor(0.5)):
+        before = [t.detach().clone() for t in teacher_mod.parameters()]
+        plan(m)
+        assert_ema_exact(before, list(student_mod.parameters()),
+                         [t.detach() for t in teacher_mod.parameters()], float(m))
+    ema_update_(teacher_mod.parameters(), student_mod.parameters(), 0.5)  # iterators too
 
 
 def test_reference_path(reference_path):
