@@ -72,11 +72,11 @@ def _peak_extra_mb(fn, device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def _kernel_ms(fn, device, calls: int = 10) -> float | None:
-    """GPU time of one call: the sum of its kernels' durations (torch.profiler), free of the
-    host's launch overhead that the wall time can include when the GPU waits for the CPU."""
+def _kernel_us(fn, device, calls: int = 10) -> dict[str, float]:
+    """GPU microseconds of one call per kernel (torch.profiler): free of the host's launch
+    overhead that the wall time includes when the GPU waits for the CPU."""
     if device.type != "cuda":
-        return None
+        return {}
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -84,13 +84,15 @@ def _kernel_ms(fn, device, calls: int = 10) -> float | None:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    device_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return device_us / calls / 1e3
+    return {e.key[:80]: round(e.self_device_time_total / calls, 2)
+            for e in prof.key_averages() if e.self_device_time_total > 0}
 
 
 def measure(fn, device, reps) -> dict:
     fn()  # warm-up (compiles)
-    return dict(ms=_time_ms(fn, device, reps), kernel_ms=_kernel_ms(fn, device),
+    kernels = _kernel_us(fn, device)
+    return dict(ms=_time_ms(fn, device, reps), kernels_us=kernels,
+                kernel_ms=sum(kernels.values()) / 1e3 if kernels else None,
                 peak_mb=_peak_extra_mb(fn, device))
 
 
@@ -110,7 +112,8 @@ def _row(case, variant, m: dict, floor_bytes, copy_bw):
     rnd = lambda v, n: None if v is None else round(v, n)  # noqa: E731
     return dict(case=case, variant=variant, ms=rnd(m["ms"], 4), kernel_ms=rnd(m["kernel_ms"], 4),
                 floor_ms=round(floor_bytes / copy_bw / 1e6, 4), floor_gbs=round(gbs, 1),
-                pct_copy_bw=round(100 * gbs / copy_bw, 1), peak_extra_mb=rnd(m["peak_mb"], 1))
+                pct_copy_bw=round(100 * gbs / copy_bw, 1), peak_extra_mb=rnd(m["peak_mb"], 1),
+                **({"kernels_us": m["kernels_us"]} if variant.startswith("fused") else {}))
 
 
 def bench_loss(case: LossCase, device, copy_bw, reps, skipped, compile_ok=True):
@@ -193,6 +196,46 @@ def sweep_launch_shapes(loss_cases: list[LossCase], ema_case: EmaCase, device, c
     return rows
 
 
+def host_overhead_us(device) -> dict:
+    """CPU time per call of each piece, timed without waiting for the GPU: where the wall
+    time goes when it exceeds the GPU time."""
+    if device.type != "cuda":
+        return {}
+    import importlib
+
+    loss_mod = importlib.import_module("dinofuse.kernels.dino_loss")
+    s, t, c = LossCase(64, torch.bfloat16).inputs(device)
+    tiny = LossCase(1, torch.float32, K=16, ncrops=3).inputs(device)
+    x, g = torch.empty(1, device=device), torch.ones((), device=device)
+    step = loss_step(fused_loss)
+
+    def no_grad_loss():
+        with torch.no_grad():
+            fused_loss(s, t, c)
+
+    pieces = {
+        "fused loss forward+backward, B=64 bf16": lambda: step(s, t, c),
+        "fused loss forward only (no grad), B=64 bf16": no_grad_loss,
+        "fused loss forward+backward, B=1 K=16": lambda: step(*tiny),
+        "custom op dino_loss_fwd, B=1 K=16": lambda: torch.ops.dinofuse.dino_loss_fwd(
+            tiny[0].detach(), tiny[1], tiny[2], 2, 0.1, 0.04, False),
+        "one Triton launch (scale kernel, g=1)": lambda: loss_mod._scale_grad(x, g),
+        "torch.empty": lambda: torch.empty(16, device=device),
+        "torch.sum of 16 floats": lambda: x.sum(),
+    }
+    out = {}
+    for name, fn in pieces.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        out[name] = round((time.perf_counter() - t0) / 20 * 1e6, 1)
+        torch.cuda.synchronize()
+    return out
+
+
 def _ratios(rows):
     """Each variant's time over the fused op's time on the same case (GPU kernel time where
     measured, else wall time)."""
@@ -225,6 +268,9 @@ def markdown(result) -> str:
                      f"{r.get('x_of_fused_time', '')} | {na(r['peak_extra_mb'])} |")
     if result["skipped"]:
         lines += ["", "Skipped:"] + [f"- {s}" for s in result["skipped"]]
+    if result.get("host_overhead_us"):
+        lines += ["", "Host (CPU) time per call, not waiting for the GPU, in microseconds:", ""]
+        lines += [f"- {k}: {v}" for k, v in result["host_overhead_us"].items()]
     lines += ["", "Correctness checks on the benchmark inputs:", "```",
               json.dumps(result["checks"], indent=1), "```"]
     return "\n".join(lines) + "\n"
@@ -273,6 +319,7 @@ def main(argv=None):
     for case in ema_cases:
         rows += bench_ema(case, device, copy_bw, reps, skipped)
         print(f"done: {case.name}", flush=True)
+    host_us = host_overhead_us(device)
     if args.sweep and cuda:
         rows += sweep_launch_shapes([loss_cases[0], loss_cases[2]], ema_cases[1], device, copy_bw,
                                     reps)
@@ -283,6 +330,7 @@ def main(argv=None):
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         commit=_git_commit(), torch=torch.__version__, triton=triton.__version__,
         copy_bandwidth_gbs=round(copy_bw, 1), rows=_ratios(rows), skipped=skipped, checks=checks,
+        host_overhead_us=host_us,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -93,18 +93,22 @@ def _view_group(pid, B, NCROPS: tl.constexpr, V_BLOCK: tl.constexpr):
 
 @triton.jit
 def _lse2_partial(row_ptrs, row_ok, k_start, k_end, scale, V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Online max and sum of exp2(x * scale) over columns [k_start, k_end) of V rows."""
+    """Online max and sum of exp2(x * scale) over columns [k_start, k_end) of V rows.
+
+    The sums stay per lane until the end (one cross-thread reduction per step, for the
+    max, instead of two); rescaling to a new row max costs one exp2 per row, not per element.
+    """
     x_max = tl.full([V], float("-inf"), tl.float32)
-    x_sum = tl.zeros([V], dtype=tl.float32)
+    lane_sum = tl.zeros([V, BLOCK_K], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < k_end)[None, :]
         x = tl.load(row_ptrs + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * scale
         new_max = tl.maximum(x_max, tl.max(x, axis=1))
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that do not exist
-        x_sum = x_sum * tl.exp2(x_max - safe_max) + tl.sum(tl.exp2(x - safe_max[:, None]), axis=1)
+        lane_sum = lane_sum * tl.exp2(x_max - safe_max)[:, None] + tl.exp2(x - safe_max[:, None])
         x_max = new_max
-    return x_max, x_sum
+    return x_max, tl.sum(lane_sum, axis=1)
 
 
 @triton.jit
@@ -172,7 +176,7 @@ def _student_pass_kernel(
     # Pass B: targets from the teacher, the gradient, and <Q, x2> for the loss.
     k_start = split * split_len
     k_end = tl.minimum(K, k_start + split_len)
-    dot = tl.zeros([V_BLOCK], dtype=tl.float32)
+    lane_dot = tl.zeros([V_BLOCK, BLOCK_K], dtype=tl.float32)  # reduced once, at the end
     g_rows = grad_ptr + rows[:, None] * K
     for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -187,13 +191,13 @@ def _student_pass_kernel(
             lse_i = tl.sum(tl.where(views == i, t_lse, 0.0), axis=0)
             q_i = tl.where(col_ok, tl.exp2((t_i - center) * t_scale - lse_i), 0.0)
             q_target += tl.where((vs != i)[:, None], q_i[None, :], 0.0)
-        dot += tl.sum(tl.where(ok, q_target * x, 0.0), axis=1)
+        lane_dot += tl.where(ok, q_target * x, 0.0)
         if WRITE_GRAD:
             g = grad_scale * (n_targets[:, None] * tl.exp2(x - s_lse[:, None]) - q_target)
             tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=ok)
     # Row loss in bits: n * lse2 - <Q, x2>, the lse term counted by the first slice only.
     # loss_scale = ln(2) / (pairs * B) turns it into the mean over pairs and batch.
-    row_loss = tl.where(split == 0, n_targets * s_lse, 0.0) - dot
+    row_loss = tl.where(split == 0, n_targets * s_lse, 0.0) - tl.sum(lane_dot, axis=1)
     tl.store(row_loss_ptr + rows * n_splits + split, row_loss * loss_scale, mask=v_ok)
 
 
@@ -312,14 +316,53 @@ def _reference_forward(student_out, teacher_out, center, num_global_crops, stude
 # ----------------------------------------------------------------------------- custom op
 
 
+def _forward(student_out, teacher_out, center, num_global_crops, student_temp, teacher_temp,
+             compute_grad):
+    impl = _fused_forward if runs_triton(student_out) else _reference_forward
+    return impl(student_out, teacher_out, center, num_global_crops, student_temp,
+                teacher_temp, compute_grad)
+
+
+def _scale_grad(x: torch.Tensor, g: torch.Tensor) -> None:
+    """x *= g in place, where g is a 0-d tensor; no work when g == 1 (checked on the device)."""
+    if runs_triton(x):
+        block = 4096
+        _scale_inplace_kernel[(max(1, triton.cdiv(x.numel(), block)),)](
+            x, g, x.numel(), BLOCK=block)
+    else:
+        x.mul_(g.to(torch.float32))
+
+
+# Two doors to the same implementation. Eager code takes a plain autograd.Function, which
+# skips the dispatcher layers that a torch.library op adds to every call (measurable on a
+# GPU whose step is short). torch.compile takes the custom ops below, so a model that
+# calls the loss traces into one graph without a break.
+
+
+class _DINOLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_out, teacher_out, center, num_global_crops, student_temp,
+                teacher_temp):
+        loss, teacher_mean, grad = _forward(student_out, teacher_out, center, num_global_crops,
+                                            student_temp, teacher_temp, True)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(teacher_mean)
+        return loss, teacher_mean
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_mean):
+        (grad,) = ctx.saved_tensors
+        _scale_grad(grad, grad_loss)
+        return grad, None, None, None, None, None
+
+
 @torch.library.custom_op("dinofuse::dino_loss_fwd", mutates_args=())
 def _dino_loss_fwd(
     student_out: torch.Tensor, teacher_out: torch.Tensor, center: torch.Tensor,
     num_global_crops: int, student_temp: float, teacher_temp: float, compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _fused_forward if runs_triton(student_out) else _reference_forward
-    return impl(student_out, teacher_out, center, num_global_crops, student_temp,
-                teacher_temp, compute_grad)
+    return _forward(student_out, teacher_out, center, num_global_crops, student_temp,
+                    teacher_temp, compute_grad)
 
 
 @_dino_loss_fwd.register_fake
@@ -335,13 +378,7 @@ def _(student_out, teacher_out, center, num_global_crops, student_temp, teacher_
 
 @torch.library.custom_op("dinofuse::scale_", mutates_args=("x",))
 def _scale_(x: torch.Tensor, g: torch.Tensor) -> None:
-    """x *= g in place, where g is a 0-d tensor; no work when g == 1."""
-    if runs_triton(x):
-        block = 4096
-        _scale_inplace_kernel[(max(1, triton.cdiv(x.numel(), block)),)](
-            x, g, x.numel(), BLOCK=block)
-    else:
-        x.mul_(g.to(torch.float32))
+    _scale_grad(x, g)
 
 
 @_scale_.register_fake
@@ -399,7 +436,7 @@ def _validate(student_out, teacher_out, center, num_global_crops):
         raise ValueError(f"inputs are on different devices: {sorted(map(str, devices))}")
 
 
-def _unit_stride_columns(name: str, t: torch.Tensor) -> torch.Tensor:
+def _unit_stride_columns(t: torch.Tensor) -> torch.Tensor:
     # The kernels take any row stride; columns must be adjacent. Other layouts are copied once.
     return t if t.stride(1) == 1 else t.contiguous()
 
@@ -425,12 +462,15 @@ def dino_loss(
         raise ValueError(f"temperatures must be > 0; got student_temp={student_temp}, "
                          f"teacher_temp={teacher_temp}")
     compute_grad = torch.is_grad_enabled() and student_out.requires_grad
-    loss, teacher_mean, _ = _dino_loss_fwd(
-        _unit_stride_columns("student_out", student_out),
-        _unit_stride_columns("teacher_out", teacher_out.detach()),
-        center.detach().reshape(-1).contiguous(),
-        num_global_crops, float(student_temp), float(teacher_temp), compute_grad,
-    )
+    args = (_unit_stride_columns(student_out), _unit_stride_columns(teacher_out.detach()),
+            center.detach().view(-1) if center.is_contiguous() else center.detach().reshape(-1),
+            num_global_crops, float(student_temp), float(teacher_temp))
+    if torch.compiler.is_compiling():
+        loss, teacher_mean, _ = _dino_loss_fwd(*args, compute_grad)
+    elif compute_grad:
+        loss, teacher_mean = _DINOLossFunction.apply(*args)
+    else:
+        loss, teacher_mean, _ = _forward(*args, False)
     return loss, teacher_mean
 
 
