@@ -11,9 +11,10 @@ Q = sum_{i != v} q_i[b] and its mass is n_v = number of teacher views other than
     d loss / d s = (n_v * softmax(s/tau_s) - Q) / (tau_s * n_terms * B)
 
 Two kernels:
-  1. teacher pass, one program per block of K columns: reads the teacher once, writes each
-     row's partial (max, sum exp) of (t - c)/tau_t for its block and the column means
-     (the center statistic) -- no atomics, so the result is deterministic.
+  1. teacher pass, one program per block of K columns and of 64 rows: reads the teacher
+     once, writes each row's partial (max, sum exp) of (t - c)/tau_t for its block and the
+     row block's share of the column means (the center statistic), summed in a fixed order
+     -- no atomics, so the result is deterministic.
   2. student pass, one program per few student views of one image (V_BLOCK rows), ordered
      image-major so the programs that share an image's teacher rows run together: pass A
      computes the rows' logsumexp; pass B (whose reads mostly hit L2) recomputes q from the
@@ -56,17 +57,20 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _teacher_pass_kernel(
-    t_ptr, t_row_stride, c_ptr, part_max_ptr, part_sum_ptr, mean_ptr,
+    t_ptr, t_row_stride, c_ptr, part_max_ptr, part_sum_ptr, col_sum_ptr,
     n_rows, K, t_scale, inv_rows,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Program (column block, row block): partial softmax statistics of its rows over its
+    # columns, and its rows' share of the column means (summed over row blocks afterwards).
     pid = tl.program_id(0)
     n_blocks = tl.num_programs(0)
+    r_start = tl.program_id(1) * ROWS_PER_PROGRAM
     cols = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
     col_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for r0 in range(0, n_rows, BLOCK_R):
+    for r0 in range(r_start, r_start + ROWS_PER_PROGRAM, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < n_rows
         ok = row_ok[:, None] & col_ok[None, :]
@@ -78,7 +82,8 @@ def _teacher_pass_kernel(
         x_sum = tl.sum(tl.exp2(x - x_max[:, None]), axis=1)
         tl.store(part_max_ptr + rows * n_blocks + pid, x_max, mask=row_ok)
         tl.store(part_sum_ptr + rows * n_blocks + pid, x_sum, mask=row_ok)
-    tl.store(mean_ptr + cols, col_sum * inv_rows, mask=col_ok)
+    tl.store(col_sum_ptr + tl.program_id(1).to(tl.int64) * K + cols, col_sum * inv_rows,
+             mask=col_ok)
 
 
 @triton.jit
@@ -205,10 +210,12 @@ def _student_pass_kernel(
 def _scale_inplace_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:  # the usual `loss.backward()` passes 1: then nothing to read or write
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < n
-        x = tl.load(x_ptr + offs, mask=ok).to(tl.float32)
-        tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=ok)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK  # a small grid striding over x
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < n
+            x = tl.load(x_ptr + offs, mask=ok).to(tl.float32)
+            tl.store(x_ptr + offs, (x * g).to(x_ptr.dtype.element_ty), mask=ok)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -264,14 +271,17 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
 
     block_kt = min(256, next_power_of_2(K))
     n_tblocks = triton.cdiv(K, block_kt)
+    rows_per_program = 64  # many programs in flight, each with a short loop
+    n_rblocks = triton.cdiv(n_teacher, rows_per_program)
     part_max = _new_output((n_teacher, n_tblocks), **f32)
     part_sum = _new_output((n_teacher, n_tblocks), **f32)
-    teacher_mean = _new_output((K,), **f32)
-    _teacher_pass_kernel[(n_tblocks,)](
-        teacher_out, teacher_out.stride(0), center, part_max, part_sum, teacher_mean,
+    col_sums = _new_output((n_rblocks, K), **f32)
+    _teacher_pass_kernel[(n_tblocks, n_rblocks)](
+        teacher_out, teacher_out.stride(0), center, part_max, part_sum, col_sums,
         n_teacher, K, LOG2E / teacher_temp, 1.0 / n_teacher,
-        BLOCK_R=16, BLOCK_K=block_kt, num_warps=4,
+        BLOCK_R=16, ROWS_PER_PROGRAM=rows_per_program, BLOCK_K=block_kt, num_warps=4,
     )
+    teacher_mean = col_sums[0] if n_rblocks == 1 else col_sums.sum(0)
 
     grad = _new_output((n_student, K) if compute_grad else (0,), like=student_out,
                        dtype=student_out.dtype)
@@ -326,9 +336,10 @@ def _forward(student_out, teacher_out, center, num_global_crops, student_temp, t
 def _scale_grad(x: torch.Tensor, g: torch.Tensor) -> None:
     """x *= g in place, where g is a 0-d tensor; no work when g == 1 (checked on the device)."""
     if runs_triton(x):
+        # A grid of a few programs per multiprocessor: when g == 1 they only read g and exit.
         block = 4096
-        _scale_inplace_kernel[(max(1, triton.cdiv(x.numel(), block)),)](
-            x, g, x.numel(), BLOCK=block)
+        grid = min(triton.cdiv(x.numel(), block), 8 * _multiprocessors(x.device))
+        _scale_inplace_kernel[(max(1, grid),)](x, g, x.numel(), BLOCK=block)
     else:
         x.mul_(g.to(torch.float32))
 

@@ -114,8 +114,17 @@ def test_uses_every_pair_but_self():
     assert not torch.allclose(dino_loss(swapped_global, teacher, center)[0], loss, rtol=1e-3)
 
 
-def test_gradient_scales_with_upstream_gradient():
-    student, teacher, center = make_inputs(100, 2, 2, 4, torch.float32)
+def test_many_teacher_rows(poisoned_outputs):
+    # More teacher rows than one teacher-pass program takes (64): partial column means from
+    # several row blocks, and a ragged last block.
+    student, teacher, center = make_inputs(300, 37, 2, 3, torch.float32)
+    assert_matches_reference(student, teacher, center, 2)
+
+
+@pytest.mark.parametrize("K,B,ncrops", [(100, 2, 4), (4096, 4, 10)])
+def test_gradient_scales_with_upstream_gradient(K, B, ncrops):
+    # (4096, 4, 10): more elements than the scaling kernel's grid covers in one stride
+    student, teacher, center = make_inputs(K, B, 2, ncrops, torch.float32)
     grads = []
     for factor in (1.0, -2.5):
         s = student.clone().requires_grad_()
