@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else bench/out)
 #
-# Runs on a bare GPU machine with torch + triton installed (no network): dinofuse is put on
+# SWEEP=0 skips the launch-shape sweep. Runs on a bare GPU machine with torch + triton installed (no network): dinofuse is put on
 # the import path from this checkout; wheels in .whl/ (if any) are installed to /tmp/site.
 # DINOFUSE_COMMIT names the commit where the copy has no .git. Each stage has its own time limit and writes its log into OUT_DIR as it goes, so a stage
 # that fails or runs long still leaves the others' results.
@@ -41,7 +41,8 @@ stage() {  # stage NAME SECONDS COMMAND...
 }
 
 stage cuda_tests "${CUDA_TESTS_S:-240}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --no-header -rfE
-stage kernel_bench "${BENCH_S:-420}" python3 -m dinofuse.bench.kernels --out "$out" --sweep ${BENCH_ARGS:-}
+sweep=--sweep; [ "${SWEEP:-1}" = 0 ] && sweep=
+stage kernel_bench "${BENCH_S:-420}" python3 -m dinofuse.bench.kernels --out "$out" $sweep ${BENCH_ARGS:-}
 
 echo
 tail -n 3 "$out/cuda_tests.log"
