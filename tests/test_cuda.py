@@ -128,3 +128,23 @@ def test_ema_replays_in_a_cuda_graph_with_a_new_momentum():
         graph.replay()
         torch.cuda.synchronize()
         assert_ema_exact(before, student, teacher, float(torch.tensor(m, dtype=torch.float32)))
+
+
+def test_xformers_attention_and_packed_multicrop_match_sdpa():
+    from dinofuse.engine.models import DINOHead, MultiCropWrapper, resolve_attention, vit_small
+
+    if resolve_attention("auto", torch.device("cuda")) != "xformers":
+        pytest.skip("xformers is not importable here (bench/gpu_check.sh installs it from .whl/)")
+    backbone = vit_small(attention="xformers").cuda().eval()
+    wrapper = MultiCropWrapper(backbone, DINOHead(384, 4096)).cuda().eval()
+    crops = [torch.randn(4, 3, 224, 224, device="cuda") for _ in range(2)] + \
+        [torch.randn(4, 3, 96, 96, device="cuda") for _ in range(6)]
+    with torch.no_grad():
+        xformers_per_res = wrapper(crops)
+        wrapper.packed = True
+        xformers_packed = wrapper(crops)
+        for block in backbone.blocks:
+            block.attn.backend = "sdpa"
+        sdpa_packed = wrapper(crops)
+    torch.testing.assert_close(xformers_packed, xformers_per_res, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xformers_packed, sdpa_packed, rtol=1e-4, atol=1e-4)

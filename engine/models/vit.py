@@ -1,0 +1,269 @@
+"""Vision Transformer as DINO trains it, with timm's parameter names and building blocks.
+
+- Parameter names are those of the official DINO ViT and timm's `VisionTransformer`
+  (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.i.{norm1,attn.qkv,attn.proj,norm2,
+  mlp.fc1,mlp.fc2}`, `norm`), so state dicts move between the three unchanged.
+- The position embedding is resized for other crop sizes with the official formula (bicubic,
+  `scale_factor` with the +0.1 offset), which is what official weights expect.
+- Attention backends: xformers' memory-efficient attention (CUDA), torch's
+  `scaled_dot_product_attention`, and the official materialized softmax ("naive", also the
+  only one that can return the attention map).
+- Packed sequences: several images of different sizes in one token sequence, attention kept
+  within each image (xformers `BlockDiagonalMask`; per-size groups for the other backends).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from torch import nn
+
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "naive")
+
+# Packed layout: ((count, length), ...): `count` consecutive sequences of `length` tokens each.
+SeqLens = tuple[tuple[int, int], ...]
+
+
+@functools.cache
+def _xformers_ops():
+    try:
+        import xformers.ops as xops
+    except Exception:  # not installed, or built for another torch: fall back
+        return None
+    return xops
+
+
+def resolve_attention(requested: str, device: torch.device) -> str:
+    """The backend that will run: "auto" is xformers on CUDA when importable, else SDPA."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; got {requested!r}")
+    if requested == "auto":
+        return "xformers" if device.type == "cuda" and _xformers_ops() is not None else "sdpa"
+    if requested == "xformers" and (device.type != "cuda" or _xformers_ops() is None):
+        raise RuntimeError("attention='xformers' needs a CUDA device and an importable xformers; "
+                           "use 'auto' to fall back to torch SDPA")
+    return requested
+
+
+@functools.lru_cache(maxsize=64)
+def _block_diagonal_mask(seqlens: SeqLens):
+    lengths = [length for count, length in seqlens for _ in range(count)]
+    return _xformers_ops().fmha.BlockDiagonalMask.from_seqlens(lengths)
+
+
+def _naive_attention(q, k, v, scale):
+    """The official materialized attention. q, k, v: (B, H, N, d). Returns (out, attn)."""
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = attn.softmax(dim=-1)
+    return attn @ v, attn
+
+
+def _grouped(fn, q, k, v, seqlens: SeqLens | None):
+    """Run `fn` on (B, H, N, d) tensors, per image when the sequence is packed (B == 1)."""
+    if seqlens is None:
+        return fn(q, k, v)
+    outs, start = [], 0
+    H, d = q.shape[1], q.shape[3]
+    for count, length in seqlens:
+        end = start + count * length
+        parts = [t[0, :, start:end].reshape(H, count, length, d).transpose(0, 1) for t in (q, k, v)]
+        out = fn(*parts)  # (count, H, length, d)
+        outs.append(out.transpose(0, 1).reshape(1, H, count * length, d))
+        start = end
+    return torch.cat(outs, dim=2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
+        if backend not in ATTENTION_BACKENDS:  # whether it can run is decided at forward
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                             f"got {backend!r}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, seqlens: SeqLens | None = None,
+                return_attention: bool = False):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        backend = "naive" if return_attention else resolve_attention(self.backend, x.device)
+        attn = None
+        if backend == "xformers":  # (B, N, H, d) layout, block-diagonal bias when packed
+            q, k, v = qkv.unbind(2)
+            bias = _block_diagonal_mask(seqlens) if seqlens is not None else None
+            out = _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=bias, scale=self.scale)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+            if backend == "naive" and seqlens is None:
+                out, attn = _naive_attention(q, k, v, self.scale)
+            elif backend == "naive":
+                if return_attention:
+                    raise ValueError("attention maps are returned for unpacked inputs only")
+                out = _grouped(lambda *t: _naive_attention(*t, self.scale)[0], q, k, v, seqlens)
+            else:
+                out = _grouped(lambda *t: F.scaled_dot_product_attention(*t, scale=self.scale),
+                               q, k, v, seqlens)
+            out = out.transpose(1, 2)
+        return self.proj(out.reshape(B, N, C)), attn
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
+                 attention="auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=attention)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x, seqlens: SeqLens | None = None, return_attention: bool = False):
+        y, attn = self.attn(self.norm1(x), seqlens, return_attention)
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    """DINO's ViT: the output is the CLS token after the final LayerNorm."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
+                 attention: str = "auto"):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.embed_dim = self.num_features = embed_dim
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                      embed_dim=embed_dim, strict_img_size=False)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth rises with depth
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], attention) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    @property
+    def attention(self) -> str:
+        return self.blocks[0].attn.backend
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embedding for an image of height x width pixels (official formula)."""
+        n_stored = self.pos_embed.shape[1] - 1
+        rows, cols = height // self.patch_size, width // self.patch_size
+        if rows * cols == n_stored and rows == cols:
+            return self.pos_embed
+        side = int(math.sqrt(n_stored))
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        # +0.1 keeps floor(side * factor) from rounding below the wanted count
+        grid = F.interpolate(grid.float(), scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
+                             mode="bicubic")
+        if grid.shape[-2:] != (rows, cols):
+            raise RuntimeError(f"position-embedding resize gave {tuple(grid.shape[-2:])}, "
+                               f"wanted {(rows, cols)}")
+        grid = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+        return torch.cat((self.pos_embed[:, :1], grid), dim=1)
+
+    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, 1 + patches, D) with CLS and position."""
+        if x.dim() != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W); got {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"crop size {H}x{W} is not divisible by the patch size {self.patch_size}")
+        tokens = self.patch_embed(x)
+        tokens = torch.cat((self.cls_token.expand(B, -1, -1), tokens), dim=1)
+        return tokens + self.interpolate_pos_encoding(H, W)
+
+    def forward_tokens(self, tokens: torch.Tensor, seqlens: SeqLens | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            tokens, _ = block(tokens, seqlens)
+        return self.norm(tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm: (B, 1 + patches, D)."""
+        return self.forward_tokens(self.prepare_tokens(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[:, 0]
+
+    def forward_packed(self, groups: Sequence[torch.Tensor]) -> torch.Tensor:
+        """CLS outputs of several image batches of different sizes, run as one sequence.
+
+        `groups` are (n_i, C, H_i, W_i) batches; the result is (sum n_i, D) in that order,
+        equal to concatenating `forward(g)` for each group.
+        """
+        tokens = [self.prepare_tokens(g) for g in groups]
+        seqlens = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        packed = torch.cat([t.reshape(1, -1, t.shape[-1]) for t in tokens], dim=1)
+        out = self.forward_tokens(packed, seqlens)[0]
+        cls_index, start = [], 0
+        for count, length in seqlens:
+            cls_index.append(torch.arange(count, device=out.device) * length + start)
+            start += count * length
+        return out[torch.cat(cls_index)]
+
+    @torch.no_grad()
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention of the last block, (B, heads, tokens, tokens), materialized."""
+        tokens = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            tokens, _ = block(tokens)
+        _, attn = self.blocks[-1](tokens, return_attention=True)
+        return attn
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+ARCHS = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def build_vit(arch: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    return VisionTransformer(patch_size=patch_size, **{**ARCHS[arch], **kwargs})
+
+
+def vit_tiny(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return build_vit("vit_tiny", patch_size, **kwargs)
+
+
+def vit_small(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return build_vit("vit_small", patch_size, **kwargs)
+
+
+def vit_base(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return build_vit("vit_base", patch_size, **kwargs)
+
+
+def vit_large(patch_size: int = 16, **kwargs) -> VisionTransformer:
+    return build_vit("vit_large", patch_size, **kwargs)

@@ -1,0 +1,132 @@
+"""The ViT, the head and the multi-crop forward against the official forward and timm."""
+
+import pytest
+import timm
+import torch
+
+from dinofuse.engine.models import (
+    DINOHead,
+    MultiCropWrapper,
+    build_vit,
+    cancel_last_layer_gradients,
+    vit_small,
+    vit_tiny,
+)
+from official_vit import official_vit_forward
+
+
+def random_state(model):
+    """Non-default values everywhere (LayerNorm and biases included), so no term hides."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05 if p.dim() > 1 else 0.3)
+    return model
+
+
+@pytest.mark.parametrize("size", [224, 96, 160])
+@pytest.mark.parametrize("attention", ["naive", "sdpa"])
+def test_matches_official_forward(size, attention):
+    model = random_state(vit_tiny(patch_size=16, attention=attention)).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ours = model(x)
+        ref = official_vit_forward(model.state_dict(), x, patch=16, heads=3)
+    assert (ours - ref).abs().max() < 1e-5
+
+
+def test_non_square_crop_and_patch_8():
+    model = random_state(build_vit("vit_tiny", patch_size=8, depth=2)).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = official_vit_forward(model.state_dict(), x, patch=8, heads=3)
+        assert (model(x) - ref).abs().max() < 1e-5
+
+
+def test_attention_backends_agree_and_maps_are_distributions():
+    model = random_state(vit_tiny(depth=3)).eval()
+    x = torch.randn(2, 3, 96, 96)
+    outs = {}
+    for backend in ("naive", "sdpa", "auto"):
+        for block in model.blocks:
+            block.attn.backend = backend
+        with torch.no_grad():
+            outs[backend] = model(x)
+    torch.testing.assert_close(outs["sdpa"], outs["naive"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["auto"], outs["sdpa"])
+    attn = model.get_last_selfattention(x)
+    assert attn.shape == (2, 3, 37, 37)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 37))
+
+
+@pytest.mark.parametrize("attention", ["naive", "sdpa"])
+def test_packed_multicrop_equals_per_resolution(attention):
+    backbone = random_state(vit_tiny(depth=2, attention=attention))
+    wrapper = MultiCropWrapper(backbone, DINOHead(192, 300, hidden_dim=64, bottleneck_dim=32)).eval()
+    crops = [torch.randn(3, 3, 64, 64) for _ in range(2)] + [torch.randn(3, 3, 32, 32) for _ in range(4)]
+    with torch.no_grad():
+        per_resolution = wrapper(crops)
+        wrapper.packed = True
+        packed = wrapper(crops)
+        one_by_one = torch.cat([wrapper.head(backbone(c)) for c in crops])
+    assert per_resolution.shape == (18, 300)
+    torch.testing.assert_close(packed, per_resolution, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_resolution, one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_is_timm_compatible():
+    ours = random_state(vit_small()).eval()
+    reference = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
+    assert set(ours.state_dict()) == set(reference.state_dict())
+    reference.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.forward_features(x)[:, 0], ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_count_and_drop_path():
+    assert sum(p.numel() for p in vit_small().parameters()) == 21_665_664
+    rates = [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0
+             for b in vit_small(drop_path_rate=0.1).blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates)
+
+
+def test_head_names_freeze_and_normalization():
+    head = DINOHead(384, 1000, hidden_dim=64, bottleneck_dim=32)
+    names = set(dict(head.named_parameters()))
+    assert names == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
+                     "mlp.4.bias", "last_layer.weight_g", "last_layer.weight_v"}
+    assert not head.last_layer.weight_g.requires_grad
+    assert torch.all(head.last_layer.weight_g == 1)
+    out = head(torch.randn(5, 384))
+    # unit prototypes times a unit bottleneck vector: cosine similarities
+    assert out.shape == (5, 1000) and out.abs().max() <= 1 + 1e-5
+    bn_head = DINOHead(384, 100, use_bn=True, nlayers=3, hidden_dim=64, bottleneck_dim=32)
+    assert "mlp.1.running_mean" in bn_head.state_dict() and "mlp.6.weight" in bn_head.state_dict()
+    assert DINOHead(8, 10, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+def test_last_layer_freeze():
+    head = DINOHead(16, 50, hidden_dim=32, bottleneck_dim=8, norm_last_layer=False)
+    head(torch.randn(4, 16)).sum().backward()
+    cancel_last_layer_gradients(head, epoch=0, freeze_epochs=1)
+    assert head.last_layer.weight_v.grad is None and head.mlp[0].weight.grad is not None
+    head(torch.randn(4, 16)).sum().backward()
+    cancel_last_layer_gradients(head, epoch=1, freeze_epochs=1)
+    assert head.last_layer.weight_v.grad is not None
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: build_vit("vit_huge"), "unknown architecture 'vit_huge'"),
+    (lambda: vit_tiny(attention="flash"), "attention must be one of"),
+    (lambda: vit_tiny(patch_size=16)(torch.randn(1, 3, 100, 100)), "crop size 100x100 is not divisible"),
+    (lambda: vit_tiny(img_size=100), "img_size 100 is not divisible"),
+])
+def test_bad_input_is_rejected(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_xformers_needs_cuda():
+    model = vit_tiny(depth=1, attention="xformers")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        model(torch.randn(1, 3, 32, 32))
