@@ -1,0 +1,101 @@
+"""Checkpoints: atomic saves, safe loads, official DINO weights in, timm/safetensors out.
+
+Files from elsewhere are untrusted: they are read with `torch.load(weights_only=True)` (or
+safetensors), never unpickled. A save writes a temporary file in the same folder and renames
+it over the target, so a crash mid-save leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+OFFICIAL_PREFIXES = ("module.", "backbone.")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_atomic(obj, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_file(path: str | Path) -> dict:
+    """A checkpoint's contents, read without unpickling code (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+
+        return load_safetensors(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def strip_prefixes(state: dict, prefixes=OFFICIAL_PREFIXES) -> dict:
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def backbone_state(obj: dict, which: str = "teacher") -> dict:
+    """The ViT weights in an official DINO checkpoint, a dinofuse checkpoint or a bare
+    backbone state dict: `module.`/`backbone.` prefixes stripped, head weights dropped."""
+    if which in obj and isinstance(obj[which], dict):
+        obj = obj[which]
+    elif "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    state = strip_prefixes(obj)
+    return {k: v for k, v in state.items() if not k.startswith("head.") and torch.is_tensor(v)}
+
+
+def load_backbone(model: torch.nn.Module, path: str | Path, which: str = "teacher") -> None:
+    """Load official or dinofuse weights into our ViT; missing or extra keys are an error."""
+    state = backbone_state(load_file(path), which)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not fit this model; missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def export_backbone(state: dict, out: str | Path) -> Path:
+    """Write a backbone state dict for timm: `.safetensors` or a torch `.pth` of tensors."""
+    out = Path(out)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        save_file(state, str(tmp))
+        os.replace(tmp, out)
+        return out
+    return save_atomic(state, out)

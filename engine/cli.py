@@ -1,0 +1,164 @@
+"""The `dinofuse` command: train, knn, attention-maps, export.
+
+    dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [section.field=value ...]
+    dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200]
+    dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6]
+    dinofuse export --checkpoint CKPT --out teacher.safetensors|teacher.pth
+
+Bad input ends with one line naming what is wrong (exit status 2), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dinofuse.dataloading.readers import DataError
+from dinofuse.engine.checkpoint import CheckpointError, backbone_state, export_backbone, load_file
+from dinofuse.engine.config import config_from_toml, load_config
+from dinofuse.engine.train import TrainingError, Trainer, build_backbone, pick_device
+
+USER_ERRORS = (DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
+               KeyError)
+
+
+def _train(args) -> None:
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f'data.path="{args.data}"')
+    if args.output_dir:
+        overrides.append(f'run.output_dir="{args.output_dir}"')
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    logs = trainer.fit(max_steps=args.max_steps, progress=not args.quiet)
+    if logs:
+        print(f"trained {len(logs)} steps to step {trainer.step}; loss {logs[0].loss:.4f} -> "
+              f"{logs[-1].loss:.4f}; checkpoint {trainer.out / 'checkpoint.pth'}")
+    if cfg.run.knn_after_training:
+        from dinofuse.engine.eval.report import format_report, knn_report
+
+        torch.manual_seed(cfg.run.seed + 1)
+        random_backbone = build_backbone(cfg, 0.0).to(trainer.device)
+        report = knn_report(cfg, trainer.teacher.backbone, random_backbone, trainer.device)
+        if report:
+            (trainer.out / "knn.json").write_text(json.dumps(report, indent=1) + "\n")
+            print(format_report(report, cfg.run.knn_k))
+        else:
+            print("k-NN skipped: no query images (set run.knn_val=DIR)")
+
+
+def _load_teacher(checkpoint: str, device):
+    """Our checkpoints rebuild their own model; official ones need --arch/--patch-size."""
+    state = load_file(checkpoint)
+    if "config" in state:
+        cfg = config_from_toml(state["config"])
+    else:
+        raise CheckpointError(f"{checkpoint} has no dinofuse config; official weights load with "
+                              "dinofuse.engine.checkpoint.load_backbone into a model you build")
+    backbone = build_backbone(cfg, 0.0)
+    backbone.load_state_dict(backbone_state(state, "teacher"))
+    return backbone.to(device).eval(), cfg
+
+
+def _knn(args) -> None:
+    from dinofuse.dataloading.readers import open_images
+    from dinofuse.engine.eval.knn import extract_features, knn_classify
+    from dinofuse.engine.eval.report import eval_transform
+
+    device = pick_device(args.device)
+    backbone, cfg = _load_teacher(args.checkpoint, device)
+    transform = eval_transform(args.crop or cfg.data.global_crop_size, args.resize_ratio)
+    train_f, train_y = extract_features(backbone, open_images(args.train, "train"), transform,
+                                        device, args.batch_size, args.features)
+    test_f, test_y = extract_features(backbone, open_images(args.val, "test"), transform,
+                                      device, args.batch_size, args.features)
+    for k in args.k:
+        acc = knn_classify(train_f, train_y, test_f, test_y, k=k, temperature=args.temperature)
+        print(f"{k}-NN: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
+
+
+def _attention_maps(args) -> None:
+    from PIL import Image
+
+    from dinofuse.engine.eval.attention_maps import cls_attention, save_attention_maps
+
+    backbone, cfg = _load_teacher(args.checkpoint, pick_device(args.device))
+    path = Path(args.image)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        image = Image.open(path).convert("RGB")
+    except Exception as e:
+        raise DataError(f"cannot decode image {path}: {e}") from None
+    img, attn, masks = cls_attention(backbone, image, args.size or cfg.data.global_crop_size,
+                                     args.threshold)
+    written = save_attention_maps(img, attn, masks, args.out)
+    print(f"wrote {len(written)} files to {args.out}")
+
+
+def _export(args) -> None:
+    state = backbone_state(load_file(args.checkpoint), args.which)
+    print(f"wrote {export_backbone(state, args.out)} ({len(state)} tensors)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinofuse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train DINO (default: a small run on Fashion-MNIST)")
+    train.add_argument("--config", default="default", help="preset name or .toml path")
+    train.add_argument("--data", help="image folder (ImageFolder layout or flat), or fashion-mnist")
+    train.add_argument("--output-dir")
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", help="section.field=value")
+    train.set_defaults(fn=_train)
+
+    knn = sub.add_parser("knn", help="weighted k-NN of a checkpoint's teacher")
+    knn.add_argument("--checkpoint", required=True)
+    knn.add_argument("--train", required=True, help="memory images (folder or fashion-mnist)")
+    knn.add_argument("--val", required=True, help="query images (folder or fashion-mnist)")
+    knn.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
+    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--features", default="cls", choices=["cls", "cls+avgpool"])
+    knn.add_argument("--crop", type=int, default=0, help="default: the global crop size")
+    knn.add_argument("--resize-ratio", type=float, default=256 / 224)
+    knn.add_argument("--batch-size", type=int, default=256)
+    knn.add_argument("--device", default="auto")
+    knn.set_defaults(fn=_knn)
+
+    maps = sub.add_parser("attention-maps", help="CLS self-attention of each head, as PNGs")
+    maps.add_argument("--checkpoint", required=True)
+    maps.add_argument("--image", required=True)
+    maps.add_argument("--out", default="attention-maps")
+    maps.add_argument("--size", type=int, default=0, help="resize the short side (default: global crop)")
+    maps.add_argument("--threshold", type=float, default=None, help="keep this fraction of the mass")
+    maps.add_argument("--device", default="auto")
+    maps.set_defaults(fn=_attention_maps)
+
+    export = sub.add_parser("export", help="the teacher backbone as timm-loadable weights")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True, help="*.safetensors or *.pth")
+    export.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    export.set_defaults(fn=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except USER_ERRORS as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"dinofuse {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Run configuration: dataclasses, TOML presets (engine/configs/), dotted overrides.
+
+    cfg = load_config("default", ["optim.lr=0.001", "model.arch=vit_tiny"])
+
+Every field can be overridden as `section.field=value` (values parsed as TOML, falling back
+to a plain string). `save_config` writes the resolved config next to a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRESETS = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"
+    patch_size: int = 16
+    img_size: int = 224  # the size the position embedding is stored at (the global crop)
+    in_chans: int = 3
+    embed_dim: int = 0  # 0: the architecture's own; set with depth/num_heads for small models
+    depth: int = 0
+    num_heads: int = 0
+    drop_path_rate: float = 0.1
+    attention: str = "auto"  # auto | xformers | sdpa | naive
+    packed: bool = False  # all crops in one sequence (DINOv2) instead of one pass per size
+    out_dim: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+
+
+@dataclass
+class DataConfig:
+    path: str = "fashion-mnist"  # "fashion-mnist" (Debian's IDX files) or an image folder
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    local_crops_number: int = 8
+    blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur, in pixels of the crop
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    batch_size_per_device: int = 64
+    epochs: int = 100
+    lr: float = 0.0005  # at batch 256; scaled linearly with the total batch
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0  # 0 disables
+    clip_mode: str = "per_param"  # per_param (official) | global
+    freeze_last_layer: int = 1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    save_every_steps: int = 0  # 0 = at the end of each epoch only
+    log_every_steps: int = 10
+    knn_after_training: bool = True
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_features: str = "cls"  # cls (official) | cls+avgpool
+    knn_val: str = ""  # query images; "" = Fashion-MNIST's test split when training on it
+    knn_resize_ratio: float = 256 / 224  # eval: resize to crop x ratio, then center crop
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _parse_value(text: str):
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(section: str, name: str, value, current):
+    if isinstance(current, tuple):
+        value = tuple(value)
+    elif isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"{section}.{name} must be true or false; got {value!r}")
+    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif type(value) is not type(current):
+        raise ValueError(f"{section}.{name} must be {type(current).__name__}; got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Config, values: dict) -> Config:
+    """Set fields from a nested dict {section: {field: value}}; unknown names are errors."""
+    for section, fields in values.items():
+        if not hasattr(cfg, section) or not isinstance(fields, dict):
+            raise ValueError(f"unknown config section {section!r}; sections: "
+                             f"{', '.join(f.name for f in dataclasses.fields(cfg))}")
+        target = getattr(cfg, section)
+        for name, value in fields.items():
+            if not hasattr(target, name):
+                raise ValueError(f"unknown config field {section}.{name}")
+            setattr(target, name, _coerce(section, name, value, getattr(target, name)))
+    return cfg
+
+
+def load_config(preset: str | Path = "default", overrides: list[str] = ()) -> Config:
+    """A preset name (engine/configs/NAME.toml) or a TOML path, then `a.b=value` overrides."""
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESETS / f"{preset}.toml"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
+        raise FileNotFoundError(f"config {preset!r} not found; presets: {names}, or a .toml path")
+    cfg = apply_overrides(Config(), tomllib.loads(path.read_text()))
+    nested: dict = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        section, name = key.split(".", 1)
+        nested.setdefault(section, {})[name] = _parse_value(text)
+    return apply_overrides(cfg, nested)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def config_to_toml(cfg: Config) -> str:
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_from_toml(text: str) -> Config:
+    return apply_overrides(Config(), tomllib.loads(text))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_toml(cfg))

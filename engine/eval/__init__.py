@@ -1,0 +1,1 @@
+"""Evaluation: weighted k-NN on frozen features, and attention maps."""

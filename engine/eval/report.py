@@ -1,0 +1,63 @@
+"""The default run's evaluation: k-NN of the trained teacher, of a random network of the same
+shape, and of raw pixels, on the same memory and queries."""
+
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+from dinofuse.dataloading.readers import open_images
+from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD
+from dinofuse.engine.config import Config
+from dinofuse.engine.eval.knn import extract_features, knn_classify
+
+
+def eval_transform(crop: int, resize_ratio: float, normalize: bool = True):
+    steps = [T.Resize(round(crop * resize_ratio), interpolation=T.InterpolationMode.BICUBIC),
+             T.CenterCrop(crop), T.ToTensor()]
+    if normalize:
+        steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
+    return T.Compose(steps)
+
+
+def knn_datasets(cfg: Config):
+    """(memory, queries) or None when there is no query set to evaluate on."""
+    if cfg.run.knn_val:
+        return open_images(cfg.data.path, "train"), open_images(cfg.run.knn_val, "test")
+    if cfg.data.path == "fashion-mnist":
+        return open_images("fashion-mnist", "train"), open_images("fashion-mnist", "test")
+    return None
+
+
+class _Flatten:
+    """A stand-in backbone whose 'tokens' are the raw pixels: k-NN on pixels."""
+
+    def eval(self):
+        return self
+
+    def forward_features(self, x):
+        return x.flatten(1)[:, None, :]
+
+
+def knn_report(cfg: Config, teacher_backbone, random_backbone, device) -> dict:
+    datasets = knn_datasets(cfg)
+    if datasets is None:
+        return {}
+    memory, queries = datasets
+    r = cfg.run
+    crop = cfg.data.global_crop_size
+    models = {"trained teacher": (teacher_backbone, eval_transform(crop, r.knn_resize_ratio), r.knn_features),
+              "random init": (random_backbone, eval_transform(crop, r.knn_resize_ratio), r.knn_features),
+              "raw pixels": (_Flatten(), eval_transform(crop, r.knn_resize_ratio, normalize=False), "cls")}
+    report = {}
+    for name, (backbone, transform, mode) in models.items():
+        train_f, train_y = extract_features(backbone, memory, transform, device, mode=mode)
+        test_f, test_y = extract_features(backbone, queries, transform, device, mode=mode)
+        report[name] = knn_classify(train_f, train_y, test_f, test_y, k=r.knn_k,
+                                    temperature=r.knn_temperature)
+    return report
+
+
+def format_report(report: dict, k: int) -> str:
+    lines = [f"k-NN (k={k}, T=0.07) top-1 / top-5:"]
+    lines += [f"  {name:16s} {v['top1']:6.2f}% / {v['top5']:6.2f}%" for name, v in report.items()]
+    return "\n".join(lines)

@@ -1,0 +1,326 @@
+"""The DINO training loop on one device: a step you can read top to bottom.
+
+    trainer = Trainer(load_config("default")); trainer.fit()
+
+Per iteration: set lr / weight decay from the schedules, teacher forward on the global crops,
+student forward on all crops, fused DINO loss, backward, gradient clipping, last-layer
+freeze, AdamW step, fused EMA of the teacher. Checkpoints are atomic and hold everything a
+resume needs (models, optimizer, center, step, RNG, data position); a non-finite loss stops
+the run with the step named and the last good checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinofuse.dataloading.readers import open_images
+from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
+from dinofuse.engine.checkpoint import load_file, save_atomic
+from dinofuse.engine.config import Config, config_from_toml, config_to_toml, save_config
+from dinofuse.engine.models import (
+    DINOHead,
+    MultiCropWrapper,
+    build_vit,
+    cancel_last_layer_gradients,
+)
+from dinofuse.engine.schedules import cosine_schedule
+from dinofuse.kernels import DINOLoss, EMAPlan
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_backbone(cfg: Config, drop_path_rate: float) -> nn.Module:
+    m = cfg.model
+    sizes = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth),
+                               ("num_heads", m.num_heads)) if v}
+    return build_vit(m.arch, m.patch_size, img_size=m.img_size, in_chans=m.in_chans,
+                     drop_path_rate=drop_path_rate, attention=m.attention, **sizes)
+
+
+def build_student_teacher(cfg: Config) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """The teacher is the student's architecture without drop path, starting from its weights."""
+    m = cfg.model
+
+    def wrapper(drop_path_rate):
+        backbone = build_backbone(cfg, drop_path_rate)
+        head = DINOHead(backbone.embed_dim, m.out_dim, use_bn=m.use_bn_in_head,
+                        norm_last_layer=m.norm_last_layer, nlayers=m.head_nlayers,
+                        hidden_dim=m.head_hidden_dim, bottleneck_dim=m.head_bottleneck_dim)
+        return MultiCropWrapper(backbone, head, packed=m.packed)
+
+    student, teacher = wrapper(m.drop_path_rate), wrapper(0.0)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Official groups: weight decay on weights only; biases and 1-D parameters get none."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model: nn.Module, clip: float, mode: str) -> float:
+    """Official per-parameter clipping (each parameter's norm to `clip`) or global norm.
+    Returns the global gradient norm before clipping (for the log)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = torch.stack([g.detach().norm(2) for g in grads])
+    if clip > 0 and mode == "global":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    elif clip > 0:
+        coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, list(coefs.unbind()))
+    return float(norms.norm(2))
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, cut to whole batches, starting at any batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return (self.n // self.batch_size - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: (self.n // self.batch_size) * self.batch_size]
+        return iter(order[self.start_batch * self.batch_size:].tolist())
+
+
+@dataclass
+class StepLog:
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    wd: float
+    momentum: float
+    teacher_temp: float
+    grad_norm: float
+    images_per_s: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.device = pick_device(cfg.run.device)
+        self.out = Path(cfg.run.output_dir)
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+
+        d, o = cfg.data, cfg.optim
+        images = open_images(d.path, "train")
+        augmentation = MultiCropAugmentation(d.global_crops_scale, d.local_crops_scale,
+                                             d.local_crops_number, d.global_crop_size,
+                                             d.local_crop_size, blur_radius=d.blur_radius)
+        self.dataset = SeededMultiCrop(images, augmentation, seed=cfg.run.seed)
+        if len(self.dataset) < o.batch_size_per_device:
+            raise TrainingError(f"{d.path} has {len(self.dataset)} images, fewer than one batch "
+                                f"of {o.batch_size_per_device}")
+        self.sampler = EpochSampler(len(self.dataset), o.batch_size_per_device, cfg.run.seed)
+        self.iters_per_epoch = len(self.dataset) // o.batch_size_per_device
+        self.ncrops = 2 + d.local_crops_number
+
+        self.student, self.teacher = build_student_teacher(cfg)
+        self.student.to(self.device)
+        self.teacher.to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        self.loss_fn = DINOLoss(cfg.model.out_dim, self.ncrops, o.warmup_teacher_temp,
+                                o.teacher_temp, o.warmup_teacher_temp_epochs, o.epochs,
+                                o.student_temp, o.center_momentum).to(self.device)
+        self.ema = EMAPlan(list(self.teacher.parameters()), list(self.student.parameters()))
+
+        total_batch = o.batch_size_per_device  # x world size once distributed (issue 5)
+        n = self.iters_per_epoch
+        self.lr_schedule = cosine_schedule(o.lr * total_batch / 256, o.min_lr, o.epochs, n, o.warmup_epochs)
+        self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, n)
+        self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, o.epochs, n)
+        self.total_steps = o.epochs * n
+
+        self.precision = self._precision()
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == torch.float16 else None
+        self.step = 0
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ one step
+
+    def _precision(self) -> torch.dtype | None:
+        p = self.cfg.optim.precision
+        if p == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
+
+    def _autocast(self):
+        if self.precision is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
+
+    def train_step(self, crops: list[torch.Tensor]) -> StepLog:
+        o, it = self.cfg.optim, self.step
+        epoch = it // self.iters_per_epoch
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.lr_schedule[it]
+            if i == 0:  # only the weights decay
+                group["weight_decay"] = self.wd_schedule[it]
+        crops = [c.to(self.device, non_blocking=True) for c in crops]
+
+        with self._autocast():
+            teacher_out = self.teacher(crops[:2])
+            student_out = self.student(crops)
+        loss = self.loss_fn(student_out, teacher_out, epoch)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"loss is {loss_value} at step {it} (epoch {epoch}); stopping. "
+                                f"The last good checkpoint is kept in {self.out}")
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        grad_norm = clip_gradients(self.student, o.clip_grad, o.clip_mode)
+        cancel_last_layer_gradients(self.student, epoch, o.freeze_last_layer)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.ema(self.momentum_schedule[it])
+        self.step += 1
+        return StepLog(it, epoch, loss_value, self.lr_schedule[it], self.wd_schedule[it],
+                       self.momentum_schedule[it], self.loss_fn.teacher_temp_at(epoch), grad_norm, 0.0)
+
+    # ------------------------------------------------------------------ the loop
+
+    def loader(self, epoch: int, start_batch: int):
+        self.dataset.epoch = epoch
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.cfg.optim.batch_size_per_device, sampler=self.sampler,
+            num_workers=self.cfg.data.num_workers, drop_last=True,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator(),
+            persistent_workers=False)
+
+    def fit(self, max_steps: int = 0, progress: bool = True) -> list[StepLog]:
+        """Train to the end of the schedule (or max_steps / run.max_minutes); returns the logs."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out / "config.toml")
+        logs: list[StepLog] = []
+        started, last_time, last_step = time.perf_counter(), time.perf_counter(), self.step
+        stop_at = self.total_steps if not max_steps else min(self.total_steps, self.step + max_steps)
+        bar = _progress(stop_at, self.step, progress)
+        out_of_time = False
+        with open(self.out / "log.jsonl", "a") as log_file:
+            while self.step < stop_at and not out_of_time:
+                for crops, _ in self.loader(*divmod(self.step, self.iters_per_epoch)):
+                    log = self.train_step(crops)
+                    logs.append(log)
+                    now = time.perf_counter()
+                    if self.step % cfg.run.log_every_steps == 0 or self.step == stop_at:
+                        log.images_per_s = ((self.step - last_step) * cfg.optim.batch_size_per_device
+                                            / (now - last_time))
+                        last_time, last_step = now, self.step
+                        log_file.write(json.dumps(log.__dict__) + "\n")
+                        log_file.flush()
+                        bar.update(self.step, log)
+                    if cfg.run.save_every_steps and self.step % cfg.run.save_every_steps == 0:
+                        self.save()
+                    out_of_time = bool(cfg.run.max_minutes) and now - started > 60 * cfg.run.max_minutes
+                    if self.step >= stop_at or out_of_time:
+                        break
+                if self.step % self.iters_per_epoch == 0:
+                    self.save()  # an epoch ended
+        bar.close()
+        self.save()
+        return logs
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "dino_loss": self.loss_fn.state_dict(),
+                "step": self.step, "iters_per_epoch": self.iters_per_epoch,
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "rng": rng, "config": config_to_toml(self.cfg)}
+
+    def save(self) -> Path:
+        return save_atomic(self.state(), self.out / "checkpoint.pth")
+
+    def _resume(self) -> None:
+        path = self.out / "checkpoint.pth"
+        if not path.is_file():
+            raise TrainingError(f"--resume: no checkpoint at {path}")
+        state = load_file(path)
+        saved = config_from_toml(state["config"])
+        if saved.model != self.cfg.model:
+            raise TrainingError(f"--resume: {path} was trained with another model config")
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss_fn.load_state_dict(state["dino_loss"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        # the EMA plan points at the parameters, which load_state_dict updated in place
+
+
+class _progress:
+    """A one-line progress display with loss, lr and images/s (tqdm when installed)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+        self.last = initial
+
+    def update(self, step: int, log: StepLog) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.last)
+            self.bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}",
+                                 img_s=f"{log.images_per_s:.0f}")
+        self.last = step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

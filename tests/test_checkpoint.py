@@ -1,0 +1,91 @@
+"""Official DINO weights in, timm-loadable weights out, atomic saves, safe loads."""
+
+import pytest
+import timm
+import torch
+
+from dinofuse.engine.checkpoint import (
+    CheckpointError,
+    backbone_state,
+    export_backbone,
+    load_backbone,
+    load_file,
+    save_atomic,
+)
+from dinofuse.engine.models import vit_small, vit_tiny
+
+
+def official_checkpoint(model):
+    """The layout of the official training checkpoints: student under DDP (module.) and the
+    multi-crop wrapper (backbone.), head weights beside them."""
+    sd = model.state_dict()
+    head = {"head.mlp.0.weight": torch.randn(8, 192), "head.last_layer.weight_g": torch.ones(5, 1)}
+    return {"student": {**{f"module.backbone.{k}": v + 1 for k, v in sd.items()},
+                        **{f"module.{k}": v for k, v in head.items()}},
+            "teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, **head},
+            "epoch": 7}
+
+
+def test_loads_official_teacher_and_student(tmp_path):
+    source = vit_tiny(depth=2)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(official_checkpoint(source), path)
+    for which, offset in (("teacher", 0), ("student", 1)):
+        model = vit_tiny(depth=2)
+        load_backbone(model, path, which)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, source.state_dict()[k] + offset)
+
+
+def test_loads_a_bare_released_backbone(tmp_path):
+    source = vit_tiny(depth=2)
+    path = tmp_path / "dino_deittiny16_pretrain.pth"
+    torch.save(source.state_dict(), path)
+    model = vit_tiny(depth=2)
+    load_backbone(model, path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+
+def test_wrong_architecture_and_bad_files_are_named(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(vit_tiny(depth=2).state_dict(), path)
+    with pytest.raises(CheckpointError, match="do not fit this model"):
+        load_backbone(vit_tiny(depth=3), path)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_file(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*junk.pth"):
+        load_file(tmp_path / "junk.pth")
+
+
+def test_code_in_a_pickle_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"teacher": Payload()}, path)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_file(path)
+
+
+def test_atomic_save_replaces_whole_files(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    save_atomic({"a": torch.ones(3)}, path)
+    save_atomic({"a": torch.zeros(3)}, path)
+    assert torch.equal(load_file(path)["a"], torch.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary left
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_export_loads_in_timm(tmp_path, suffix):
+    ours = vit_small().eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.05)
+    out = export_backbone(backbone_state({"teacher": ours.state_dict()}), tmp_path / f"teacher{suffix}")
+    model = timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay=dict(file=str(out))).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x)[:, 0], ours(x), rtol=1e-5, atol=1e-5)

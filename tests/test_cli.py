@@ -1,0 +1,83 @@
+"""The `dinofuse` command end to end on tiny data, and its one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinofuse.engine.cli import main
+from test_train import TINY
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        (root / f"c{c}").mkdir()
+        for i in range(8):
+            Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    overrides = [o for o in TINY if not o.startswith("run.knn_after_training")]
+    assert main(["train", "--data", str(folder), "--output-dir", str(out), "--quiet",
+                 f'run.knn_val="{folder}"', "run.knn_k=3", *overrides]) == 0
+    return out
+
+
+def test_train_writes_checkpoint_config_log_and_knn(trained):
+    assert (trained / "checkpoint.pth").is_file() and (trained / "config.toml").is_file()
+    lines = (trained / "log.jsonl").read_text().splitlines()
+    assert {"step", "loss", "lr", "images_per_s"} <= set(json.loads(lines[-1]))
+    report = json.loads((trained / "knn.json").read_text())
+    assert set(report) == {"trained teacher", "random init", "raw pixels"}
+    assert all(0 <= v["top1"] <= 100 for v in report.values())
+
+
+def test_knn_attention_maps_and_export(trained, folder, tmp_path, capsys):
+    assert main(["knn", "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
+                 "--val", str(folder), "--k", "3", "5", "--resize-ratio", "1.0"]) == 0
+    assert "3-NN: top-1" in capsys.readouterr().out
+    assert main(["attention-maps", "--checkpoint", str(trained / "checkpoint.pth"),
+                 "--image", str(folder / "c0" / "0.png"), "--out", str(tmp_path / "maps"),
+                 "--threshold", "0.6", "--size", "32"]) == 0
+    names = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert names == ["attn-head0.png", "attn-head1.png", "mask-head0.png", "mask-head1.png", "overlay.png"]
+    mask = np.asarray(Image.open(tmp_path / "maps" / "mask-head0.png")) > 0
+    assert 0 < mask.mean() < 1  # some patches hold 60% of the mass, not all
+    assert main(["export", "--checkpoint", str(trained / "checkpoint.pth"),
+                 "--out", str(tmp_path / "teacher.safetensors")]) == 0
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda d, t: ["train", "--data", str(t / "empty"), "--output-dir", str(t / "o")], "no images"),
+    (lambda d, t: ["train", "--data", str(t / "broken"), "--output-dir", str(t / "o"), *TINY],
+     "cannot decode image .*fake.png"),
+    (lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "o"), *TINY,
+                   "model.arch=\"vit_huge\""],
+     "unknown architecture 'vit_huge'"),
+    (lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "o"), *TINY,
+                   "data.global_crop_size=18"], "crop size 18x18 is not divisible by the patch size 4"),
+    (lambda d, t: ["knn", "--checkpoint", str(t / "missing.pth"), "--train", str(d), "--val", str(d)],
+     "checkpoint not found"),
+    (lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "o"), "optim.nope=1"],
+     "unknown config field optim.nope"),
+    (lambda d, t: ["train", "--config", "nosuchpreset"], "config 'nosuchpreset' not found"),
+])
+def test_bad_input_gets_one_line(make_args, message, folder, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    for i in range(6):
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "broken" / f"{i}.png")
+    (tmp_path / "broken" / "fake.png").write_text("this is not an image")
+    args = make_args(folder, tmp_path)
+    assert main(args[:1] + (["--quiet"] if args[0] == "train" else []) + args[1:]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    import re
+    assert re.search(message, err), err

@@ -1,0 +1,31 @@
+import torch
+import torch.nn.functional as F
+
+from dinofuse.engine.eval.knn import knn_classify
+
+
+def official_knn(train_features, train_labels, test_features, test_labels, k, T, num_classes):
+    """The official eval_knn.knn_classifier, top-1 only, in one chunk."""
+    similarity = torch.mm(test_features, train_features.t())
+    distances, indices = similarity.topk(k, largest=True, sorted=True)
+    candidates = train_labels.view(1, -1).expand(len(test_labels), -1)
+    retrieved_neighbors = torch.gather(candidates, 1, indices)
+    one_hot = torch.zeros(len(test_labels) * k, num_classes)
+    one_hot.scatter_(1, retrieved_neighbors.view(-1, 1), 1)
+    weights = distances.clone().div_(T).exp_()
+    probs = torch.sum(torch.mul(one_hot.view(len(test_labels), -1, num_classes),
+                                weights.view(len(test_labels), -1, 1)), 1)
+    _, predictions = probs.sort(1, True)
+    return 100.0 * predictions[:, 0].eq(test_labels).float().mean().item()
+
+
+def test_matches_official_knn_in_chunks():
+    torch.manual_seed(3)
+    centers = torch.randn(7, 32)
+    train_y, test_y = torch.randint(0, 7, (900,)), torch.randint(0, 7, (301,))
+    train = F.normalize(centers[train_y] + torch.randn(900, 32) * 1.5, dim=1)
+    test = F.normalize(centers[test_y] + torch.randn(301, 32) * 1.5, dim=1)
+    for k in (1, 10, 20):
+        ours = knn_classify(train, train_y, test, test_y, k=k, temperature=0.07, chunk=64)
+        assert abs(ours["top1"] - official_knn(train, train_y, test, test_y, k, 0.07, 7)) < 1e-4
+        assert 30 < ours["top1"] <= ours["top5"] <= 100

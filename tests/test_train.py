@@ -1,0 +1,117 @@
+"""The trainer: one step against the reference math, loss going down, exact resume, errors."""
+
+import copy
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinofuse.dataloading.readers import FASHION_MNIST_DIR
+from dinofuse.engine.config import load_config
+from dinofuse.engine.train import Trainer, TrainingError, build_student_teacher
+from official_dino import OfficialDINOLoss
+
+TINY = ["model.arch=\"vit_tiny\"", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+        "model.patch_size=4", "model.img_size=16", "model.out_dim=64", "model.head_hidden_dim=32",
+        "model.head_bottleneck_dim=16", "data.global_crop_size=16", "data.local_crop_size=8",
+        "data.local_crops_number=2", "data.num_workers=0", "optim.batch_size_per_device=4",
+        "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.freeze_last_layer=1",
+        "run.knn_after_training=false", "run.log_every_steps=1", "run.max_minutes=0.0"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two classes of smooth synthetic images (gradients plus a blob), 20 each."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:24, 0:24] / 23.0
+    for c in range(2):
+        (root / f"class{c}").mkdir()
+        for i in range(20):
+            cy, cx = rng.uniform(0.2, 0.8, 2)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
+            base = xx if c == 0 else yy
+            rgb = np.stack([base, blob, 1 - base], -1) * 255 * rng.uniform(0.6, 1.0)
+            Image.fromarray(rgb.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def make_cfg(image_folder, tmp_path, *extra):
+    return load_config("default", TINY + [f'data.path="{image_folder}"',
+                                          f'run.output_dir="{tmp_path / "run"}"', *extra])
+
+
+def test_one_step_equals_reference_math(image_folder, tmp_path):
+    cfg = make_cfg(image_folder, tmp_path, "model.drop_path_rate=0.0", "optim.clip_grad=0.05",
+                   "optim.warmup_epochs=0.0")
+    trainer = Trainer(cfg)
+    student0, teacher0 = copy.deepcopy(trainer.student), copy.deepcopy(trainer.teacher)
+    crops = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    log = trainer.train_step(crops)
+
+    # the reference: official loss module, per-parameter clipping, torch AdamW, formula EMA
+    o = cfg.optim
+    official = OfficialDINOLoss(cfg.model.out_dim, 4, o.warmup_teacher_temp, o.teacher_temp,
+                                o.warmup_teacher_temp_epochs, o.epochs)
+    loss = official(student0(crops), teacher0(crops[:2]), 0)
+    assert log.loss == pytest.approx(loss.item(), rel=1e-5)
+    loss.backward()
+    for p in student0.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm(2)
+            p.grad.mul_(min(1.0, o.clip_grad / (norm.item() + 1e-6)))
+    for n, p in student0.named_parameters():
+        if "last_layer" in n:
+            p.grad = None  # frozen during the first epoch
+    decay = [p for n, p in student0.named_parameters() if p.requires_grad and not (n.endswith(".bias") or p.dim() == 1)]
+    no_decay = [p for n, p in student0.named_parameters() if p.requires_grad and (n.endswith(".bias") or p.dim() == 1)]
+    lr = o.lr * o.batch_size_per_device / 256
+    ref_opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    ref_opt.step()
+    for (n, p), q in zip(student0.named_parameters(), trainer.student.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=n)
+    m = o.momentum_teacher
+    for t0, s1, t1 in zip(teacher0.parameters(), student0.parameters(), trainer.teacher.parameters()):
+        torch.testing.assert_close(t1, m * t0 + (1 - m) * s1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trainer.loss_fn.center, official.center, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist "
+                    "(make test installs it where apt is available)")
+def test_short_run_loss_goes_down(tmp_path, reference_path):
+    # The default recipe on real data: from near ln(K) the loss falls within 40 steps (it
+    # was 6.6 -> 5.4..5.6 in every run measured here; later it drifts back up while the
+    # k-NN accuracy keeps improving, see README).
+    cfg = load_config("default", [f'run.output_dir="{tmp_path}"', "data.num_workers=0"])
+    losses = [log.loss for log in Trainer(cfg).fit(max_steps=40, progress=False)]
+    assert np.mean(losses[30:40]) < np.mean(losses[:10]) - 0.3, losses
+
+
+def test_resume_continues_the_same_loss_sequence(image_folder, tmp_path):
+    whole = Trainer(make_cfg(image_folder, tmp_path / "a")).fit(progress=False)
+    first = Trainer(make_cfg(image_folder, tmp_path / "b")).fit(max_steps=7, progress=False)
+    rest = Trainer(make_cfg(image_folder, tmp_path / "b"), resume=True).fit(progress=False)
+    assert [log.step for log in first + rest] == [log.step for log in whole]
+    assert [log.loss for log in first + rest] == pytest.approx([log.loss for log in whole], rel=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path):
+    trainer = Trainer(make_cfg(image_folder, tmp_path))
+    trainer.fit(max_steps=2, progress=False)
+    ckpt = trainer.out / "checkpoint.pth"
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    with torch.no_grad():
+        trainer.student.backbone.pos_embed.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="loss is nan at step 2"):
+        trainer.fit(max_steps=1, progress=False)
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+
+
+def test_teacher_starts_as_student_copy_without_gradients(image_folder, tmp_path):
+    student, teacher = build_student_teacher(make_cfg(image_folder, tmp_path))
+    for (n, s), t in zip(student.named_parameters(), teacher.parameters()):
+        assert torch.equal(s, t), n
+        assert not t.requires_grad
