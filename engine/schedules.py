@@ -28,9 +28,3 @@ def _linspace(start: float, stop: float, num: int) -> list[float]:
     values = [i * step + start for i in range(num)]
     values[-1] = float(stop)
     return values
-
-
-def teacher_temp_per_epoch(warmup_temp: float, temp: float, warmup_epochs: int, epochs: int) -> list[float]:
-    from dinofuse.kernels import teacher_temp_schedule
-
-    return teacher_temp_schedule(warmup_temp, temp, warmup_epochs, epochs)

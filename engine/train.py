@@ -238,6 +238,7 @@ class Trainer:
         started, last_time, last_step = time.perf_counter(), time.perf_counter(), self.step
         stop_at = self.total_steps if not max_steps else min(self.total_steps, self.step + max_steps)
         bar = _progress(stop_at, self.step, progress)
+        board = _tensorboard(self.out / "tensorboard")
         out_of_time = False
         with open(self.out / "log.jsonl", "a") as log_file:
             while self.step < stop_at and not out_of_time:
@@ -252,6 +253,10 @@ class Trainer:
                         log_file.write(json.dumps(log.__dict__) + "\n")
                         log_file.flush()
                         bar.update(self.step, log)
+                        if board is not None:
+                            for key, value in log.__dict__.items():
+                                if key not in ("step", "epoch"):
+                                    board.add_scalar(f"train/{key}", value, log.step)
                     if cfg.run.save_every_steps and self.step % cfg.run.save_every_steps == 0:
                         self.save()
                     out_of_time = bool(cfg.run.max_minutes) and now - started > 60 * cfg.run.max_minutes
@@ -260,6 +265,8 @@ class Trainer:
                 if self.step % self.iters_per_epoch == 0:
                     self.save()  # an epoch ended
         bar.close()
+        if board is not None:
+            board.close()
         self.save()
         return logs
 
@@ -298,6 +305,15 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         # the EMA plan points at the parameters, which load_state_dict updated in place
+
+
+def _tensorboard(path: Path):
+    """A TensorBoard writer, or None where the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
 
 
 class _progress:

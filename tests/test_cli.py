@@ -32,6 +32,7 @@ def trained(folder, tmp_path_factory):
 
 def test_train_writes_checkpoint_config_log_and_knn(trained):
     assert (trained / "checkpoint.pth").is_file() and (trained / "config.toml").is_file()
+    assert any((trained / "tensorboard").glob("events.out.tfevents.*"))
     lines = (trained / "log.jsonl").read_text().splitlines()
     assert {"step", "loss", "lr", "images_per_s"} <= set(json.loads(lines[-1]))
     report = json.loads((trained / "knn.json").read_text())
