@@ -158,6 +158,10 @@ def bench_ema(case: EmaCase, device, copy_bw, reps, skipped):
 STUDENT_SWEEP = [(1, 2048, 8, 1), (1, 4096, 16, 1), (2, 2048, 8, 1), (2, 4096, 16, 1),
                  (2, 8192, 16, 1), (4, 2048, 16, 1), (2, 2048, 8, 4), (2, 4096, 16, 8),
                  (1, 2048, 8, 16)]
+TEACHER_SWEEP = [dict(block_k=256, block_r=16, rows_per_program=64, num_warps=4),
+                 dict(block_k=1024, block_r=8, rows_per_program=64, num_warps=4),
+                 dict(block_k=2048, block_r=4, rows_per_program=32, num_warps=8),
+                 dict(block_k=512, block_r=16, rows_per_program=128, num_warps=8)]
 EMA_SWEEP = [dict(chunk=16384, block=1024, num_warps=4), dict(chunk=65536, block=2048, num_warps=8),
              dict(chunk=4096, block=1024, num_warps=4), dict(chunk=32768, block=4096, num_warps=8)]
 
@@ -180,6 +184,16 @@ def sweep_launch_shapes(loss_cases: list[LossCase], ema_case: EmaCase, device, c
                                  loss_case.floor_bytes(), copy_bw))
             finally:
                 loss_mod.STUDENT_LAUNCH_OVERRIDE = None
+        default_teacher = dict(loss_mod.TEACHER_LAUNCH)
+        for launch in TEACHER_SWEEP:
+            loss_mod.TEACHER_LAUNCH.update(launch)
+            try:
+                m = measure(lambda: step(s, t, c), device, reps)
+                label = ",".join(f"{k}={v}" for k, v in launch.items())
+                rows.append(_row(loss_case.name, f"fused teacher {label}", m,
+                                 loss_case.floor_bytes(), copy_bw))
+            finally:
+                loss_mod.TEACHER_LAUNCH.update(default_teacher)
         del s, t, c
     teacher, student = ema_case.inputs(device)
     default = dict(ema_mod.LAUNCH)

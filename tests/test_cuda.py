@@ -47,6 +47,16 @@ def test_every_benchmarked_launch_shape(launch, monkeypatch, poisoned_outputs):
     assert_matches_reference(student, teacher, center, 2)
 
 
+@pytest.mark.parametrize("launch", [dict(block_k=1024, block_r=8, rows_per_program=64, num_warps=4),
+                                    dict(block_k=2048, block_r=4, rows_per_program=32, num_warps=8),
+                                    dict(block_k=512, block_r=16, rows_per_program=128, num_warps=8)])
+def test_every_benchmarked_teacher_launch_shape(launch, monkeypatch, poisoned_outputs):
+    module = importlib.import_module("dinofuse.kernels.dino_loss")
+    monkeypatch.setattr(module, "TEACHER_LAUNCH", {**module.TEACHER_LAUNCH, **launch})
+    student, teacher, center = make_inputs(65536, 72, 2, 4, torch.bfloat16, device="cuda")
+    assert_matches_reference(student, teacher, center, 2)
+
+
 @pytest.mark.parametrize("where", ["student", "teacher"])
 def test_nan_propagates(where):
     student, teacher, center = make_inputs(65536, 2, 2, 4, torch.bfloat16, device="cuda")

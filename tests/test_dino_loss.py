@@ -104,6 +104,15 @@ def test_every_launch_shape(launch, G, ncrops, monkeypatch, poisoned_outputs):
     assert_matches_reference(student, teacher, center, G)
 
 
+@pytest.mark.parametrize("launch", [dict(block_k=16, block_r=4, rows_per_program=8, num_warps=1),
+                                    dict(block_k=64, block_r=2, rows_per_program=2, num_warps=2)])
+def test_every_teacher_launch_shape(launch, monkeypatch, poisoned_outputs):
+    module = importlib.import_module("dinofuse.kernels.dino_loss")
+    monkeypatch.setattr(module, "TEACHER_LAUNCH", {**module.TEACHER_LAUNCH, **launch})
+    student, teacher, center = make_inputs(300, 7, 2, 3, torch.float16)
+    assert_matches_reference(student, teacher, center, 2)
+
+
 def test_uses_every_pair_but_self():
     # Swapping two local crops changes nothing; swapping a global crop's student view does.
     student, teacher, center = make_inputs(64, 3, 2, 4, torch.float32)

@@ -115,3 +115,10 @@ def test_teacher_starts_as_student_copy_without_gradients(image_folder, tmp_path
     for (n, s), t in zip(student.named_parameters(), teacher.parameters()):
         assert torch.equal(s, t), n
         assert not t.requires_grad
+
+
+def test_missing_fashion_mnist_says_what_to_do(tmp_path):
+    from dinofuse.dataloading.readers import DataError, FashionMNIST
+
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist.*data.path="):
+        FashionMNIST("train", root=tmp_path)
