@@ -490,48 +490,28 @@ def dino_loss(
     return loss, teacher_mean
 
 
-class DINOLoss(nn.Module):
-    """Drop-in for the official `DINOLoss` (same constructor and forward), fused.
+class CenteredDINOLoss(nn.Module):
+    """The center buffer and its EMA, shared by `DINOLoss` and the adapters in `compat`.
 
     The center statistic is all-reduced asynchronously when torch.distributed is initialized
     with more than one process; the update lands before the center's next use (the next
     forward, `state_dict`, or an explicit `apply_center_update()`), so the loss sequence is
-    the official one.
+    the one of a blocking all-reduce.
     """
 
-    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float,
-                 teacher_temp: float, warmup_teacher_temp_epochs: int, nepochs: int,
-                 student_temp: float = 0.1, center_momentum: float = 0.9,
-                 num_global_crops: int = 2):
+    def __init__(self, center_shape: tuple[int, ...], center_momentum: float):
         super().__init__()
-        self.out_dim = out_dim
-        self.ncrops = ncrops
-        self.num_global_crops = num_global_crops
-        self.student_temp = student_temp
         self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = teacher_temp_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+        self.register_buffer("center", torch.zeros(center_shape))
         self._pending_center = None  # (all-reduce work handle, summed teacher means)
 
-    def teacher_temp_at(self, epoch: int) -> float:
-        if not 0 <= epoch < len(self.teacher_temp_schedule):
-            raise IndexError(f"epoch {epoch} is outside the teacher temperature schedule "
-                             f"(0..{len(self.teacher_temp_schedule) - 1}; nepochs too small?)")
-        return self.teacher_temp_schedule[epoch]
-
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
-                epoch: int) -> torch.Tensor:
-        rows = student_output.shape[0]
-        expected = self.ncrops * (teacher_output.shape[0] // self.num_global_crops)
-        if rows != expected:
-            raise ValueError(f"student_output has {rows} rows; ncrops={self.ncrops} with "
-                             f"teacher_output's batch needs {expected}")
+    def centered_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, *,
+                      num_global_crops: int, student_temp: float, teacher_temp: float):
+        """The fused loss against the current center, then the center's update."""
         self.apply_center_update()
         loss, teacher_mean = dino_loss(
-            student_output, teacher_output, self.center,
-            num_global_crops=self.num_global_crops, student_temp=self.student_temp,
-            teacher_temp=self.teacher_temp_at(epoch))
+            student_out, teacher_out, self.center.view(-1), num_global_crops=num_global_crops,
+            student_temp=student_temp, teacher_temp=teacher_temp)
         self.update_center(teacher_mean)
         return loss
 
@@ -560,3 +540,37 @@ class DINOLoss(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.apply_center_update()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+
+class DINOLoss(CenteredDINOLoss):
+    """Drop-in for the official `DINOLoss` (same constructor and forward), fused."""
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float,
+                 teacher_temp: float, warmup_teacher_temp_epochs: int, nepochs: int,
+                 student_temp: float = 0.1, center_momentum: float = 0.9,
+                 num_global_crops: int = 2):
+        super().__init__((1, out_dim), center_momentum)
+        self.out_dim = out_dim
+        self.ncrops = ncrops
+        self.num_global_crops = num_global_crops
+        self.student_temp = student_temp
+        self.teacher_temp_schedule = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+
+    def teacher_temp_at(self, epoch: int) -> float:
+        if not 0 <= epoch < len(self.teacher_temp_schedule):
+            raise IndexError(f"epoch {epoch} is outside the teacher temperature schedule "
+                             f"(0..{len(self.teacher_temp_schedule) - 1}; nepochs too small?)")
+        return self.teacher_temp_schedule[epoch]
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                epoch: int) -> torch.Tensor:
+        rows = student_output.shape[0]
+        expected = self.ncrops * (teacher_output.shape[0] // self.num_global_crops)
+        if rows != expected:
+            raise ValueError(f"student_output has {rows} rows; ncrops={self.ncrops} with "
+                             f"teacher_output's batch needs {expected}")
+        return self.centered_loss(student_output, teacher_output,
+                                  num_global_crops=self.num_global_crops,
+                                  student_temp=self.student_temp,
+                                  teacher_temp=self.teacher_temp_at(epoch))
