@@ -1,0 +1,130 @@
+"""DINO's multi-crop augmentation as one DALI graph: decode once, cut 2 + N crops.
+
+On a GPU (`device_id` set) JPEGs decode with nvJPEG (`device="mixed"`) and every crop
+operator runs on the GPU; without one (`device_id=None`) the same graph runs on the CPU,
+which is how the tests run it. Work that a coin flip turns off (color jitter, grayscale,
+blur, solarize) is skipped with DALI's conditionals rather than computed and blended.
+
+First version (issue 4 in progress): file lists and image folders, sharding, per-crop
+random draws, NCHW float output through DALI's PyTorch iterator. Not yet: WebDataset
+shards, the trainer's `--data-backend dali`, corrupt-file policy, the statistics tests
+against the torchvision reference, the pipeline benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+IMAGENET_MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+IMAGENET_STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float = 0.0
+
+
+@dataclass(frozen=True)
+class MultiCropSpec:
+    """The official DataAugmentationDINO, every probability and size a field."""
+
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    local_crops_number: int = 8
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local
+    solarize_p: float = 0.2  # second global crop only
+
+    def crops(self) -> list[CropSpec]:
+        g, loc = self.global_crop_size, self.local_crop_size
+        return ([CropSpec(g, self.global_crops_scale, self.blur_p[0]),
+                 CropSpec(g, self.global_crops_scale, self.blur_p[1], self.solarize_p)]
+                + [CropSpec(loc, self.local_crops_scale, self.blur_p[2])] * self.local_crops_number)
+
+
+def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    out = fn.random_resized_crop(image, device=device, size=[crop.size, crop.size],
+                                 random_area=list(crop.scale), random_aspect_ratio=[3 / 4, 4 / 3],
+                                 interp_type=types.INTERP_CUBIC)
+    out = fn.flip(out, device=device,
+                  horizontal=fn.random.coin_flip(probability=spec.flip_p, dtype=types.INT32))
+    if fn.random.coin_flip(probability=spec.color_jitter_p, dtype=types.BOOL):
+        out = fn.color_twist(
+            out, device=device,
+            brightness=fn.random.uniform(range=[1 - spec.brightness, 1 + spec.brightness]),
+            contrast=fn.random.uniform(range=[1 - spec.contrast, 1 + spec.contrast]),
+            saturation=fn.random.uniform(range=[1 - spec.saturation, 1 + spec.saturation]),
+            hue=fn.random.uniform(range=[-spec.hue * 360, spec.hue * 360]))  # degrees
+    if fn.random.coin_flip(probability=spec.grayscale_p, dtype=types.BOOL):
+        out = fn.hsv(out, device=device, saturation=0.0)
+    if crop.blur_p > 0 and fn.random.coin_flip(probability=crop.blur_p, dtype=types.BOOL):
+        out = fn.gaussian_blur(out, device=device, sigma=fn.random.uniform(range=list(spec.blur_sigma)))
+    if crop.solarize_p > 0 and fn.random.coin_flip(probability=crop.solarize_p, dtype=types.BOOL):
+        high = out >= 128  # PIL's solarize: invert every value at or above the threshold
+        out = fn.cast(high * (255 - out) + (out < 128) * out, dtype=types.UINT8)
+    return fn.crop_mirror_normalize(out, device=device, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255)
+
+
+def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropSpec, *,
+                   batch_size: int, device_id: int | None = None, num_threads: int = 2,
+                   seed: int = 0, shard_id: int = 0, num_shards: int = 1):
+    """A DALI pipeline yielding (crop_0, ..., crop_{2+N-1}, labels) per batch."""
+    from nvidia.dali import pipeline_def
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    if not files:
+        raise ValueError("the DALI pipeline got no files")
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  seed=seed, enable_conditionals=True, exec_dynamic=True)
+    def multicrop():
+        encoded, label = fn.readers.file(files=list(files), labels=list(labels),
+                                         random_shuffle=True, shard_id=shard_id,
+                                         num_shards=num_shards, pad_last_batch=True,
+                                         seed=seed, name="reader")
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        crops = [_one_crop(image, c, spec, "gpu" if gpu else "cpu") for c in spec.crops()]
+        return (*crops, label)
+
+    return multicrop()
+
+
+class DALIMultiCropLoader:
+    """Batches of ([crop tensors], labels) through DALI's PyTorch iterator; one epoch per
+    pass, every shard the same number of steps (the last partial batch is dropped)."""
+
+    def __init__(self, pipeline, ncrops: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self.ncrops = ncrops
+        names = [f"crop{i}" for i in range(ncrops)] + ["label"]
+        self.iterator = DALIGenericIterator(pipeline, names, reader_name="reader",
+                                            last_batch_policy=LastBatchPolicy.DROP,
+                                            auto_reset=True)
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def __iter__(self):
+        for (batch,) in self.iterator:
+            crops = [batch[f"crop{i}"] for i in range(self.ncrops)]
+            yield crops, batch["label"].reshape(-1).long()

@@ -1,0 +1,76 @@
+"""The DALI multi-crop graph on the CPU (device_id=None): shapes, values, crop counts, shards."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from dinofuse.dataloading.dali_multicrop import (  # noqa: E402
+    DALIMultiCropLoader,
+    MultiCropSpec,
+    build_pipeline,
+)
+from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:60, 0:80] / 60.0
+    files = []
+    for i in range(12):
+        rgb = np.stack([xx, yy, np.sin(3 * xx + i) * 0.5 + 0.5], -1) * 255 * rng.uniform(0.5, 1)
+        path = root / f"{i}.jpg"
+        Image.fromarray(rgb.astype(np.uint8)).save(path, quality=90)
+        files.append(str(path))
+    return files
+
+
+@pytest.mark.parametrize("local_crops", [0, 6, 10])
+def test_shapes_dtypes_and_value_ranges(jpegs, local_crops):
+    spec = MultiCropSpec(global_crop_size=32, local_crop_size=16, local_crops_number=local_crops)
+    pipe = build_pipeline(jpegs, list(range(len(jpegs))), spec, batch_size=4, seed=3)
+    loader = DALIMultiCropLoader(pipe, 2 + local_crops)
+    batches = list(loader)
+    assert len(batches) == 3  # 12 files / batch 4
+    lo = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    hi = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    seen = []
+    for crops, labels in batches:
+        assert len(crops) == 2 + local_crops
+        for i, crop in enumerate(crops):
+            size = 32 if i < 2 else 16
+            assert crop.shape == (4, 3, size, size) and crop.dtype == torch.float32
+            assert torch.isfinite(crop).all()
+            assert (crop >= lo.view(1, 3, 1, 1) - 1e-4).all() and (crop <= hi.view(1, 3, 1, 1) + 1e-4).all()
+        seen += labels.tolist()
+    assert sorted(seen) == list(range(12))  # one epoch: every file once
+
+
+def test_two_shards_cover_every_file_once(jpegs):
+    spec = MultiCropSpec(global_crop_size=16, local_crop_size=8, local_crops_number=0)
+    seen = []
+    for shard in range(2):
+        pipe = build_pipeline(jpegs, list(range(len(jpegs))), spec, batch_size=3, seed=5,
+                              shard_id=shard, num_shards=2)
+        seen += [label for _, labels in DALIMultiCropLoader(pipe, 2) for label in labels.tolist()]
+    assert sorted(seen) == list(range(12))
+
+
+def test_empty_file_list_is_rejected():
+    with pytest.raises(ValueError, match="no files"):
+        build_pipeline([], [], MultiCropSpec(), batch_size=2)
+
+
+def test_solarize_inverts_bright_values_of_the_second_crop_only(jpegs):
+    spec = MultiCropSpec(global_crop_size=32, local_crops_number=0, flip_p=0.0, color_jitter_p=0.0,
+                         grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=1.0)
+    (crops, _), *_ = list(DALIMultiCropLoader(build_pipeline(jpegs, [0] * 12, spec, batch_size=12), 2))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    first, second = (c * std + mean for c in crops)
+    assert first.max() > 200  # bright images
+    assert second.max() <= 127.5  # every value >= 128 became 255 - value
