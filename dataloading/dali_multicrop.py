@@ -14,45 +14,11 @@ against the torchvision reference, the pipeline benchmark.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-IMAGENET_MEAN_255 = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-IMAGENET_STD_255 = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
 
-
-@dataclass(frozen=True)
-class CropSpec:
-    size: int
-    scale: tuple[float, float]
-    blur_p: float
-    solarize_p: float = 0.0
-
-
-@dataclass(frozen=True)
-class MultiCropSpec:
-    """The official DataAugmentationDINO, every probability and size a field."""
-
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    local_crops_number: int = 8
-    flip_p: float = 0.5
-    color_jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local
-    solarize_p: float = 0.2  # second global crop only
-
-    def crops(self) -> list[CropSpec]:
-        g, loc = self.global_crop_size, self.local_crop_size
-        return ([CropSpec(g, self.global_crops_scale, self.blur_p[0]),
-                 CropSpec(g, self.global_crops_scale, self.blur_p[1], self.solarize_p)]
-                + [CropSpec(loc, self.local_crops_scale, self.blur_p[2])] * self.local_crops_number)
+IMAGENET_MEAN_255 = [255 * m for m in IMAGENET_MEAN]
+IMAGENET_STD_255 = [255 * s for s in IMAGENET_STD]
 
 
 def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
@@ -60,7 +26,7 @@ def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
     import nvidia.dali.types as types
 
     out = fn.random_resized_crop(image, device=device, size=[crop.size, crop.size],
-                                 random_area=list(crop.scale), random_aspect_ratio=[3 / 4, 4 / 3],
+                                 random_area=list(crop.scale), random_aspect_ratio=list(spec.ratio),
                                  interp_type=types.INTERP_CUBIC)
     out = fn.flip(out, device=device,
                   horizontal=fn.random.coin_flip(probability=spec.flip_p, dtype=types.INT32))

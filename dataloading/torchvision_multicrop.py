@@ -1,7 +1,7 @@
 """The official DINO augmentation (DataAugmentationDINO) with torchvision and PIL.
 
 The reference for the DALI pipeline and its fallback: 2 global crops and N local crops per
-image, every probability, scale and size from the arguments.
+image, every probability, scale and size from a `MultiCropSpec` (dataloading/spec.py).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import torch
 from PIL import ImageFilter, ImageOps
 from torchvision import transforms as T
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, MultiCropSpec
 
 
 class RandomGaussianBlur:
@@ -37,32 +36,26 @@ class RandomSolarize:
 
 
 class MultiCropAugmentation:
-    def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4),
-                 local_crops_number: int = 8, global_crop_size: int = 224, local_crop_size: int = 96,
-                 flip_p: float = 0.5, color_jitter_p: float = 0.8, grayscale_p: float = 0.2,
-                 blur_p=(1.0, 0.1, 0.5), solarize_p: float = 0.2, blur_radius=(0.1, 2.0)):
+    def __init__(self, spec: MultiCropSpec = MultiCropSpec()):
         shared = T.Compose([
-            T.RandomHorizontalFlip(p=flip_p),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
-                          p=color_jitter_p),
-            T.RandomGrayscale(p=grayscale_p),
+            T.RandomHorizontalFlip(p=spec.flip_p),
+            T.RandomApply([T.ColorJitter(brightness=spec.brightness, contrast=spec.contrast,
+                                         saturation=spec.saturation, hue=spec.hue)],
+                          p=spec.color_jitter_p),
+            T.RandomGrayscale(p=spec.grayscale_p),
         ])
         normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        bicubic = T.InterpolationMode.BICUBIC
-        global_crop = T.RandomResizedCrop(global_crop_size, scale=global_crops_scale, interpolation=bicubic)
-        self.global_1 = T.Compose([global_crop, shared, RandomGaussianBlur(blur_p[0], *blur_radius),
-                                   normalize])
-        self.global_2 = T.Compose([global_crop, shared, RandomGaussianBlur(blur_p[1], *blur_radius),
-                                   RandomSolarize(solarize_p), normalize])
-        self.local = T.Compose([
-            T.RandomResizedCrop(local_crop_size, scale=local_crops_scale, interpolation=bicubic),
-            shared, RandomGaussianBlur(blur_p[2], *blur_radius), normalize])
-        self.local_crops_number = local_crops_number
+        self.crops = []
+        for crop in spec.crops():
+            steps = [T.RandomResizedCrop(crop.size, scale=crop.scale, ratio=spec.ratio,
+                                         interpolation=T.InterpolationMode.BICUBIC),
+                     shared, RandomGaussianBlur(crop.blur_p, *spec.blur_sigma)]
+            if crop.solarize_p > 0:
+                steps.append(RandomSolarize(crop.solarize_p))
+            self.crops.append(T.Compose(steps + [normalize]))
 
     def __call__(self, img) -> list[torch.Tensor]:
-        crops = [self.global_1(img), self.global_2(img)]
-        crops += [self.local(img) for _ in range(self.local_crops_number)]
-        return crops
+        return [crop(img) for crop in self.crops]
 
 
 class SeededMultiCrop:

@@ -12,6 +12,7 @@ the run with the step named and the last good checkpoint untouched.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from dinofuse.dataloading.readers import open_images
+from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.engine.checkpoint import load_file, save_atomic
 from dinofuse.engine.config import Config, config_from_toml, config_to_toml, save_config
@@ -38,6 +40,14 @@ from dinofuse.kernels import DINOLoss, EMAPlan
 
 class TrainingError(RuntimeError):
     pass
+
+
+def multicrop_spec(d) -> MultiCropSpec:
+    """The augmentation spec of a DataConfig (the official values for what it leaves out)."""
+    return MultiCropSpec(global_crop_size=d.global_crop_size, local_crop_size=d.local_crop_size,
+                         global_crops_scale=d.global_crops_scale,
+                         local_crops_scale=d.local_crops_scale,
+                         local_crops_number=d.local_crops_number, blur_sigma=d.blur_radius)
 
 
 def pick_device(name: str) -> torch.device:
@@ -136,16 +146,17 @@ class Trainer:
 
         d, o = cfg.data, cfg.optim
         images = open_images(d.path, "train")
-        augmentation = MultiCropAugmentation(d.global_crops_scale, d.local_crops_scale,
-                                             d.local_crops_number, d.global_crop_size,
-                                             d.local_crop_size, blur_radius=d.blur_radius)
+        augmentation = MultiCropAugmentation(multicrop_spec(d))
         self.dataset = SeededMultiCrop(images, augmentation, seed=cfg.run.seed)
+        self.ncrops = 2 + d.local_crops_number
+        if d.backend not in ("torchvision", "dali"):
+            raise ValueError(f"data.backend must be torchvision or dali; got {d.backend!r}")
         if len(self.dataset) < o.batch_size_per_device:
             raise TrainingError(f"{d.path} has {len(self.dataset)} images, fewer than one batch "
                                 f"of {o.batch_size_per_device}")
+        self.dali = self._dali_loader(images) if d.backend == "dali" else None
         self.sampler = EpochSampler(len(self.dataset), o.batch_size_per_device, cfg.run.seed)
         self.iters_per_epoch = len(self.dataset) // o.batch_size_per_device
-        self.ncrops = 2 + d.local_crops_number
 
         self.student, self.teacher = build_student_teacher(cfg)
         self.student.to(self.device)
@@ -220,7 +231,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def _dali_loader(self, images):
+        """The DALI graph over the folder's files (decoding on the GPU when training there)."""
+        from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
+
+        samples = getattr(images, "samples", None)
+        if samples is None:
+            raise ValueError("data.backend=\"dali\" reads image files: point data.path at an "
+                             "image folder, or use data.backend=\"torchvision\"")
+        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
+                              multicrop_spec(self.cfg.data),
+                              batch_size=self.cfg.optim.batch_size_per_device,
+                              device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
+                              seed=self.cfg.run.seed)
+        return DALIMultiCropLoader(pipe, self.ncrops)
+
     def loader(self, epoch: int, start_batch: int):
+        if self.dali is not None:
+            # DALI shuffles per epoch from its own seed; a resume mid-epoch skips the batches
+            # already seen (the same count, not the same images: exact resume is torchvision's)
+            return itertools.islice(iter(self.dali), start_batch, None)
         self.dataset.epoch = epoch
         self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
         return torch.utils.data.DataLoader(

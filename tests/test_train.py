@@ -122,3 +122,20 @@ def test_missing_fashion_mnist_says_what_to_do(tmp_path):
 
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist.*data.path="):
         FashionMNIST("train", root=tmp_path)
+
+
+def test_dali_backend_trains_and_resumes(image_folder, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    cfg = make_cfg(image_folder, tmp_path, 'data.backend="dali"', "optim.epochs=2")
+    first = Trainer(cfg).fit(max_steps=13, progress=False)
+    rest = Trainer(cfg, resume=True).fit(progress=False)
+    assert [log.step for log in first + rest] == list(range(20))
+    assert all(np.isfinite(log.loss) for log in first + rest)
+
+
+def test_dali_backend_needs_image_files(tmp_path):
+    cfg = load_config("default", [f'run.output_dir="{tmp_path}"', 'data.backend="dali"'])
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    with pytest.raises(ValueError, match="reads image files"):
+        Trainer(cfg)

@@ -1,0 +1,44 @@
+"""The multi-crop augmentation as data: one spec read by the torchvision and DALI backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    size: int
+    scale: tuple[float, float]
+    blur_p: float
+    solarize_p: float = 0.0
+
+
+@dataclass(frozen=True)
+class MultiCropSpec:
+    """The official DataAugmentationDINO, every probability and size a field."""
+
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    local_crops_number: int = 8
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect range of the random resized crop
+    flip_p: float = 0.5
+    color_jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global 1, global 2, local
+    solarize_p: float = 0.2  # second global crop only
+
+    def crops(self) -> list[CropSpec]:
+        g, loc = self.global_crop_size, self.local_crop_size
+        return ([CropSpec(g, self.global_crops_scale, self.blur_p[0]),
+                 CropSpec(g, self.global_crops_scale, self.blur_p[1], self.solarize_p)]
+                + [CropSpec(loc, self.local_crops_scale, self.blur_p[2])] * self.local_crops_number)
