@@ -1,9 +1,10 @@
-"""The `dinofuse` command: train, knn, attention-maps, export.
+"""The `dinofuse` command: train, knn, attention-maps, export, data check.
 
     dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [section.field=value ...]
     dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200]
     dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6]
     dinofuse export --checkpoint CKPT --out teacher.safetensors|teacher.pth
+    dinofuse data check DIR        (exit status 1 when some image cannot be decoded)
 
 Bad input ends with one line naming what is wrong (exit status 2), not a traceback.
 """
@@ -105,6 +106,16 @@ def _export(args) -> None:
     print(f"wrote {export_backbone(state, args.out)} ({len(state)} tensors)")
 
 
+def _data_check(args) -> int:
+    from dinofuse.dataloading.check import check_images
+
+    good, bad = check_images(args.dir)
+    for path, reason in bad:
+        print(f"{path}: {reason}")
+    print(f"{good} images readable, {len(bad)} unreadable in {args.dir}")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinofuse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--device", default="auto")
     maps.set_defaults(fn=_attention_maps)
 
+    data = sub.add_parser("data", help="dataset tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    check = data_sub.add_parser("check", help="decode every image; list the unreadable ones")
+    check.add_argument("dir")
+    check.set_defaults(fn=_data_check)
+
     export = sub.add_parser("export", help="the teacher backbone as timm-loadable weights")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True, help="*.safetensors or *.pth")
@@ -152,12 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.fn(args)
+        return args.fn(args) or 0
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"dinofuse {args.command}: error: {message}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -82,3 +82,26 @@ def test_bad_input_gets_one_line(make_args, message, folder, tmp_path, capsys):
     assert len(err.splitlines()) == 1
     import re
     assert re.search(message, err), err
+
+
+def test_data_check_lists_every_unreadable_file(tmp_path, capsys):
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.full((20, 30, 3), 120, np.uint8)).save(root / "a" / "good.jpg")
+    Image.fromarray(np.full((20, 30, 4), 200, np.uint8), "RGBA").save(root / "a" / "alpha.png")
+    Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(root / "a" / "gray16.png")
+    good = (root / "a" / "good.jpg").read_bytes()
+    (root / "a" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "a" / "text.jpg").write_text("not a jpeg")
+    (root / "a" / "notes.txt").write_text("ignored: not an image suffix")
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "3 images readable, 3 unreadable" in out
+    for name in ("truncated.jpg", "empty.jpg: empty file", "text.jpg"):
+        assert name in out
+    assert main(["data", "check", str(root / "a" / "..")]) == 1
+    for name in ("truncated.jpg", "empty.jpg", "text.jpg"):
+        (root / "a" / name).unlink()
+    assert main(["data", "check", str(root)]) == 0
+    assert main(["data", "check", str(tmp_path / "nothing")]) == 2

@@ -1,0 +1,106 @@
+"""Data-pipeline benchmark: images/s of the DALI multi-crop graph and the torchvision
+reference, on the same JPEGs and the same cores, in one run.
+
+    python -m dinofuse.bench.data [--out DIR] [--images 256] [--local-crops 10] [--threads 2]
+
+An image is 2 global (224 px) + N local (96 px) crops. The JPEGs are generated: about
+500x375, smooth content with texture (sizes are reported). On a machine with CUDA the DALI
+row decodes with nvJPEG (device="mixed") and crops on the GPU; without one it is the CPU twin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinofuse.dataloading.spec import MultiCropSpec
+from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
+from dinofuse.dataloading.readers import ImageFiles
+
+
+def make_jpegs(root: Path, n: int, seed: int = 0) -> list[str]:
+    """ImageNet-like JPEGs: 500x375, smooth shapes plus fine texture, quality 95."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
+    files = []
+    for i in range(n):
+        channels = []
+        for _ in range(3):
+            f = rng.uniform(0.005, 0.05, 4)
+            base = (np.sin(xx * f[0] + yy * f[1]) + np.cos(xx * f[2] - yy * f[3])) * 60 + 128
+            texture = np.sin(xx * rng.uniform(0.3, 0.9)) * np.cos(yy * rng.uniform(0.3, 0.9)) * 25
+            channels.append(base + texture + rng.normal(0, 6, xx.shape))
+        path = root / f"{i:05d}.jpg"
+        Image.fromarray(np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8)).save(path, quality=95)
+        files.append(str(path))
+    return files
+
+
+def time_torchvision(root: Path, spec: MultiCropSpec, batch: int, workers: int, n: int) -> float:
+    dataset = SeededMultiCrop(ImageFiles(root), MultiCropAugmentation(spec))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
+                                         drop_last=True)
+    it = iter(loader)
+    next(it)  # start-up (workers, first decode) out of the timing
+    t0, seen = time.perf_counter(), 0
+    for crops, _ in it:
+        seen += crops[0].shape[0]
+    return seen / (time.perf_counter() - t0)
+
+
+def time_dali(files: list[str], spec: MultiCropSpec, batch: int, threads: int) -> float:
+    from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
+
+    device_id = 0 if torch.cuda.is_available() else None
+    loader = DALIMultiCropLoader(build_pipeline(files, [0] * len(files), spec, batch_size=batch,
+                                                device_id=device_id, num_threads=threads),
+                                 2 + spec.local_crops_number)
+    it = iter(loader)
+    next(it)
+    t0, seen = time.perf_counter(), 0
+    for crops, _ in it:
+        seen += crops[0].shape[0]
+    if device_id is not None:
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--local-crops", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
+                    help="DALI threads and torchvision workers (the same cores for both)")
+    args = ap.parse_args(argv)
+    spec = MultiCropSpec(local_crops_number=args.local_crops)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = make_jpegs(Path(tmp), args.images)
+        kb = np.mean([os.path.getsize(f) for f in files]) / 1024
+        results = {
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+            "cpu_cores": os.cpu_count(), "images": args.images, "mean_jpeg_kb": round(float(kb), 1),
+            "crops": f"2x224 + {args.local_crops}x96", "batch": args.batch, "threads": args.threads,
+            "torchvision_images_per_s": round(time_torchvision(Path(tmp), spec, args.batch,
+                                                               args.threads, args.images), 1),
+            "dali_images_per_s": round(time_dali(files, spec, args.batch, args.threads), 1),
+        }
+    results["dali_over_torchvision"] = round(results["dali_images_per_s"] /
+                                             results["torchvision_images_per_s"], 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "data.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
