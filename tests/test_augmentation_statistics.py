@@ -1,0 +1,120 @@
+"""Both multi-crop backends against the spec, statistically, on images whose pixels encode
+their own coordinates (red = x, green = y, blue = a constant): crop areas within the
+configured scale ranges, and flip / grayscale / solarize / blur firing at their configured
+rates per crop type (each rate within 4.5 binomial standard deviations)."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, MultiCropSpec
+from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation
+
+N = 300  # images per run; each gives 2 global and 2 local crops
+OFF = dict(flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
+
+
+def coordinate_image(path=None):
+    x, y = np.meshgrid(np.arange(256), np.arange(256))
+    rgb = np.stack([x, y, np.full_like(x, 200)], -1).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    if path is not None:
+        img.save(path)
+    return img
+
+
+def run_torchvision(spec):
+    aug, img = MultiCropAugmentation(spec), coordinate_image()
+    random.seed(0)
+    torch.manual_seed(0)
+    return [torch.stack(c) for c in zip(*(aug(img) for _ in range(N)))]
+
+
+def run_dali(spec, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
+
+    path = tmp_path / "coords.png"
+    coordinate_image(path)
+    loader = DALIMultiCropLoader(build_pipeline([str(path)] * N, [0] * N, spec, batch_size=50,
+                                                seed=7), 2 + spec.local_crops_number)
+    batches = list(loader)
+    return [torch.cat([b[0][i] for b in batches]) for i in range(2 + spec.local_crops_number)]
+
+
+BACKENDS = {"torchvision": lambda spec, tmp: run_torchvision(spec), "dali": run_dali}
+
+
+def pixels(crop):
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (crop * std + mean) * 255
+
+
+def assert_rate(fired, p, what):
+    n = fired.numel()
+    rate = fired.float().mean().item()
+    tol = 4.5 * math.sqrt(max(p * (1 - p), 1e-4) / n) + 1e-9
+    assert abs(rate - p) <= tol, f"{what}: fired {rate:.3f} of {n}, configured {p}"
+
+
+def spec_with(**kw):
+    return MultiCropSpec(global_crop_size=64, local_crop_size=32, local_crops_number=2,
+                         **{**OFF, **kw})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_crop_areas_and_flip_rate(backend, tmp_path):
+    spec = spec_with(flip_p=0.5)
+    crops = BACKENDS[backend](spec, tmp_path)
+    for i, crop in enumerate(crops):
+        lo, hi = (spec.global_crops_scale if i < 2 else spec.local_crops_scale)
+        px = pixels(crop)
+        red, green = px[:, 0], px[:, 1]
+        width = red.amax((1, 2)) - red.amin((1, 2)) + 1
+        height = green.amax((1, 2)) - green.amin((1, 2)) + 1
+        area = width * height / 256**2
+        # resampling blurs the coordinate ramps by a pixel or two at the crop's border
+        assert area.min() >= lo * 0.85 and area.max() <= min(1.0, hi * 1.15), (i, area.min(), area.max())
+        assert area.max() - area.min() > (hi - lo) / 3  # the scale really varies
+        flipped = red[:, :, 0].mean(1) > red[:, :, -1].mean(1)  # red decreases left to right
+        assert_rate(flipped, 0.5, f"{backend} flip, crop {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grayscale_and_solarize_rates(backend, tmp_path):
+    crops = BACKENDS[backend](spec_with(grayscale_p=0.2), tmp_path)
+    for i, crop in enumerate(crops):
+        px = pixels(crop)
+        gray = (px.amax(1) - px.amin(1)).amax((1, 2)) < 4
+        assert_rate(gray, 0.2, f"{backend} grayscale, crop {i}")
+    crops = BACKENDS[backend](spec_with(solarize_p=0.2), tmp_path)
+    for i, crop in enumerate(crops):
+        blue = pixels(crop)[:, 2].mean((1, 2))  # 200 unless solarized to 55
+        assert_rate(blue < 128, 0.2 if i == 1 else 0.0, f"{backend} solarize, crop {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blur_rates_per_crop_type(backend, tmp_path):
+    # A blur leaves the red ramp straight inside the crop but bends it at the borders (edge
+    # handling pulls the end values inwards, by about 0.4-0.8 sigma times the slope). Fit the
+    # ramp on its middle half, extrapolate to both ends, and measure the bend in pixels.
+    # Sigma 1.5-2 so that every firing shows.
+    spec = spec_with(blur_p=(1.0, 0.1, 0.5), blur_sigma=(1.5, 2.0))
+    crops = BACKENDS[backend](spec, tmp_path)
+    for i, crop in enumerate(crops):
+        red = pixels(crop)[:, 0].mean(1)  # (n, width): average over rows
+        w = red.shape[1]
+        cols = torch.arange(w, dtype=red.dtype)
+        inner = slice(w // 4, 3 * w // 4)
+        x, y = cols[inner], red[:, inner]
+        slope = ((x - x.mean()) * (y - y.mean(1, keepdim=True))).sum(1) / ((x - x.mean()) ** 2).sum()
+        intercept = y.mean(1) - slope * x.mean()
+        left = red[:, 0] - intercept
+        right = red[:, -1] - (intercept + slope * (w - 1))
+        bend = (left - right) / (2 * slope)  # pixels; ~0 when sharp
+        assert_rate(bend > 0.25, spec.blur_p[min(i, 2)], f"{backend} blur, crop {i}")
