@@ -5,10 +5,8 @@ operator runs on the GPU; without one (`device_id=None`) the same graph runs on 
 which is how the tests run it. Work that a coin flip turns off (color jitter, grayscale,
 blur, solarize) is skipped with DALI's conditionals rather than computed and blended.
 
-First version (issue 4 in progress): file lists and image folders, sharding, per-crop
-random draws, NCHW float output through DALI's PyTorch iterator. Not yet: WebDataset
-shards, the trainer's `--data-backend dali`, corrupt-file policy, the statistics tests
-against the torchvision reference, the pipeline benchmark.
+Readers: file lists (image folders) and WebDataset tar shards; sharded per rank; per-crop
+random draws; NCHW float output through DALI's PyTorch iterator.
 """
 
 from __future__ import annotations
@@ -48,25 +46,38 @@ def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
                                     mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255)
 
 
+WEBDATASET_IMAGE_EXT = "jpg;jpeg;png;webp"
+
+
 def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropSpec, *,
                    batch_size: int, device_id: int | None = None, num_threads: int = 2,
-                   seed: int = 0, shard_id: int = 0, num_shards: int = 1):
-    """A DALI pipeline yielding (crop_0, ..., crop_{2+N-1}, labels) per batch."""
+                   seed: int = 0, shard_id: int = 0, num_shards: int = 1,
+                   tars: Sequence[str] = ()):
+    """A DALI pipeline yielding (crop_0, ..., crop_{2+N-1}, labels) per batch.
+
+    Images come from `files` (with `labels`) or, when `tars` is given, from WebDataset
+    shards (one image per sample key, any of jpg/jpeg/png/webp; labels are 0: DINO trains
+    without them). Each of `num_shards` ranks reads its own part, every epoch reshuffled.
+    """
     from nvidia.dali import pipeline_def
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    if not files:
+    if not files and not tars:
         raise ValueError("the DALI pipeline got no files")
     gpu = device_id is not None
+    common = dict(random_shuffle=True, shard_id=shard_id, num_shards=num_shards,
+                  pad_last_batch=True, seed=seed, name="reader")
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=seed, enable_conditionals=True, exec_dynamic=True)
     def multicrop():
-        encoded, label = fn.readers.file(files=list(files), labels=list(labels),
-                                         random_shuffle=True, shard_id=shard_id,
-                                         num_shards=num_shards, pad_last_batch=True,
-                                         seed=seed, name="reader")
+        if tars:
+            encoded = fn.readers.webdataset(paths=list(tars), ext=[WEBDATASET_IMAGE_EXT],
+                                            missing_component_behavior="skip", **common)
+            label = fn.cast(fn.shapes(encoded)[0] * 0, dtype=types.INT32)
+        else:
+            encoded, label = fn.readers.file(files=list(files), labels=list(labels), **common)
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
         crops = [_one_crop(image, c, spec, "gpu" if gpu else "cpu") for c in spec.crops()]
         return (*crops, label)

@@ -7,11 +7,13 @@ image, every probability, scale and size from a `MultiCropSpec` (dataloading/spe
 from __future__ import annotations
 
 import random
+import warnings
 
 import torch
 from PIL import ImageFilter, ImageOps
 from torchvision import transforms as T
 
+from dinofuse.dataloading.readers import DataError
 from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, MultiCropSpec
 
 
@@ -62,14 +64,28 @@ class SeededMultiCrop:
     """A dataset of (crops, label) whose random draws depend only on (seed, epoch, index):
     the same crops whatever the worker count, and after a resume mid-epoch."""
 
-    def __init__(self, images, augmentation: MultiCropAugmentation, seed: int = 0):
+    def __init__(self, images, augmentation: MultiCropAugmentation, seed: int = 0,
+                 skip_bad_images: bool = False):
         self.images, self.augmentation, self.seed, self.epoch = images, augmentation, seed, 0
+        self.skip_bad_images = skip_bad_images
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def _load(self, i: int):
+        """The image at i; with skip_bad_images, an undecodable one is reported (file named)
+        and the next readable image takes its place, so a long run goes on."""
+        for j in range(len(self.images)):
+            try:
+                return self.images[(i + j) % len(self.images)]
+            except DataError as e:
+                if not self.skip_bad_images:
+                    raise
+                warnings.warn(f"skipping: {e}", stacklevel=2)
+        raise DataError("no readable image left")
+
     def __getitem__(self, i: int):
-        img, label = self.images[i]
+        img, label = self._load(i)
         sample_seed = hash((self.seed, self.epoch, i)) & 0x7FFFFFFF
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):

@@ -40,6 +40,7 @@ class ModelConfig:
 class DataConfig:
     path: str = "fashion-mnist"  # "fashion-mnist" (Debian's IDX files) or an image folder
     backend: str = "torchvision"  # torchvision (PIL, the official code) | dali (image folders)
+    skip_bad_images: bool = False  # torchvision backend: report and skip undecodable files
     global_crop_size: int = 224
     local_crop_size: int = 96
     global_crops_scale: tuple[float, float] = (0.4, 1.0)

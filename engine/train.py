@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dinofuse.dataloading.readers import open_images
@@ -48,6 +49,19 @@ def multicrop_spec(d) -> MultiCropSpec:
                          global_crops_scale=d.global_crops_scale,
                          local_crops_scale=d.local_crops_scale,
                          local_crops_number=d.local_crops_number, blur_sigma=d.blur_radius)
+
+
+def webdataset_shards(path: str) -> list[str]:
+    """The .tar shards named by `path` (one .tar, or a folder holding .tar files and no
+    images), else []."""
+    p = Path(path)
+    if p.suffix == ".tar" and p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        if tars and not any(c.is_dir() for c in p.iterdir()):
+            return tars
+    return []
 
 
 def pick_device(name: str) -> torch.device:
@@ -145,18 +159,29 @@ class Trainer:
         random.seed(cfg.run.seed)
 
         d, o = cfg.data, cfg.optim
-        images = open_images(d.path, "train")
-        augmentation = MultiCropAugmentation(multicrop_spec(d))
-        self.dataset = SeededMultiCrop(images, augmentation, seed=cfg.run.seed)
-        self.ncrops = 2 + d.local_crops_number
         if d.backend not in ("torchvision", "dali"):
             raise ValueError(f"data.backend must be torchvision or dali; got {d.backend!r}")
-        if len(self.dataset) < o.batch_size_per_device:
-            raise TrainingError(f"{d.path} has {len(self.dataset)} images, fewer than one batch "
-                                f"of {o.batch_size_per_device}")
-        self.dali = self._dali_loader(images) if d.backend == "dali" else None
-        self.sampler = EpochSampler(len(self.dataset), o.batch_size_per_device, cfg.run.seed)
-        self.iters_per_epoch = len(self.dataset) // o.batch_size_per_device
+        self.ncrops = 2 + d.local_crops_number
+        self.dataset = self.sampler = self.dali = None
+        tars = webdataset_shards(d.path)
+        if tars:  # WebDataset shards: DALI reads them, the epoch length is its reader's
+            if d.backend != "dali":
+                raise ValueError(f"{d.path} holds WebDataset shards: set data.backend=\"dali\"")
+            self.dali = self._dali_loader(tars=tars)
+            self.iters_per_epoch = len(self.dali)
+        else:
+            images = open_images(d.path, "train")
+            if len(images) < o.batch_size_per_device:
+                raise TrainingError(f"{d.path} has {len(images)} images, fewer than one batch "
+                                    f"of {o.batch_size_per_device}")
+            if d.backend == "dali":
+                self.dali = self._dali_loader(images=images)
+            self.dataset = SeededMultiCrop(images, MultiCropAugmentation(multicrop_spec(d)),
+                                           seed=cfg.run.seed, skip_bad_images=d.skip_bad_images)
+            self.sampler = EpochSampler(len(images), o.batch_size_per_device, cfg.run.seed)
+            self.iters_per_epoch = len(images) // o.batch_size_per_device
+        if self.iters_per_epoch == 0:
+            raise TrainingError(f"{d.path}: not one full batch of {o.batch_size_per_device} per epoch")
 
         self.student, self.teacher = build_student_teacher(cfg)
         self.student.to(self.device)
@@ -231,20 +256,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _dali_loader(self, images):
-        """The DALI graph over the folder's files (decoding on the GPU when training there)."""
+    def _dali_loader(self, images=None, tars=()):
+        """The DALI graph over a folder's files or WebDataset shards, this rank's share of
+        them (decoding on the GPU when training there)."""
         from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
 
-        samples = getattr(images, "samples", None)
+        samples = getattr(images, "samples", None) if images is not None else []
         if samples is None:
             raise ValueError("data.backend=\"dali\" reads image files: point data.path at an "
                              "image folder, or use data.backend=\"torchvision\"")
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
                               multicrop_spec(self.cfg.data),
                               batch_size=self.cfg.optim.batch_size_per_device,
                               device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
-                              seed=self.cfg.run.seed)
+                              seed=self.cfg.run.seed, shard_id=rank, num_shards=world,
+                              tars=tars)
         return DALIMultiCropLoader(pipe, self.ncrops)
 
     def loader(self, epoch: int, start_batch: int):

@@ -105,3 +105,16 @@ def test_data_check_lists_every_unreadable_file(tmp_path, capsys):
         (root / "a" / name).unlink()
     assert main(["data", "check", str(root)]) == 0
     assert main(["data", "check", str(tmp_path / "nothing")]) == 2
+
+
+def test_bad_images_can_be_skipped_with_the_file_named(tmp_path, capsys):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((20, 20, 3), 20 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "fake.png").write_text("this is not an image")
+    args = ["train", "--quiet", "--data", str(root), "--output-dir", str(tmp_path / "o"), *TINY]
+    assert main(args) == 2
+    assert "cannot decode image" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="skipping: cannot decode image .*fake.png"):
+        assert main(args + ["data.skip_bad_images=true"]) == 0

@@ -74,3 +74,28 @@ def test_solarize_inverts_bright_values_of_the_second_crop_only(jpegs):
     first, second = (c * std + mean for c in crops)
     assert first.max() > 200  # bright images
     assert second.max() <= 127.5  # every value >= 128 became 255 - value
+
+
+def test_webdataset_shards(tmp_path):
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(2)
+    tars = []
+    for shard in range(2):
+        path = tmp_path / f"shard-{shard:04d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(5):
+                buf = io.BytesIO()
+                Image.fromarray((rng.random((40, 50, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+                for ext, data in (("jpg", buf.getvalue()), ("cls", b"3")):
+                    info = tarfile.TarInfo(f"{shard}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        tars.append(str(path))
+    spec = MultiCropSpec(global_crop_size=32, local_crop_size=16, local_crops_number=2)
+    batches = list(DALIMultiCropLoader(build_pipeline([], [], spec, batch_size=5, tars=tars), 4))
+    assert len(batches) == 2  # 10 samples, batch 5
+    for crops, labels in batches:
+        assert [c.shape for c in crops] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 2
+        assert labels.tolist() == [0] * 5

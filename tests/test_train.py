@@ -139,3 +139,29 @@ def test_dali_backend_needs_image_files(tmp_path):
         pytest.skip("needs Debian's dataset-fashion-mnist")
     with pytest.raises(ValueError, match="reads image files"):
         Trainer(cfg)
+
+
+def test_trains_from_webdataset_shards(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    import io
+    import tarfile
+
+    rng = np.random.default_rng(4)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for shard in range(2):
+        with tarfile.open(shards / f"train-{shard:04d}.tar", "w") as tar:
+            for i in range(12):
+                buf = io.BytesIO()
+                Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+                info = tarfile.TarInfo(f"{shard}{i:04d}.png")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+    cfg = load_config("default", TINY + [f'data.path="{shards}"', f'run.output_dir="{tmp_path / "run"}"',
+                                         'data.backend="dali"'])
+    trainer = Trainer(cfg)
+    assert trainer.iters_per_epoch == 6  # 24 samples, batch 4
+    logs = trainer.fit(progress=False)
+    assert len(logs) == 12 and all(np.isfinite(log.loss) for log in logs)
+    with pytest.raises(ValueError, match="WebDataset shards: set data.backend"):
+        Trainer(load_config("default", TINY + [f'data.path="{shards}"', f'run.output_dir="{tmp_path}"']))
