@@ -21,6 +21,7 @@ import torch
 from dinofuse.dataloading.readers import DataError
 from dinofuse.engine.checkpoint import CheckpointError, backbone_state, export_backbone, load_file
 from dinofuse.engine.config import config_from_toml, load_config
+from dinofuse.engine.parallel import init_distributed
 from dinofuse.engine.train import TrainingError, Trainer, build_backbone, pick_device
 
 USER_ERRORS = (DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
@@ -34,8 +35,11 @@ def _train(args) -> None:
     if args.output_dir:
         overrides.append(f'run.output_dir="{args.output_dir}"')
     cfg = load_config(args.config, overrides)
+    rank, _ = init_distributed()  # joins torchrun's process group when WORLD_SIZE > 1
     trainer = Trainer(cfg, resume=args.resume)
     logs = trainer.fit(max_steps=args.max_steps, progress=not args.quiet)
+    if rank != 0:
+        return
     if logs:
         print(f"trained {len(logs)} steps to step {trainer.step}; loss {logs[0].loss:.4f} -> "
               f"{logs[-1].loss:.4f}; checkpoint {trainer.out / 'checkpoint.pth'}")
@@ -174,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"dinofuse {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from dinofuse.engine.models import (
     build_vit,
     cancel_last_layer_gradients,
 )
+from dinofuse.engine.parallel import all_reduce_mean, shard_model, world
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
 
@@ -112,29 +113,42 @@ def clip_gradients(model: nn.Module, clip: float, mode: str) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    norms = torch.stack([g.detach().norm(2) for g in grads])
+    norms = torch.stack([_full(g.detach().norm(2)) for g in grads])
     if clip > 0 and mode == "global":
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     elif clip > 0:
-        coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, list(coefs.unbind()))
+        coefs = (clip / (norms + 1e-6)).clamp(max=1.0)  # on the device: no host sync
+        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+        torch._foreach_mul_(local, list(coefs.unbind()))
     return float(norms.norm(2))
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch, cut to whole batches, starting at any batch."""
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor reduction's value (FSDP2 gradients are sharded), else the tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, cut to whole global batches (batch_size x world);
+    rank r takes the r-th slice of each, so every image is seen once per epoch across ranks
+    and the ranks together see what one process with the global batch would. Starts at any
+    batch (resume)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
         self.epoch, self.start_batch = 0, 0
 
+    def batches(self) -> int:
+        return self.n // (self.batch_size * self.world)
+
     def __len__(self) -> int:
-        return (self.n // self.batch_size - self.start_batch) * self.batch_size
+        return (self.batches() - self.start_batch) * self.batch_size
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[: (self.n // self.batch_size) * self.batch_size]
-        return iter(order[self.start_batch * self.batch_size:].tolist())
+        order = torch.randperm(self.n, generator=g)[: self.batches() * self.batch_size * self.world]
+        mine = order.view(self.batches(), self.world, self.batch_size)[:, self.rank]
+        return iter(mine[self.start_batch:].reshape(-1).tolist())
 
 
 @dataclass
@@ -155,6 +169,7 @@ class Trainer:
         self.cfg = cfg
         self.device = pick_device(cfg.run.device)
         self.out = Path(cfg.run.output_dir)
+        self.rank, self.world = world()
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
 
@@ -171,35 +186,39 @@ class Trainer:
             self.iters_per_epoch = len(self.dali)
         else:
             images = open_images(d.path, "train")
-            if len(images) < o.batch_size_per_device:
+            if len(images) < o.batch_size_per_device * self.world:
                 raise TrainingError(f"{d.path} has {len(images)} images, fewer than one batch "
-                                    f"of {o.batch_size_per_device}")
+                                    f"of {o.batch_size_per_device} x {self.world} processes")
             if d.backend == "dali":
                 self.dali = self._dali_loader(images=images)
             self.dataset = SeededMultiCrop(images, MultiCropAugmentation(multicrop_spec(d)),
                                            seed=cfg.run.seed, skip_bad_images=d.skip_bad_images)
-            self.sampler = EpochSampler(len(images), o.batch_size_per_device, cfg.run.seed)
-            self.iters_per_epoch = len(images) // o.batch_size_per_device
+            self.sampler = EpochSampler(len(images), o.batch_size_per_device, cfg.run.seed,
+                                        self.rank, self.world)
+            self.iters_per_epoch = self.sampler.batches()
         if self.iters_per_epoch == 0:
             raise TrainingError(f"{d.path}: not one full batch of {o.batch_size_per_device} per epoch")
 
         self.student, self.teacher = build_student_teacher(cfg)
         self.student.to(self.device)
         self.teacher.to(self.device)
+        self.precision = self._precision()
+        if self.world > 1:  # FSDP2, student and teacher alike (parallel.py)
+            for model in (self.student, self.teacher):
+                shard_model(model, param_dtype=self.precision if self.precision == torch.bfloat16 else None)
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
         self.loss_fn = DINOLoss(cfg.model.out_dim, self.ncrops, o.warmup_teacher_temp,
                                 o.teacher_temp, o.warmup_teacher_temp_epochs, o.epochs,
                                 o.student_temp, o.center_momentum).to(self.device)
         self.ema = EMAPlan(list(self.teacher.parameters()), list(self.student.parameters()))
 
-        total_batch = o.batch_size_per_device  # x world size once distributed (issue 5)
+        total_batch = o.batch_size_per_device * self.world
         n = self.iters_per_epoch
         self.lr_schedule = cosine_schedule(o.lr * total_batch / 256, o.min_lr, o.epochs, n, o.warmup_epochs)
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, n)
         self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, o.epochs, n)
         self.total_steps = o.epochs * n
 
-        self.precision = self._precision()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == torch.float16 else None
         self.step = 0
         if resume:
@@ -231,7 +250,7 @@ class Trainer:
             teacher_out = self.teacher(crops[:2])
             student_out = self.student(crops)
         loss = self.loss_fn(student_out, teacher_out, epoch)
-        loss_value = loss.item()
+        loss_value = all_reduce_mean(loss.item(), self.device)  # every rank stops together
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {it} (epoch {epoch}); stopping. "
                                 f"The last good checkpoint is kept in {self.out}")
@@ -291,15 +310,17 @@ class Trainer:
     def fit(self, max_steps: int = 0, progress: bool = True) -> list[StepLog]:
         """Train to the end of the schedule (or max_steps / run.max_minutes); returns the logs."""
         cfg = self.cfg
+        main = self.rank == 0  # one process writes the logs
         self.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out / "config.toml")
+        if main:
+            save_config(cfg, self.out / "config.toml")
         logs: list[StepLog] = []
         started, last_time, last_step = time.perf_counter(), time.perf_counter(), self.step
         stop_at = self.total_steps if not max_steps else min(self.total_steps, self.step + max_steps)
-        bar = _progress(stop_at, self.step, progress)
-        board = _tensorboard(self.out / "tensorboard")
+        bar = _progress(stop_at, self.step, progress and main)
+        board = _tensorboard(self.out / "tensorboard") if main else None
         out_of_time = False
-        with open(self.out / "log.jsonl", "a") as log_file:
+        with open(self.out / "log.jsonl", "a") if main else contextlib.nullcontext() as log_file:
             while self.step < stop_at and not out_of_time:
                 for crops, _ in self.loader(*divmod(self.step, self.iters_per_epoch)):
                     log = self.train_step(crops)
@@ -309,8 +330,9 @@ class Trainer:
                         log.images_per_s = ((self.step - last_step) * cfg.optim.batch_size_per_device
                                             / (now - last_time))
                         last_time, last_step = now, self.step
-                        log_file.write(json.dumps(log.__dict__) + "\n")
-                        log_file.flush()
+                        if log_file is not None:
+                            log_file.write(json.dumps(log.__dict__) + "\n")
+                            log_file.flush()
                         bar.update(self.step, log)
                         if board is not None:
                             for key, value in log.__dict__.items():
@@ -332,19 +354,41 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
+        """Everything a resume needs, as full (unsharded) tensors: rank 0 holds them when
+        the models are sharded, so a checkpoint loads with any number of processes."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "dino_loss": self.loss_fn.state_dict(),
-                "step": self.step, "iters_per_epoch": self.iters_per_epoch,
+        if self.world > 1:
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            models = {"student": get_model_state_dict(self.student, options=full),
+                      "teacher": get_model_state_dict(self.teacher, options=full),
+                      "optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=full)}
+        else:  # one process: torch's own state dicts (a resume then replays bit for bit)
+            models = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                      "optimizer": self.optimizer.state_dict()}
+        return {**models,
+                "dino_loss": self.loss_fn.state_dict(),
+                "step": self.step, "iters_per_epoch": self.iters_per_epoch, "world": self.world,
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "rng": rng, "config": config_to_toml(self.cfg)}
 
     def save(self) -> Path:
-        return save_atomic(self.state(), self.out / "checkpoint.pth")
+        path = self.out / "checkpoint.pth"
+        state = self.state()  # a collective under FSDP: every rank takes part
+        if self.rank == 0:
+            save_atomic(state, path)
+        if dist.is_initialized():
+            dist.barrier()  # complete on disk before anyone goes on
+        return path
 
     def _resume(self) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+
         path = self.out / "checkpoint.pth"
         if not path.is_file():
             raise TrainingError(f"--resume: no checkpoint at {path}")
@@ -352,9 +396,17 @@ class Trainer:
         saved = config_from_toml(state["config"])
         if saved.model != self.cfg.model:
             raise TrainingError(f"--resume: {path} was trained with another model config")
-        self.student.load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("world", 1) > 1 or self.world > 1:  # full state dicts keyed by name
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.student, state["student"], options=full)
+            set_model_state_dict(self.teacher, state["teacher"], options=full)
+            # strict=False: parameters that never stepped yet (the frozen last layer) have no state
+            set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            self.student.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.loss_fn.load_state_dict(state["dino_loss"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -399,3 +451,11 @@ class _progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m dinofuse.engine.train [train args]
+    import sys
+
+    from dinofuse.engine.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -80,3 +80,55 @@ def _ema_on_fsdp2_shards(rank):
                          ids=["center_all_reduce", "ema_fsdp2_shards"])
 def test_two_processes(fn):
     _spawn(fn)
+
+
+def _fsdp_training(rank, folder, out, result):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.train import Trainer
+    from test_train import TINY
+
+    cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{out}"',
+                                         "optim.batch_size_per_device=2", "optim.clip_grad=0.05"])
+    trainer = Trainer(cfg)
+    assert trainer.world == 2 and hasattr(next(trainer.student.parameters()), "to_local")
+    losses = [log.loss for log in trainer.fit(max_steps=4, progress=False)]
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    student = get_model_state_dict(trainer.student, options=full)
+    teacher = get_model_state_dict(trainer.teacher, options=full)
+    if rank == 0:
+        torch.save({"losses": losses, "student": student, "teacher": teacher,
+                    "center": trainer.loss_fn.center.clone()}, result)
+
+
+def test_fsdp2_two_processes_train_like_one(tmp_path):
+    """Two ranks with FSDP2 and batch 2 each equal one process with batch 4: losses,
+    student, teacher (EMA) and center, over 4 steps with clipping."""
+    import functools
+
+    import numpy as np
+    from PIL import Image
+
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.train import Trainer
+    from test_train import TINY
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    result = tmp_path / "fsdp.pt"
+    _spawn(functools.partial(_fsdp_training, folder=folder, out=tmp_path / "fsdp", result=result))
+    fsdp = torch.load(result, weights_only=True)
+
+    cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{tmp_path / "one"}"',
+                                         "optim.batch_size_per_device=4", "optim.clip_grad=0.05"])
+    one = Trainer(cfg)
+    losses = [log.loss for log in one.fit(max_steps=4, progress=False)]
+    assert fsdp["losses"] == pytest.approx(losses, rel=1e-5)
+    for name, ref in (("student", one.student), ("teacher", one.teacher)):
+        for key, value in ref.state_dict().items():
+            torch.testing.assert_close(fsdp[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name}.{key}")
+    torch.testing.assert_close(fsdp["center"], one.loss_fn.center, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,59 @@
+"""The one place where distribution is applied: process group setup and FSDP2 sharding.
+
+Under `torchrun` (WORLD_SIZE > 1) `init_distributed` joins the process group (NCCL on GPUs,
+gloo on CPU, with a timeout so that a dead rank ends the job instead of hanging it), and
+`shard_model` wraps each transformer block, the head and the whole model with FSDP2's
+`fully_shard`. Student and teacher are sharded identically, so the teacher's EMA runs on
+matching local shards with no communication.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun with >1 process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None,
+                reshard_after_forward: bool = True) -> nn.Module:
+    """FSDP2 per transformer block, per head, then the whole model (fp32 master weights;
+    computation in param_dtype when given, gradients reduced in fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
+        if param_dtype is not None else MixedPrecisionPolicy()
+    kwargs = dict(mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for block in model.backbone.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model.head, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    """The mean of a Python number over ranks (for logging)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
