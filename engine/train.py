@@ -284,13 +284,12 @@ class Trainer:
         if samples is None:
             raise ValueError("data.backend=\"dali\" reads image files: point data.path at an "
                              "image folder, or use data.backend=\"torchvision\"")
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
                               multicrop_spec(self.cfg.data),
                               batch_size=self.cfg.optim.batch_size_per_device,
                               device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
-                              seed=self.cfg.run.seed, shard_id=rank, num_shards=world,
+                              seed=self.cfg.run.seed, shard_id=self.rank, num_shards=self.world,
                               tars=tars)
         return DALIMultiCropLoader(pipe, self.ncrops)
 

@@ -479,7 +479,7 @@ def dino_loss(
                          f"teacher_temp={teacher_temp}")
     compute_grad = torch.is_grad_enabled() and student_out.requires_grad
     args = (_unit_stride_columns(student_out), _unit_stride_columns(teacher_out.detach()),
-            center.detach().view(-1) if center.is_contiguous() else center.detach().reshape(-1),
+            center.detach().reshape(-1),  # a view whenever the layout allows
             num_global_crops, float(student_temp), float(teacher_temp))
     if torch.compiler.is_compiling():
         loss, teacher_mean, _ = _dino_loss_fwd(*args, compute_grad)
