@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dinofuse.bench.meta import run_metadata
 from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.dataloading.readers import ImageFiles
@@ -44,33 +45,39 @@ def make_jpegs(root: Path, n: int, seed: int = 0) -> list[str]:
     return files
 
 
-def time_torchvision(root: Path, spec: MultiCropSpec, batch: int, workers: int, n: int) -> float:
+def time_torchvision(root: Path, spec: MultiCropSpec, batch: int, workers: int,
+                     repeat: int = 1) -> float:
     dataset = SeededMultiCrop(ImageFiles(root), MultiCropAugmentation(spec))
+    dataset = torch.utils.data.ConcatDataset([dataset] * repeat)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
                                          drop_last=True)
-    it = iter(loader)
-    next(it)  # start-up (workers, first decode) out of the timing
-    t0, seen = time.perf_counter(), 0
-    for crops, _ in it:
-        seen += crops[0].shape[0]
-    return seen / (time.perf_counter() - t0)
+    return _images_per_s(loader)
 
 
-def time_dali(files: list[str], spec: MultiCropSpec, batch: int, threads: int) -> float:
-    from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
-
-    device_id = 0 if torch.cuda.is_available() else None
-    loader = DALIMultiCropLoader(build_pipeline(files, [0] * len(files), spec, batch_size=batch,
-                                                device_id=device_id, num_threads=threads),
-                                 2 + spec.local_crops_number)
+def _images_per_s(loader) -> float:
+    """Images per second after the first batch (start-up: workers, first decode)."""
     it = iter(loader)
     next(it)
     t0, seen = time.perf_counter(), 0
     for crops, _ in it:
         seen += crops[0].shape[0]
-    if device_id is not None:
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
+    if seen == 0:
+        raise ValueError("one batch only: give more --images (or --repeat) than --batch")
     return seen / (time.perf_counter() - t0)
+
+
+def time_dali(files: list[str], spec: MultiCropSpec, batch: int, threads: int,
+              repeat: int = 1) -> float:
+    from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
+
+    files = files * repeat  # each listed file is read and decoded again: a longer epoch
+    device_id = 0 if torch.cuda.is_available() else None
+    loader = DALIMultiCropLoader(build_pipeline(files, [0] * len(files), spec, batch_size=batch,
+                                                device_id=device_id, num_threads=threads),
+                                 2 + spec.local_crops_number)
+    return _images_per_s(loader)
 
 
 def main(argv=None):
@@ -79,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--local-crops", type=int, default=10)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="read the files this many times per run (a longer timed epoch)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                     help="DALI threads and torchvision workers (the same cores for both)")
     args = ap.parse_args(argv)
@@ -87,12 +96,14 @@ def main(argv=None):
         files = make_jpegs(Path(tmp), args.images)
         kb = np.mean([os.path.getsize(f) for f in files]) / 1024
         results = {
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+            **run_metadata(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             "cpu_cores": os.cpu_count(), "images": args.images, "mean_jpeg_kb": round(float(kb), 1),
             "crops": f"2x224 + {args.local_crops}x96", "batch": args.batch, "threads": args.threads,
             "torchvision_images_per_s": round(time_torchvision(Path(tmp), spec, args.batch,
-                                                               args.threads, args.images), 1),
-            "dali_images_per_s": round(time_dali(files, spec, args.batch, args.threads), 1),
+                                                               args.threads, args.repeat), 1),
+            "dali_images_per_s": round(time_dali(files, spec, args.batch, args.threads,
+                                                 args.repeat), 1),
+            "images_read": args.images * args.repeat,
         }
     results["dali_over_torchvision"] = round(results["dali_images_per_s"] /
                                              results["torchvision_images_per_s"], 2)

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# One-call GPU check: versions, the CUDA tests, the kernel benchmark (+ launch-shape sweep).
+# One-call GPU check: versions, CUDA tests, kernel benchmark, training benchmarks (ViT-S/16
+# with the baseline and ablation, ViT-S/8, ViT-B/16, largest batch), DALI pipeline benchmark.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else bench/out)
 #
-# SWEEP=0 skips the launch-shape sweep. Runs on a bare GPU machine with torch + triton installed (no network): dinofuse is put on
-# the import path from this checkout; wheels in .whl/ (if any) are installed to /tmp/site.
-# DINOFUSE_COMMIT names the commit where the copy has no .git. Each stage has its own time limit and writes its log into OUT_DIR as it goes, so a stage
-# that fails or runs long still leaves the others' results.
+# Runs on a bare GPU machine with torch + triton installed and no network: dinofuse goes on
+# the import path from this checkout; wheels in .whl/ are installed to /tmp/site; DALI's
+# wheels, too big for one transfer, may come as parts .dali/part.* (a split tar, see README
+# "GPU check") and are joined and installed when all are there.
+# Environment: STAGES (space-separated subset, in the order given; default: all),
+# DINOFUSE_COMMIT (the commit, where the copy has no .git), SWEEP=0 (no launch-shape sweep).
+# Each stage has its own time limit and log; after each one everything so far is packed into
+# OUT_DIR/results.tgz, so a stage that fails or runs long still leaves the others' results.
 set -u
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-${OUT:-$repo/bench/out}}
-mkdir -p "$out"
+work=/tmp/dinofuse-gpu-check
+mkdir -p "$out" "$work"
 cd "$repo" || exit 1
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 
@@ -18,33 +24,82 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 site=/tmp/dinofuse-path
 mkdir -p "$site/dinofuse"
 for pkg in engine kernels dataloading bench; do ln -sfn "$repo/$pkg" "$site/dinofuse/$pkg"; done
-export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+export PYTHONPATH="$site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
+if compgen -G ".whl/*.whl" >/dev/null && [ ! -f /tmp/site/.whl-done ]; then
+  pip_install .whl/*.whl && touch /tmp/site/.whl-done
+fi
+if compgen -G ".dali/part.*" >/dev/null && [ -f .dali/parts.sha256 ] && [ ! -f /tmp/site/.dali-done ]; then
+  if (cd .dali && sha256sum -c --quiet parts.sha256); then
+    mkdir -p /tmp/dali-wheels && cat .dali/part.* | tar -x -C /tmp/dali-wheels &&
+      pip_install /tmp/dali-wheels/*.whl && touch /tmp/site/.dali-done
+  else
+    echo "DALI parts incomplete or corrupt: skipping DALI" | tee -a "$work/stages.txt"
+  fi
 fi
 
 {
   date -u +"date %Y-%m-%dT%H:%M:%SZ"
   echo "commit ${DINOFUSE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
-  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
-} 2>&1 | tee "$out/env.txt"
+  python3 - <<'EOF'
+import importlib, sys, torch, triton
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)
+for name in ('xformers', 'nvidia.dali', 'timm', 'pynvml', 'matplotlib'):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, '__version__', 'importable'))
+    except Exception as e:
+        print(name, 'NOT importable:', type(e).__name__, str(e)[:200])
+EOF
+} >>"$work/env.txt" 2>&1
+cat "$work/env.txt"
 
+pack() { tar -czf "$out/results.tgz" -C "$work" . 2>/dev/null; cp "$work/stages.txt" "$out/" 2>/dev/null; }
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  timeout "$limit" "$@" >"$work/$name.log" 2>&1
   local rc=$?
-  echo "stage $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$out/stages.txt"
+  echo "stage $name: exit $rc in $((SECONDS - t0)) s" | tee -a "$work/stages.txt"
+  pack
   return $rc
 }
+train=(python3 -m dinofuse.bench.train --out "$work" --steps 10 --warmup 3)
+has_dali() { python3 -c "import nvidia.dali" 2>/dev/null; }
+jpegs() {  # a folder of ImageNet-like JPEGs for the DALI rows
+  [ -d /tmp/jpegs ] || python3 -c "from pathlib import Path; from dinofuse.bench.data import make_jpegs; p = Path('/tmp/jpegs'); p.mkdir(); make_jpegs(p, 512)"
+}
 
-stage cuda_tests "${CUDA_TESTS_S:-240}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --no-header -rfE
-sweep=--sweep; [ "${SWEEP:-1}" = 0 ] && sweep=
-stage kernel_bench "${BENCH_S:-420}" python3 -m dinofuse.bench.kernels --out "$out" $sweep ${BENCH_ARGS:-}
+run_stage() {
+  case $1 in
+    cuda_tests) stage cuda_tests 90 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --no-header -rfE ;;
+    kernel_bench)
+      local sweep=--sweep; [ "${SWEEP:-1}" = 0 ] && sweep=
+      stage kernel_bench 120 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;
+    train_s16) stage train_s16 200 "${train[@]}" --arch vit_small --patch 16 --batch 64 --ablation --compile \
+        --fsdp --profile --target-speedup 2.5 --target-mfu 35 ;;
+    train_s8) stage train_s8 75 "${train[@]}" --arch vit_small --patch 8 --batch 64 --baseline \
+        --checkpointing --target-memory-gib 20 ;;
+    train_b16) stage train_b16 60 "${train[@]}" --arch vit_base --patch 16 --batch 64 --baseline --target-mfu 50 ;;
+    train_s16_max) stage train_s16_max 75 "${train[@]}" --arch vit_small --patch 16 --batch max \
+        --max-batch-limit 1024 --steps 5 --warmup 2 ;;
+    data_bench)
+      if has_dali; then stage data_bench 75 python3 -m dinofuse.bench.data --out "$work" --images 256 \
+          --repeat 12 --batch 128 --threads "$(nproc)"
+      else echo "stage data_bench: skipped (no DALI)" | tee -a "$work/stages.txt"; fi ;;
+    train_s16_dali)
+      if has_dali; then jpegs; stage train_s16_dali 75 "${train[@]}" --arch vit_small --patch 16 --batch 64 \
+          --data /tmp/jpegs --data-backend dali --workers "$(nproc)"
+      else echo "stage train_s16_dali: skipped (no DALI)" | tee -a "$work/stages.txt"; fi ;;
+    *) echo "unknown stage $1" | tee -a "$work/stages.txt" ;;
+  esac
+}
+
+for s in ${STAGES:-cuda_tests train_s16 data_bench train_s8 kernel_bench train_b16 train_s16_dali train_s16_max}; do
+  run_stage "$s"
+done
+pack
 
 echo
-tail -n 3 "$out/cuda_tests.log"
-cat "$out/stages.txt"
-[ -f "$out/kernels.md" ] && cat "$out/kernels.md"
+python3 -m dinofuse.bench.summary "$work" | tee "$out/summary.txt"

@@ -14,12 +14,8 @@ On a machine without CUDA it runs the CPU-capable rows and lists what it skipped
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,18 +28,8 @@ from dinofuse.bench.cases import (
     loss_step,
     official_loss,
 )
+from dinofuse.bench.meta import run_metadata
 from dinofuse.kernels import ema_update_
-
-
-def _git_commit() -> str:
-    if os.environ.get("DINOFUSE_COMMIT"):  # set by gpu_check.sh where the copy has no .git
-        return os.environ["DINOFUSE_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=Path(__file__).parent, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _time_ms(fn, device, reps: int) -> float:
@@ -303,7 +289,6 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     reps = 30 if args.quick else 100
-    import triton
 
     skipped: list[str] = []
     copy_bw = copy_bandwidth_gbs(device)
@@ -340,9 +325,7 @@ def main(argv=None):
         print("done: launch-shape sweep", flush=True)
 
     result = dict(
-        device=torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=_git_commit(), torch=torch.__version__, triton=triton.__version__,
+        **run_metadata(device),
         copy_bandwidth_gbs=round(copy_bw, 1), rows=_ratios(rows), skipped=skipped, checks=checks,
         host_overhead_us=host_us,
     )

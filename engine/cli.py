@@ -5,6 +5,7 @@
     dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6]
     dinofuse export --checkpoint CKPT --out teacher.safetensors|teacher.pth
     dinofuse data check DIR        (exit status 1 when some image cannot be decoded)
+    dinofuse bench train [--arch vit_small --patch 16 --batch 64 --baseline --ablation ...]
 
 Bad input ends with one line naming what is wrong (exit status 2), not a traceback.
 """
@@ -120,6 +121,12 @@ def _data_check(args) -> int:
     return 1 if bad else 0
 
 
+def _bench_train(args) -> None:
+    from dinofuse.bench.train import main as bench_train
+
+    bench_train(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinofuse", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,10 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="*.safetensors or *.pth")
     export.add_argument("--which", default="teacher", choices=["teacher", "student"])
     export.set_defaults(fn=_export)
+
+    bench = sub.add_parser("bench", help="benchmarks (bench/)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_train = bench_sub.add_parser(
+        "train", add_help=False, help="training throughput, MFU, memory, telemetry; "
+        "baseline and ablation (dinofuse bench train --help)")
+    bench_train.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench_train.set_defaults(fn=_bench_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "train"]:  # its own parser takes every option that follows
+        return _bench_train(argparse.Namespace(bench_args=argv[2:])) or 0
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

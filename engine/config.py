@@ -38,7 +38,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "fashion-mnist"  # "fashion-mnist" (Debian's IDX files) or an image folder
+    path: str = "fashion-mnist"  # "fashion-mnist" (Debian's IDX files), an image folder,
+    # WebDataset .tar shards, or "synthetic" (random crops made on the device once: timing)
     backend: str = "torchvision"  # torchvision (PIL, the official code) | dali (image folders)
     skip_bad_images: bool = False  # torchvision backend: report and skip undecodable files
     global_crop_size: int = 224
@@ -72,6 +73,20 @@ class OptimConfig:
 
 
 @dataclass
+class ImplConfig:
+    """How each part of the step runs. The math is the same either way; "official" runs the
+    official code's way (the benchmark's baseline and ablations, bench/train.py)."""
+
+    loss: str = "fused"  # fused (one Triton op) | official (a Python loop over crop pairs)
+    ema: str = "fused"  # fused (one launch) | official (a per-parameter loop)
+    clip: str = "fused"  # fused (norms on the device) | official (per parameter, host syncs)
+    compile_blocks: bool = False  # torch.compile each transformer block
+    checkpoint_blocks: bool = False  # activation checkpointing per block (memory for compute)
+    fsdp: str = "auto"  # auto (FSDP2 when world > 1) | always (also on one process)
+    reshard_after_forward: bool = True  # FSDP2: free the gathered weights after forward
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -92,6 +107,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    impl: ImplConfig = field(default_factory=ImplConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

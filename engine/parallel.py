@@ -17,14 +17,20 @@ import torch.distributed as dist
 from torch import nn
 
 
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int]:
-    """(rank, world size); joins the process group when launched by torchrun with >1 process."""
+def init_distributed(timeout_s: float = 600.0, force: bool = False) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun with >1 process.
+    force=True makes a one-process group where there is none (FSDP2 on one device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or force) and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if world > 1:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # no torchrun rendezvous: an in-process store
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1

@@ -38,6 +38,11 @@ from dinofuse.engine.models import (
 from dinofuse.engine.parallel import all_reduce_mean, shard_model, world
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
+from dinofuse.kernels.reference import OfficialDINOLoss, ema_reference_
+
+SYNTHETIC_STEPS_PER_EPOCH = 100  # data.path="synthetic": the schedules' epoch length
+IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
+                "clip": ("fused", "official"), "fsdp": ("auto", "always")}
 
 
 class TrainingError(RuntimeError):
@@ -123,6 +128,29 @@ def clip_gradients(model: nn.Module, clip: float, mode: str) -> float:
     return float(norms.norm(2))
 
 
+def clip_gradients_official(model: nn.Module, clip: float) -> float:
+    """The official `clip_gradients`: each parameter's norm read on the host, one sync per
+    parameter (the baseline that `clip_gradients` replaces). Returns the global norm."""
+    norms = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        norm = float(_full(p.grad.detach().norm(2)))
+        norms.append(norm)
+        coef = clip / (norm + 1e-6)
+        if clip > 0 and coef < 1:
+            p.grad.mul_(coef)
+    return math.sqrt(sum(n * n for n in norms))
+
+
+def synthetic_crops(spec: MultiCropSpec, batch: int, in_chans: int, device: torch.device,
+                    seed: int) -> list[torch.Tensor]:
+    """Normalized-image-like random crops, made once on the device (timing without data)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sizes = [spec.global_crop_size] * 2 + [spec.local_crop_size] * spec.local_crops_number
+    return [torch.randn(batch, in_chans, s, s, generator=g, device=device) for s in sizes]
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor reduction's value (FSDP2 gradients are sharded), else the tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -176,10 +204,18 @@ class Trainer:
         d, o = cfg.data, cfg.optim
         if d.backend not in ("torchvision", "dali"):
             raise ValueError(f"data.backend must be torchvision or dali; got {d.backend!r}")
+        for name, choices in IMPL_CHOICES.items():
+            if getattr(cfg.impl, name) not in choices:
+                raise ValueError(f"impl.{name} must be one of {', '.join(choices)}; "
+                                 f"got {getattr(cfg.impl, name)!r}")
         self.ncrops = 2 + d.local_crops_number
-        self.dataset = self.sampler = self.dali = None
+        self.dataset = self.sampler = self.dali = self.synthetic = None
         tars = webdataset_shards(d.path)
-        if tars:  # WebDataset shards: DALI reads them, the epoch length is its reader's
+        if d.path == "synthetic":
+            self.synthetic = synthetic_crops(multicrop_spec(d), o.batch_size_per_device,
+                                             cfg.model.in_chans, self.device, cfg.run.seed + self.rank)
+            self.iters_per_epoch = SYNTHETIC_STEPS_PER_EPOCH
+        elif tars:  # WebDataset shards: DALI reads them, the epoch length is its reader's
             if d.backend != "dali":
                 raise ValueError(f"{d.path} holds WebDataset shards: set data.backend=\"dali\"")
             self.dali = self._dali_loader(tars=tars)
@@ -203,14 +239,18 @@ class Trainer:
         self.student.to(self.device)
         self.teacher.to(self.device)
         self.precision = self._precision()
-        if self.world > 1:  # FSDP2, student and teacher alike (parallel.py)
-            for model in (self.student, self.teacher):
-                shard_model(model, param_dtype=self.precision if self.precision == torch.bfloat16 else None)
+        self.sharded = self.world > 1 or cfg.impl.fsdp == "always"
+        self._apply_impl(cfg.impl)
         self.optimizer = torch.optim.AdamW(param_groups(self.student))
-        self.loss_fn = DINOLoss(cfg.model.out_dim, self.ncrops, o.warmup_teacher_temp,
+        loss_cls = DINOLoss if cfg.impl.loss == "fused" else OfficialDINOLoss
+        self.loss_fn = loss_cls(cfg.model.out_dim, self.ncrops, o.warmup_teacher_temp,
                                 o.teacher_temp, o.warmup_teacher_temp_epochs, o.epochs,
                                 o.student_temp, o.center_momentum).to(self.device)
-        self.ema = EMAPlan(list(self.teacher.parameters()), list(self.student.parameters()))
+        if cfg.impl.ema == "fused":
+            self.ema = EMAPlan(list(self.teacher.parameters()), list(self.student.parameters()))
+        else:
+            teacher_params, student_params = list(self.teacher.parameters()), list(self.student.parameters())
+            self.ema = lambda m: ema_reference_(teacher_params, student_params, m)
 
         total_batch = o.batch_size_per_device * self.world
         n = self.iters_per_epoch
@@ -225,6 +265,21 @@ class Trainer:
             self._resume()
 
     # ------------------------------------------------------------------ one step
+
+    def _apply_impl(self, impl) -> None:
+        """Activation checkpointing and torch.compile per block, then FSDP2 (in that order,
+        as torchtitan does): student and teacher alike, so their shards match."""
+        if impl.fsdp == "always" and not dist.is_initialized():
+            raise TrainingError("impl.fsdp=\"always\" needs a process group: run under torchrun, "
+                                "or call dinofuse.engine.parallel.init_distributed(force=True)")
+        for model in (self.student, self.teacher):
+            model.backbone.checkpoint_blocks = impl.checkpoint_blocks
+            if impl.compile_blocks:
+                for block in model.backbone.blocks:
+                    block.compile()
+            if self.sharded:
+                shard_model(model, param_dtype=self.precision if self.precision == torch.bfloat16 else None,
+                            reshard_after_forward=impl.reshard_after_forward)
 
     def _precision(self) -> torch.dtype | None:
         p = self.cfg.optim.precision
@@ -261,7 +316,10 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        grad_norm = clip_gradients(self.student, o.clip_grad, o.clip_mode)
+        if self.cfg.impl.clip == "official" and o.clip_mode == "per_param":
+            grad_norm = clip_gradients_official(self.student, o.clip_grad)
+        else:
+            grad_norm = clip_gradients(self.student, o.clip_grad, o.clip_mode)
         cancel_last_layer_gradients(self.student, epoch, o.freeze_last_layer)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -294,6 +352,8 @@ class Trainer:
         return DALIMultiCropLoader(pipe, self.ncrops)
 
     def loader(self, epoch: int, start_batch: int):
+        if self.synthetic is not None:
+            return itertools.repeat((self.synthetic, None), self.iters_per_epoch - start_batch)
         if self.dali is not None:
             # DALI shuffles per epoch from its own seed; a resume mid-epoch skips the batches
             # already seen (the same count, not the same images: exact resume is torchvision's)
@@ -361,7 +421,7 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        if self.world > 1:
+        if self.sharded:
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             models = {"student": get_model_state_dict(self.student, options=full),
                       "teacher": get_model_state_dict(self.teacher, options=full),
@@ -395,7 +455,7 @@ class Trainer:
         saved = config_from_toml(state["config"])
         if saved.model != self.cfg.model:
             raise TrainingError(f"--resume: {path} was trained with another model config")
-        if state.get("world", 1) > 1 or self.world > 1:  # full state dicts keyed by name
+        if state.get("world", 1) > 1 or self.sharded:  # full state dicts keyed by name
             full = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.student, state["student"], options=full)
             set_model_state_dict(self.teacher, state["teacher"], options=full)

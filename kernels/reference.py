@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 
 def pair_count(ncrops: int, num_global_crops: int) -> int:
@@ -106,3 +108,42 @@ def ema_reference_(
     """The official per-parameter loop: `t.mul_(m).add_((1 - m) * s)`."""
     for t, s in zip(teacher, student, strict=True):
         t.mul_(momentum).add_((1 - momentum) * s.detach().to(t.dtype))
+
+
+class OfficialDINOLoss(nn.Module):
+    """The official `DINOLoss` as the official code runs it: the loop over crop pairs above,
+    then a blocking all-reduce of the teacher's batch sum and the center EMA. Same
+    constructor, forward and `center` buffer as `dinofuse.kernels.DINOLoss`; the trainer's
+    `impl.loss="official"` and the benchmark's baseline use it."""
+
+    def __init__(self, out_dim: int, ncrops: int, warmup_teacher_temp: float,
+                 teacher_temp: float, warmup_teacher_temp_epochs: int, nepochs: int,
+                 student_temp: float = 0.1, center_momentum: float = 0.9,
+                 num_global_crops: int = 2):
+        super().__init__()
+        self.ncrops, self.num_global_crops = ncrops, num_global_crops
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+
+    def teacher_temp_at(self, epoch: int) -> float:
+        return self.teacher_temp_schedule[epoch]
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
+                epoch: int) -> torch.Tensor:
+        loss, _ = dino_loss_reference(
+            student_output, teacher_output, self.center, num_global_crops=self.num_global_crops,
+            student_temp=self.student_temp, teacher_temp=self.teacher_temp_at(epoch))
+        self.update_center(teacher_output)
+        return loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            world = dist.get_world_size()
+        batch_center = batch_center / (len(teacher_output) * world)
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)

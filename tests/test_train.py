@@ -165,3 +165,66 @@ def test_trains_from_webdataset_shards(tmp_path):
     assert len(logs) == 12 and all(np.isfinite(log.loss) for log in logs)
     with pytest.raises(ValueError, match="WebDataset shards: set data.backend"):
         Trainer(load_config("default", TINY + [f'data.path="{shards}"', f'run.output_dir="{tmp_path}"']))
+
+
+def _synthetic_run(tmp_path, *extra, steps=3):
+    torch.manual_seed(0)
+    cfg = load_config("default", TINY + ['data.path="synthetic"', f'run.output_dir="{tmp_path}"',
+                                         "model.drop_path_rate=0.0", "optim.clip_grad=0.05",
+                                         "optim.warmup_epochs=0.0", *extra])
+    trainer = Trainer(cfg)
+    losses = []
+    for crops, _ in trainer.loader(0, 0):
+        losses.append(trainer.train_step(crops).loss)
+        if len(losses) == steps:
+            break
+    teacher = torch.cat([p.detach().reshape(-1) for p in trainer.teacher.parameters()])
+    return losses, teacher, trainer
+
+
+def test_synthetic_data_are_crops_made_once_on_the_device(tmp_path):
+    _, _, trainer = _synthetic_run(tmp_path, steps=1)
+    crops, labels = next(iter(trainer.loader(0, 0)))
+    assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+    assert labels is None and crops[0].device == trainer.device
+    assert crops is next(iter(trainer.loader(0, 5)))[0]  # the same tensors every step
+
+
+def test_official_impl_choices_train_like_the_fused_ones(tmp_path):
+    """The baseline's loss loop, EMA loop and host-synced clipping against the fused ops:
+    the same losses and teacher weights over steps where clipping engages."""
+    fused_losses, fused_teacher, _ = _synthetic_run(tmp_path / "a")
+    official_losses, official_teacher, trainer = _synthetic_run(
+        tmp_path / "b", 'impl.loss="official"', 'impl.ema="official"', 'impl.clip="official"')
+    assert type(trainer.loss_fn).__name__ == "OfficialDINOLoss"
+    assert official_losses == pytest.approx(fused_losses, rel=1e-5)
+    torch.testing.assert_close(official_teacher, fused_teacher, rtol=1e-5, atol=1e-6)
+    assert fused_losses[0] != fused_losses[-1]  # the steps changed something
+
+
+def test_checkpointing_and_compile_per_block_change_no_result(tmp_path):
+    plain_losses, plain_teacher, _ = _synthetic_run(tmp_path / "a")
+    ckpt_losses, ckpt_teacher, trainer = _synthetic_run(tmp_path / "b", "impl.checkpoint_blocks=true")
+    assert trainer.student.backbone.checkpoint_blocks
+    assert ckpt_losses == plain_losses
+    assert torch.equal(ckpt_teacher, plain_teacher)
+    comp_losses, comp_teacher, trainer = _synthetic_run(tmp_path / "c", "impl.compile_blocks=true",
+                                                        steps=2)
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None
+               for b in trainer.student.backbone.blocks)
+    assert comp_losses == pytest.approx(plain_losses[:2], rel=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("override,message", [
+    ('impl.loss="liger"', "impl.loss must be one of fused, official"),
+    ('impl.fsdp="sometimes"', "impl.fsdp must be one of auto, always"),
+])
+def test_impl_choices_are_checked(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        _synthetic_run(tmp_path, override)
+
+
+def test_fsdp_always_asks_for_a_process_group(tmp_path):
+    with pytest.raises(TrainingError, match="needs a process group"):
+        _synthetic_run(tmp_path, 'impl.fsdp="always"')

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 
@@ -137,6 +138,8 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """DINO's ViT: the output is the CLS token after the final LayerNorm."""
 
+    checkpoint_blocks = False  # activation checkpointing per block (set by the trainer)
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
@@ -192,8 +195,13 @@ class VisionTransformer(nn.Module):
         return tokens + self.interpolate_pos_encoding(H, W)
 
     def forward_tokens(self, tokens: torch.Tensor, seqlens: SeqLens | None = None) -> torch.Tensor:
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens, _ = block(tokens, seqlens)
+            if recompute:  # keep only each block's input; recompute the rest in backward
+                tokens, _ = torch.utils.checkpoint.checkpoint(block, tokens, seqlens,
+                                                              use_reentrant=False)
+            else:
+                tokens, _ = block(tokens, seqlens)
         return self.norm(tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

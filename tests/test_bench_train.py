@@ -1,0 +1,106 @@
+"""The training benchmark: its FLOP counter against a hand count and torch's counter, and an
+end-to-end run at toy sizes on CPU (baseline, ablation rows, FSDP2 on one process)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dinofuse.bench.flops import HeadShape, ViTShape, dino_step_flops, head_forward_flops, vit_forward_flops
+from dinofuse.bench.telemetry import GPUTelemetry
+from dinofuse.engine.models import DINOHead, build_vit
+
+
+def test_vit_flops_match_a_hand_count():
+    # D=8, 1 block, patch 4 on an 8x8 crop: 4 patches + CLS = 5 tokens, MLP hidden 32
+    patch_embed = 2 * 4 * (3 * 4 * 4) * 8  # 3072
+    block = (2 * 5 * 8 * 24  # qkv: 1920
+             + 2 * (2 * 5 * 5 * 8)  # q@k^T and attn@v: 800
+             + 2 * 5 * 8 * 8  # proj: 640
+             + 2 * 2 * 5 * 8 * 32)  # fc1 + fc2: 5120
+    assert vit_forward_flops(ViTShape(embed_dim=8, depth=1, patch_size=4), 8) == patch_embed + block == 11552
+    # head 8 -> 16 -> 16 -> 4, then 4 -> 10
+    assert head_forward_flops(8, HeadShape(16, 4, 10, 3)) == 2 * (8 * 16 + 16 * 16 + 16 * 4 + 4 * 10)
+
+
+@pytest.mark.parametrize("patch,crop", [(4, 16), (4, 8), (8, 24)])
+def test_flops_match_torch_counter_on_the_real_model(patch, crop):
+    torch.manual_seed(0)
+    vit = build_vit("vit_tiny", patch, img_size=16, embed_dim=24, depth=2, num_heads=3,
+                    attention="naive")
+    head = DINOHead(24, 50, hidden_dim=32, bottleneck_dim=8)
+    x = torch.randn(3, 3, crop, crop)
+    with FlopCounterMode(display=False) as counter:
+        head(vit(x))
+    shape = ViTShape(embed_dim=24, depth=2, patch_size=patch)
+    expected = 3 * (vit_forward_flops(shape, crop) + head_forward_flops(24, HeadShape(32, 8, 50, 3)))
+    assert counter.get_total_flops() == expected
+
+
+def test_step_flops_count_student_three_times_and_teacher_on_globals():
+    vit, head = ViTShape(384, 12, 16), HeadShape()
+    parts = dino_step_flops(vit, head, batch=2, local_crops=10)
+    g = vit_forward_flops(vit, 224) + head_forward_flops(384, head)
+    loc = vit_forward_flops(vit, 96) + head_forward_flops(384, head)
+    assert parts["student_forward"] == 2 * (2 * g + 10 * loc)
+    assert parts["teacher_forward"] == 2 * 2 * g
+    assert parts["total"] == 3 * parts["student_forward"] + parts["teacher_forward"]
+    # ViT-S/16 at 224: the 4.6 G the DINO/DeiT tables give counts multiply-adds (2 FLOPs each)
+    assert 4.5e9 < vit_forward_flops(vit, 224) / 2 < 4.7e9
+
+
+def test_telemetry_reports_no_gpu_instead_of_failing():
+    with GPUTelemetry(device_index=None) as tel:
+        pass
+    assert tel.summary() == {"status": "no GPU", "samples": 0}
+
+
+TOY = ["--arch", "vit_tiny", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--patch", "8",
+       "--global-size", "32", "--local-size", "16", "--local-crops", "2", "--out-dim", "96",
+       "--head-hidden-dim", "48", "--head-bottleneck-dim", "16", "--batch", "4", "--steps", "2",
+       "--warmup", "1", "--device", "cpu"]
+
+
+def test_benchmark_end_to_end_writes_json_markdown_and_png(tmp_path):
+    # a subprocess: the FSDP2 row creates a process group that must not outlive the test
+    cmd = [sys.executable, "-m", "dinofuse.engine.cli", "bench", "train", *TOY, "--ablation",
+           "--fsdp", "--profile", "--target-speedup", "2.5", "--target-mfu", "35",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tag = "train-vit_tiny8-b4-synthetic"
+    result = json.loads((tmp_path / f"{tag}.json").read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert names[0].startswith("baseline") and "dinofuse" in names
+    assert "dinofuse + FSDP2 (1 process)" == names[-1]
+    assert {f"baseline + {n}" for n in ("fused loss", "fused EMA", "sync-free clipping",
+                                        "packed crops", "bf16 autocast")} <= set(names)
+    for r in result["rows"]:
+        assert r["status"] == "ok", r
+        assert r["images_per_s"] > 0 and r["step_ms"]["p50"] > 0 and r["mfu_pct"] > 0
+        assert r["telemetry"]["status"] == "no GPU"
+    base = result["rows"][0]
+    assert base["speedup_vs_baseline"] == pytest.approx(1.0)
+    assert base["settings"]["model.attention"] == "naive" and base["attention"] == "naive"
+    assert result["flops_per_step"] > 0 and result["matmul_peak"]["tflops"] > 0
+    assert [t["target"] for t in result["targets"]] == ["images/s >= 2.5x baseline", "MFU >= 35.0%"]
+    assert result["top_kernels_dinofuse"] and result["commit"]
+    md = (tmp_path / f"{tag}.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len([line for line in table if any(n in line for n in names)]) >= len(names)
+    assert "Telemetry: no GPU." in md
+    png = (tmp_path / f"{tag}.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(tmp_path / f"{tag}.png").shape[0] > 100
+
+
+def test_bad_batch_argument_is_named():
+    from dinofuse.bench.train import main
+
+    with pytest.raises(SystemExit, match="--batch"):
+        main(["--batch", "lots"])
