@@ -6,8 +6,9 @@
 #
 # Runs on a bare GPU machine with torch + triton installed and no network: dinofuse goes on
 # the import path from this checkout; wheels in .whl/ are installed to /tmp/site; DALI's
-# wheels, too big for one transfer, may come as parts .dali/part.* (a split tar, see README
-# "GPU check") and are joined and installed when all are there.
+# wheels, too big for one transfer, may come as parts .dali/part.* (a split tar with
+# .dali/parts.sha256, see README "GPU check") plus their small dependencies in .dali/deps/,
+# and are joined and installed once all parts are there.
 # Environment: STAGES (space-separated subset, in the order given; default: all),
 # DINOFUSE_COMMIT (the commit, where the copy has no .git), SWEEP=0 (no launch-shape sweep).
 # Each stage has its own time limit and log; after each one everything so far is packed into
@@ -32,7 +33,7 @@ fi
 if compgen -G ".dali/part.*" >/dev/null && [ -f .dali/parts.sha256 ] && [ ! -f /tmp/site/.dali-done ]; then
   if (cd .dali && sha256sum -c --quiet parts.sha256); then
     mkdir -p /tmp/dali-wheels && cat .dali/part.* | tar -x -C /tmp/dali-wheels &&
-      pip_install /tmp/dali-wheels/*.whl && touch /tmp/site/.dali-done
+      pip_install /tmp/dali-wheels/*.whl .dali/deps/*.whl && touch /tmp/site/.dali-done
   else
     echo "DALI parts incomplete or corrupt: skipping DALI" | tee -a "$work/stages.txt"
   fi
