@@ -90,7 +90,8 @@ def _toml(value) -> str:
 
 
 def bench_config(args, settings: dict, batch: int, out_dir: str):
-    from dinofuse.engine.config import load_config
+    """The official configuration (Config()'s defaults) at the benchmark's sizes."""
+    from dinofuse.engine.config import Config, with_overrides
 
     overrides = [
         f'model.arch="{args.arch}"', f"model.patch_size={args.patch}", "model.img_size=224",
@@ -110,7 +111,7 @@ def bench_config(args, settings: dict, batch: int, out_dir: str):
         overrides += [f"model.head_hidden_dim={args.head_hidden_dim}",
                       f"model.head_bottleneck_dim={args.head_bottleneck_dim}"]
     overrides += [f"{k}={_toml(v)}" for k, v in settings.items()]
-    return load_config("default", overrides)
+    return with_overrides(Config(), overrides)
 
 
 def step_flops(cfg) -> int:

@@ -152,7 +152,11 @@ def load_config(preset: str | Path = "default", overrides: list[str] = ()) -> Co
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
         raise FileNotFoundError(f"config {preset!r} not found; presets: {names}, or a .toml path")
-    cfg = apply_overrides(Config(), tomllib.loads(path.read_text()))
+    return with_overrides(apply_overrides(Config(), tomllib.loads(path.read_text())), overrides)
+
+
+def with_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
+    """`cfg` with `section.field=value` overrides applied (Config() holds the official values)."""
     nested: dict = {}
     for item in overrides:
         key, sep, text = item.partition("=")

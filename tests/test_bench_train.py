@@ -104,3 +104,17 @@ def test_bad_batch_argument_is_named():
 
     with pytest.raises(SystemExit, match="--batch"):
         main(["--batch", "lots"])
+
+
+def test_bench_config_is_the_official_recipe_at_the_given_sizes():
+    from dinofuse.bench.train import DINOFUSE, bench_config, build_parser, step_flops
+    from dinofuse.engine.config import Config
+
+    cfg = bench_config(build_parser().parse_args([]), DINOFUSE, 64, "unused")
+    official = Config().model
+    assert (cfg.model.arch, cfg.model.embed_dim, cfg.model.patch_size) == ("vit_small", 0, 16)
+    assert (cfg.model.out_dim, cfg.model.head_hidden_dim, cfg.model.head_bottleneck_dim) == \
+        (official.out_dim, official.head_hidden_dim, official.head_bottleneck_dim) == (65536, 2048, 256)
+    assert cfg.data.local_crops_number == 10 and cfg.optim.batch_size_per_device == 64
+    # ViT-S/16, 2x224 + 10x96: ~122 GFLOP per image (student x3 on all crops, teacher on 2)
+    assert 115e9 < step_flops(cfg) / 64 < 130e9

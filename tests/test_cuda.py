@@ -144,7 +144,9 @@ def test_xformers_attention_and_packed_multicrop_match_sdpa():
     from dinofuse.engine.models import DINOHead, MultiCropWrapper, resolve_attention, vit_small
 
     if resolve_attention("auto", torch.device("cuda")) != "xformers":
-        pytest.skip("xformers is not importable here (bench/gpu_check.sh installs it from .whl/)")
+        from dinofuse.engine.models.vit import xformers_problem
+
+        pytest.skip(f"{xformers_problem()} (bench/gpu_check.sh installs it from .whl/)")
     backbone = vit_small(attention="xformers").cuda().eval()
     wrapper = MultiCropWrapper(backbone, DINOHead(384, 4096)).cuda().eval()
     crops = [torch.randn(4, 3, 224, 224, device="cuda") for _ in range(2)] + \

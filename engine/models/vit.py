@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -39,15 +40,46 @@ def _xformers_ops():
     return xops
 
 
+@functools.cache
+def xformers_problem() -> str | None:
+    """Why xformers cannot run attention here, or None when it can. Importing is not enough:
+    a wheel built for another torch imports but has no CUDA kernels, so try one tiny call."""
+    ops = _xformers_ops()
+    if ops is None:
+        return "xformers is not importable"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+        ops.memory_efficient_attention(q, q, q)
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        return f"xformers is installed but cannot run on this GPU ({type(e).__name__}: {first_line})"
+    return None
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"attention='auto' uses torch SDPA: {reason}", stacklevel=3)
+
+
 def resolve_attention(requested: str, device: torch.device) -> str:
-    """The backend that will run: "auto" is xformers on CUDA when importable, else SDPA."""
+    """The backend that will run: "auto" is xformers on CUDA when it works, else SDPA."""
     if requested not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}; got {requested!r}")
     if requested == "auto":
-        return "xformers" if device.type == "cuda" and _xformers_ops() is not None else "sdpa"
-    if requested == "xformers" and (device.type != "cuda" or _xformers_ops() is None):
-        raise RuntimeError("attention='xformers' needs a CUDA device and an importable xformers; "
-                           "use 'auto' to fall back to torch SDPA")
+        if device.type != "cuda":
+            return "sdpa"
+        problem = xformers_problem()
+        if problem is None:
+            return "xformers"
+        if _xformers_ops() is not None:  # installed but broken: say so once
+            _warn_fallback(problem)
+        return "sdpa"
+    if requested == "xformers" and (device.type != "cuda" or xformers_problem() is not None):
+        reason = "no CUDA device" if device.type != "cuda" else xformers_problem()
+        raise RuntimeError(f"attention='xformers' cannot run: {reason}; use 'auto' to fall back "
+                           "to torch SDPA")
     return requested
 
 
