@@ -118,14 +118,33 @@ def clip_gradients(model: nn.Module, clip: float, mode: str) -> float:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    norms = torch.stack([_full(g.detach().norm(2)) for g in grads])
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    norms = gradient_norms(grads, local)
     if clip > 0 and mode == "global":
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        coef = (clip / (norms.norm(2) + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s formula
+        torch._foreach_mul_(local, coef)
     elif clip > 0:
         coefs = (clip / (norms + 1e-6)).clamp(max=1.0)  # on the device: no host sync
-        local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         torch._foreach_mul_(local, list(coefs.unbind()))
     return float(norms.norm(2))
+
+
+def gradient_norms(grads: list[torch.Tensor], local: list[torch.Tensor]) -> torch.Tensor:
+    """Each gradient's L2 norm (float32, on the device). FSDP2 gradients are DTensors sharded
+    over the ranks: the local squared norms of all of them are summed by one all-reduce,
+    not one collective per parameter."""
+    squares = torch.stack([n.float() for n in torch._foreach_norm(local)]) ** 2
+    sharded = [hasattr(g, "device_mesh") and all(p.is_shard() for p in g.placements)
+               for g in grads]
+    if any(sharded):
+        mesh = next(g.device_mesh for g, s in zip(grads, sharded) if s)
+        mask = torch.tensor(sharded, device=squares.device)
+        summed = torch.where(mask, squares, 0.0)
+        dist.all_reduce(summed, group=mesh.get_group())
+        squares = torch.where(mask, summed, squares)
+    elif any(hasattr(g, "full_tensor") for g in grads):  # replicated DTensors: plain norms
+        squares = torch.stack([_full(g.detach().norm(2)).float() for g in grads]) ** 2
+    return squares.sqrt()
 
 
 def clip_gradients_official(model: nn.Module, clip: float) -> float:
@@ -273,10 +292,11 @@ class Trainer:
             raise TrainingError("impl.fsdp=\"always\" needs a process group: run under torchrun, "
                                 "or call dinofuse.engine.parallel.init_distributed(force=True)")
         for model in (self.student, self.teacher):
+            model.backbone.fix_attention_backend(self.device)
             model.backbone.checkpoint_blocks = impl.checkpoint_blocks
-            if impl.compile_blocks:
+            if impl.compile_blocks:  # one static graph per crop size (2 sizes, train and eval)
                 for block in model.backbone.blocks:
-                    block.compile()
+                    block.compile(dynamic=False)
             if self.sharded:
                 shard_model(model, param_dtype=self.precision if self.precision == torch.bfloat16 else None,
                             reshard_after_forward=impl.reshard_after_forward)

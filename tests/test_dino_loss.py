@@ -104,6 +104,19 @@ def test_every_launch_shape(launch, G, ncrops, monkeypatch, poisoned_outputs):
     assert_matches_reference(student, teacher, center, G)
 
 
+def test_long_rows_are_sliced_even_when_the_batch_fills_the_gpu(monkeypatch, poisoned_outputs):
+    module = importlib.import_module("dinofuse.kernels.dino_loss")
+    cpu = torch.device("cpu")
+    # the default at the official size: 4 slices of 16384 columns at B=256 (H200 sweep)
+    assert module._student_launch_config(65536, 256, 10, cpu)[3:] == (4, 16384)
+    assert module._student_launch_config(4096, 4096, 10, cpu)[3] == 1  # short rows: whole
+    # the same rule on small shapes: 16-column blocks make 300 columns "long", many rows
+    monkeypatch.setattr(module, "STUDENT_LAUNCH_OVERRIDE", (2, 16, 2, None))
+    assert module._student_launch_config(300, 64, 4, cpu)[3] == 4
+    student, teacher, center = make_inputs(300, 64, 2, 4, torch.float32)
+    assert_matches_reference(student, teacher, center, 2)
+
+
 @pytest.mark.parametrize("launch", [dict(block_k=16, block_r=4, rows_per_program=8, num_warps=1),
                                     dict(block_k=64, block_r=2, rows_per_program=2, num_warps=2)])
 def test_every_teacher_launch_shape(launch, monkeypatch, poisoned_outputs):

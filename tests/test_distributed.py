@@ -82,7 +82,7 @@ def test_two_processes(fn):
     _spawn(fn)
 
 
-def _fsdp_training(rank, folder, out, result):
+def _fsdp_training(rank, folder, out, result, clip_mode):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from dinofuse.engine.config import load_config
@@ -90,7 +90,8 @@ def _fsdp_training(rank, folder, out, result):
     from test_train import TINY
 
     cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{out}"',
-                                         "optim.batch_size_per_device=2", "optim.clip_grad=0.05"])
+                                         "optim.batch_size_per_device=2", "optim.clip_grad=0.05",
+                                         f'optim.clip_mode="{clip_mode}"'])
     trainer = Trainer(cfg)
     assert trainer.world == 2 and hasattr(next(trainer.student.parameters()), "to_local")
     losses = [log.loss for log in trainer.fit(max_steps=4, progress=False)]
@@ -102,9 +103,11 @@ def _fsdp_training(rank, folder, out, result):
                     "center": trainer.loss_fn.center.clone()}, result)
 
 
-def test_fsdp2_two_processes_train_like_one(tmp_path):
+@pytest.mark.parametrize("clip_mode", ["per_param", "global"])
+def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode):
     """Two ranks with FSDP2 and batch 2 each equal one process with batch 4: losses,
-    student, teacher (EMA) and center, over 4 steps with clipping."""
+    student, teacher (EMA) and center, over 4 steps with clipping (norms of sharded
+    gradients summed over the ranks)."""
     import functools
 
     import numpy as np
@@ -120,11 +123,13 @@ def test_fsdp2_two_processes_train_like_one(tmp_path):
     for i in range(16):
         Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
     result = tmp_path / "fsdp.pt"
-    _spawn(functools.partial(_fsdp_training, folder=folder, out=tmp_path / "fsdp", result=result))
+    _spawn(functools.partial(_fsdp_training, folder=folder, out=tmp_path / "fsdp", result=result,
+                             clip_mode=clip_mode))
     fsdp = torch.load(result, weights_only=True)
 
     cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{tmp_path / "one"}"',
-                                         "optim.batch_size_per_device=4", "optim.clip_grad=0.05"])
+                                         "optim.batch_size_per_device=4", "optim.clip_grad=0.05",
+                                         f'optim.clip_mode="{clip_mode}"'])
     one = Trainer(cfg)
     losses = [log.loss for log in one.fit(max_steps=4, progress=False)]
     assert fsdp["losses"] == pytest.approx(losses, rel=1e-5)

@@ -130,3 +130,13 @@ def test_xformers_needs_cuda():
     model = vit_tiny(depth=1, attention="xformers")
     with pytest.raises(RuntimeError, match="xformers.* cannot run: no CUDA device"):
         model(torch.randn(1, 3, 32, 32))
+
+
+def test_fix_attention_backend_decides_auto_once_and_blocks_trace_whole():
+    model = vit_tiny(depth=2, attention="auto")
+    assert model.fix_attention_backend(torch.device("cpu")) == "sdpa"
+    assert {b.attn.backend for b in model.blocks} == {"sdpa"}
+    explained = torch._dynamo.explain(model.blocks[0])(torch.randn(2, 5, model.embed_dim))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        vit_tiny(depth=1, attention="xformers").fix_attention_backend(torch.device("cpu"))

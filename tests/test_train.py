@@ -228,3 +228,26 @@ def test_impl_choices_are_checked(tmp_path, override, message):
 def test_fsdp_always_asks_for_a_process_group(tmp_path):
     with pytest.raises(TrainingError, match="needs a process group"):
         _synthetic_run(tmp_path, 'impl.fsdp="always"')
+
+
+@pytest.mark.parametrize("mode", ["per_param", "global"])
+def test_gradient_clipping_matches_the_official_and_torch_versions(mode):
+    from dinofuse.engine.train import clip_gradients, clip_gradients_official
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(4, 5) * 10
+    for m in models:
+        m(x).square().sum().backward()
+    norms = [float(p.grad.norm()) for p in models[0].parameters()]
+    clip = sorted(norms)[1]  # some parameters clipped, some not
+    total = clip_gradients(models[0], clip, mode)
+    if mode == "per_param":
+        assert clip_gradients_official(models[1], clip) == pytest.approx(total, rel=1e-6)
+    else:
+        assert float(torch.nn.utils.clip_grad_norm_(models[1].parameters(), clip)) == \
+            pytest.approx(total, rel=1e-6)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+    assert total == pytest.approx(sum(n * n for n in norms) ** 0.5, rel=1e-6)

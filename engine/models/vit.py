@@ -198,6 +198,14 @@ class VisionTransformer(nn.Module):
     def attention(self) -> str:
         return self.blocks[0].attn.backend
 
+    def fix_attention_backend(self, device: torch.device) -> str:
+        """Decide "auto" once for `device` and store the result in every block, so that the
+        forward has no choice left to make (torch.compile then traces no probing code)."""
+        backend = resolve_attention(self.attention, device)
+        for block in self.blocks:
+            block.attn.backend = backend
+        return backend
+
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embedding for an image of height x width pixels (official formula)."""
         n_stored = self.pos_embed.shape[1] - 1
