@@ -99,3 +99,80 @@ def export_backbone(state: dict, out: str | Path) -> Path:
         os.replace(tmp, out)
         return out
     return save_atomic(state, out)
+
+
+# --------------------------------------------------------------------------- sharded (DCP)
+# A distributed checkpoint is a folder OUTPUT_DIR/checkpoints/step_NNNNNNNN holding the
+# torch.distributed.checkpoint shards of the models and optimizer (each rank writes its
+# own), `extra.pt` (step, RNG, config, center: small, written by rank 0) and, last of all,
+# the marker COMPLETE, written by rank 0 only after every rank finished writing. A folder
+# without the marker (a run killed mid-save) is never resumed from.
+
+COMPLETE = "COMPLETE"
+EXTRA = "extra.pt"
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def sharded_checkpoints(root: str | Path) -> list[tuple[int, Path, bool]]:
+    """(step, folder, complete) of every step_* folder under root, oldest first."""
+    out = []
+    root = Path(root)
+    if not root.is_dir():
+        return out
+    for d in root.glob("step_*"):
+        if d.is_dir() and d.name[5:].isdigit():
+            out.append((int(d.name[5:]), d, (d / COMPLETE).is_file()))
+    return sorted(out)
+
+
+def latest_complete(root: str | Path) -> Path | None:
+    complete = [d for _, d, done in sharded_checkpoints(root) if done]
+    return complete[-1] if complete else None
+
+
+def mark_complete(folder: Path, info: dict) -> None:
+    import json
+
+    tmp = folder / f".{COMPLETE}.tmp"
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, folder / COMPLETE)
+
+
+def prune_checkpoints(root: str | Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and unfinished folders
+    older than the newest complete one (never the one being written)."""
+    import shutil
+
+    entries = sharded_checkpoints(root)
+    complete = [(s, d) for s, d, done in entries if done]
+    if not complete or keep <= 0:
+        return
+    newest = complete[-1][0]
+    for s, d in complete[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
+    for s, d, done in entries:
+        if not done and s < newest:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / EXTRA).is_file()
+
+
+def read_sharded(folder: str | Path, template: dict) -> dict:
+    """Fill `template` ({"teacher": state_dict, ...}, tensors of the right shapes) from a
+    complete sharded checkpoint, on any number of processes, a single CPU one included."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    if not (folder / COMPLETE).is_file():
+        raise CheckpointError(f"{folder} is not a complete checkpoint (no {COMPLETE} marker: "
+                              "its save did not finish)")
+    try:
+        dcp.load(template, checkpoint_id=str(folder))
+    except Exception as e:
+        raise CheckpointError(f"cannot read sharded checkpoint {folder}: {e}") from None
+    return template

@@ -3,7 +3,7 @@
     dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [section.field=value ...]
     dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200]
     dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6]
-    dinofuse export --checkpoint CKPT --out teacher.safetensors|teacher.pth
+    dinofuse export --checkpoint CKPT|STEP_DIR|RUN_DIR --out teacher.safetensors|teacher.pth
     dinofuse data check DIR        (exit status 1 when some image cannot be decoded)
     dinofuse bench train [--arch vit_small --patch 16 --batch 64 --baseline --ablation ...]
 
@@ -20,7 +20,16 @@ from pathlib import Path
 import torch
 
 from dinofuse.dataloading.readers import DataError
-from dinofuse.engine.checkpoint import CheckpointError, backbone_state, export_backbone, load_file
+from dinofuse.engine.checkpoint import (
+    EXTRA,
+    CheckpointError,
+    backbone_state,
+    export_backbone,
+    is_sharded_checkpoint,
+    latest_complete,
+    load_file,
+    read_sharded,
+)
 from dinofuse.engine.config import config_from_toml, load_config
 from dinofuse.engine.parallel import init_distributed
 from dinofuse.engine.train import TrainingError, Trainer, build_backbone, pick_device
@@ -36,9 +45,22 @@ def _train(args) -> None:
     if args.output_dir:
         overrides.append(f'run.output_dir="{args.output_dir}"')
     cfg = load_config(args.config, overrides)
-    rank, _ = init_distributed()  # joins torchrun's process group when WORLD_SIZE > 1
-    trainer = Trainer(cfg, resume=args.resume)
-    logs = trainer.fit(max_steps=args.max_steps, progress=not args.quiet)
+    # joins torchrun's process group when WORLD_SIZE > 1
+    rank, world = init_distributed(timeout_s=cfg.run.collective_timeout_s)
+    trainer = Trainer(cfg, resume="auto" if args.auto_resume else args.resume)
+    try:
+        logs = trainer.fit(max_steps=args.max_steps, progress=not args.quiet)
+    except TrainingError:
+        raise
+    except RuntimeError as e:  # under several processes: a collective failed
+        if world == 1:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrainingError(
+            f"rank {rank}: a collective operation failed, so another rank died or hung "
+            f"(collective timeout {cfg.run.collective_timeout_s:g} s): {first}. Relaunch the "
+            f"same command with --resume (or --auto-resume) to continue from the last complete "
+            f"checkpoint in {trainer.out}") from None
     if rank != 0:
         return
     if logs:
@@ -57,9 +79,32 @@ def _train(args) -> None:
             print("k-NN skipped: no query images (set run.knn_val=DIR)")
 
 
+def _read_checkpoint(checkpoint: str, which: str = "teacher") -> dict:
+    """A checkpoint's contents: a file (ours, official, or bare weights), a sharded step
+    folder (checkpoints/step_N), or a run folder (its newest complete checkpoint). Sharded
+    ones are consolidated on this CPU process: no GPU or process group needed."""
+    path = Path(checkpoint)
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        newest = latest_complete(path / "checkpoints")
+        if newest is None and (path / "checkpoint.pth").is_file():
+            return load_file(path / "checkpoint.pth")
+        if newest is None:
+            raise CheckpointError(f"{path}: no checkpoint.pth and no complete checkpoints/step_*/")
+        path = newest
+    if not is_sharded_checkpoint(path):
+        return load_file(path)
+    from dinofuse.engine.train import build_student_teacher
+
+    extra = load_file(path / EXTRA)
+    cfg = config_from_toml(extra["config"])
+    student, teacher = build_student_teacher(cfg)
+    template = {which: (teacher if which == "teacher" else student).state_dict()}
+    return {**read_sharded(path, template), "config": extra["config"]}
+
+
 def _load_teacher(checkpoint: str, device):
     """Our checkpoints rebuild their own model; official ones need --arch/--patch-size."""
-    state = load_file(checkpoint)
+    state = _read_checkpoint(checkpoint)
     if "config" in state:
         cfg = config_from_toml(state["config"])
     else:
@@ -107,7 +152,7 @@ def _attention_maps(args) -> None:
 
 
 def _export(args) -> None:
-    state = backbone_state(load_file(args.checkpoint), args.which)
+    state = backbone_state(_read_checkpoint(args.checkpoint, args.which), args.which)
     print(f"wrote {export_backbone(state, args.out)} ({len(state)} tensors)")
 
 
@@ -135,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default="default", help="preset name or .toml path")
     train.add_argument("--data", help="image folder (ImageFolder layout or flat), or fashion-mnist")
     train.add_argument("--output-dir")
-    train.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoint.pth")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint in OUTPUT_DIR")
+    train.add_argument("--auto-resume", action="store_true",
+                       help="resume when OUTPUT_DIR has a checkpoint, else start (torchrun restarts)")
     train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", help="section.field=value")
@@ -170,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(fn=_data_check)
 
     export = sub.add_parser("export", help="the teacher backbone as timm-loadable weights")
-    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--checkpoint", required=True,
+                        help="checkpoint.pth, a sharded checkpoints/step_N folder, or a run folder")
     export.add_argument("--out", required=True, help="*.safetensors or *.pth")
     export.add_argument("--which", default="teacher", choices=["teacher", "student"])
     export.set_defaults(fn=_export)

@@ -93,6 +93,10 @@ class RunConfig:
     device: str = "auto"
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
     save_every_steps: int = 0  # 0 = at the end of each epoch only
+    checkpoint_format: str = "auto"  # auto (sharded when the models are) | sharded | file
+    async_checkpoint: bool = True  # sharded: write in the background (DCP async_save)
+    keep_checkpoints: int = 2  # sharded: complete checkpoints kept (older ones deleted)
+    collective_timeout_s: float = 600.0  # a dead or stuck rank ends the job after this
     log_every_steps: int = 10
     knn_after_training: bool = True
     knn_k: int = 20

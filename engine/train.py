@@ -12,6 +12,7 @@ the run with the step named and the last good checkpoint untouched.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import math
@@ -27,7 +28,15 @@ from torch import nn
 from dinofuse.dataloading.readers import open_images
 from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
-from dinofuse.engine.checkpoint import load_file, save_atomic
+from dinofuse.engine.checkpoint import (
+    EXTRA,
+    latest_complete,
+    load_file,
+    mark_complete,
+    prune_checkpoints,
+    save_atomic,
+    step_dir,
+)
 from dinofuse.engine.config import Config, config_from_toml, config_to_toml, save_config
 from dinofuse.engine.models import (
     DINOHead,
@@ -212,7 +221,8 @@ class StepLog:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False):
+    def __init__(self, cfg: Config, resume: bool | str = False):
+        """resume: True (a checkpoint must exist), "auto" (if one exists), False."""
         self.cfg = cfg
         self.device = pick_device(cfg.run.device)
         self.out = Path(cfg.run.output_dir)
@@ -280,6 +290,11 @@ class Trainer:
 
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == torch.float16 else None
         self.step = 0
+        self._pending_save = None  # (future, folder) of a background sharded save
+        self._checkpoint_group = None
+        self._saved_step = None
+        if resume == "auto":
+            resume = self.has_checkpoint()
         if resume:
             self._resume()
 
@@ -428,9 +443,31 @@ class Trainer:
         if board is not None:
             board.close()
         self.save()
+        self.finish_pending_save()
         return logs
 
     # ------------------------------------------------------------------ checkpoints
+    # Two formats. "file": OUTPUT_DIR/checkpoint.pth, one file with full tensors (gathered on
+    # rank 0 when sharded). "sharded": OUTPUT_DIR/checkpoints/step_N/, written by every rank
+    # with torch.distributed.checkpoint (in the background when run.async_checkpoint), marked
+    # COMPLETE only after all ranks finished; it loads on any number of processes.
+    # run.checkpoint_format="auto" picks sharded when the models are sharded.
+
+    def _sharded_saves(self) -> bool:
+        fmt = self.cfg.run.checkpoint_format
+        if fmt not in ("auto", "sharded", "file"):
+            raise ValueError(f"run.checkpoint_format must be auto, sharded or file; got {fmt!r}")
+        return fmt == "sharded" or (fmt == "auto" and self.sharded)
+
+    def _extra_state(self) -> dict:
+        """Everything but the models and optimizer: small, the same on every rank."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"dino_loss": self.loss_fn.state_dict(),
+                "step": self.step, "iters_per_epoch": self.iters_per_epoch, "world": self.world,
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "rng": rng, "config": config_to_toml(self.cfg)}
 
     def state(self) -> dict:
         """Everything a resume needs, as full (unsharded) tensors: rank 0 holds them when
@@ -438,24 +475,29 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
 
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         if self.sharded:
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             models = {"student": get_model_state_dict(self.student, options=full),
                       "teacher": get_model_state_dict(self.teacher, options=full),
                       "optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=full)}
-        else:  # one process: torch's own state dicts (a resume then replays bit for bit)
+        else:  # one process: the optimizer keyed by parameter name, so that several can resume
             models = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                      "optimizer": self.optimizer.state_dict()}
-        return {**models,
-                "dino_loss": self.loss_fn.state_dict(),
-                "step": self.step, "iters_per_epoch": self.iters_per_epoch, "world": self.world,
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "rng": rng, "config": config_to_toml(self.cfg)}
+                      "optimizer": get_optimizer_state_dict(self.student, self.optimizer)}
+        return {**models, **self._extra_state()}
+
+    def _sharded_state(self) -> dict:
+        """Models and optimizer as this rank's shards, keyed by parameter name (the optimizer
+        too), so that DCP can load them into another number of processes."""
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict, get_optimizer_state_dict)
+
+        return {"student": get_model_state_dict(self.student),
+                "teacher": get_model_state_dict(self.teacher),
+                "optimizer": get_optimizer_state_dict(self.student, self.optimizer)}
 
     def save(self) -> Path:
+        if self._sharded_saves():
+            return self._save_sharded()
         path = self.out / "checkpoint.pth"
         state = self.state()  # a collective under FSDP: every rank takes part
         if self.rank == 0:
@@ -464,37 +506,139 @@ class Trainer:
             dist.barrier()  # complete on disk before anyone goes on
         return path
 
+    def _save_sharded(self) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        self.finish_pending_save()
+        folder = step_dir(self.out / "checkpoints", self.step)
+        if self._saved_step == self.step:  # an epoch's end, then the run's: one save
+            return folder  # (decided from memory: every rank decides alike)
+        self._saved_step = self.step
+        extra = self._extra_state()  # before the models: it settles the pending center
+        if self.rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            save_atomic(extra, folder / EXTRA)
+        state = self._sharded_state()
+        if self.cfg.run.async_checkpoint and dist.is_initialized():
+            # the background writer gets its own group: its collectives never meet training's
+            if self._checkpoint_group is None:
+                timeout = datetime.timedelta(seconds=self.cfg.run.collective_timeout_s)
+                self._checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
+            future = dcp.async_save(state, checkpoint_id=str(folder),
+                                    process_group=self._checkpoint_group)
+            self._pending_save = (future, folder)
+        else:
+            dcp.save(state, checkpoint_id=str(folder))
+            self._mark_complete(folder)
+        return folder
+
+    def finish_pending_save(self) -> None:
+        """Wait for a background save, then mark it complete once every rank finished."""
+        if self._pending_save is None:
+            return
+        future, folder = self._pending_save
+        self._pending_save = None
+        future.result()
+        self._mark_complete(folder)
+
+    def _mark_complete(self, folder: Path) -> None:
+        if dist.is_initialized():
+            dist.barrier()  # every rank's shards are on disk
+        if self.rank == 0:
+            mark_complete(folder, {"step": int(folder.name[5:]), "world": self.world})
+            prune_checkpoints(folder.parent, self.cfg.run.keep_checkpoints)
+
+    def _newest_checkpoint(self) -> tuple[str, Path] | None:
+        """("sharded", folder) or ("file", path) of the newest resumable checkpoint."""
+        found = []
+        folder = latest_complete(self.out / "checkpoints")
+        if folder is not None:
+            found.append((int(folder.name[5:]), "sharded", folder))
+        path = self.out / "checkpoint.pth"
+        if path.is_file():
+            found.append((int(load_file(path).get("step", -1)), "file", path))
+        return max(found)[1:] if found else None
+
+    def has_checkpoint(self) -> bool:
+        return self._newest_checkpoint() is not None
+
     def _resume(self) -> None:
+        newest = self._newest_checkpoint()
+        if newest is None:
+            raise TrainingError(f"--resume: no checkpoint in {self.out} (neither checkpoint.pth "
+                                "nor a complete checkpoints/step_*/)")
+        kind, path = newest
+        if kind == "sharded":
+            extra = self._load_sharded(path)
+        else:
+            extra = self._load_file(path)
+        self._restore_extra(extra, path)
+
+    def _check_config(self, saved_toml: str, path: Path) -> None:
+        if config_from_toml(saved_toml).model != self.cfg.model:
+            raise TrainingError(f"--resume: {path} was trained with another model config")
+
+    def _load_file(self, path: Path) -> dict:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
-        path = self.out / "checkpoint.pth"
-        if not path.is_file():
-            raise TrainingError(f"--resume: no checkpoint at {path}")
         state = load_file(path)
-        saved = config_from_toml(state["config"])
-        if saved.model != self.cfg.model:
-            raise TrainingError(f"--resume: {path} was trained with another model config")
-        if state.get("world", 1) > 1 or self.sharded:  # full state dicts keyed by name
-            full = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.student, state["student"], options=full)
-            set_model_state_dict(self.teacher, state["teacher"], options=full)
-            # strict=False: parameters that never stepped yet (the frozen last layer) have no state
-            set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True, strict=False))
-        else:
+        self._check_config(state["config"], path)
+        optimizer = state["optimizer"]
+        if all(isinstance(k, int) for k in optimizer["state"]):  # torch's own format
+            if self.sharded:
+                raise TrainingError(f"--resume: {path} keeps its optimizer state in torch's "
+                                    "one-process format; resume it with one process")
             self.student.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.loss_fn.load_state_dict(state["dino_loss"])
-        if self.scaler and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        # the EMA plan points at the parameters, which load_state_dict updated in place
+            self.optimizer.load_state_dict(optimizer)
+            return state
+        full = StateDictOptions(full_state_dict=True)  # full tensors keyed by name
+        set_model_state_dict(self.student, state["student"], options=full)
+        set_model_state_dict(self.teacher, state["teacher"], options=full)
+        # strict=False: parameters that never stepped yet (the frozen last layer) have no state
+        set_optimizer_state_dict(self.student, self.optimizer, optimizer,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        self._drop_unsaved_optimizer_state(set(optimizer["state"]))
+        return state
+
+    def _drop_unsaved_optimizer_state(self, saved_names: set[str]) -> None:
+        """Loading creates optimizer state for every parameter; one that had none when saved
+        (the frozen last layer) has none again, so its first real step counts as the first,
+        as in an uninterrupted run."""
+        for name, p in self.student.named_parameters():
+            if name not in saved_names:
+                self.optimizer.state.pop(p, None)
+
+    def _load_sharded(self, folder: Path) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict, set_optimizer_state_dict)
+
+        extra = load_file(folder / EXTRA)
+        self._check_config(extra["config"], folder)
+        state = self._sharded_state()  # templates: the optimizer's state is created for all
+        saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+        dcp.load(state, checkpoint_id=str(folder),
+                 planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        set_model_state_dict(self.student, state["student"])
+        set_model_state_dict(self.teacher, state["teacher"])
+        set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"])
+        self._drop_unsaved_optimizer_state(
+            {name for name, _ in self.student.named_parameters()
+             if f"optimizer.state.{name}.step" in saved})
+        return extra
+
+    def _restore_extra(self, extra: dict, path: Path) -> None:
+        self.loss_fn.load_state_dict(extra["dino_loss"])
+        if self.scaler and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+        self.step = int(extra["step"])
+        torch.set_rng_state(extra["rng"]["torch"])
+        random.setstate(extra["rng"]["python"])
+        if "cuda" in extra["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+        # the EMA plan points at the parameters, which the loads updated in place
 
 
 def _tensorboard(path: Path):

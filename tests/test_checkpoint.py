@@ -89,3 +89,51 @@ def test_export_loads_in_timm(tmp_path, suffix):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x)[:, 0], ours(x), rtol=1e-5, atol=1e-5)
+
+
+def _sharded_run(tmp_path, steps=3):
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.train import Trainer
+    from test_train import TINY
+
+    cfg = load_config("default", TINY + ['data.path="synthetic"', f'run.output_dir="{tmp_path}"',
+                                         'run.checkpoint_format="sharded"', "run.keep_checkpoints=1"])
+    trainer = Trainer(cfg)
+    trainer.fit(max_steps=steps, progress=False)
+    return cfg, trainer
+
+
+def test_a_save_cut_short_is_never_resumed_from(tmp_path):
+    from dinofuse.engine.checkpoint import read_sharded, sharded_checkpoints, step_dir
+    from dinofuse.engine.train import Trainer
+
+    cfg, trainer = _sharded_run(tmp_path)
+    # a later save that died mid-way: shards written, no COMPLETE marker
+    cut = step_dir(tmp_path / "checkpoints", 5)
+    cut.mkdir()
+    (cut / "__0_0.distcp").write_bytes(b"half a shard")
+    (cut / "extra.pt").write_bytes(b"")
+    assert Trainer(cfg, resume=True).step == 3
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        read_sharded(cut, {})
+    # the next complete save drops it, and keeps only the newest complete one (keep 1)
+    resumed = Trainer(cfg, resume=True)
+    resumed.fit(max_steps=3, progress=False)
+    assert [(s, done) for s, _, done in sharded_checkpoints(tmp_path / "checkpoints")] == [(6, True)]
+
+
+def test_export_consolidates_a_sharded_checkpoint_on_cpu(tmp_path, capsys):
+    from safetensors.torch import load_file as load_safetensors
+
+    from dinofuse.engine.cli import main
+
+    _, trainer = _sharded_run(tmp_path / "run")
+    expected = backbone_state({"teacher": trainer.teacher.state_dict()})
+    step_folder = tmp_path / "run" / "checkpoints" / "step_00000003"
+    for source in (step_folder, tmp_path / "run"):  # a step folder, or the run's newest
+        out = tmp_path / f"teacher-{source.name}.safetensors"
+        assert main(["export", "--checkpoint", str(source), "--out", str(out)]) == 0
+        exported = load_safetensors(str(out))
+        assert exported.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(exported[key], value), key

@@ -137,3 +137,169 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode):
         for key, value in ref.state_dict().items():
             torch.testing.assert_close(fsdp[name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name}.{key}")
     torch.testing.assert_close(fsdp["center"], one.loss_fn.center, rtol=1e-5, atol=1e-7)
+
+
+def _image_folder(root, n=16):
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def _cfg(folder, out, batch, *extra):
+    from dinofuse.engine.config import load_config
+    from test_train import TINY
+
+    return load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{out}"',
+                                          f"optim.batch_size_per_device={batch}",
+                                          "optim.clip_grad=0.05", *extra])
+
+
+def _train_and_report(rank, folder, out, result, steps, resume, extra=()):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from dinofuse.engine.train import Trainer
+
+    trainer = Trainer(_cfg(folder, out, 2, *extra), resume=resume)
+    start = trainer.step
+    losses = [log.loss for log in trainer.fit(max_steps=steps, progress=False)]
+    teacher = get_model_state_dict(trainer.teacher,
+                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save({"start": start, "losses": losses, "teacher": teacher}, result)
+
+
+def test_sharded_checkpoint_saved_by_two_resumes_under_one_and_two(tmp_path):
+    """Two ranks save a sharded checkpoint (DCP, in the background) after 3 steps; resuming it
+    under two processes and under one continues exactly like an uninterrupted run."""
+    import functools
+    import shutil
+
+    from dinofuse.engine.checkpoint import COMPLETE, sharded_checkpoints
+    from dinofuse.engine.train import Trainer
+
+    folder = _image_folder(tmp_path / "imgs")
+    reference = Trainer(_cfg(folder, tmp_path / "ref", 4))  # one process, the same global batch
+    ref_losses = [log.loss for log in reference.fit(max_steps=6, progress=False)]
+
+    run = tmp_path / "run"
+    first = tmp_path / "first.pt"
+    _spawn(functools.partial(_train_and_report, folder=folder, out=run, result=first, steps=3,
+                             resume=False))
+    saved = sharded_checkpoints(run / "checkpoints")
+    assert [(s, done) for s, _, done in saved] == [(3, True)]
+    assert len(list(saved[0][1].glob("*.distcp"))) == 2 and (saved[0][1] / COMPLETE).is_file()
+    assert not (run / "checkpoint.pth").exists()
+    shutil.copytree(run, tmp_path / "run_one")
+
+    two = tmp_path / "two.pt"
+    _spawn(functools.partial(_train_and_report, folder=folder, out=run, result=two, steps=3,
+                             resume=True))
+    resumed_two = torch.load(two, weights_only=True)
+
+    one = Trainer(_cfg(folder, tmp_path / "run_one", 4), resume=True)
+    assert one.step == 3
+    one_losses = [log.loss for log in one.fit(max_steps=3, progress=False)]
+
+    assert torch.load(first, weights_only=True)["losses"] == pytest.approx(ref_losses[:3], rel=1e-5)
+    assert resumed_two["start"] == 3
+    assert resumed_two["losses"] == pytest.approx(ref_losses[3:], rel=1e-5)
+    assert one_losses == pytest.approx(ref_losses[3:], rel=1e-5)
+    for key, value in reference.teacher.state_dict().items():
+        torch.testing.assert_close(resumed_two["teacher"][key], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(one.teacher.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+
+
+def _launch_rank(rank, port, args):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+               LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               TRITON_INTERPRET="1", PYTHONPATH=os.path.dirname(__file__))
+    return subprocess.Popen([sys.executable, "-m", "dinofuse.engine.train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _logged_losses(lines):
+    import json
+
+    return {e["step"]: e["loss"] for e in map(json.loads, lines)}
+
+
+def test_a_killed_rank_ends_the_job_and_a_relaunch_resumes_from_the_last_complete_save(tmp_path):
+    import signal
+    import time
+
+    from dinofuse.engine.checkpoint import latest_complete
+    from test_train import TINY
+
+    folder = _image_folder(tmp_path / "imgs")
+    run = tmp_path / "run"
+    args = ["--data", str(folder), "--output-dir", str(run), "--quiet",
+            *[o for o in TINY if not o.startswith("optim.epochs")], "optim.epochs=50",
+            "optim.batch_size_per_device=2", "run.save_every_steps=4",
+            "run.collective_timeout_s=20"]
+    port = _free_port()
+    ranks = [_launch_rank(r, port, args) for r in range(WORLD)]
+    try:
+        deadline = time.time() + 240
+        log = run / "log.jsonl"
+        while time.time() < deadline:  # kill rank 1 two steps after the save at step 4
+            done = latest_complete(run / "checkpoints")
+            if done is not None and log.is_file() and len(log.read_text().splitlines()) >= 6:
+                break
+            assert all(p.poll() is None for p in ranks), ranks[0].communicate()[1][-2000:]
+            time.sleep(0.05)
+        ranks[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        _, err = ranks[0].communicate(timeout=90)
+        assert ranks[0].returncode != 0
+        assert time.time() - killed_at < 20 + 30  # the collective timeout, and then some
+        assert "another rank died or hung" in err and "--resume" in err, err[-2000:]
+    finally:
+        for p in ranks:
+            p.kill()
+    saved = latest_complete(run / "checkpoints")
+    step = int(saved.name[5:])
+    first = _logged_losses(log.read_text().splitlines())
+    lines_before = len(log.read_text().splitlines())
+
+    port = _free_port()
+    ranks = [_launch_rank(r, port, [*args, "--resume", "--max-steps", "3"]) for r in range(WORLD)]
+    for p in ranks:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    resumed = _logged_losses(log.read_text().splitlines()[lines_before:])
+    assert sorted(resumed) == [step, step + 1, step + 2]  # from the last complete save
+    overlap = [s for s in resumed if s in first]  # steps the killed run did after that save
+    assert overlap, (step, sorted(first))
+    assert [resumed[s] for s in overlap] == pytest.approx([first[s] for s in overlap], rel=1e-5)
+
+
+def test_one_process_checkpoint_resumes_under_two(tmp_path):
+    """checkpoint.pth of one process (optimizer keyed by parameter name) continues under two
+    FSDP2 processes like an uninterrupted run, through the end of the last-layer freeze."""
+    import functools
+
+    from dinofuse.engine.train import Trainer
+
+    folder = _image_folder(tmp_path / "imgs")
+    reference = Trainer(_cfg(folder, tmp_path / "ref", 4))
+    ref_losses = [log.loss for log in reference.fit(max_steps=6, progress=False)]
+    first = Trainer(_cfg(folder, tmp_path / "run", 4))
+    first.fit(max_steps=2, progress=False)  # epoch 0 of 4 steps: the last layer still frozen
+    assert (tmp_path / "run" / "checkpoint.pth").is_file()
+
+    result = tmp_path / "two.pt"
+    _spawn(functools.partial(_train_and_report, folder=folder, out=tmp_path / "run",
+                             result=result, steps=4, resume=True))
+    two = torch.load(result, weights_only=True)
+    assert two["start"] == 2
+    assert two["losses"] == pytest.approx(ref_losses[2:], rel=1e-5)
+    for key, value in reference.teacher.state_dict().items():
+        torch.testing.assert_close(two["teacher"][key], value, rtol=1e-4, atol=1e-6)
