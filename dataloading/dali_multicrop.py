@@ -96,7 +96,10 @@ class DALIMultiCropLoader:
         names = [f"crop{i}" for i in range(ncrops)] + ["label"]
         self.iterator = DALIGenericIterator(pipeline, names, reader_name="reader",
                                             last_batch_policy=LastBatchPolicy.DROP,
-                                            auto_reset=True)
+                                            auto_reset=True,
+                                            # decode errors surface while iterating, where
+                                            # the trainer can trace them to their files
+                                            prepare_first_batch=False)
 
     def __len__(self) -> int:
         return len(self.iterator)

@@ -41,7 +41,7 @@ class DataConfig:
     path: str = "fashion-mnist"  # "fashion-mnist" (Debian's IDX files), an image folder,
     # WebDataset .tar shards, or "synthetic" (random crops made on the device once: timing)
     backend: str = "torchvision"  # torchvision (PIL, the official code) | dali (image folders)
-    skip_bad_images: bool = False  # torchvision backend: report and skip undecodable files
+    skip_bad_images: bool = False  # report undecodable files and go on (else: stop, naming them)
     global_crop_size: int = 224
     local_crop_size: int = 96
     global_crops_scale: tuple[float, float] = (0.4, 1.0)

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,7 @@ class Trainer:
                                  f"got {getattr(cfg.impl, name)!r}")
         self.ncrops = 2 + d.local_crops_number
         self.dataset = self.sampler = self.dali = self.synthetic = None
+        self.dali_samples: list = []  # the files DALI reads, in its order (image folders)
         tars = webdataset_shards(d.path)
         if d.path == "synthetic":
             self.synthetic = synthetic_crops(multicrop_spec(d), o.batch_size_per_device,
@@ -368,15 +370,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _dali_loader(self, images=None, tars=()):
+    def _dali_loader(self, images=None, tars=(), samples=None):
         """The DALI graph over a folder's files or WebDataset shards, this rank's share of
         them (decoding on the GPU when training there)."""
         from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
 
-        samples = getattr(images, "samples", None) if images is not None else []
+        if samples is None:
+            samples = getattr(images, "samples", None) if images is not None else []
         if samples is None:
             raise ValueError("data.backend=\"dali\" reads image files: point data.path at an "
                              "image folder, or use data.backend=\"torchvision\"")
+        self.dali_samples = list(samples)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
                               multicrop_spec(self.cfg.data),
@@ -390,9 +394,7 @@ class Trainer:
         if self.synthetic is not None:
             return itertools.repeat((self.synthetic, None), self.iters_per_epoch - start_batch)
         if self.dali is not None:
-            # DALI shuffles per epoch from its own seed; a resume mid-epoch skips the batches
-            # already seen (the same count, not the same images: exact resume is torchvision's)
-            return itertools.islice(iter(self.dali), start_batch, None)
+            return self._dali_batches(start_batch)
         self.dataset.epoch = epoch
         self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
         return torch.utils.data.DataLoader(
@@ -400,6 +402,56 @@ class Trainer:
             num_workers=self.cfg.data.num_workers, drop_last=True,
             pin_memory=self.device.type == "cuda", generator=torch.Generator(),
             persistent_workers=False)
+
+    def _dali_batches(self, start_batch: int):
+        """DALI's batches from `start_batch` on. DALI shuffles per epoch from its own seed: a
+        resume mid-epoch skips the batches already seen (the same count, not the same
+        images: exact resume is torchvision's). A failed decode is traced to its file(s)."""
+        done = start_batch
+        while True:
+            try:
+                for batch in itertools.islice(iter(self.dali), done, None):
+                    done += 1
+                    yield batch
+                return
+            except RuntimeError as e:
+                if "decoders.image" not in str(e) or not self.dali_samples:
+                    raise
+                self._replace_undecodable_images()  # or stop, naming them
+
+    def _replace_undecodable_images(self) -> None:
+        """DALI does not say which file failed: decode this rank's share again with PIL to
+        find out, then stop naming them (data.skip_bad_images=false), or put a readable
+        neighbour in each one's place and rebuild the graph. Replacing rather than removing
+        keeps every rank's share, and so the steps per epoch, unchanged."""
+        from dinofuse.dataloading.check import check_files
+
+        n = len(self.dali_samples)
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world  # DALI's shard
+        threads = max(1, self.cfg.data.num_workers)
+        _, bad = check_files([p for p, _ in self.dali_samples[lo:hi]], threads)
+        if not bad:  # not in this rank's share after all: look everywhere
+            _, bad = check_files([p for p, _ in self.dali_samples], threads)
+        if not bad:
+            raise TrainingError(f"DALI failed to decode an image in {self.cfg.data.path}, but "
+                                "every file decodes with PIL; see DALI's message above")
+        listed = "; ".join(f"{p} ({why})" for p, why in bad)
+        if not self.cfg.data.skip_bad_images:
+            if self.world == 1:
+                self.save()  # keep the progress made so far
+            raise TrainingError(f"undecodable image(s) in {self.cfg.data.path}: {listed}. Set "
+                                "data.skip_bad_images=true to skip them, or remove them "
+                                "(`dinofuse data check DIR` lists every one); the run can "
+                                "go on with --resume")
+        bad_paths = {str(p) for p, _ in bad}
+        good = [s for s in self.dali_samples if str(s[0]) not in bad_paths]
+        if not good:
+            raise TrainingError(f"no decodable image left in {self.cfg.data.path}")
+        samples = [s if str(s[0]) not in bad_paths else good[i % len(good)]
+                   for i, s in enumerate(self.dali_samples)]
+        for p, why in bad:
+            print(f"dinofuse: skipping undecodable image {p} ({why})", file=sys.stderr, flush=True)
+        self.dali = self._dali_loader(samples=samples)
 
     def fit(self, max_steps: int = 0, progress: bool = True) -> list[StepLog]:
         """Train to the end of the schedule (or max_steps / run.max_minutes); returns the logs."""

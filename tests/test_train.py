@@ -251,3 +251,35 @@ def test_gradient_clipping_matches_the_official_and_torch_versions(mode):
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
     assert total == pytest.approx(sum(n * n for n in norms) ** 0.5, rel=1e-6)
+
+
+@pytest.fixture()
+def folder_with_a_corrupt_jpeg(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(7):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(root / f"ok{i}.jpg")
+    (root / "broken.jpg").write_bytes((root / "ok0.jpg").read_bytes()[:300])  # truncated
+    return root
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_dali_decode_failure_names_the_file_and_skips_or_stops(folder_with_a_corrupt_jpeg, tmp_path,
+                                                               skip, capsys):
+    pytest.importorskip("nvidia.dali")
+    cfg = load_config("default", TINY + [f'data.path="{folder_with_a_corrupt_jpeg}"',
+                                         'data.backend="dali"', "data.num_workers=1",
+                                         f"data.skip_bad_images={'true' if skip else 'false'}",
+                                         f'run.output_dir="{tmp_path / "run"}"'])
+    trainer = Trainer(cfg)
+    if not skip:
+        with pytest.raises(TrainingError, match=r"undecodable image.*broken\.jpg.*skip_bad_images"):
+            trainer.fit(progress=False)
+        assert (tmp_path / "run" / "checkpoint.pth").is_file()  # the progress is kept
+        return
+    logs = trainer.fit(progress=False)
+    assert len(logs) == trainer.total_steps == 2 * 2  # 8 files, batch 4, 2 epochs: no step lost
+    assert "skipping undecodable image" in capsys.readouterr().err
+    assert all("broken.jpg" not in str(p) for p, _ in trainer.dali_samples)
+    assert len(trainer.dali_samples) == 8
