@@ -16,6 +16,16 @@ from collections.abc import Sequence
 from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
 
 IMAGENET_MEAN_255 = [255 * m for m in IMAGENET_MEAN]
+
+
+def available() -> bool:
+    """Whether DALI is installed (imported only when a pipeline is built)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no `nvidia` namespace at all
+        return False
 IMAGENET_STD_255 = [255 * s for s in IMAGENET_STD]
 
 

@@ -40,7 +40,8 @@ class ModelConfig:
 class DataConfig:
     path: str = "fashion-mnist"  # "fashion-mnist" (Debian's IDX files), an image folder,
     # WebDataset .tar shards, or "synthetic" (random crops made on the device once: timing)
-    backend: str = "torchvision"  # torchvision (PIL, the official code) | dali (image folders)
+    backend: str = "auto"  # auto: dali for image folders and shards when installed, else
+    # torchvision (PIL, the official code; Fashion-MNIST's IDX files) | torchvision | dali
     skip_bad_images: bool = False  # report undecodable files and go on (else: stop, naming them)
     global_crop_size: int = 224
     local_crop_size: int = 96
@@ -84,6 +85,7 @@ class ImplConfig:
     checkpoint_blocks: bool = False  # activation checkpointing per block (memory for compute)
     fsdp: str = "auto"  # auto (FSDP2 when world > 1) | always (also on one process)
     reshard_after_forward: bool = True  # FSDP2: free the gathered weights after forward
+    reduce_dtype: str = "fp32"  # FSDP2 gradient reduction under bf16: fp32 | bf16
 
 
 @dataclass

@@ -41,12 +41,13 @@ def world() -> tuple[int, int]:
 
 
 def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True,
+                reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
     """FSDP2 per transformer block, per head, then the whole model (fp32 master weights;
-    computation in param_dtype when given, gradients reduced in fp32)."""
+    computation in param_dtype when given, gradients reduced in reduce_dtype)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) \
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype) \
         if param_dtype is not None else MixedPrecisionPolicy()
     kwargs = dict(mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for block in model.backbone.blocks:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dinofuse.dataloading.readers import open_images
+from dinofuse.dataloading.dali_multicrop import available as dali_available
 from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.engine.checkpoint import (
@@ -52,7 +53,8 @@ from dinofuse.kernels.reference import OfficialDINOLoss, ema_reference_
 
 SYNTHETIC_STEPS_PER_EPOCH = 100  # data.path="synthetic": the schedules' epoch length
 IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
-                "clip": ("fused", "official"), "fsdp": ("auto", "always")}
+                "clip": ("fused", "official"), "fsdp": ("auto", "always"),
+                "reduce_dtype": ("fp32", "bf16")}
 
 
 class TrainingError(RuntimeError):
@@ -232,14 +234,15 @@ class Trainer:
         random.seed(cfg.run.seed)
 
         d, o = cfg.data, cfg.optim
-        if d.backend not in ("torchvision", "dali"):
-            raise ValueError(f"data.backend must be torchvision or dali; got {d.backend!r}")
+        if d.backend not in ("auto", "torchvision", "dali"):
+            raise ValueError(f"data.backend must be auto, torchvision or dali; got {d.backend!r}")
         for name, choices in IMPL_CHOICES.items():
             if getattr(cfg.impl, name) not in choices:
                 raise ValueError(f"impl.{name} must be one of {', '.join(choices)}; "
                                  f"got {getattr(cfg.impl, name)!r}")
         self.ncrops = 2 + d.local_crops_number
         self.dataset = self.sampler = self.dali = self.synthetic = None
+        self.data_backend = "synthetic"
         self.dali_samples: list = []  # the files DALI reads, in its order (image folders)
         tars = webdataset_shards(d.path)
         if d.path == "synthetic":
@@ -247,8 +250,10 @@ class Trainer:
                                              cfg.model.in_chans, self.device, cfg.run.seed + self.rank)
             self.iters_per_epoch = SYNTHETIC_STEPS_PER_EPOCH
         elif tars:  # WebDataset shards: DALI reads them, the epoch length is its reader's
-            if d.backend != "dali":
-                raise ValueError(f"{d.path} holds WebDataset shards: set data.backend=\"dali\"")
+            if d.backend == "torchvision" or not dali_available():
+                raise ValueError(f"{d.path} holds WebDataset shards: they need DALI "
+                                 "(data.backend=\"dali\" or \"auto\", nvidia-dali installed)")
+            self.data_backend = "dali"
             self.dali = self._dali_loader(tars=tars)
             self.iters_per_epoch = len(self.dali)
         else:
@@ -256,7 +261,10 @@ class Trainer:
             if len(images) < o.batch_size_per_device * self.world:
                 raise TrainingError(f"{d.path} has {len(images)} images, fewer than one batch "
                                     f"of {o.batch_size_per_device} x {self.world} processes")
-            if d.backend == "dali":
+            files = getattr(images, "samples", None) is not None  # an image folder
+            self.data_backend = d.backend if d.backend != "auto" else \
+                "dali" if files and dali_available() else "torchvision"
+            if self.data_backend == "dali":
                 self.dali = self._dali_loader(images=images)
             self.dataset = SeededMultiCrop(images, MultiCropAugmentation(multicrop_spec(d)),
                                            seed=cfg.run.seed, skip_bad_images=d.skip_bad_images)
@@ -316,7 +324,8 @@ class Trainer:
                     block.compile(dynamic=False)
             if self.sharded:
                 shard_model(model, param_dtype=self.precision if self.precision == torch.bfloat16 else None,
-                            reshard_after_forward=impl.reshard_after_forward)
+                            reshard_after_forward=impl.reshard_after_forward,
+                            reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[impl.reduce_dtype])
 
     def _precision(self) -> torch.dtype | None:
         p = self.cfg.optim.precision

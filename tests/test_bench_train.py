@@ -97,6 +97,11 @@ def test_benchmark_end_to_end_writes_json_markdown_and_png(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(tmp_path / f"{tag}.png").shape[0] > 100
+    from dinofuse.bench.summary import summarize  # the GPU check's closing table
+
+    summary = summarize(tmp_path)
+    assert f"{tag} (" in summary and "dinofuse + FSDP2 (1 process):" in summary
+    assert "target MFU >= 35.0%" in summary
 
 
 def test_bad_batch_argument_is_named():

@@ -18,7 +18,8 @@ TINY = ["model.arch=\"vit_tiny\"", "model.embed_dim=32", "model.depth=2", "model
         "model.head_bottleneck_dim=16", "data.global_crop_size=16", "data.local_crop_size=8",
         "data.local_crops_number=2", "data.num_workers=0", "optim.batch_size_per_device=4",
         "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.freeze_last_layer=1",
-        "run.knn_after_training=false", "run.log_every_steps=1", "run.max_minutes=0.0"]
+        "run.knn_after_training=false", "run.log_every_steps=1", "run.max_minutes=0.0",
+        'data.backend="torchvision"']  # exact resume is torchvision's (auto would pick DALI)
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,17 @@ def test_dali_backend_trains_and_resumes(image_folder, tmp_path):
     assert all(np.isfinite(log.loss) for log in first + rest)
 
 
+def test_auto_backend_is_dali_for_image_folders_and_torchvision_for_idx_files(image_folder, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    auto = [o for o in TINY if not o.startswith("data.backend")] + ['data.backend="auto"']
+    folder = Trainer(load_config("default", auto + [f'data.path="{image_folder}"',
+                                                    f'run.output_dir="{tmp_path}"']))
+    assert folder.data_backend == "dali" and folder.dali is not None
+    if FASHION_MNIST_DIR.is_dir():
+        idx = Trainer(load_config("default", auto + [f'run.output_dir="{tmp_path}"']))
+        assert idx.data_backend == "torchvision" and idx.dali is None
+
+
 def test_dali_backend_needs_image_files(tmp_path):
     cfg = load_config("default", [f'run.output_dir="{tmp_path}"', 'data.backend="dali"'])
     if not FASHION_MNIST_DIR.is_dir():
@@ -163,7 +175,7 @@ def test_trains_from_webdataset_shards(tmp_path):
     assert trainer.iters_per_epoch == 6  # 24 samples, batch 4
     logs = trainer.fit(progress=False)
     assert len(logs) == 12 and all(np.isfinite(log.loss) for log in logs)
-    with pytest.raises(ValueError, match="WebDataset shards: set data.backend"):
+    with pytest.raises(ValueError, match="WebDataset shards: they need DALI"):
         Trainer(load_config("default", TINY + [f'data.path="{shards}"', f'run.output_dir="{tmp_path}"']))
 
 
