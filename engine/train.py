@@ -397,7 +397,9 @@ class Trainer:
                               device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
                               seed=self.cfg.run.seed, shard_id=self.rank, num_shards=self.world,
                               tars=tars)
-        return DALIMultiCropLoader(pipe, self.ncrops)
+        # bf16 training on a GPU takes bf16 crops (autocast casts them there anyway)
+        bf16 = self.device.type == "cuda" and self._precision() == torch.bfloat16
+        return DALIMultiCropLoader(pipe, self.ncrops, dtype=torch.bfloat16 if bf16 else None)
 
     def loader(self, epoch: int, start_batch: int):
         if self.synthetic is not None:

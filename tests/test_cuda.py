@@ -160,3 +160,54 @@ def test_xformers_attention_and_packed_multicrop_match_sdpa():
         sdpa_packed = wrapper(crops)
     torch.testing.assert_close(xformers_packed, xformers_per_res, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(xformers_packed, sdpa_packed, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_training_steps_on_the_gpu(precision, tmp_path):
+    """A few real steps in bf16 autocast, and fp16 with a GradScaler: finite losses, the
+    teacher following the student, the same losses from the official-style loss and EMA."""
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.train import Trainer
+    from test_train import TINY
+
+    def run(*extra):
+        torch.manual_seed(0)
+        cfg = load_config("default", TINY + ['data.path="synthetic"', f'run.output_dir="{tmp_path}"',
+                                             f'optim.precision="{precision}"',
+                                             "model.drop_path_rate=0.0", *extra])
+        trainer = Trainer(cfg)
+        assert trainer.device.type == "cuda"
+        teacher0 = [p.detach().clone() for p in trainer.teacher.parameters()]
+        losses = [trainer.train_step(crops).loss
+                  for crops, _ in zip((b for b, _ in trainer.loader(0, 0)), range(3))]
+        moved = any(not torch.equal(a, b) for a, b in zip(teacher0, trainer.teacher.parameters()))
+        return losses, moved
+
+    fused, moved = run()
+    assert all(torch.isfinite(torch.tensor(fused))) and moved
+    official, _ = run('impl.loss="official"', 'impl.ema="official"', 'impl.clip="official"')
+    assert official == pytest.approx(fused, rel=2e-2)  # half-precision logits, two paths
+
+
+def test_dali_mixed_decoding_gives_crops_on_the_gpu(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+    from PIL import Image
+
+    from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
+    from dinofuse.dataloading.spec import MultiCropSpec
+
+    files = []
+    for i in range(8):
+        path = tmp_path / f"{i}.jpg"
+        Image.fromarray((np.random.default_rng(i).random((120, 160, 3)) * 255)
+                        .astype(np.uint8)).save(path)
+        files.append(str(path))
+    spec = MultiCropSpec(local_crops_number=4)
+    loader = DALIMultiCropLoader(build_pipeline(files, list(range(8)), spec, batch_size=4,
+                                                device_id=0), 6, dtype=torch.bfloat16)
+    batches = list(loader)
+    assert len(batches) == 2
+    for crops, _ in batches:
+        assert [tuple(c.shape) for c in crops] == [(4, 3, 224, 224)] * 2 + [(4, 3, 96, 96)] * 4
+        assert all(c.is_cuda and c.dtype == torch.bfloat16 and torch.isfinite(c).all() for c in crops)

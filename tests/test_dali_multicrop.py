@@ -99,3 +99,14 @@ def test_webdataset_shards(tmp_path):
     for crops, labels in batches:
         assert [c.shape for c in crops] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 2
         assert labels.tolist() == [0] * 5
+
+
+def test_bf16_crops_are_the_float32_crops_rounded(jpegs):
+    spec = MultiCropSpec(global_crop_size=32, local_crop_size=16, local_crops_number=2)
+    fp32 = list(DALIMultiCropLoader(build_pipeline(jpegs, [0] * 12, spec, batch_size=4, seed=5), 4))
+    bf16 = list(DALIMultiCropLoader(build_pipeline(jpegs, [0] * 12, spec, batch_size=4, seed=5), 4,
+                                    dtype=torch.bfloat16))
+    for (a, _), (b, _) in zip(fp32, bf16, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert y.dtype == torch.bfloat16 and y.shape == x.shape
+            assert torch.equal(y, x.to(torch.bfloat16))
