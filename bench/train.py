@@ -141,6 +141,12 @@ def matmul_peak_tflops(device: torch.device) -> dict:
     return {"tflops": 2 * n ** 3 / seconds / 1e12, "size": n, "dtype": str(dtype).replace("torch.", "")}
 
 
+def _device(args) -> torch.device:
+    from dinofuse.engine.train import pick_device
+
+    return pick_device(args.device)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -205,8 +211,7 @@ def run_variant(args, variant: Variant, batch: int, peak_tflops: float, *,
             row.status = "out of memory"
         finally:
             del trainer
-            _free(torch.device(args.device if args.device != "auto" else
-                               ("cuda" if torch.cuda.is_available() else "cpu")))
+            _free(_device(args))
             if variant.settings.get("impl.compile_blocks"):
                 torch._dynamo.reset()
     return row, top_kernels
@@ -256,7 +261,7 @@ def largest_batch(args, variant: Variant, start: int, limit: int, peak: float) -
 def variants(args) -> list[Variant]:
     """The rows to run, torch.compile ones last (slow to warm up: a time limit cuts them)."""
     ours = dict(DINOFUSE)
-    if args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available()):
+    if _device(args).type == "cpu":
         ours["optim.precision"] = "fp32"  # bf16 matmul is ~50x slower than fp32 on CPUs
     out, compiled = [], []
     if args.baseline or args.ablation:
@@ -288,8 +293,7 @@ def run(args, on_row=None) -> dict:
 
     from dinofuse.engine.parallel import init_distributed
 
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     peak = matmul_peak_tflops(device)
     print(f"matmul peak: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']}, {peak['size']}^3)", flush=True)
     plan = variants(args)

@@ -143,19 +143,17 @@ def clip_gradients(model: nn.Module, clip: float, mode: str) -> float:
 
 def gradient_norms(grads: list[torch.Tensor], local: list[torch.Tensor]) -> torch.Tensor:
     """Each gradient's L2 norm (float32, on the device). FSDP2 gradients are DTensors sharded
-    over the ranks: the local squared norms of all of them are summed by one all-reduce,
-    not one collective per parameter."""
+    over the ranks (one mesh dimension): the local squared norms of all of them are summed
+    by one all-reduce, not one collective per parameter. A replicated or plain gradient's
+    local norm is already its norm."""
     squares = torch.stack([n.float() for n in torch._foreach_norm(local)]) ** 2
-    sharded = [hasattr(g, "device_mesh") and all(p.is_shard() for p in g.placements)
-               for g in grads]
+    sharded = [any(p.is_shard() for p in getattr(g, "placements", ())) for g in grads]
     if any(sharded):
         mesh = next(g.device_mesh for g, s in zip(grads, sharded) if s)
         mask = torch.tensor(sharded, device=squares.device)
         summed = torch.where(mask, squares, 0.0)
         dist.all_reduce(summed, group=mesh.get_group())
         squares = torch.where(mask, summed, squares)
-    elif any(hasattr(g, "full_tensor") for g in grads):  # replicated DTensors: plain norms
-        squares = torch.stack([_full(g.detach().norm(2)).float() for g in grads]) ** 2
     return squares.sqrt()
 
 
