@@ -37,12 +37,12 @@ from dinofuse.bench.telemetry import GPUTelemetry
 
 # The official code's way of running each part of the step.
 BASELINE = {"model.attention": "naive", "model.packed": False, "impl.loss": "official",
-            "impl.ema": "official", "impl.clip": "official", "optim.precision": "fp16",
-            "impl.compile_blocks": False}
+            "impl.ema": "official", "impl.clip": "official", "impl.optimizer": "official",
+            "optim.precision": "fp16", "impl.compile_blocks": False}
 # dinofuse's defaults for the same parts (attention "auto": xformers on CUDA, SDPA on CPU).
 DINOFUSE = {"model.attention": "auto", "model.packed": False, "impl.loss": "fused",
-            "impl.ema": "fused", "impl.clip": "fused", "optim.precision": "bf16",
-            "impl.compile_blocks": False}
+            "impl.ema": "fused", "impl.clip": "fused", "impl.optimizer": "fused",
+            "optim.precision": "bf16", "impl.compile_blocks": False}
 # What each optimization changes, switched on alone over the baseline in the ablation.
 OPTIMIZATIONS = {
     "memory-efficient attention": {"model.attention": "auto"},
@@ -50,6 +50,7 @@ OPTIMIZATIONS = {
     "fused loss": {"impl.loss": "fused"},
     "fused EMA": {"impl.ema": "fused"},
     "sync-free clipping": {"impl.clip": "fused"},
+    "fused AdamW": {"impl.optimizer": "fused"},
     "bf16 autocast": {"optim.precision": "bf16"},
     "torch.compile per block": {"impl.compile_blocks": True},
 }

@@ -81,6 +81,7 @@ class ImplConfig:
     loss: str = "fused"  # fused (one Triton op) | official (a Python loop over crop pairs)
     ema: str = "fused"  # fused (one launch) | official (a per-parameter loop)
     clip: str = "fused"  # fused (norms on the device) | official (per parameter, host syncs)
+    optimizer: str = "fused"  # AdamW: fused (one kernel) | foreach | official (per-parameter loop)
     compile_blocks: bool = False  # torch.compile each transformer block
     checkpoint_blocks: bool = False  # activation checkpointing per block (memory for compute)
     fsdp: str = "auto"  # auto (FSDP2 when world > 1) | always (also on one process)
