@@ -41,7 +41,7 @@ BASELINE = {"model.attention": "naive", "model.packed": False, "impl.loss": "off
             "optim.precision": "fp16", "impl.compile_blocks": False}
 # dinofuse's defaults for the same parts (attention "auto": xformers on CUDA, SDPA on CPU).
 DINOFUSE = {"model.attention": "auto", "model.packed": False, "impl.loss": "fused",
-            "impl.ema": "fused", "impl.clip": "fused", "impl.optimizer": "fused",
+            "impl.ema": "fused", "impl.clip": "fused", "impl.optimizer": "auto",
             "optim.precision": "bf16", "impl.compile_blocks": False}
 # What each optimization changes, switched on alone over the baseline in the ablation.
 OPTIMIZATIONS = {

@@ -81,7 +81,8 @@ class ImplConfig:
     loss: str = "fused"  # fused (one Triton op) | official (a Python loop over crop pairs)
     ema: str = "fused"  # fused (one launch) | official (a per-parameter loop)
     clip: str = "fused"  # fused (norms on the device) | official (per parameter, host syncs)
-    optimizer: str = "fused"  # AdamW: fused (one kernel) | foreach | official (per-parameter loop)
+    optimizer: str = "auto"  # AdamW: auto (fused on CUDA, torch's default on CPU) | fused
+    # (one kernel) | foreach | official (a per-parameter loop, the official code's)
     compile_blocks: bool = False  # torch.compile each transformer block
     checkpoint_blocks: bool = False  # activation checkpointing per block (memory for compute)
     fsdp: str = "auto"  # auto (FSDP2 when world > 1) | always (also on one process)
