@@ -11,13 +11,14 @@
 # .dali/parts.sha256, see README "GPU check") plus their small dependencies in .dali/deps/,
 # and are joined and installed once all parts are there.
 # Environment: STAGES (space-separated subset, in the order given; default: all),
-# DINOFUSE_COMMIT (the commit, where the copy has no .git), SWEEP=0 (no launch-shape sweep).
+# DINOFUSE_COMMIT (the commit, where the copy has no .git), SWEEP=0 (no launch-shape sweep),
+# GPU_CHECK_WORK (the work folder), GPU_CHECK_INSTALL=0 (install no wheels).
 # Each stage has its own time limit and log; after each one everything so far is packed into
 # OUT_DIR/results.tgz, so a stage that fails or runs long still leaves the others' results.
 set -u
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-${OUT:-$repo/bench/out}}
-work=/tmp/dinofuse-gpu-check
+work=${GPU_CHECK_WORK:-/tmp/dinofuse-gpu-check}  # kept between calls on a warm machine
 mkdir -p "$out" "$work"
 cd "$repo" || exit 1
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
@@ -28,10 +29,12 @@ mkdir -p "$site/dinofuse"
 for pkg in engine kernels dataloading bench; do ln -sfn "$repo/$pkg" "$site/dinofuse/$pkg"; done
 export PYTHONPATH="$site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
-if compgen -G ".whl/*.whl" >/dev/null && [ ! -f /tmp/site/.whl-done ]; then
+if [ "${GPU_CHECK_INSTALL:-1}" = 0 ]; then :  # use what is installed
+elif compgen -G ".whl/*.whl" >/dev/null && [ ! -f /tmp/site/.whl-done ]; then
   pip_install .whl/*.whl && touch /tmp/site/.whl-done
 fi
-if compgen -G ".dali/part.*" >/dev/null && [ -f .dali/parts.sha256 ] && [ ! -f /tmp/site/.dali-done ]; then
+if [ "${GPU_CHECK_INSTALL:-1}" = 0 ]; then :
+elif compgen -G ".dali/part.*" >/dev/null && [ -f .dali/parts.sha256 ] && [ ! -f /tmp/site/.dali-done ]; then
   if (cd .dali && sha256sum -c --quiet parts.sha256); then
     mkdir -p /tmp/dali-wheels && cat .dali/part.* | tar -x -C /tmp/dali-wheels &&
       pip_install /tmp/dali-wheels/*.whl .dali/deps/*.whl && touch /tmp/site/.dali-done
