@@ -86,7 +86,9 @@ class ImplConfig:
     compile_blocks: bool = False  # torch.compile each transformer block
     checkpoint_blocks: bool = False  # activation checkpointing per block (memory for compute)
     fsdp: str = "auto"  # auto (FSDP2 when world > 1) | always (also on one process)
-    reshard_after_forward: bool = True  # FSDP2: free the gathered weights after forward
+    reshard_after_forward: bool = True  # FSDP2, student: free blocks' and head's gathered
+    reshard_root_after_forward: bool = False  # weights after forward; the same for the root
+    # (embeddings, final norm). The teacher always reshards (the EMA updates its shards).
     reduce_dtype: str = "fp32"  # FSDP2 gradient reduction under bf16: fp32 | bf16
 
 

@@ -42,9 +42,13 @@ def world() -> tuple[int, int]:
 
 def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None,
                 reshard_after_forward: bool = True,
-                reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
+                reduce_dtype: torch.dtype = torch.float32,
+                reshard_root_after_forward: bool = False) -> nn.Module:
     """FSDP2 per transformer block, per head, then the whole model (fp32 master weights;
-    computation in param_dtype when given, gradients reduced in reduce_dtype)."""
+    computation in param_dtype when given, gradients reduced in reduce_dtype).
+    reshard_after_forward applies to the blocks and the head; the root's own parameters
+    (patch embedding, tokens, final norm) stay gathered by default, as backward starts
+    with them (torchtitan's choice)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype) \
@@ -53,7 +57,7 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None,
     for block in model.backbone.blocks:
         fully_shard(block, **kwargs)
     fully_shard(model.head, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(model, **{**kwargs, "reshard_after_forward": reshard_root_after_forward})
     return model
 
 

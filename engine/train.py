@@ -330,8 +330,12 @@ class Trainer:
                 for block in model.backbone.blocks:
                     block.compile(dynamic=False)
             if self.sharded:
+                # the teacher only runs forward: gathered weights kept after it would never
+                # see the EMA, which updates the shards, so it always reshards
+                student = model is self.student
                 shard_model(model, param_dtype=self.precision if self.precision == torch.bfloat16 else None,
-                            reshard_after_forward=impl.reshard_after_forward,
+                            reshard_after_forward=impl.reshard_after_forward or not student,
+                            reshard_root_after_forward=impl.reshard_root_after_forward or not student,
                             reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[impl.reduce_dtype])
 
     def _precision(self) -> torch.dtype | None:

@@ -82,7 +82,7 @@ def test_two_processes(fn):
     _spawn(fn)
 
 
-def _fsdp_training(rank, folder, out, result, clip_mode):
+def _fsdp_training(rank, folder, out, result, clip_mode, reshard=()):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from dinofuse.engine.config import load_config
@@ -91,7 +91,7 @@ def _fsdp_training(rank, folder, out, result, clip_mode):
 
     cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{out}"',
                                          "optim.batch_size_per_device=2", "optim.clip_grad=0.05",
-                                         f'optim.clip_mode="{clip_mode}"'])
+                                         f'optim.clip_mode="{clip_mode}"', *reshard])
     trainer = Trainer(cfg)
     assert trainer.world == 2 and hasattr(next(trainer.student.parameters()), "to_local")
     losses = [log.loss for log in trainer.fit(max_steps=4, progress=False)]
@@ -103,11 +103,14 @@ def _fsdp_training(rank, folder, out, result, clip_mode):
                     "center": trainer.loss_fn.center.clone()}, result)
 
 
-@pytest.mark.parametrize("clip_mode", ["per_param", "global"])
-def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode):
+@pytest.mark.parametrize("clip_mode,reshard", [
+    ("per_param", ()),
+    ("global", ("impl.reshard_after_forward=false", "impl.reshard_root_after_forward=true")),
+])
+def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, reshard):
     """Two ranks with FSDP2 and batch 2 each equal one process with batch 4: losses,
     student, teacher (EMA) and center, over 4 steps with clipping (norms of sharded
-    gradients summed over the ranks)."""
+    gradients summed over the ranks), with either choice of resharding after forward."""
     import functools
 
     import numpy as np
@@ -124,7 +127,7 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode):
         Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
     result = tmp_path / "fsdp.pt"
     _spawn(functools.partial(_fsdp_training, folder=folder, out=tmp_path / "fsdp", result=result,
-                             clip_mode=clip_mode))
+                             clip_mode=clip_mode, reshard=reshard))
     fsdp = torch.load(result, weights_only=True)
 
     cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{tmp_path / "one"}"',
