@@ -34,6 +34,7 @@ import torch
 from dinofuse.bench.flops import HeadShape, ViTShape, dino_step_flops
 from dinofuse.bench.meta import run_metadata
 from dinofuse.bench.telemetry import GPUTelemetry
+from dinofuse.engine.models.vit import ARCHS
 
 # The official code's way of running each part of the step.
 BASELINE = {"model.attention": "naive", "model.packed": False, "impl.loss": "official",
@@ -54,8 +55,6 @@ OPTIMIZATIONS = {
     "bf16 autocast": {"optim.precision": "bf16"},
     "torch.compile per block": {"impl.compile_blocks": True},
 }
-ARCH_SIZES = {"vit_tiny": (192, 12), "vit_small": (384, 12), "vit_base": (768, 12),
-              "vit_large": (1024, 24)}
 
 
 @dataclass
@@ -117,7 +116,8 @@ def bench_config(args, settings: dict, batch: int, out_dir: str):
 
 def step_flops(cfg) -> int:
     m, d = cfg.model, cfg.data
-    dim, depth = (m.embed_dim, m.depth) if m.embed_dim else ARCH_SIZES[m.arch]
+    sizes = ARCHS[m.arch]
+    dim, depth = (m.embed_dim, m.depth) if m.embed_dim else (sizes["embed_dim"], sizes["depth"])
     vit = ViTShape(embed_dim=dim, depth=depth, patch_size=m.patch_size, in_chans=m.in_chans)
     head = HeadShape(m.head_hidden_dim, m.head_bottleneck_dim, m.out_dim, m.head_nlayers)
     return dino_step_flops(vit, head, batch=cfg.optim.batch_size_per_device,
@@ -460,7 +460,7 @@ def _json_default(o):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dinofuse bench train", description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="vit_small", choices=sorted(ARCH_SIZES))
+    ap.add_argument("--arch", default="vit_small", choices=sorted(ARCHS))
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--batch", default="64", help="per device, or 'max' (doubling search)")
     ap.add_argument("--local-crops", type=int, default=10)

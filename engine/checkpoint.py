@@ -116,6 +116,12 @@ def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
+def checkpoint_step(folder: str | Path) -> int | None:
+    """The step of a step_N folder (None for any other name)."""
+    name = Path(folder).name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
 def sharded_checkpoints(root: str | Path) -> list[tuple[int, Path, bool]]:
     """(step, folder, complete) of every step_* folder under root, oldest first."""
     out = []
@@ -123,8 +129,8 @@ def sharded_checkpoints(root: str | Path) -> list[tuple[int, Path, bool]]:
     if not root.is_dir():
         return out
     for d in root.glob("step_*"):
-        if d.is_dir() and d.name[5:].isdigit():
-            out.append((int(d.name[5:]), d, (d / COMPLETE).is_file()))
+        if d.is_dir() and checkpoint_step(d) is not None:
+            out.append((checkpoint_step(d), d, (d / COMPLETE).is_file()))
     return sorted(out)
 
 

@@ -32,6 +32,7 @@ from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.engine.checkpoint import (
     EXTRA,
+    checkpoint_step,
     latest_complete,
     load_file,
     mark_complete,
@@ -619,44 +620,49 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()  # every rank's shards are on disk
         if self.rank == 0:
-            mark_complete(folder, {"step": int(folder.name[5:]), "world": self.world})
+            mark_complete(folder, {"step": checkpoint_step(folder), "world": self.world})
             prune_checkpoints(folder.parent, self.cfg.run.keep_checkpoints)
 
-    def _newest_checkpoint(self) -> tuple[str, Path] | None:
-        """("sharded", folder) or ("file", path) of the newest resumable checkpoint."""
-        found = []
+    def _newest_checkpoint(self) -> tuple[str, Path, dict | None] | None:
+        """("sharded", folder, None) or ("file", path, its contents or None) of the newest
+        resumable checkpoint; the file is read only to compare with a sharded one (a tie goes
+        to the sharded one), and what was read is passed on rather than read again."""
         folder = latest_complete(self.out / "checkpoints")
-        if folder is not None:
-            found.append((int(folder.name[5:]), "sharded", folder))
         path = self.out / "checkpoint.pth"
-        if path.is_file():
-            found.append((int(load_file(path).get("step", -1)), "file", path))
-        return max(found)[1:] if found else None
+        if not path.is_file():
+            return None if folder is None else ("sharded", folder, None)
+        if folder is None:
+            return "file", path, None
+        state = load_file(path)
+        if int(state.get("step", -1)) > checkpoint_step(folder):
+            return "file", path, state
+        return "sharded", folder, None
 
     def has_checkpoint(self) -> bool:
-        return self._newest_checkpoint() is not None
+        return (latest_complete(self.out / "checkpoints") is not None
+                or (self.out / "checkpoint.pth").is_file())
 
     def _resume(self) -> None:
         newest = self._newest_checkpoint()
         if newest is None:
             raise TrainingError(f"--resume: no checkpoint in {self.out} (neither checkpoint.pth "
                                 "nor a complete checkpoints/step_*/)")
-        kind, path = newest
+        kind, path, state = newest
         if kind == "sharded":
             extra = self._load_sharded(path)
         else:
-            extra = self._load_file(path)
-        self._restore_extra(extra, path)
+            extra = self._load_file(path, state)
+        self._restore_extra(extra)
 
     def _check_config(self, saved_toml: str, path: Path) -> None:
         if config_from_toml(saved_toml).model != self.cfg.model:
             raise TrainingError(f"--resume: {path} was trained with another model config")
 
-    def _load_file(self, path: Path) -> dict:
+    def _load_file(self, path: Path, state: dict | None = None) -> dict:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
 
-        state = load_file(path)
+        state = state if state is not None else load_file(path)
         self._check_config(state["config"], path)
         optimizer = state["optimizer"]
         if all(isinstance(k, int) for k in optimizer["state"]):  # torch's own format
@@ -703,7 +709,7 @@ class Trainer:
              if f"optimizer.state.{name}.step" in saved})
         return extra
 
-    def _restore_extra(self, extra: dict, path: Path) -> None:
+    def _restore_extra(self, extra: dict) -> None:
         self.loss_fn.load_state_dict(extra["dino_loss"])
         if self.scaler and extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])

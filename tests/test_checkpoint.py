@@ -1,5 +1,7 @@
 """Official DINO weights in, timm-loadable weights out, atomic saves, safe loads."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -137,3 +139,19 @@ def test_export_consolidates_a_sharded_checkpoint_on_cpu(tmp_path, capsys):
         assert exported.keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(exported[key], value), key
+
+
+def test_resume_takes_the_newest_of_a_file_and_a_sharded_checkpoint(tmp_path):
+    from dinofuse.engine.config import with_overrides
+    from dinofuse.engine.train import Trainer
+
+    cfg, _ = _sharded_run(tmp_path)  # sharded step 3
+    as_file = with_overrides(copy.deepcopy(cfg), ['run.checkpoint_format="file"'])
+    on_file = Trainer(as_file, resume=True)
+    assert on_file.step == 3  # only the sharded one exists
+    on_file.fit(max_steps=2, progress=False)  # checkpoint.pth at step 5
+    newer_file = Trainer(as_file, resume=True)
+    assert newer_file.step == 5
+    newer_file.cfg = cfg  # the same run, saving sharded again
+    newer_file.fit(max_steps=2, progress=False)  # sharded step 7
+    assert Trainer(as_file, resume=True).step == 7
