@@ -259,6 +259,17 @@ def largest_batch(args, variant: Variant, start: int, limit: int, peak: float) -
     return best
 
 
+def checkpointing_rows(spec: str | None) -> list[int]:
+    """--checkpointing's block counts: "all" (-1) or numbers, comma-separated."""
+    if not spec:
+        return []
+    try:
+        return [-1 if part.strip() == "all" else int(part) for part in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--checkpointing takes 'all' or block counts, comma-separated "
+                         f"(e.g. all,8,6); got {spec!r}") from None
+
+
 def variants(args) -> list[Variant]:
     """The rows to run, torch.compile ones last (slow to warm up: a time limit cuts them)."""
     ours = dict(DINOFUSE)
@@ -277,9 +288,10 @@ def variants(args) -> list[Variant]:
     out.append(Variant("dinofuse", ours, "dinofuse"))
     if args.ablation:
         out.append(Variant("dinofuse + packed crops", {**ours, "model.packed": True}))
-    if args.checkpointing:
-        out.append(Variant("dinofuse + activation checkpointing",
-                           {**ours, "impl.checkpoint_blocks": True}))
+    for blocks in checkpointing_rows(args.checkpointing):
+        what = "every block" if blocks < 0 else f"first {blocks} blocks"
+        out.append(Variant(f"dinofuse + activation checkpointing ({what})",
+                           {**ours, "impl.checkpoint_blocks": blocks}))
     if args.fsdp:
         out.append(Variant("dinofuse + FSDP2 (1 process)", {**ours, "impl.fsdp": "always"}))
     if args.compile:
@@ -481,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--baseline", action="store_true", help="also run the official code's way")
     ap.add_argument("--ablation", action="store_true", help="each optimization alone (implies --baseline)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
-    ap.add_argument("--checkpointing", action="store_true", help="add an activation-checkpointing row")
+    ap.add_argument("--checkpointing", nargs="?", const="all", default=None, metavar="BLOCKS",
+                    help="add activation-checkpointing rows: 'all' (the default) or block "
+                         "counts, e.g. all,8,6 (the first N blocks recompute in backward)")
     ap.add_argument("--fsdp", action="store_true", help="add FSDP2 on one process (sharding overhead)")
     ap.add_argument("--profile", action="store_true", help="top kernels of dinofuse's step")
     ap.add_argument("--max-batch-start", type=int, default=64)

@@ -84,7 +84,8 @@ class ImplConfig:
     optimizer: str = "auto"  # AdamW: auto (fused on CUDA, torch's default on CPU) | fused
     # (one kernel) | foreach | official (a per-parameter loop, the official code's)
     compile_blocks: bool = False  # torch.compile each transformer block
-    checkpoint_blocks: bool = False  # activation checkpointing per block (memory for compute)
+    checkpoint_blocks: int = 0  # activation checkpointing: the first N blocks keep only their
+    # input and recompute the rest in backward (memory for compute); -1 (or true) = every block
     fsdp: str = "auto"  # auto (FSDP2 when world > 1) | always (also on one process)
     reshard_after_forward: bool = True  # FSDP2, student: free blocks' and head's gathered
     reshard_root_after_forward: bool = False  # weights after forward; the same for the root
@@ -128,7 +129,13 @@ def _parse_value(text: str):
         return text
 
 
+# Integer fields that were switches once: configs saved by then still load.
+_FORMER_SWITCHES = {("impl", "checkpoint_blocks"): {True: -1, False: 0}}
+
+
 def _coerce(section: str, name: str, value, current):
+    if isinstance(value, bool) and (section, name) in _FORMER_SWITCHES:
+        value = _FORMER_SWITCHES[section, name][value]
     if isinstance(current, tuple):
         value = tuple(value)
     elif isinstance(current, bool) and not isinstance(value, bool):

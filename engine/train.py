@@ -240,6 +240,9 @@ class Trainer:
             if getattr(cfg.impl, name) not in choices:
                 raise ValueError(f"impl.{name} must be one of {', '.join(choices)}; "
                                  f"got {getattr(cfg.impl, name)!r}")
+        if cfg.impl.checkpoint_blocks < -1:
+            raise ValueError(f"impl.checkpoint_blocks must be a block count >= 0, or -1 for "
+                             f"every block; got {cfg.impl.checkpoint_blocks}")
         self.ncrops = 2 + d.local_crops_number
         self.dataset = self.sampler = self.dali = self.synthetic = None
         self.data_backend = "synthetic"

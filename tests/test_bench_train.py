@@ -123,3 +123,22 @@ def test_bench_config_is_the_official_recipe_at_the_given_sizes():
     assert cfg.data.local_crops_number == 10 and cfg.optim.batch_size_per_device == 64
     # ViT-S/16, 2x224 + 10x96: ~122 GFLOP per image (student x3 on all crops, teacher on 2)
     assert 115e9 < step_flops(cfg) / 64 < 130e9
+
+
+@pytest.mark.parametrize("argv,blocks", [([], []), (["--checkpointing"], [-1]),
+                                         (["--checkpointing", "all,8,6"], [-1, 8, 6])])
+def test_checkpointing_rows_name_their_block_counts(argv, blocks):
+    from dinofuse.bench.train import build_parser, variants
+
+    rows = [v for v in variants(build_parser().parse_args(["--device", "cpu", *argv]))
+            if "impl.checkpoint_blocks" in v.settings]
+    assert [v.settings["impl.checkpoint_blocks"] for v in rows] == blocks
+    assert [v.name.split("(")[1] for v in rows] == \
+        ["every block)" if n < 0 else f"first {n} blocks)" for n in blocks]
+
+
+def test_bad_checkpointing_argument_is_named():
+    from dinofuse.bench.train import build_parser, variants
+
+    with pytest.raises(SystemExit, match="--checkpointing"):
+        variants(build_parser().parse_args(["--device", "cpu", "--checkpointing", "half"]))

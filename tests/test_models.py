@@ -140,3 +140,31 @@ def test_fix_attention_backend_decides_auto_once_and_blocks_trace_whole():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
     with pytest.raises(RuntimeError, match="no CUDA device"):
         vit_tiny(depth=1, attention="xformers").fix_attention_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("checkpointed", [0, 1, 3, -1])
+def test_activation_checkpointing_recomputes_exactly_the_first_n_blocks(checkpointed):
+    """Each checkpointed block runs its forward again in backward; the others do not, and the
+    gradients are the ones of the plain forward."""
+    torch.manual_seed(0)
+    model = random_state(build_vit("vit_tiny", patch_size=8, depth=4, attention="sdpa"))
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    calls = [0] * len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        # a pre-hook: the recomputation may stop early, before a forward hook would run
+        block.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    model.checkpoint_blocks = checkpointed
+    loss = model(x).square().sum()
+    assert calls == [1] * 4
+    loss.backward()
+    n = 4 if checkpointed < 0 else checkpointed
+    assert calls == [2] * n + [1] * (4 - n)
+    for p, g in zip(model.parameters(), plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # no recomputation to prepare without gradients
+        model(x)
+    assert calls == [3] * n + [2] * (4 - n)

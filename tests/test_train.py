@@ -216,8 +216,9 @@ def test_official_impl_choices_train_like_the_fused_ones(tmp_path):
 
 def test_checkpointing_and_compile_per_block_change_no_result(tmp_path):
     plain_losses, plain_teacher, _ = _synthetic_run(tmp_path / "a")
+    # true: every block (the field was a switch once; saved configs with it still load)
     ckpt_losses, ckpt_teacher, trainer = _synthetic_run(tmp_path / "b", "impl.checkpoint_blocks=true")
-    assert trainer.student.backbone.checkpoint_blocks
+    assert trainer.student.backbone.checkpoint_blocks == -1
     assert ckpt_losses == plain_losses
     assert torch.equal(ckpt_teacher, plain_teacher)
     comp_losses, comp_teacher, trainer = _synthetic_run(tmp_path / "c", "impl.compile_blocks=true",
@@ -231,6 +232,8 @@ def test_checkpointing_and_compile_per_block_change_no_result(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ('impl.loss="liger"', "impl.loss must be one of fused, official"),
     ('impl.fsdp="sometimes"', "impl.fsdp must be one of auto, always"),
+    ("impl.checkpoint_blocks=-2", "impl.checkpoint_blocks must be a block count"),
+    ("impl.checkpoint_blocks=1.5", "impl.checkpoint_blocks must be int"),
 ])
 def test_impl_choices_are_checked(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

@@ -170,7 +170,7 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """DINO's ViT: the output is the CLS token after the final LayerNorm."""
 
-    checkpoint_blocks = False  # activation checkpointing per block (set by the trainer)
+    checkpoint_blocks = 0  # activation checkpointing of the first N blocks, -1 = all (trainer)
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
@@ -235,9 +235,10 @@ class VisionTransformer(nn.Module):
         return tokens + self.interpolate_pos_encoding(H, W)
 
     def forward_tokens(self, tokens: torch.Tensor, seqlens: SeqLens | None = None) -> torch.Tensor:
-        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:  # keep only each block's input; recompute the rest in backward
+        n = self.checkpoint_blocks
+        recomputed = (len(self.blocks) if n < 0 else n) if torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            if i < recomputed:  # keep only the block's input; recompute the rest in backward
                 tokens, _ = torch.utils.checkpoint.checkpoint(block, tokens, seqlens,
                                                               use_reentrant=False)
             else:
