@@ -31,6 +31,7 @@ place, and skips even that when the incoming gradient is 1 (checked on the devic
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -207,6 +208,83 @@ def _student_pass_kernel(
 
 
 @triton.jit
+def _student_image_pass_kernel(
+    s_ptr, s_row_stride, t_ptr, t_row_stride, c_ptr, t_max_ptr, t_sum_ptr,
+    s_max_ptr, s_sum_ptr, grad_ptr, part_loss_ptr,
+    B, K, n_tblocks, split_len, s_scale, t_scale, grad_scale, loss_scale,
+    NCROPS: tl.constexpr, NCROPS_P2: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # The "image" layout: one program per (image, column slice) walks every student view of
+    # its image, so each teacher probability is computed once per view group of G^2 exp2
+    # (G + (G-1)^2: the first global view's targets also give the sum for the local views)
+    # instead of once per V_BLOCK rows, and the teacher and center are read once per slice.
+    # The rows' logsumexps come from the statistics kernel; the program writes one partial loss.
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    views = tl.arange(0, G_P2)
+    t_lse = _combine_lse2(t_max_ptr, t_sum_ptr, (views * B + b) * n_tblocks, views < G,
+                          n_tblocks, G_P2, BLOCK_P)
+    crops = tl.arange(0, NCROPS_P2)
+    crop_ok = crops < NCROPS
+    s_lse = _combine_lse2(s_max_ptr, s_sum_ptr, (crops * B + b).to(tl.int64) * n_splits,
+                          crop_ok, n_splits, NCROPS_P2, BLOCK_P)
+    n_targets = G - (crops < G).to(tl.float32)
+    k_start = split * split_len
+    k_end = tl.minimum(K, k_start + split_len)
+    lane_dot = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_ok = cols < k_end
+        if EVEN_K:  # every block is whole: no masks (fewer instructions per element)
+            center = tl.load(c_ptr + cols)
+        else:
+            center = tl.load(c_ptr + cols, mask=col_ok, other=0.0)
+        q_all = tl.zeros([BLOCK_K], dtype=tl.float32)  # sum of every teacher view's q
+        for v in tl.static_range(NCROPS):
+            if v < G:  # a global view learns from the other global views
+                target = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for i in tl.static_range(G):
+                    if i != v or v == 0:  # view 0 also computes its own q, for q_all
+                        t_row = t_ptr + (i * B + b).to(tl.int64) * t_row_stride
+                        if EVEN_K:
+                            t_i = tl.load(t_row + cols).to(tl.float32)
+                        else:
+                            t_i = tl.load(t_row + cols, mask=col_ok, other=0.0).to(tl.float32)
+                        lse_i = tl.sum(tl.where(views == i, t_lse, 0.0), axis=0)
+                        q_i = tl.exp2((t_i - center) * t_scale - lse_i)
+                        if not EVEN_K:
+                            q_i = tl.where(col_ok, q_i, 0.0)
+                        if i != v:
+                            target += q_i
+                        if v == 0:
+                            q_all += q_i
+            else:  # a local view learns from all of them
+                target = q_all
+            row = (v * B + b).to(tl.int64)
+            if EVEN_K:
+                x = tl.load(s_ptr + row * s_row_stride + cols).to(tl.float32) * s_scale
+            else:
+                x = tl.load(s_ptr + row * s_row_stride + cols, mask=col_ok,
+                            other=0.0).to(tl.float32) * s_scale
+            lane_dot += target * x  # target is 0 outside the row
+            if WRITE_GRAD:
+                lse_v = tl.sum(tl.where(crops == v, s_lse, 0.0), axis=0)
+                n_v = G - 1 if v < G else G
+                g = (grad_scale * (n_v * tl.exp2(x - lse_v) - target)).to(grad_ptr.dtype.element_ty)
+                if EVEN_K:
+                    tl.store(grad_ptr + row * K + cols, g)
+                else:
+                    tl.store(grad_ptr + row * K + cols, g, mask=col_ok)
+    # In bits: sum over views of n_v * lse2 (counted by the first slice) - <Q_v, x2>.
+    lse_terms = tl.sum(tl.where(crop_ok, n_targets * s_lse, 0.0), axis=0)
+    part = tl.where(split == 0, lse_terms, 0.0) - tl.sum(lane_dot, axis=0)
+    tl.store(part_loss_ptr + b * n_splits + split, part * loss_scale)
+
+
+@triton.jit
 def _scale_inplace_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
     g = tl.load(g_ptr).to(tl.float32)
     if g != 1.0:  # the usual `loss.backward()` passes 1: then nothing to read or write
@@ -236,9 +314,22 @@ def _new_output(shape, *, like: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 # (256, 16, 64, 4); at B=64 the same (bench/results/2026-11-27-h200-b807297/kernels.md).
 TEACHER_LAUNCH = dict(block_k=1024, block_r=8, rows_per_program=64, num_warps=4)
 
-# (V_BLOCK, BLOCK_K, num_warps, splits) for the student pass, or None for the defaults;
-# splits=None picks by occupancy. The benchmark sweeps it.
-STUDENT_LAUNCH_OVERRIDE: tuple[int, int, int, int | None] | None = None
+class StudentLaunch(NamedTuple):
+    """The student pass's launch shape. layout "views": a program per V_BLOCK views of one
+    image (over a column slice); "image": a program per image and column slice, walking all
+    its views (the statistics kernel, with V_BLOCK views per program, runs first)."""
+
+    v_block: int
+    block_k: int
+    num_warps: int
+    splits: int | None  # column slices per row; None picks by occupancy
+    layout: str = "views"
+
+
+STUDENT_LAUNCH = StudentLaunch(2, 2048, 8, None)
+# Another launch shape (a StudentLaunch or a 4-tuple), or None for STUDENT_LAUNCH: the
+# benchmark sweeps it, the tests try many.
+STUDENT_LAUNCH_OVERRIDE: tuple | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -248,17 +339,19 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _student_launch_config(K: int, B: int, ncrops: int, device) -> tuple[int, int, int, int, int]:
-    """Views per program, columns per step, warps, column slices and slice length.
+def _student_launch_config(K: int, B: int, ncrops: int, device) -> tuple:
+    """Views per program, columns per step, warps, column slices, slice length and layout.
 
     Small batches leave too few (image, view-group) programs to fill the GPU, each walking a
     whole row twice in series; then each row is cut into slices run in parallel, at the
     price of a separate statistics kernel (the student is read twice from memory).
     """
-    v_block, block_k, warps, splits = STUDENT_LAUNCH_OVERRIDE or (2, 2048, 8, None)
+    v_block, block_k, warps, splits, layout = StudentLaunch(*(STUDENT_LAUNCH_OVERRIDE or STUDENT_LAUNCH))
+    if layout not in ("views", "image"):
+        raise ValueError(f"student launch layout must be views or image; got {layout!r}")
     v_block = min(v_block, next_power_of_2(ncrops))
     block_k = min(block_k, max(16, next_power_of_2(K) // v_block))
-    programs = B * triton.cdiv(ncrops, v_block)
+    programs = B * (1 if layout == "image" else triton.cdiv(ncrops, v_block))
     if splits is None:
         want = 8 * _multiprocessors(device)  # B=64, 10 crops: 4 slices (best in the H200 sweep)
         # Long rows gain from 4 slices even when the batch fills the GPU: B=256 bf16 measured
@@ -266,7 +359,7 @@ def _student_launch_config(K: int, B: int, ncrops: int, device) -> tuple[int, in
         at_least = 4 if K >= 16 * block_k else 1
         splits = max(at_least, triton.cdiv(want, programs))
     split_len = triton.cdiv(triton.cdiv(K, max(1, splits)), block_k) * block_k
-    return v_block, block_k, warps, triton.cdiv(K, split_len), split_len
+    return v_block, block_k, warps, triton.cdiv(K, split_len), split_len, layout
 
 
 def _fused_forward(student_out, teacher_out, center, num_global_crops, student_temp,
@@ -296,12 +389,12 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
     grad = _new_output((n_student, K) if compute_grad else (0,), like=student_out,
                        dtype=student_out.dtype)
     scale = 1.0 / (pair_count(ncrops, num_global_crops) * B)
-    v_block, block_k, warps, splits, split_len = _student_launch_config(
+    v_block, block_k, warps, splits, split_len, layout = _student_launch_config(
         K, B, ncrops, student_out.device)
     grid = (B * triton.cdiv(ncrops, v_block), splits)
     row_loss = _new_output((n_student, splits), **f32)
     s_max = s_sum = row_loss  # unused when one program sees a whole row
-    if splits > 1:
+    if splits > 1 or layout == "image":
         s_max = _new_output((n_student, splits), **f32)
         s_sum = _new_output((n_student, splits), **f32)
         _student_stats_kernel[grid](
@@ -309,15 +402,22 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
             LOG2E / student_temp, NCROPS=ncrops, V_BLOCK=v_block, BLOCK_K=block_k,
             num_warps=warps,
         )
-    _student_pass_kernel[grid](
-        student_out, student_out.stride(0), teacher_out, teacher_out.stride(0), center,
-        part_max, part_sum, s_max, s_sum, grad, row_loss,
-        B, K, n_tblocks, split_len, LOG2E / student_temp, LOG2E / teacher_temp,
-        scale / student_temp, scale * LN2,
-        NCROPS=ncrops, G=num_global_crops, G_P2=next_power_of_2(num_global_crops),
-        V_BLOCK=v_block, BLOCK_K=block_k, BLOCK_P=min(1024, next_power_of_2(max(n_tblocks, splits))),
-        WRITE_GRAD=compute_grad, ONE_SPLIT=splits == 1, num_warps=warps,
-    )
+    common = dict(G=num_global_crops, G_P2=next_power_of_2(num_global_crops), BLOCK_K=block_k,
+                  BLOCK_P=min(1024, next_power_of_2(max(n_tblocks, splits))),
+                  WRITE_GRAD=compute_grad, num_warps=warps)
+    args = (student_out, student_out.stride(0), teacher_out, teacher_out.stride(0), center,
+            part_max, part_sum, s_max, s_sum, grad)
+    scalars = (B, K, n_tblocks, split_len, LOG2E / student_temp, LOG2E / teacher_temp,
+               scale / student_temp, scale * LN2)
+    if layout == "image":
+        row_loss = _new_output((B, splits), **f32)  # one partial per program
+        _student_image_pass_kernel[(B, splits)](
+            *args, row_loss, *scalars, NCROPS=ncrops, NCROPS_P2=next_power_of_2(ncrops),
+            EVEN_K=K % block_k == 0, **common)
+    else:
+        _student_pass_kernel[grid](
+            *args, row_loss, *scalars, NCROPS=ncrops, V_BLOCK=v_block, ONE_SPLIT=splits == 1,
+            **common)
     loss = row_loss.sum()
     return loss, teacher_mean, grad
 

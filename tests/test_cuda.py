@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 
+from dinofuse.bench.kernels import STUDENT_SWEEP, TEACHER_SWEEP
 from dinofuse.kernels import DINOLoss, dino_loss, ema_update_
 from official_dino import OfficialDINOLoss
 from test_dino_loss import assert_matches_reference, make_inputs
@@ -37,9 +38,7 @@ def test_loss_matches_float64_reference(K, B, G, ncrops, dtype, poisoned_outputs
     assert_matches_reference(student, teacher, center, G)
 
 
-@pytest.mark.parametrize("launch", [(1, 2048, 8, 1), (1, 4096, 16, 1), (2, 2048, 8, 1),
-                                    (2, 4096, 16, 1), (2, 8192, 16, 1), (4, 2048, 16, 1),
-                                    (2, 2048, 8, 4), (2, 4096, 16, 8), (1, 2048, 8, 16)])
+@pytest.mark.parametrize("launch", STUDENT_SWEEP)
 def test_every_benchmarked_launch_shape(launch, monkeypatch, poisoned_outputs):
     monkeypatch.setattr(importlib.import_module("dinofuse.kernels.dino_loss"),
                         "STUDENT_LAUNCH_OVERRIDE", launch)
@@ -47,9 +46,7 @@ def test_every_benchmarked_launch_shape(launch, monkeypatch, poisoned_outputs):
     assert_matches_reference(student, teacher, center, 2)
 
 
-@pytest.mark.parametrize("launch", [dict(block_k=1024, block_r=8, rows_per_program=64, num_warps=4),
-                                    dict(block_k=2048, block_r=4, rows_per_program=32, num_warps=8),
-                                    dict(block_k=512, block_r=16, rows_per_program=128, num_warps=8)])
+@pytest.mark.parametrize("launch", TEACHER_SWEEP)
 def test_every_benchmarked_teacher_launch_shape(launch, monkeypatch, poisoned_outputs):
     module = importlib.import_module("dinofuse.kernels.dino_loss")
     monkeypatch.setattr(module, "TEACHER_LAUNCH", {**module.TEACHER_LAUNCH, **launch})

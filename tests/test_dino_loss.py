@@ -92,7 +92,9 @@ def test_extreme_logits_stay_finite(poisoned_outputs):
 
 
 @pytest.mark.parametrize("launch", [(1, 64, 4, 1), (4, 128, 4, 1), (8, 32, 2, 1), (16, 16, 1, 1),
-                                    (1, 64, 4, 3), (2, 32, 4, 5), (4, 16, 2, 64)])
+                                    (1, 64, 4, 3), (2, 32, 4, 5), (4, 16, 2, 64),
+                                    (2, 32, 4, 1, "image"), (1, 64, 2, 3, "image"),
+                                    (4, 16, 2, 64, "image"), (2, 64, 4, None, "image")])
 @pytest.mark.parametrize("G,ncrops", [(1, 3), (2, 10)])
 def test_every_launch_shape(launch, G, ncrops, monkeypatch, poisoned_outputs):
     # Views per program that do and do not divide the crop count (padded rows), column
@@ -104,11 +106,32 @@ def test_every_launch_shape(launch, G, ncrops, monkeypatch, poisoned_outputs):
     assert_matches_reference(student, teacher, center, G)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("G,ncrops", [(1, 2), (1, 10), (2, 2), (2, 10), (3, 5)])
+@pytest.mark.parametrize("K,B", [(7, 3), (1000, 1), (4096, 3)])
+def test_image_layout_matches_float64_reference(K, B, G, ncrops, dtype, monkeypatch,
+                                                poisoned_outputs):
+    # One program per (image, slice) walking all views; K=4096 takes the unmasked path
+    # (whole 1024-column blocks), K=7 and 1000 the masked one.
+    module = importlib.import_module("dinofuse.kernels.dino_loss")
+    monkeypatch.setattr(module, "STUDENT_LAUNCH_OVERRIDE", (2, 1024, 4, None, "image"))
+    assert module._student_launch_config(K, B, ncrops, torch.device("cpu"))[5] == "image"
+    student, teacher, center = make_inputs(K, B, G, ncrops, dtype)
+    assert_matches_reference(student, teacher, center, G)
+
+
+def test_unknown_launch_layout_is_named(monkeypatch):
+    module = importlib.import_module("dinofuse.kernels.dino_loss")
+    monkeypatch.setattr(module, "STUDENT_LAUNCH_OVERRIDE", (2, 64, 4, None, "rows"))
+    with pytest.raises(ValueError, match="layout must be views or image; got 'rows'"):
+        dino_loss(*make_inputs(64, 2, 2, 4, torch.float32))
+
+
 def test_long_rows_are_sliced_even_when_the_batch_fills_the_gpu(monkeypatch, poisoned_outputs):
     module = importlib.import_module("dinofuse.kernels.dino_loss")
     cpu = torch.device("cpu")
     # the default at the official size: 4 slices of 16384 columns at B=256 (H200 sweep)
-    assert module._student_launch_config(65536, 256, 10, cpu)[3:] == (4, 16384)
+    assert module._student_launch_config(65536, 256, 10, cpu)[3:5] == (4, 16384)
     assert module._student_launch_config(4096, 4096, 10, cpu)[3] == 1  # short rows: whole
     # the same rule on small shapes: 16-column blocks make 300 columns "long", many rows
     monkeypatch.setattr(module, "STUDENT_LAUNCH_OVERRIDE", (2, 16, 2, None))

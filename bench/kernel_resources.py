@@ -1,0 +1,270 @@
+"""Compile the fused ops' Triton kernels for NVIDIA GPUs without one, and report what the
+compiler gives each kernel: registers per thread, spilled bytes, shared memory.
+
+The Triton interpreter (how the CPU tests run the kernels) is plain Python: it accepts code
+that the GPU compiler rejects (a module-level float inside a kernel was caught only on a
+GPU once), and it says nothing about registers. Here each launch the ops would make at a
+given size is recorded instead of run, then compiled ahead of time for sm_80 (A100) and
+sm_90 (H100/H200) with the compiler that ships with triton (ptxas included); cuobjdump reads
+the resources from the binary.
+
+    TRITON_INTERPRET=0 python -m dinofuse.bench.kernel_resources [--arch 80,90] [--out DIR]
+
+Must run with TRITON_INTERPRET unset or 0 (the kernels must be compiled objects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LOSS = importlib.import_module("dinofuse.kernels.dino_loss")
+EMA = importlib.import_module("dinofuse.kernels.ema")
+
+_POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+            torch.int64: "*i64", torch.int32: "*i32"}
+
+
+@dataclass
+class Launch:
+    """One kernel launch as the op would make it: the kernel, its arguments, launch options."""
+
+    kernel: object  # a triton JITFunction
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    def signature(self) -> tuple[dict, dict, dict]:
+        """(argument types, constexpr values, launch options) for triton.compile."""
+        options = {k: self.kwargs[k] for k in ("num_warps", "num_stages") if k in self.kwargs}
+        values = dict(zip((p.name for p in self.kernel.params), self.args))
+        values.update({k: v for k, v in self.kwargs.items() if k not in options})
+        types, constants = {}, {}
+        for p in self.kernel.params:
+            v = values[p.name]
+            if p.is_constexpr:
+                types[p.name], constants[p.name] = "constexpr", v
+            elif isinstance(v, torch.Tensor):
+                types[p.name] = _POINTER[v.dtype]
+            elif isinstance(v, bool):
+                types[p.name] = "i1"
+            elif isinstance(v, int):
+                types[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            elif isinstance(v, float):
+                types[p.name] = "fp32"
+            else:
+                raise TypeError(f"{self.name}: argument {p.name} of type {type(v).__name__}")
+        return types, constants, options
+
+
+class _Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records instead of launching."""
+
+    def __init__(self, kernel, launches: list[Launch]):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(Launch(self.kernel, args, kwargs))
+
+
+@contextlib.contextmanager
+def recording():
+    """Inside, the fused ops run on CPU tensors and record their kernel launches (no math
+    happens: outputs hold garbage)."""
+    from triton.runtime.jit import JITFunction
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("kernel_resources compiles the kernels: run it with TRITON_INTERPRET=0")
+    launches: list[Launch] = []
+    saved = {}
+    for module in (LOSS, EMA):
+        saved[module, "runs_triton"] = module.runs_triton
+        module.runs_triton = lambda t: True
+        for name, obj in vars(module).items():
+            if isinstance(obj, JITFunction) and name.endswith("_kernel"):
+                saved[module, name] = obj
+                setattr(module, name, _Recorder(obj, launches))
+    EMA._plans.clear()  # a cached plan would skip its launches' recording
+    try:
+        yield launches
+    finally:
+        for (module, name), obj in saved.items():
+            setattr(module, name, obj)
+        EMA._plans.clear()
+
+
+_compiled: dict[str, dict] = {}  # a signature compiles once per process
+
+
+def compile_launch(launch: Launch, arch: int) -> dict:
+    """Compile one launch for sm_<arch>; its registers, spills (local memory) and shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types, constants, options = launch.signature()
+    key = repr((launch.name, sorted(types.items()), sorted(map(str, constants.items())),
+                sorted(options.items()), arch))
+    if key not in _compiled:
+        compiled = triton.compile(ASTSource(launch.kernel, types, constants),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        pointers = sorted({t[1:] for t in types.values() if t.startswith("*")})
+        _compiled[key] = dict(
+            kernel=launch.name, arch=f"sm_{arch}", num_warps=options.get("num_warps", 4),
+            pointers="/".join(pointers), constants={k: str(v) for k, v in constants.items()},
+            **resource_usage(compiled.asm["cubin"]))
+    return dict(_compiled[key])
+
+
+def resource_usage(cubin: bytes) -> dict:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"cuobjdump gave no resource line:\n{text}")
+    regs, stack, shared, local = map(int, found.groups())
+    return dict(registers=regs, stack_bytes=stack, shared_bytes=shared, spill_bytes=local)
+
+
+def loss_launches(K: int, B: int, ncrops: int, G: int, dtype: torch.dtype,
+                  student_launch=None) -> list[Launch]:
+    """The loss's launches (forward with gradient, then a backward scale) at this size."""
+    student = torch.zeros(ncrops * B, K, dtype=dtype, requires_grad=True)
+    teacher = torch.zeros(G * B, K, dtype=dtype)
+    center = torch.zeros(K)
+    old = LOSS.STUDENT_LAUNCH_OVERRIDE
+    LOSS.STUDENT_LAUNCH_OVERRIDE = student_launch
+    try:
+        with recording() as launches:
+            loss, _ = LOSS.dino_loss(student, teacher, center, num_global_crops=G)
+            loss.backward(torch.tensor(2.0))
+    finally:
+        LOSS.STUDENT_LAUNCH_OVERRIDE = old
+    return launches
+
+
+def ema_launches(student_dtype: torch.dtype, tensor_momentum: bool) -> list[Launch]:
+    teacher = [torch.zeros(n) for n in (1, 1000, 70000)]
+    student = [torch.zeros(n, dtype=student_dtype) for n in (1, 1000, 70000)]
+    momentum = torch.tensor(0.996) if tensor_momentum else 0.996
+    with recording() as launches:
+        EMA.ema_update_(teacher, student, momentum)
+    return launches
+
+
+def report(archs=(80, 90), sweep: bool = True) -> list[dict]:
+    """Every kernel at the official size (K=65536, 10 crops, B=256 and 64), bf16 and fp32,
+    the default launch shapes and (sweep) the benchmark's; the EMA for both student dtypes."""
+    rows = []
+    for B in (256, 64):
+        for dtype in (torch.bfloat16, torch.float32):
+            rows += _loss_rows(f"loss B={B} {_name(dtype)}", (65536, B, 10, 2, dtype), archs, sweep)
+    return _unique(rows + _ema_rows(archs))
+
+
+def check(archs=(80, 90)) -> list[dict]:
+    """What the tests compile: the default launches over dtypes and odd shapes (K not a power
+    of two, batch 1, one global crop, the largest K), every swept launch shape once, the EMA."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32, torch.float16):
+        rows += _loss_rows(f"loss {_name(dtype)}", (65536, 256, 10, 2, dtype), archs, False)
+    for shape in ((1000, 1, 4, 1, torch.bfloat16), (262144, 2, 4, 2, torch.bfloat16),
+                  (4097, 3, 12, 2, torch.float16)):
+        rows += _loss_rows(f"loss K={shape[0]} B={shape[1]}", shape, archs, False)
+    rows += _loss_rows("loss sweep", (65536, 64, 10, 2, torch.bfloat16), archs, True)
+    return _unique(rows + _ema_rows(archs))
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _loss_rows(case: str, shape: tuple, archs, sweep: bool) -> list[dict]:
+    from dinofuse.bench.kernels import STUDENT_SWEEP, TEACHER_SWEEP
+
+    def rows_for(student_launch, label):
+        return [dict(case=case, student_launch=label, default=label == "default",
+                     **compile_launch(launch, arch))
+                for launch in loss_launches(*shape, student_launch) for arch in archs]
+
+    rows = rows_for(None, "default")
+    if sweep:
+        for launch in STUDENT_SWEEP:
+            rows += rows_for(launch, str(launch))
+        default_teacher = dict(LOSS.TEACHER_LAUNCH)
+        try:
+            for teacher in TEACHER_SWEEP:
+                LOSS.TEACHER_LAUNCH.update(teacher)
+                rows += [r for r in rows_for(None, f"teacher {teacher}")
+                         if r["kernel"] == "_teacher_pass_kernel"]
+        finally:
+            LOSS.TEACHER_LAUNCH.update(default_teacher)
+    return rows
+
+
+def _ema_rows(archs) -> list[dict]:
+    return [dict(case=f"ema student {_name(dtype)}", student_launch="-", default=True,
+                 **compile_launch(launch, arch))
+            for dtype in (torch.float32, torch.bfloat16) for on_device in (False, True)
+            for launch in ema_launches(dtype, on_device) for arch in archs]
+
+
+def _unique(rows: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for r in rows:
+        key = json.dumps({k: v for k, v in r.items() if k not in ("case", "student_launch", "default")},
+                         sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | student launch | kernel | pointers | arch | warps | registers | spill bytes | shared bytes |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['student_launch']} | {r['kernel']} | {r['pointers']} | {r['arch']} | "
+                     f"{r['num_warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated")
+    ap.add_argument("--no-sweep", action="store_true", help="only the default launch shapes")
+    ap.add_argument("--check", action="store_true",
+                    help="the tests' set: defaults over dtypes and odd shapes, each swept shape once")
+    ap.add_argument("--out", type=Path, default=Path("bench/out"))
+    args = ap.parse_args(argv)
+    archs = tuple(int(a) for a in args.arch.split(","))
+    rows = check(archs) if args.check else report(archs, sweep=not args.no_sweep)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernel_resources.json").write_text(json.dumps(rows, indent=1) + "\n")
+    md = markdown(rows)
+    (args.out / "kernel_resources.md").write_text(md)
+    print(md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

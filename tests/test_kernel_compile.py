@@ -1,0 +1,52 @@
+"""Every Triton kernel, compiled for real GPUs here without one (sm_80 and sm_90, with the
+ptxas that ships with triton): the interpreter runs code the GPU compiler may reject, and
+says nothing about registers. The launches are the ones the ops make (recorded, not run)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernel_resources")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # compiled kernels, not interpreted ones
+    done = subprocess.run([sys.executable, "-m", "dinofuse.bench.kernel_resources", "--check",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "kernel_resources.json").read_text())
+
+
+def test_every_kernel_compiles_for_a100_and_h100(compiled):
+    import importlib
+
+    # the kernels the modules define (under the tests' interpreter they are not JITFunctions,
+    # so find them by name)
+    names = {n for m in ("dinofuse.kernels.dino_loss", "dinofuse.kernels.ema")
+             for n in vars(importlib.import_module(m)) if n.endswith("_kernel")}
+    assert names and {r["kernel"] for r in compiled} == names
+    for name in names:
+        assert {r["arch"] for r in compiled if r["kernel"] == name} == {"sm_80", "sm_90"}
+    layouts = {r["student_launch"].endswith("'image')") for r in compiled
+               if r["kernel"] == "_student_image_pass_kernel"}
+    assert layouts == {True}  # the image layout ran only when asked for
+
+
+def test_default_launches_do_not_spill_registers(compiled):
+    defaults = [r for r in compiled if r["default"]]
+    assert {r["pointers"] for r in defaults} >= {"bf16/fp32", "fp32", "fp16/fp32"}
+    spilled = [(r["case"], r["kernel"], r["arch"], r["spill_bytes"]) for r in defaults
+               if r["spill_bytes"]]
+    assert not spilled
+    assert all(0 < r["registers"] <= 255 for r in compiled)
+
+
+def test_kernel_resources_refuses_the_interpreter():
+    from dinofuse.bench import kernel_resources
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=0"):
+        with kernel_resources.recording():
+            pass
