@@ -91,6 +91,9 @@ class ImplConfig:
     reshard_root_after_forward: bool = False  # weights after forward; the same for the root
     # (embeddings, final norm). The teacher always reshards (the EMA updates its shards).
     reduce_dtype: str = "fp32"  # FSDP2 gradient reduction under bf16: fp32 | bf16
+    loss_check: str = "deferred"  # the non-finite loss check: deferred (each step's loss is
+    # read during the next step or before a save: no host sync) | official (read right after
+    # the forward, as the official code does: the host waits for the GPU every step)
 
 
 @dataclass

@@ -61,10 +61,40 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None,
     return model
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    """The mean of a Python number over ranks (for logging)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+class DeviceValue:
+    """A number still on the device, read without stalling the GPU's queue.
+
+    A 0-d tensor (with `mean_over_ranks`, averaged by an all-reduce started at once). On a
+    GPU it is copied to pinned host memory behind the work that produces it, and an event
+    marks the copy: reading it (`float()`) waits for that event only, not for everything
+    queued since, as `.item()` would. Read once, then cached.
+    """
+
+    def __init__(self, tensor: torch.Tensor, mean_over_ranks: bool = True):
+        t = tensor.detach().float().reshape(()).clone()
+        self._value: float | None = None
+        self._work = self._event = None
+        self._world = 1
+        if mean_over_ranks and dist.is_initialized() and dist.get_world_size() > 1:
+            self._world = dist.get_world_size()
+            self._work = dist.all_reduce(t, async_op=True)
+        if t.is_cuda:
+            if self._work is not None:
+                self._work.wait()  # NCCL: the stream waits for the all-reduce, not the host
+                self._work = None
+            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            t = host
+        self._tensor = t
+
+    def __float__(self) -> float:
+        if self._value is None:
+            if self._work is not None:
+                self._work.wait()
+            if self._event is not None:
+                self._event.synchronize()
+            self._value = float(self._tensor) / self._world
+            self._tensor = self._work = self._event = None
+        return self._value

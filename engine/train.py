@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -47,7 +48,7 @@ from dinofuse.engine.models import (
     build_vit,
     cancel_last_layer_gradients,
 )
-from dinofuse.engine.parallel import all_reduce_mean, shard_model, world
+from dinofuse.engine.parallel import DeviceValue, shard_model, world
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
 from dinofuse.kernels.reference import OfficialDINOLoss, ema_reference_
@@ -56,7 +57,7 @@ SYNTHETIC_STEPS_PER_EPOCH = 100  # data.path="synthetic": the schedules' epoch l
 IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
                 "clip": ("fused", "official"), "fsdp": ("auto", "always"),
                 "optimizer": ("auto", "fused", "foreach", "official"),
-                "reduce_dtype": ("fp32", "bf16")}
+                "reduce_dtype": ("fp32", "bf16"), "loss_check": ("deferred", "official")}
 
 
 class TrainingError(RuntimeError):
@@ -126,9 +127,9 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def clip_gradients(model: nn.Module, clip: float, mode: str) -> float:
+def clip_gradients(model: nn.Module, clip: float, mode: str) -> torch.Tensor | float:
     """Official per-parameter clipping (each parameter's norm to `clip`) or global norm.
-    Returns the global gradient norm before clipping (for the log)."""
+    Returns the global gradient norm before clipping (for the log), on the device: no sync."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
@@ -140,7 +141,7 @@ def clip_gradients(model: nn.Module, clip: float, mode: str) -> float:
     elif clip > 0:
         coefs = (clip / (norms + 1e-6)).clamp(max=1.0)  # on the device: no host sync
         torch._foreach_mul_(local, list(coefs.unbind()))
-    return float(norms.norm(2))
+    return norms.norm(2)
 
 
 def gradient_norms(grads: list[torch.Tensor], local: list[torch.Tensor]) -> torch.Tensor:
@@ -152,11 +153,17 @@ def gradient_norms(grads: list[torch.Tensor], local: list[torch.Tensor]) -> torc
     sharded = [any(p.is_shard() for p in getattr(g, "placements", ())) for g in grads]
     if any(sharded):
         mesh = next(g.device_mesh for g, s in zip(grads, sharded) if s)
-        mask = torch.tensor(sharded, device=squares.device)
+        mask = _device_mask(tuple(sharded), squares.device)
         summed = torch.where(mask, squares, 0.0)
         dist.all_reduce(summed, group=mesh.get_group())
         squares = torch.where(mask, summed, squares)
     return squares.sqrt()
+
+
+@functools.lru_cache(maxsize=8)
+def _device_mask(flags: tuple[bool, ...], device: torch.device) -> torch.Tensor:
+    """A bool tensor on the device, made once (a copy from the host would sync every step)."""
+    return torch.tensor(flags, device=device)
 
 
 def clip_gradients_official(model: nn.Module, clip: float) -> float:
@@ -212,15 +219,27 @@ class EpochSampler(torch.utils.data.Sampler):
 
 @dataclass
 class StepLog:
-    step: int
-    epoch: int
-    loss: float
-    lr: float
-    wd: float
-    momentum: float
-    teacher_temp: float
-    grad_norm: float
-    images_per_s: float
+    """One step's numbers. The loss and the gradient norm may still be on the device
+    (`DeviceValue`): reading them waits for the step's work, so nothing here forces a sync."""
+
+    def __init__(self, step: int, epoch: int, loss, lr: float, wd: float, momentum: float,
+                 teacher_temp: float, grad_norm, images_per_s: float = 0.0):
+        self.step, self.epoch, self.lr, self.wd = step, epoch, lr, wd
+        self.momentum, self.teacher_temp, self.images_per_s = momentum, teacher_temp, images_per_s
+        self._loss, self._grad_norm = loss, grad_norm
+
+    @property
+    def loss(self) -> float:
+        return float(self._loss)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self._grad_norm)
+
+    def as_dict(self) -> dict:
+        return dict(step=self.step, epoch=self.epoch, loss=self.loss, lr=self.lr, wd=self.wd,
+                    momentum=self.momentum, teacher_temp=self.teacher_temp,
+                    grad_norm=self.grad_norm, images_per_s=self.images_per_s)
 
 
 class Trainer:
@@ -309,6 +328,7 @@ class Trainer:
         self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, o.epochs, n)
         self.total_steps = o.epochs * n
 
+        self._unchecked: StepLog | None = None  # the last step whose loss was not read yet
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == torch.float16 else None
         self.step = 0
         self._pending_save = None  # (future, folder) of a background sharded save
@@ -366,10 +386,17 @@ class Trainer:
             teacher_out = self.teacher(crops[:2])
             student_out = self.student(crops)
         loss = self.loss_fn(student_out, teacher_out, epoch)
-        loss_value = all_reduce_mean(loss.item(), self.device)  # every rank stops together
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"loss is {loss_value} at step {it} (epoch {epoch}); stopping. "
-                                f"The last good checkpoint is kept in {self.out}")
+        # The mean over ranks (so every rank stops together), read without waiting: the
+        # previous step's loss is checked now (its forward finished long ago), this one's
+        # during the next step or before a save. "official" reads it here, a sync per step.
+        log = StepLog(it, epoch, DeviceValue(loss), self.lr_schedule[it], self.wd_schedule[it],
+                      self.momentum_schedule[it], self.loss_fn.teacher_temp_at(epoch), 0.0)
+        if self.cfg.impl.loss_check == "official":
+            self._unchecked = None
+            self._check_finite(log)
+        else:
+            self.check_finite()
+            self._unchecked = log
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -389,8 +416,21 @@ class Trainer:
             self.optimizer.step()
         self.ema(self.momentum_schedule[it])
         self.step += 1
-        return StepLog(it, epoch, loss_value, self.lr_schedule[it], self.wd_schedule[it],
-                       self.momentum_schedule[it], self.loss_fn.teacher_temp_at(epoch), grad_norm, 0.0)
+        # the norm is global already (sharded gradients were summed over ranks)
+        log._grad_norm = grad_norm if isinstance(grad_norm, float) else \
+            DeviceValue(grad_norm, mean_over_ranks=False)
+        return log
+
+    def check_finite(self) -> None:
+        """Stop on a non-finite loss of the last step not yet checked (waits for its forward)."""
+        log, self._unchecked = self._unchecked, None
+        if log is not None:
+            self._check_finite(log)
+
+    def _check_finite(self, log: StepLog) -> None:
+        if not math.isfinite(log.loss):
+            raise TrainingError(f"loss is {log.loss} at step {log.step} (epoch {log.epoch}); "
+                                f"stopping. The last good checkpoint is kept in {self.out}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -503,11 +543,11 @@ class Trainer:
                                             / (now - last_time))
                         last_time, last_step = now, self.step
                         if log_file is not None:
-                            log_file.write(json.dumps(log.__dict__) + "\n")
+                            log_file.write(json.dumps(log.as_dict()) + "\n")
                             log_file.flush()
                         bar.update(self.step, log)
                         if board is not None:
-                            for key, value in log.__dict__.items():
+                            for key, value in log.as_dict().items():
                                 if key not in ("step", "epoch"):
                                     board.add_scalar(f"train/{key}", value, log.step)
                     if cfg.run.save_every_steps and self.step % cfg.run.save_every_steps == 0:
@@ -574,6 +614,7 @@ class Trainer:
                 "optimizer": get_optimizer_state_dict(self.student, self.optimizer)}
 
     def save(self) -> Path:
+        self.check_finite()  # never save the weights of a step whose loss was not finite
         if self._sharded_saves():
             return self._save_sharded()
         path = self.out / "checkpoint.pth"

@@ -186,6 +186,27 @@ def test_training_steps_on_the_gpu(precision, tmp_path):
     assert official == pytest.approx(fused, rel=2e-2)  # half-precision logits, two paths
 
 
+def test_a_training_step_never_makes_the_host_wait(tmp_path):
+    """With the defaults a step queues its work and returns: torch's sync debug mode turns
+    any synchronizing call (.item(), a pageable copy, nonzero...) into an error. The loss is
+    read through an event one step later (not a stream sync)."""
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.train import Trainer
+    from test_train import TINY
+
+    cfg = load_config("default", TINY + ['data.path="synthetic"', f'run.output_dir="{tmp_path}"'])
+    trainer = Trainer(cfg)
+    batches = (b for b, _ in trainer.loader(0, 0))
+    trainer.train_step(next(batches))  # first step: one-time set-up (EMA tables, caches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logs = [trainer.train_step(next(batches)) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(torch.tensor([log.loss, log.grad_norm])).all() for log in logs)
+
+
 def test_dali_mixed_decoding_gives_crops_on_the_gpu(tmp_path):
     pytest.importorskip("nvidia.dali")
     import numpy as np

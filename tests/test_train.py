@@ -111,6 +111,28 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path):
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
 
 
+@pytest.mark.parametrize("check", ["deferred", "official"])
+def test_non_finite_loss_is_named_by_its_step_when_checked(tmp_path, check):
+    """Deferred (default): a step returns without reading its loss; the next step (or a
+    save) finds it non-finite and names it. Official: the step itself stops."""
+    _, _, trainer = _synthetic_run(tmp_path, f'impl.loss_check="{check}"', steps=2)
+    batches = (b for b, _ in trainer.loader(0, 0))
+    with torch.no_grad():
+        trainer.student.backbone.pos_embed.fill_(float("nan"))
+    if check == "official":
+        with pytest.raises(TrainingError, match="loss is nan at step 2 "):
+            trainer.train_step(next(batches))
+        return
+    log = trainer.train_step(next(batches))  # step 2: queued, not read
+    assert log.step == 2
+    with pytest.raises(TrainingError, match="loss is nan at step 2 "):
+        trainer.train_step(next(batches))  # step 3 reads step 2's loss
+    trainer._unchecked = log
+    with pytest.raises(TrainingError, match="loss is nan at step 2 "):
+        trainer.save()  # never writes weights after a non-finite loss
+    assert not (trainer.out / "checkpoint.pth").exists()
+
+
 def test_teacher_starts_as_student_copy_without_gradients(image_folder, tmp_path):
     student, teacher = build_student_teacher(make_cfg(image_folder, tmp_path))
     for (n, s), t in zip(student.named_parameters(), teacher.parameters()):
@@ -257,7 +279,7 @@ def test_gradient_clipping_matches_the_official_and_torch_versions(mode):
         m(x).square().sum().backward()
     norms = [float(p.grad.norm()) for p in models[0].parameters()]
     clip = sorted(norms)[1]  # some parameters clipped, some not
-    total = clip_gradients(models[0], clip, mode)
+    total = float(clip_gradients(models[0], clip, mode))
     if mode == "per_param":
         assert clip_gradients_official(models[1], clip) == pytest.approx(total, rel=1e-6)
     else:
