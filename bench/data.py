@@ -11,6 +11,7 @@ row decodes with nvJPEG (device="mixed") and crops on the GPU; without one it is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -80,6 +81,16 @@ def time_dali(files: list[str], spec: MultiCropSpec, batch: int, threads: int,
     return _images_per_s(loader)
 
 
+def breakdown_specs(spec: MultiCropSpec) -> dict[str, MultiCropSpec]:
+    """Lighter graphs than `spec`, each adding one part: read, decode and cut 2 crops with no
+    augmentation (every coin off); then DINO's augmentations on the 2 global crops; then
+    the local crops (the full graph, timed as the main row)."""
+    plain = dataclasses.replace(spec, local_crops_number=0, flip_p=0.0, color_jitter_p=0.0,
+                                grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
+    return {"decode + 2 crops, no augmentation": plain,
+            "2 global crops, augmented": dataclasses.replace(spec, local_crops_number=0)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
@@ -90,6 +101,8 @@ def main(argv=None):
                     help="read the files this many times per run (a longer timed epoch)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2,
                     help="DALI threads and torchvision workers (the same cores for both)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time DALI on lighter graphs: where its time goes")
     args = ap.parse_args(argv)
     spec = MultiCropSpec(local_crops_number=args.local_crops)
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,6 +118,10 @@ def main(argv=None):
                                                  args.repeat), 1),
             "images_read": args.images * args.repeat,
         }
+        if args.breakdown:
+            results["dali_breakdown_images_per_s"] = {
+                name: round(time_dali(files, lighter, args.batch, args.threads, args.repeat), 1)
+                for name, lighter in breakdown_specs(spec).items()}
     results["dali_over_torchvision"] = round(results["dali_images_per_s"] /
                                              results["torchvision_images_per_s"], 2)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ run_stage() {
         --steps 3 --warmup 1 ;;
     data_bench)
       if has_dali; then stage data_bench 75 python3 -m dinofuse.bench.data --out "$work" --images 256 \
-          --repeat 12 --batch 128 --threads "$(nproc)"
+          --repeat 12 --batch 128 --threads "$(nproc)" --breakdown
       else echo "stage data_bench: skipped (no DALI)" | tee -a "$work/stages.txt"; fi ;;
     train_s16_dali)
       if has_dali; then jpegs; stage train_s16_dali 75 "${train[@]}" --arch vit_small --patch 16 --batch 64 \

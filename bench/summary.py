@@ -25,6 +25,14 @@ def summarize(folder: Path) -> str:
                 floor = r.get("floor_ms")
                 over = f", {ms / floor:.2f}x floor" if floor else ""
                 lines.append(f"  {r['case']} | {r['variant']}: {ms:.3f} ms{over}")
+        swept: dict[str, dict] = {}  # the fastest launch shape per case, when swept
+        for r in k["rows"]:
+            if r["variant"].startswith("fused ") and r["case"].startswith("loss"):
+                ms = r.get("kernel_ms") or r["ms"]
+                if r["case"] not in swept or ms < swept[r["case"]]["ms"]:
+                    swept[r["case"]] = dict(ms=ms, variant=r["variant"])
+        for case, best in swept.items():
+            lines.append(f"  {case} | fastest swept: {best['ms']:.3f} ms ({best['variant']})")
         lines.append("")
     for path in sorted(folder.glob("train-*.json")):
         t = json.loads(path.read_text())
@@ -50,6 +58,8 @@ def summarize(folder: Path) -> str:
         lines.append(f"data pipeline ({d['device']}, {d['crops']}): DALI {d['dali_images_per_s']} "
                      f"img/s, torchvision {d['torchvision_images_per_s']} img/s "
                      f"({d['dali_over_torchvision']}x)")
+        for name, rate in d.get("dali_breakdown_images_per_s", {}).items():
+            lines.append(f"  DALI {name}: {rate} img/s")
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,23 @@ def test_data_benchmark_smoke(tmp_path):
     from dinofuse.bench.data import main
 
     result = main(["--out", str(tmp_path), "--images", "48", "--batch", "8", "--local-crops", "2",
-                   "--threads", "1"])
+                   "--threads", "1", "--breakdown"])
     saved = json.loads((tmp_path / "data.json").read_text())
     assert saved == result
     assert saved["torchvision_images_per_s"] > 0 and saved["dali_images_per_s"] > 0
     assert saved["mean_jpeg_kb"] > 50  # ImageNet-like sizes, not tiny smooth files
+    assert set(saved["dali_breakdown_images_per_s"]) == {"decode + 2 crops, no augmentation",
+                                                        "2 global crops, augmented"}
+    assert all(v > 0 for v in saved["dali_breakdown_images_per_s"].values())
+
+
+def test_breakdown_graphs_switch_off_one_part_each():
+    from dinofuse.bench.data import breakdown_specs
+    from dinofuse.dataloading.spec import MultiCropSpec
+
+    full = MultiCropSpec(local_crops_number=10)
+    plain, globals_only = breakdown_specs(full).values()
+    assert [c.size for c in plain.crops()] == [224, 224] and plain.flip_p == 0
+    assert all(c.blur_p == 0 and c.solarize_p == 0 for c in plain.crops())
+    assert plain.color_jitter_p == plain.grayscale_p == 0
+    assert globals_only.crops() == full.crops()[:2] and globals_only.color_jitter_p == 0.8

@@ -30,3 +30,24 @@ def test_gpu_check_runs_stages_packs_their_logs_and_summarizes(tmp_path):
     first, second = stages.splitlines()  # a fresh work folder: this run's stages only
     assert first.startswith("stage cuda_tests: exit 0 in ") and second == "unknown stage no_such_stage"
     assert "stage cuda_tests: exit 0" in (out / "summary.txt").read_text()
+
+
+def test_summary_names_the_fastest_swept_shape_and_the_data_breakdown(tmp_path):
+    import json
+
+    from dinofuse.bench.summary import summarize
+
+    case = "loss B=256 K=65536 crops=10 bfloat16"
+    rows = [dict(case=case, variant="fused", ms=0.6, kernel_ms=0.52, floor_ms=0.17),
+            dict(case=case, variant="fused V,BK,warps,splits=(2, 2048, 8, 4)", ms=0.5, kernel_ms=0.46),
+            dict(case=case, variant="fused teacher block_k=1024", ms=0.5, kernel_ms=0.48),
+            dict(case="ema x", variant="fused chunk=1", ms=0.1, kernel_ms=0.01)]
+    (tmp_path / "kernels.json").write_text(json.dumps(dict(device="GPU", copy_bandwidth_gbs=1.0,
+                                                           rows=rows)))
+    (tmp_path / "data.json").write_text(json.dumps(dict(
+        device="GPU", crops="2x224 + 10x96", dali_images_per_s=2.0, torchvision_images_per_s=1.0,
+        dali_over_torchvision=2.0, dali_breakdown_images_per_s={"decode only": 9.0})))
+    text = summarize(tmp_path)
+    assert f"{case} | fastest swept: 0.460 ms (fused V,BK,warps,splits=(2, 2048, 8, 4))" in text
+    assert "ema x | fastest" not in text
+    assert "DALI decode only: 9.0 img/s" in text
