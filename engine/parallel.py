@@ -89,6 +89,9 @@ class DeviceValue:
             t = host
         self._tensor = t
 
+    def __repr__(self) -> str:
+        return f"DeviceValue({self._value if self._value is not None else 'pending'})"
+
     def __float__(self) -> float:
         if self._value is None:
             if self._work is not None:

@@ -20,7 +20,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -217,7 +216,6 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(mine[self.start_batch:].reshape(-1).tolist())
 
 
-@dataclass
 class StepLog:
     """One step's numbers. The loss and the gradient norm may still be on the device
     (`DeviceValue`): reading them waits for the step's work, so nothing here forces a sync."""
@@ -235,6 +233,9 @@ class StepLog:
     @property
     def grad_norm(self) -> float:
         return float(self._grad_norm)
+
+    def __repr__(self) -> str:
+        return f"StepLog(step={self.step}, loss={self._loss!r}, lr={self.lr:.3g})"
 
     def as_dict(self) -> dict:
         return dict(step=self.step, epoch=self.epoch, loss=self.loss, lr=self.lr, wd=self.wd,
