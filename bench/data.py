@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinofuse.bench.meta import run_metadata
+from dinofuse.bench.meta import run_metadata, write_results
 from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.dataloading.readers import ImageFiles
@@ -124,8 +124,7 @@ def main(argv=None):
                 for name, lighter in breakdown_specs(spec).items()}
     results["dali_over_torchvision"] = round(results["dali_images_per_s"] /
                                              results["torchvision_images_per_s"], 2)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(args.out, "data", results)
     print(json.dumps(results, indent=1))
     return results
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from dinofuse.bench.meta import write_results
+
 LOSS = importlib.import_module("dinofuse.kernels.dino_loss")
 EMA = importlib.import_module("dinofuse.kernels.ema")
 
@@ -258,10 +260,8 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     archs = tuple(int(a) for a in args.arch.split(","))
     rows = check(archs) if args.check else report(archs, sweep=not args.no_sweep)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernel_resources.json").write_text(json.dumps(rows, indent=1) + "\n")
     md = markdown(rows)
-    (args.out / "kernel_resources.md").write_text(md)
+    write_results(args.out, "kernel_resources", rows, md)
     print(md)
     return rows
 

@@ -28,7 +28,7 @@ from dinofuse.bench.cases import (
     loss_step,
     official_loss,
 )
-from dinofuse.bench.meta import run_metadata
+from dinofuse.bench.meta import run_metadata, write_results
 from dinofuse.kernels import ema_update_
 
 
@@ -334,10 +334,8 @@ def main(argv=None):
         copy_bandwidth_gbs=round(copy_bw, 1), rows=_ratios(rows), skipped=skipped, checks=checks,
         host_overhead_us=host_us,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
-    (args.out / "kernels.md").write_text(md)
+    write_results(args.out, "kernels", result, md)
     print(md)
     return result
 

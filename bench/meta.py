@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -34,3 +35,14 @@ def run_metadata(device: torch.device) -> dict:
     return dict(device=device_name(device),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 commit=git_commit(), torch=torch.__version__, triton=triton.__version__)
+
+
+def write_results(out: Path, stem: str, result, markdown: str | None = None) -> list[Path]:
+    """OUT/STEM.json (and OUT/STEM.md when given a table); the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json"]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    if markdown is not None:
+        paths.append(out / f"{stem}.md")
+        paths[1].write_text(markdown)
+    return paths
