@@ -82,7 +82,7 @@ run_stage() {
     kernel_bench)
       local sweep=--sweep; [ "${SWEEP:-1}" = 0 ] && sweep=
       stage kernel_bench 120 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;
-    train_s16) stage train_s16 200 "${train[@]}" --arch vit_small --patch 16 --batch 64 --ablation --compile \
+    train_s16) stage train_s16 240 "${train[@]}" --arch vit_small --patch 16 --batch 64 --ablation --compile \
         --fsdp --profile --target-speedup 2.5 --target-mfu 35 ;;
     train_s8) stage train_s8 75 "${train[@]}" --arch vit_small --patch 8 --batch 64 --baseline \
         --checkpointing all,8,6 --target-memory-gib 20 ;;

@@ -315,7 +315,12 @@ def variants(args) -> list[Variant]:
         out.append(Variant(f"dinofuse + activation checkpointing ({what})",
                            {**ours, "impl.checkpoint_blocks": blocks}))
     if args.fsdp:
-        out.append(Variant("dinofuse + FSDP2 (1 process)", {**ours, "impl.fsdp": "always"}))
+        fsdp = {**ours, "impl.fsdp": "always"}
+        out.append(Variant("dinofuse + FSDP2 (1 process)", fsdp))
+        # one all-gather per block and step instead of one per crop size, and none in
+        # backward: the least machinery (compare with the packed row above)
+        out.append(Variant("dinofuse + packed crops + FSDP2 (1 process, blocks kept gathered)",
+                           {**fsdp, "model.packed": True, "impl.reshard_after_forward": False}))
     if args.compile:
         compiled.append(Variant("dinofuse + torch.compile", {**ours, "impl.compile_blocks": True}))
     return out + compiled

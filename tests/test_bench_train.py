@@ -75,7 +75,8 @@ def test_benchmark_end_to_end_writes_json_markdown_and_png(tmp_path):
     result = json.loads((tmp_path / f"{tag}.json").read_text())
     names = [r["name"] for r in result["rows"]]
     assert names[0].startswith("baseline") and "dinofuse" in names
-    assert "dinofuse + FSDP2 (1 process)" == names[-1]
+    assert names[-2:] == ["dinofuse + FSDP2 (1 process)",
+                          "dinofuse + packed crops + FSDP2 (1 process, blocks kept gathered)"]
     assert {f"baseline + {n}" for n in ("fused loss", "fused EMA", "sync-free clipping",
                                         "packed crops", "bf16 autocast")} <= set(names)
     for r in result["rows"]:
