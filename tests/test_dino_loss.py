@@ -178,7 +178,10 @@ def test_gradient_scales_with_upstream_gradient(K, B, ncrops):
     torch.testing.assert_close(grads[1], grads[0] * -2.5, rtol=1e-6, atol=0)
 
 
-def test_no_gradient_requested():
+@pytest.mark.parametrize("launch", [None, (2, 16, 2, None, "image")])
+def test_no_gradient_requested(launch, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("dinofuse.kernels.dino_loss"),
+                        "STUDENT_LAUNCH_OVERRIDE", launch)
     student, teacher, center = make_inputs(50, 2, 2, 4, torch.float32)
     with torch.no_grad():
         loss, _ = dino_loss(student.requires_grad_(), teacher, center)
