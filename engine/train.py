@@ -50,6 +50,7 @@ from dinofuse.engine.models import (
 from dinofuse.engine.parallel import DeviceValue, shard_model, world
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
+from dinofuse.kernels._runtime import local_shard
 from dinofuse.kernels.reference import OfficialDINOLoss, ema_reference_
 
 SYNTHETIC_STEPS_PER_EPOCH = 100  # data.path="synthetic": the schedules' epoch length
@@ -132,7 +133,7 @@ def clip_gradients(model: nn.Module, clip: float, mode: str) -> torch.Tensor | f
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    local = [local_shard(g) for g in grads]
     norms = gradient_norms(grads, local)
     if clip > 0 and mode == "global":
         coef = (clip / (norms.norm(2) + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s formula

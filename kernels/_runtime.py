@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.distributed.tensor import DTensor
 
 # `triton.jit` reads TRITON_INTERPRET when a kernel is defined, so the choice is made once,
 # at import: set the variable before importing dinofuse.kernels.
@@ -29,3 +30,8 @@ def check_float(name: str, tensor: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
     if tensor.dtype not in dtypes:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name} must be one of {allowed}; got {tensor.dtype}")
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor (no communication), else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from torch.distributed.tensor import DTensor
 
-from dinofuse.kernels._runtime import check_float, runs_triton
+from dinofuse.kernels._runtime import check_float, local_shard, runs_triton
 from dinofuse.kernels.reference import ema_reference_
 
 # Launch shape: elements per program (a multiple of `block`), elements per loop step, warps.
@@ -63,8 +62,8 @@ class EMAPlan:
 
     def __init__(self, teacher_params: Sequence[torch.Tensor],
                  student_params: Sequence[torch.Tensor]):
-        teacher = [_local(t) for t in teacher_params]
-        student = [_local(s) for s in student_params]
+        teacher = [local_shard(t) for t in teacher_params]
+        student = [local_shard(s) for s in student_params]
         _validate(teacher, student)
         self.device = teacher[0].device if teacher else None
         self.fused = bool(teacher) and runs_triton(teacher[0])
@@ -105,11 +104,6 @@ class EMAPlan:
 _plans: OrderedDict[tuple, EMAPlan] = OrderedDict()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of an FSDP2 DTensor parameter (no communication), else the tensor."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _validate(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> None:
     if len(teacher) != len(student):
         raise ValueError(f"ema_update_ got {len(teacher)} teacher tensors and "
@@ -146,8 +140,8 @@ def ema_update_(
     `momentum` is a float or a 0-d float tensor on the tensors' device.
     The validated launch plan is cached by the tensors' addresses, lengths and dtypes.
     """
-    teacher = [_local(t) for t in teacher_params]
-    student = [_local(s) for s in student_params]
+    teacher = [local_shard(t) for t in teacher_params]
+    student = [local_shard(s) for s in student_params]
     if not teacher and not student:
         return
     key = (LAUNCH["chunk"], runs_triton(teacher[0]) if teacher else False,
