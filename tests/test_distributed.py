@@ -306,3 +306,35 @@ def test_one_process_checkpoint_resumes_under_two(tmp_path):
     assert two["losses"] == pytest.approx(ref_losses[2:], rel=1e-5)
     for key, value in reference.teacher.state_dict().items():
         torch.testing.assert_close(two["teacher"][key], value, rtol=1e-4, atol=1e-6)
+
+
+def _nan_on_one_rank(rank, folder, out, result):
+    from dinofuse.engine.train import Trainer, TrainingError
+
+    trainer = Trainer(_cfg(folder, out, 2))
+    trainer.fit(max_steps=1, progress=False)
+    if rank == 1:  # only this rank's batches are broken (the weights are shared)
+        step = trainer.train_step
+        trainer.train_step = lambda crops: step([c * float("nan") for c in crops])
+    try:
+        trainer.fit(max_steps=3, progress=False)
+        outcome = "trained on"
+    except TrainingError as e:
+        outcome = str(e)
+    outcomes = [None] * WORLD
+    dist.all_gather_object(outcomes, outcome)
+    if rank == 0:
+        torch.save(outcomes, result)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """The loss read (a step later, with no host sync) is the mean over ranks: one rank's
+    NaN reaches all of them, and all stop naming the same step instead of one rank leaving
+    the others waiting in a collective."""
+    import functools
+
+    result = tmp_path / "outcomes.pt"
+    _spawn(functools.partial(_nan_on_one_rank, folder=_image_folder(tmp_path / "imgs"),
+                             out=tmp_path / "run", result=result))
+    outcomes = torch.load(result, weights_only=True)
+    assert outcomes[0] == outcomes[1] and outcomes[0].startswith("loss is nan at step 1 ")
