@@ -1,4 +1,5 @@
-"""The one place where distribution is applied: process group setup and FSDP2 sharding.
+"""The one place where distribution is applied: process group setup, and per module
+(`parallelize`) activation checkpointing, torch.compile and FSDP2 sharding.
 
 Under `torchrun` (WORLD_SIZE > 1) `init_distributed` joins the process group (NCCL on GPUs,
 gloo on CPU, with a timeout so that a dead rank ends the job instead of hanging it), and
@@ -58,6 +59,24 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None,
         fully_shard(block, **kwargs)
     fully_shard(model.head, **kwargs)
     fully_shard(model, **{**kwargs, "reshard_after_forward": reshard_root_after_forward})
+    return model
+
+
+def parallelize(model: nn.Module, impl, *, shard: bool, param_dtype: torch.dtype | None,
+                is_teacher: bool) -> nn.Module:
+    """Activation checkpointing and torch.compile per block, then FSDP2 (in that order, as
+    torchtitan does), from the config's `impl` section. Student and teacher go through the
+    same calls, so their shards match; the teacher only runs forward, and gathered weights
+    kept after it would miss the EMA (which updates the shards), so it always reshards."""
+    model.backbone.checkpoint_blocks = impl.checkpoint_blocks
+    if impl.compile_blocks:  # one static graph per crop size (2 sizes, train and eval)
+        for block in model.backbone.blocks:
+            block.compile(dynamic=False)
+    if shard:
+        shard_model(model, param_dtype=param_dtype,
+                    reshard_after_forward=impl.reshard_after_forward or is_teacher,
+                    reshard_root_after_forward=impl.reshard_root_after_forward or is_teacher,
+                    reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[impl.reduce_dtype])
     return model
 
 

@@ -47,7 +47,7 @@ from dinofuse.engine.models import (
     build_vit,
     cancel_last_layer_gradients,
 )
-from dinofuse.engine.parallel import DeviceValue, shard_model, world
+from dinofuse.engine.parallel import DeviceValue, parallelize, world
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
 from dinofuse.kernels._runtime import local_shard
@@ -344,25 +344,14 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _apply_impl(self, impl) -> None:
-        """Activation checkpointing and torch.compile per block, then FSDP2 (in that order,
-        as torchtitan does): student and teacher alike, so their shards match."""
         if impl.fsdp == "always" and not dist.is_initialized():
             raise TrainingError("impl.fsdp=\"always\" needs a process group: run under torchrun, "
                                 "or call dinofuse.engine.parallel.init_distributed(force=True)")
+        param_dtype = self.precision if self.precision == torch.bfloat16 else None
         for model in (self.student, self.teacher):
             model.backbone.fix_attention_backend(self.device)
-            model.backbone.checkpoint_blocks = impl.checkpoint_blocks
-            if impl.compile_blocks:  # one static graph per crop size (2 sizes, train and eval)
-                for block in model.backbone.blocks:
-                    block.compile(dynamic=False)
-            if self.sharded:
-                # the teacher only runs forward: gathered weights kept after it would never
-                # see the EMA, which updates the shards, so it always reshards
-                student = model is self.student
-                shard_model(model, param_dtype=self.precision if self.precision == torch.bfloat16 else None,
-                            reshard_after_forward=impl.reshard_after_forward or not student,
-                            reshard_root_after_forward=impl.reshard_root_after_forward or not student,
-                            reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[impl.reduce_dtype])
+            parallelize(model, impl, shard=self.sharded, param_dtype=param_dtype,
+                        is_teacher=model is self.teacher)
 
     def _precision(self) -> torch.dtype | None:
         p = self.cfg.optim.precision

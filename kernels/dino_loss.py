@@ -217,10 +217,10 @@ def _student_image_pass_kernel(
     EVEN_K: tl.constexpr,
 ):
     # The "image" layout: one program per (image, column slice) walks every student view of
-    # its image, so each teacher probability is computed once per view group of G^2 exp2
-    # (G + (G-1)^2: the first global view's targets also give the sum for the local views)
-    # instead of once per V_BLOCK rows, and the teacher and center are read once per slice.
-    # The rows' logsumexps come from the statistics kernel; the program writes one partial loss.
+    # its image, so the teacher probabilities cost G + (G-1)^2 exp2 per column (view 0's
+    # targets also give the sum that every local view learns from) instead of G per V_BLOCK
+    # rows, and the teacher and center are read once per slice. The rows' logsumexps come
+    # from the statistics kernel; the program writes one partial loss.
     b = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -392,7 +392,8 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
     v_block, block_k, warps, splits, split_len, layout = _student_launch_config(
         K, B, ncrops, student_out.device)
     grid = (B * triton.cdiv(ncrops, v_block), splits)
-    row_loss = _new_output((n_student, splits), **f32)
+    # partial losses: one per row and slice ("views"), or per image and slice ("image")
+    row_loss = _new_output((B if layout == "image" else n_student, splits), **f32)
     s_max = s_sum = row_loss  # unused when one program sees a whole row
     if splits > 1 or layout == "image":
         s_max = _new_output((n_student, splits), **f32)
@@ -410,7 +411,6 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
     scalars = (B, K, n_tblocks, split_len, LOG2E / student_temp, LOG2E / teacher_temp,
                scale / student_temp, scale * LN2)
     if layout == "image":
-        row_loss = _new_output((B, splits), **f32)  # one partial per program
         _student_image_pass_kernel[(B, splits)](
             *args, row_loss, *scalars, NCROPS=ncrops, NCROPS_P2=next_power_of_2(ncrops),
             EVEN_K=K % block_k == 0, **common)
