@@ -51,3 +51,21 @@ def test_summary_names_the_fastest_swept_shape_and_the_data_breakdown(tmp_path):
     assert f"{case} | fastest swept: 0.460 ms (fused V,BK,warps,splits=(2, 2048, 8, 4))" in text
     assert "ema x | fastest" not in text
     assert "DALI decode only: 9.0 img/s" in text
+
+
+def test_every_training_stage_of_the_gpu_check_parses():
+    """A typo in a stage's arguments would cost a GPU call: parse each `dinofuse bench train`
+    command line of bench/gpu_check.sh here (and its variants), as the GPU would."""
+    import re
+    import shlex
+
+    from dinofuse.bench.train import build_parser, variants
+
+    script = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    commands = re.findall(r'"\$\{train\[@\]\}"([^;]*);;', script)
+    assert len(commands) >= 6
+    for command in commands:
+        argv = shlex.split(command.replace("$arch", "vit_small").replace("$patch", "8")
+                           .replace('"$(nproc)"', "16"))
+        args = build_parser().parse_args([*argv, "--device", "cpu"])
+        assert variants(args), command
