@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import sys
 
 import numpy as np
 import pytest
@@ -131,6 +132,33 @@ def test_non_finite_loss_is_named_by_its_step_when_checked(tmp_path, check):
     with pytest.raises(TrainingError, match="loss is nan at step 2 "):
         trainer.save()  # never writes weights after a non-finite loss
     assert not (trainer.out / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("impl,reads", [((), 0), (('impl.loss_check="official"', 'impl.clip="official"'), 1)])
+def test_a_step_reads_no_tensor_on_the_host(tmp_path, monkeypatch, impl, reads):
+    """On a GPU every host read of a tensor (.item(), float(), bool()) waits for the GPU. With
+    the defaults (fused AdamW as on CUDA) a step reads none, apart from the previous step's
+    loss through its DeviceValue (an event on a GPU); the official way reads every step."""
+    _, _, trainer = _synthetic_run(tmp_path, 'impl.optimizer="fused"', *impl, steps=2)
+    batches = (b for b, _ in trainer.loader(0, 0))
+    hits = []
+    for name in ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy"):
+        method = getattr(torch.Tensor, name)
+
+        def read(self, *args, _method=method, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_qualname
+            if caller != "DeviceValue.__float__":
+                hits.append(f"{_name} in {caller}")
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    trainer.train_step(next(batches))
+    if reads == 0:
+        assert hits == []
+    else:  # each gradient's norm in the official clipping (the loss goes through DeviceValue)
+        with_grad = sum(p.grad is not None for p in trainer.student.parameters())
+        # (>=: the frozen last layer is clipped, then its gradient dropped)
+        assert len(hits) >= with_grad > 0 and set(hits) == {"__float__ in clip_gradients_official"}
 
 
 def test_teacher_starts_as_student_copy_without_gradients(image_folder, tmp_path):
