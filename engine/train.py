@@ -374,7 +374,8 @@ class Trainer:
         crops = [c.to(self.device, non_blocking=True) for c in crops]
 
         with self._autocast():
-            teacher_out = self.teacher(crops[:2])
+            with torch.no_grad():  # no gradient anyway; this skips autograd's and FSDP2's
+                teacher_out = self.teacher(crops[:2])  # bookkeeping (and shares eval's graphs)
             student_out = self.student(crops)
         loss = self.loss_fn(student_out, teacher_out, epoch)
         # The mean over ranks (so every rank stops together), read without waiting: the
