@@ -81,7 +81,7 @@ run_stage() {
     cuda_tests) stage cuda_tests 90 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --no-header -rfE ;;
     kernel_bench)
       local sweep=--sweep; [ "${SWEEP:-1}" = 0 ] && sweep=
-      stage kernel_bench 120 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;
+      stage kernel_bench 150 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;
     train_s16) stage train_s16 240 "${train[@]}" --arch vit_small --patch 16 --batch 64 --ablation --compile \
         --fsdp --profile --target-speedup 2.5 --target-mfu 35 ;;
     # compile too: inductor recomputes cheap elementwise work instead of saving it (memory)

@@ -14,6 +14,8 @@ On a machine without CUDA it runs the CPU-capable rows and lists what it skipped
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import statistics
 import time
@@ -157,35 +159,59 @@ EMA_SWEEP = [dict(chunk=16384, block=1024, num_warps=4), dict(chunk=65536, block
              dict(chunk=4096, block=1024, num_warps=4), dict(chunk=32768, block=4096, num_warps=8)]
 
 
+@contextlib.contextmanager
+def loss_launch(student=None, teacher: dict | None = None):
+    """The fused loss under a student launch shape and/or teacher launch shape; the module's
+    defaults come back afterwards."""
+    loss_mod = importlib.import_module("dinofuse.kernels.dino_loss")
+    saved_student, saved_teacher = loss_mod.STUDENT_LAUNCH_OVERRIDE, dict(loss_mod.TEACHER_LAUNCH)
+    if student is not None:
+        loss_mod.STUDENT_LAUNCH_OVERRIDE = student
+    loss_mod.TEACHER_LAUNCH.update(teacher or {})
+    try:
+        yield
+    finally:
+        loss_mod.STUDENT_LAUNCH_OVERRIDE = saved_student
+        loss_mod.TEACHER_LAUNCH.clear()
+        loss_mod.TEACHER_LAUNCH.update(saved_teacher)
+
+
+def _label(student=None, teacher: dict | None = None) -> str:
+    parts = []
+    if student is not None:
+        parts.append(f"V,BK,warps,splits{',layout' * (len(student) > 4)}={tuple(student)}")
+    if teacher:
+        parts.append("teacher " + ",".join(f"{k}={v}" for k, v in teacher.items()))
+    return "fused " + " + ".join(parts)
+
+
+def sweep_loss(case: LossCase, device, copy_bw, reps) -> list[dict]:
+    """Each student launch shape, each teacher launch shape, then the fastest of each
+    together (the sweep times them apart; the default should come from the pair)."""
+    step = loss_step(fused_loss)
+    s, t, c = case.inputs(device)
+
+    def row(student=None, teacher=None):
+        with loss_launch(student, teacher):
+            m = measure(lambda: step(s, t, c), device, reps)
+        return _row(case.name, _label(student, teacher), m, case.floor_bytes(), copy_bw)
+
+    def fastest(rows, shapes):
+        return min(zip(rows, shapes), key=lambda pair: pair[0]["kernel_ms"] or pair[0]["ms"])[1]
+
+    students = [row(student=shape) for shape in STUDENT_SWEEP]
+    teachers = [row(teacher=shape) for shape in TEACHER_SWEEP]
+    both = row(fastest(students, STUDENT_SWEEP), fastest(teachers, TEACHER_SWEEP))
+    both["variant"] = both["variant"].replace("fused ", "fused fastest pair: ", 1)
+    return students + teachers + [both]
+
+
 def sweep_launch_shapes(loss_cases: list[LossCase], ema_case: EmaCase, device, copy_bw, reps):
     """The fused ops under each launch shape, to choose the defaults from measurements."""
-    import importlib
-
-    loss_mod = importlib.import_module("dinofuse.kernels.dino_loss")
     ema_mod = importlib.import_module("dinofuse.kernels.ema")
     rows = []
-    step = loss_step(fused_loss)
     for loss_case in loss_cases:
-        s, t, c = loss_case.inputs(device)
-        for launch in STUDENT_SWEEP:
-            loss_mod.STUDENT_LAUNCH_OVERRIDE = launch
-            try:
-                m = measure(lambda: step(s, t, c), device, reps)
-                rows.append(_row(loss_case.name, f"fused V,BK,warps,splits{',layout' * (len(launch) > 4)}={launch}", m,
-                                 loss_case.floor_bytes(), copy_bw))
-            finally:
-                loss_mod.STUDENT_LAUNCH_OVERRIDE = None
-        default_teacher = dict(loss_mod.TEACHER_LAUNCH)
-        for launch in TEACHER_SWEEP:
-            loss_mod.TEACHER_LAUNCH.update(launch)
-            try:
-                m = measure(lambda: step(s, t, c), device, reps)
-                label = ",".join(f"{k}={v}" for k, v in launch.items())
-                rows.append(_row(loss_case.name, f"fused teacher {label}", m,
-                                 loss_case.floor_bytes(), copy_bw))
-            finally:
-                loss_mod.TEACHER_LAUNCH.update(default_teacher)
-        del s, t, c
+        rows += sweep_loss(loss_case, device, copy_bw, reps)
     teacher, student = ema_case.inputs(device)
     default = dict(ema_mod.LAUNCH)
     for launch in EMA_SWEEP:
