@@ -82,6 +82,8 @@ run_stage() {
     kernel_bench)
       local sweep=--sweep; [ "${SWEEP:-1}" = 0 ] && sweep=
       stage kernel_bench 150 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;
+    kernel_resources) stage kernel_resources 60 python3 -m dinofuse.bench.kernel_resources \
+        --out "$work" --arch 90 ;;  # registers and spills under this image's triton
     train_s16) stage train_s16 240 "${train[@]}" --arch vit_small --patch 16 --batch 64 --ablation --compile \
         --fsdp --profile --target-speedup 2.5 --target-mfu 35 ;;
     # compile too: inductor recomputes cheap elementwise work instead of saving it (memory)
@@ -111,7 +113,7 @@ run_stage() {
 
 # The default order puts what matters most first; the last four take ~3 more minutes (split
 # them over calls with STAGES when the device time is short).
-for s in ${STAGES:-cuda_tests train_s16 data_bench train_s8 kernel_bench train_b16 train_s16_dali \
+for s in ${STAGES:-cuda_tests train_s16 data_bench train_s8 kernel_bench kernel_resources train_b16 train_s16_dali \
     train_s16_max train_b8 train_s8_max train_b16_max train_b8_max}; do
   run_stage "$s"
 done
