@@ -1,5 +1,6 @@
 """Two CPU processes over gloo: the center all-reduce and the EMA on FSDP2 shards."""
 
+import datetime
 import os
 import socket
 
@@ -19,7 +20,9 @@ def _free_port():
 
 def _run(rank, port, fn):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a bounded wait: a rank left alone in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         fn(rank)
     finally:
