@@ -609,6 +609,9 @@ class CenteredDINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(center_shape))
         self._pending_center = None  # (all-reduce work handle, summed teacher means)
+        # the batch center is copied here first: at a fixed address, the EMA's cached launch
+        # plan serves every step (a new plan would copy its table to the device: a sync)
+        self._batch_center: torch.Tensor | None = None
 
     def centered_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, *,
                       num_global_crops: int, student_temp: float, teacher_temp: float):
@@ -640,7 +643,11 @@ class CenteredDINOLoss(nn.Module):
         self._ema_center(summed / dist.get_world_size())
 
     def _ema_center(self, batch_center: torch.Tensor) -> None:
-        ema_update_([self.center], [batch_center.reshape_as(self.center)], self.center_momentum)
+        buf = self._batch_center
+        if buf is None or buf.shape != self.center.shape or buf.device != self.center.device:
+            buf = self._batch_center = torch.empty_like(self.center)
+        buf.copy_(batch_center.reshape_as(self.center))
+        ema_update_([self.center], [buf], self.center_momentum)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.apply_center_update()

@@ -82,7 +82,9 @@ class EMAPlan:
             numels = [t.numel() for t in ts]
             chunks = [v for i, n in enumerate(numels) for k in range(0, n, chunk) for v in (i, k)]
             rows = [t.data_ptr() for t in ts] + [s.data_ptr() for s in ss] + numels + chunks
-            table = torch.tensor(rows, dtype=torch.int64).to(self.device)
+            table = torch.tensor(rows, dtype=torch.int64)
+            if self.device.type == "cuda":  # from pinned memory: no wait for the GPU
+                table = table.pin_memory().to(self.device, non_blocking=True)
             self.launches.append((s_dtype, table, len(ts), len(chunks) // 2))
         self._keep = (teacher, student)  # the table holds their addresses: keep them alive
 
