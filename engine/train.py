@@ -383,8 +383,7 @@ class Trainer:
         # during the next step or before a save. "official" reads it here, a sync per step.
         log = StepLog(it, epoch, DeviceValue(loss), self.lr_schedule[it], self.wd_schedule[it],
                       self.momentum_schedule[it], self.loss_fn.teacher_temp_at(epoch), 0.0)
-        if self.cfg.impl.loss_check == "official":
-            self._unchecked = None
+        if self.cfg.impl.loss_check == "official":  # nothing is ever left unchecked then
             self._check_finite(log)
         else:
             self.check_finite()
