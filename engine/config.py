@@ -91,6 +91,11 @@ class ImplConfig:
     reshard_root_after_forward: bool = False  # weights after forward; the same for the root
     # (embeddings, final norm). The teacher always reshards (the EMA updates its shards).
     reduce_dtype: str = "fp32"  # FSDP2 gradient reduction under bf16: fp32 | bf16
+    patch_embedding: str = "matmul"  # matmul (one GEMM over the flattened patches) | conv
+    # (the official stride-p convolution; same weights and math)
+    residual_dtype: str = "fp32"  # under bf16/fp16 autocast, the residual stream and the
+    # LayerNorms: fp32 (the official code's, autocast's LayerNorm) | autocast (its dtype,
+    # half the bytes; the kernel's statistics stay fp32)
     loss_check: str = "deferred"  # the non-finite loss check: deferred (each step's loss is
     # read during the next step or before a save: no host sync) | official (read right after
     # the forward, as the official code does: the host waits for the GPU every step)

@@ -47,6 +47,7 @@ from dinofuse.engine.models import (
     build_vit,
     cancel_last_layer_gradients,
 )
+from dinofuse.engine.models.vit import PATCH_EMBEDDINGS, RESIDUAL_DTYPES
 from dinofuse.engine.parallel import DeviceValue, parallelize, world
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
@@ -57,7 +58,8 @@ SYNTHETIC_STEPS_PER_EPOCH = 100  # data.path="synthetic": the schedules' epoch l
 IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
                 "clip": ("fused", "official"), "fsdp": ("auto", "always"),
                 "optimizer": ("auto", "fused", "foreach", "official"),
-                "reduce_dtype": ("fp32", "bf16"), "loss_check": ("deferred", "official")}
+                "reduce_dtype": ("fp32", "bf16"), "loss_check": ("deferred", "official"),
+                "patch_embedding": PATCH_EMBEDDINGS, "residual_dtype": RESIDUAL_DTYPES}
 
 
 class TrainingError(RuntimeError):
@@ -96,7 +98,9 @@ def build_backbone(cfg: Config, drop_path_rate: float) -> nn.Module:
     sizes = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth),
                                ("num_heads", m.num_heads)) if v}
     return build_vit(m.arch, m.patch_size, img_size=m.img_size, in_chans=m.in_chans,
-                     drop_path_rate=drop_path_rate, attention=m.attention, **sizes)
+                     drop_path_rate=drop_path_rate, attention=m.attention,
+                     patch_embedding=cfg.impl.patch_embedding,
+                     residual_dtype=cfg.impl.residual_dtype, **sizes)
 
 
 def build_student_teacher(cfg: Config) -> tuple[MultiCropWrapper, MultiCropWrapper]:
@@ -253,6 +257,9 @@ class Trainer:
         self.rank, self.world = world()
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
+        # as the official code: convolutions (impl.patch_embedding="conv") get cuDNN's
+        # fastest algorithm for each input shape, chosen on first use
+        torch.backends.cudnn.benchmark = True
 
         d, o = cfg.data, cfg.optim
         if d.backend not in ("auto", "torchvision", "dali"):

@@ -78,7 +78,9 @@ def test_benchmark_end_to_end_writes_json_markdown_and_png(tmp_path):
     assert names[-2:] == ["dinofuse + FSDP2 (1 process)",
                           "dinofuse + packed crops + FSDP2 (1 process, blocks kept gathered)"]
     assert {f"baseline + {n}" for n in ("fused loss", "fused EMA", "sync-free clipping",
-                                        "packed crops", "bf16 autocast")} <= set(names)
+                                        "packed crops", "bf16 autocast",
+                                        "patch embedding as one matmul")} <= set(names)
+    assert "dinofuse + bf16 residual stream and LayerNorm" in names
     for r in result["rows"]:
         assert r["status"] == "ok", r
         assert r["images_per_s"] > 0 and r["step_ms"]["p50"] > 0 and r["mfu_pct"] > 0

@@ -182,8 +182,34 @@ def test_training_steps_on_the_gpu(precision, tmp_path):
 
     fused, moved = run()
     assert all(torch.isfinite(torch.tensor(fused))) and moved
-    official, _ = run('impl.loss="official"', 'impl.ema="official"', 'impl.clip="official"')
+    official, _ = run('impl.loss="official"', 'impl.ema="official"', 'impl.clip="official"',
+                      'impl.patch_embedding="conv"')
     assert official == pytest.approx(fused, rel=2e-2)  # half-precision logits, two paths
+    low_residual, _ = run('impl.residual_dtype="autocast"')
+    assert low_residual == pytest.approx(fused, rel=2e-2)
+
+
+def test_patch_embedding_and_half_precision_residual_on_the_gpu():
+    """ViT-S/16 under bf16 autocast: the matmul patch embedding against cuDNN's convolution,
+    and the bf16 residual stream (LayerNorm on bf16 weights) against the fp32 one."""
+    from dinofuse.engine.models import vit_small
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    outs, grads = {}, {}
+    for name, kwargs in {"default": {}, "conv": dict(patch_embedding="conv"),
+                         "bf16 stream": dict(residual_dtype="autocast")}.items():
+        torch.manual_seed(1)
+        model = vit_small(attention="sdpa", **kwargs).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        outs[name] = out.float()
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.isfinite(grads["bf16 stream"]).all()
+    for name in ("conv", "bf16 stream"):
+        torch.testing.assert_close(outs[name], outs["default"], rtol=0.05, atol=0.05)
+        assert torch.nn.functional.cosine_similarity(grads[name], grads["default"], dim=0) > 0.99
 
 
 def test_a_training_step_never_makes_the_host_wait(tmp_path):

@@ -12,6 +12,7 @@ from dinofuse.engine.models import (
     vit_small,
     vit_tiny,
 )
+from dinofuse.engine.models.vit import PatchEmbed, split_qkv
 from official_vit import official_vit_forward
 
 
@@ -120,6 +121,8 @@ def test_last_layer_freeze():
     (lambda: vit_tiny(attention="flash"), "attention must be one of"),
     (lambda: vit_tiny(patch_size=16)(torch.randn(1, 3, 100, 100)), "crop size 100x100 is not divisible"),
     (lambda: vit_tiny(img_size=100), "img_size 100 is not divisible"),
+    (lambda: vit_tiny(patch_embedding="unfold"), "patch_embedding must be one of matmul, conv"),
+    (lambda: vit_tiny(residual_dtype="bf16"), "residual_dtype must be one of fp32, autocast"),
 ])
 def test_bad_input_is_rejected(make, message):
     with pytest.raises(ValueError, match=message):
@@ -168,3 +171,78 @@ def test_activation_checkpointing_recomputes_exactly_the_first_n_blocks(checkpoi
     with torch.no_grad():  # no recomputation to prepare without gradients
         model(x)
     assert calls == [3] * n + [2] * (4 - n)
+
+
+@pytest.mark.parametrize("patch,in_chans,height,width", [(16, 3, 48, 80), (8, 1, 24, 8), (7, 3, 14, 35)])
+def test_patch_embedding_as_matmul_equals_the_convolution(patch, in_chans, height, width):
+    """Same weights, same math: float64 outputs and gradients equal to rounding."""
+    embed = PatchEmbed(img_size=None, patch_size=patch, in_chans=in_chans, embed_dim=5,
+                       strict_img_size=False).double()
+    x = torch.randn(2, in_chans, height, width, dtype=torch.float64)
+    results = []
+    for as_matmul in (True, False):
+        embed.as_matmul = as_matmul
+        embed.zero_grad()
+        out = embed(x)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape))
+        results.append((out.detach(), embed.proj.weight.grad.clone(), embed.proj.bias.grad.clone()))
+    assert results[0][0].shape == (2, (height // patch) * (width // patch), 5)
+    for ours, conv in zip(*results):
+        torch.testing.assert_close(ours, conv, rtol=1e-12, atol=1e-12)
+
+
+def _copies_in_backward(split) -> int:
+    """Copy kernels autograd runs to bring SDPA's q/k/v gradients back to the qkv layout."""
+    qkv = torch.randn(2, 5, 3 * 4 * 8, requires_grad=True)
+    q, k, v = (t.transpose(1, 2) for t in split(qkv))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with torch.profiler.profile() as prof:
+        out.backward(torch.ones_like(out))
+    return sum(e.name in ("aten::clone", "aten::copy_") for e in prof.events())
+
+
+def test_qkv_gradient_needs_no_copy_after_the_stack():
+    def official(qkv):  # the official layout: permute(2, 0, 3, 1, 4).unbind(0), as (B, N, H, d)
+        B, N, _ = qkv.shape
+        return [t.transpose(1, 2) for t in qkv.reshape(B, N, 3, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)]
+
+    assert _copies_in_backward(official) > 0  # what the count would catch
+    assert _copies_in_backward(lambda qkv: split_qkv(qkv, 4)) == 0
+
+
+def test_residual_stream_in_the_autocast_dtype(monkeypatch):
+    """residual_dtype="autocast": under bf16 autocast every block gets bf16 tokens and every
+    LayerNorm runs on bf16 tensors (input, weight, bias: not autocast's fp32 LayerNorm);
+    outputs and gradients stay close to the fp32 stream; without autocast nothing changes."""
+    torch.manual_seed(0)
+    fp32_stream = random_state(vit_tiny(depth=3, attention="sdpa"))
+    low = vit_tiny(depth=3, attention="sdpa", residual_dtype="autocast")
+    low.load_state_dict(fp32_stream.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(low(x), fp32_stream(x), rtol=0, atol=0)
+
+    seen, norms = [], []
+    for block in low.blocks:
+        block.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out[0].dtype)))
+    layer_norm = torch.nn.functional.layer_norm
+
+    def recorded(x, shape, weight, bias, eps):
+        norms.append((x.dtype, weight.dtype, bias.dtype, torch.is_autocast_enabled("cpu")))
+        return layer_norm(x, shape, weight, bias, eps)
+
+    outs, grads = [], []
+    for model in (fp32_stream, low):
+        if model is low:
+            monkeypatch.setattr(torch.nn.functional, "layer_norm", recorded)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        outs.append(out.float())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen)
+    assert len(norms) == 2 * 3 + 1 and set(norms) == {(torch.bfloat16,) * 3 + (False,)}
+    assert all(p.grad.dtype == torch.float32 for p in low.parameters())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0.05, atol=0.05)
+    assert torch.nn.functional.cosine_similarity(grads[1], grads[0], dim=0) > 0.99

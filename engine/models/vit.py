@@ -22,10 +22,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import PatchEmbed as TimmPatchEmbed
 from torch import nn
 
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "naive")
+PATCH_EMBEDDINGS = ("matmul", "conv")
+RESIDUAL_DTYPES = ("fp32", "autocast")
 
 # Packed layout: ((count, length), ...): `count` consecutive sequences of `length` tokens each.
 SeqLens = tuple[tuple[int, int], ...]
@@ -111,6 +114,56 @@ def _grouped(fn, q, k, v, seqlens: SeqLens | None):
     return torch.cat(outs, dim=2)
 
 
+class PatchEmbed(TimmPatchEmbed):
+    """timm's patch embedding (the same `proj` convolution weights), computed by default as
+    one matmul over the flattened patches: a convolution whose stride is its kernel is
+    exactly that, and cuDNN's choice for it was a slow non-tensor-core kernel on an H200
+    (4% of a ViT-S/16 step). `as_matmul=False` runs the convolution (the official way)."""
+
+    as_matmul = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.as_matmul:
+            return super().forward(x)
+        B, C, H, W = x.shape
+        ph, pw = self.patch_size
+        if torch.is_autocast_enabled(x.device.type):  # copy the patches in the matmul's dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        patches = (x.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(B, (H // ph) * (W // pw), C * ph * pw))
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (D, C*ph*pw), same order
+        return self.norm(F.linear(patches, weight, self.proj.bias))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm; with `low_precision`, under autocast it runs in the autocast dtype (the
+    kernel keeps its statistics in fp32) instead of autocast's fp32, which reads and writes
+    twice the bytes and adds a cast before the next matmul."""
+
+    low_precision = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if not (self.low_precision and torch.is_autocast_enabled(device)):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
+                                self.bias.to(dtype), self.eps)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int):
+    """q, k, v as (B, N, H, d) views of the qkv projection's (B, N, 3 * H * d) output.
+
+    In backward, unbind's stack of the three gradients lands in the qkv layout at once. The
+    official `permute(2, 0, 3, 1, 4).unbind(0)` gives the same views, but its backward stacks
+    into (3, B, H, N, d) and then copies that once more into the qkv layout (a profiled
+    ViT-S/16 step on an H200 spent 4% of its time in that stack alone).
+    """
+    B, N, C3 = qkv.shape
+    return qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).unbind(2)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto"):
         super().__init__()
@@ -128,15 +181,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, seqlens: SeqLens | None = None,
                 return_attention: bool = False):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
         backend = "naive" if return_attention else resolve_attention(self.backend, x.device)
         attn = None
         if backend == "xformers":  # (B, N, H, d) layout, block-diagonal bias when packed
-            q, k, v = qkv.unbind(2)
             bias = _block_diagonal_mask(seqlens) if seqlens is not None else None
             out = _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=bias, scale=self.scale)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
             if backend == "naive" and seqlens is None:
                 out, attn = _naive_attention(q, k, v, self.scale)
             elif backend == "naive":
@@ -154,10 +206,10 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
                  attention="auto"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=attention)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x, seqlens: SeqLens | None = None, return_attention: bool = False):
@@ -175,21 +227,36 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
-                 attention: str = "auto"):
+                 attention: str = "auto", patch_embedding: str = "matmul",
+                 residual_dtype: str = "fp32"):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        if patch_embedding not in PATCH_EMBEDDINGS:
+            raise ValueError(f"patch_embedding must be one of {', '.join(PATCH_EMBEDDINGS)}; "
+                             f"got {patch_embedding!r}")
+        if residual_dtype not in RESIDUAL_DTYPES:
+            raise ValueError(f"residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}; "
+                             f"got {residual_dtype!r}")
         self.patch_size = patch_size
+        # Under autocast the official residual stream is fp32 (the position embedding is) and
+        # autocast runs LayerNorm in fp32; "autocast" keeps both in the autocast dtype, as
+        # FSDP2's bf16 parameters (DINOv2's setup) do for the stream.
+        self.residual_dtype = residual_dtype
         self.embed_dim = self.num_features = embed_dim
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                       embed_dim=embed_dim, strict_img_size=False)
+        self.patch_embed.as_matmul = patch_embedding == "matmul"
         num_patches = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth rises with depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rates[i], attention) for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = LayerNorm(embed_dim, eps=1e-6)
+        for m in self.modules():
+            if isinstance(m, LayerNorm):
+                m.low_precision = residual_dtype == "autocast"
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -232,7 +299,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"crop size {H}x{W} is not divisible by the patch size {self.patch_size}")
         tokens = self.patch_embed(x)
         tokens = torch.cat((self.cls_token.expand(B, -1, -1), tokens), dim=1)
-        return tokens + self.interpolate_pos_encoding(H, W)
+        tokens = tokens + self.interpolate_pos_encoding(H, W)
+        if self.residual_dtype == "autocast" and torch.is_autocast_enabled(x.device.type):
+            tokens = tokens.to(torch.get_autocast_dtype(x.device.type))
+        return tokens
 
     def forward_tokens(self, tokens: torch.Tensor, seqlens: SeqLens | None = None) -> torch.Tensor:
         n = self.checkpoint_blocks
