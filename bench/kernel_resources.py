@@ -33,9 +33,6 @@ from dinofuse.bench.meta import write_results
 LOSS = importlib.import_module("dinofuse.kernels.dino_loss")
 EMA = importlib.import_module("dinofuse.kernels.ema")
 
-_POINTER = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-            torch.int64: "*i64", torch.int32: "*i32"}
-
 
 @dataclass
 class Launch:
@@ -49,27 +46,35 @@ class Launch:
     def name(self) -> str:
         return self.kernel.__name__
 
-    def signature(self) -> tuple[dict, dict, dict]:
-        """(argument types, constexpr values, launch options) for triton.compile."""
+    def signature(self) -> tuple[dict, dict, dict, dict]:
+        """(argument types, constexpr values, divisibility attributes, launch options) for
+        triton.compile, specialized as triton's JIT specializes a launch: pointers aligned to
+        16 bytes and integers divisible by 16 are marked so (what lets loads and stores
+        vectorize), integers equal to 1 become constants. Without the marks every load
+        compiles to one scalar access per element, and the report describes no real launch."""
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+
         options = {k: self.kwargs[k] for k in ("num_warps", "num_stages") if k in self.kwargs}
         values = dict(zip((p.name for p in self.kernel.params), self.args))
         values.update({k: v for k, v in self.kwargs.items() if k not in options})
-        types, constants = {}, {}
-        for p in self.kernel.params:
+        types, constants, attrs = {}, {}, {}
+        for i, p in enumerate(self.kernel.params):
             v = values[p.name]
             if p.is_constexpr:
                 types[p.name], constants[p.name] = "constexpr", v
-            elif isinstance(v, torch.Tensor):
-                types[p.name] = _POINTER[v.dtype]
-            elif isinstance(v, bool):
-                types[p.name] = "i1"
-            elif isinstance(v, int):
-                types[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            elif isinstance(v, float):
-                types[p.name] = "fp32"
-            else:
+                continue
+            if not isinstance(v, (torch.Tensor, bool, int, float)):
                 raise TypeError(f"{self.name}: argument {p.name} of type {type(v).__name__}")
-        return types, constants, options
+            kind, desc = native_specialize_impl(CUDABackend, v, False, not p.do_not_specialize,
+                                                not p.do_not_specialize_on_alignment)
+            if kind == "constexpr":  # an integer 1
+                types[p.name], constants[p.name] = "constexpr", desc
+                continue
+            types[p.name] = kind
+            if desc:
+                attrs[(i,)] = CUDABackend.parse_attr(desc)
+        return types, constants, attrs, options
 
 
 class _Recorder:
@@ -117,29 +122,74 @@ def compile_launch(launch: Launch, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    types, constants, options = launch.signature()
+    types, constants, attrs, options = launch.signature()
     key = repr((launch.name, sorted(types.items()), sorted(map(str, constants.items())),
-                sorted(options.items()), arch))
+                sorted(attrs), sorted(options.items()), arch))
     if key not in _compiled:
-        compiled = triton.compile(ASTSource(launch.kernel, types, constants),
+        compiled = triton.compile(ASTSource(launch.kernel, types, constants, attrs),
                                   target=GPUTarget("cuda", arch, 32), options=options)
         pointers = sorted({t[1:] for t in types.values() if t.startswith("*")})
-        _compiled[key] = dict(
-            kernel=launch.name, arch=f"sm_{arch}", num_warps=options.get("num_warps", 4),
-            pointers="/".join(pointers), constants={k: str(v) for k, v in constants.items()},
-            **resource_usage(compiled.asm["cubin"]))
+        num_warps = options.get("num_warps", 4)
+        row = dict(kernel=launch.name, arch=f"sm_{arch}", num_warps=num_warps,
+                   pointers="/".join(pointers), constants={k: str(v) for k, v in constants.items()},
+                   **resource_usage(compiled.asm["cubin"]))
+        loop = main_loop(_cuobjdump(compiled.asm["cubin"], "-sass"))
+        elements = ELEMENTS_PER_ITERATION.get(launch.name)
+        if elements is not None and loop["loop_instructions"]:
+            per_thread = elements(constants) / (32 * num_warps)
+            loop["instructions_per_element"] = round(loop["loop_instructions"] / per_thread, 2)
+        _compiled[key] = {**row, **loop}
     return dict(_compiled[key])
 
 
-def resource_usage(cubin: bytes) -> dict:
+# Elements of the main array one main-loop iteration handles per program (per thread: over
+# 32 x num_warps): what turns the loop's instruction count into instructions per element.
+ELEMENTS_PER_ITERATION = {
+    "_student_stats_kernel": lambda c: c["V_BLOCK"] * c["BLOCK_K"],
+    "_student_pass_kernel": lambda c: c["V_BLOCK"] * c["BLOCK_K"],
+    "_student_image_pass_kernel": lambda c: c["NCROPS"] * c["BLOCK_K"],  # student elements
+    "_teacher_pass_kernel": lambda c: c["BLOCK_R"] * c["BLOCK_K"],
+    "_scale_inplace_kernel": lambda c: c["BLOCK"],
+    "_ema_kernel": lambda c: c["BLOCK"],
+}
+
+
+def main_loop(sass: str) -> dict:
+    """The longest loop of the kernel's machine code (a backward branch's span): its
+    instructions, exp2s (MUFU.EX2), and global loads/stores with how many are 128-bit
+    (vectorized; scalar accesses cost one instruction per element)."""
+    code = [(int(a, 16), text.strip()) for a, text in
+            re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
+    best = (0, -1)
+    for address, text in code:
+        target = re.search(r"\bBRA\s+(?:`\(.*?\)\s*)?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            if address - start > best[1] - best[0]:
+                best = (start, address)
+    body = [text for address, text in code if best[0] <= address <= best[1]]
+    opcodes = [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]
+    return dict(loop_instructions=len(body),
+                loop_exp2=sum(o.startswith("MUFU.EX2") for o in opcodes),
+                loop_loads=sum(o.startswith("LDG") for o in opcodes),
+                loop_wide_loads=sum(o.startswith("LDG") and o.endswith(".128") for o in opcodes),
+                loop_stores=sum(o.startswith("STG") for o in opcodes),
+                loop_wide_stores=sum(o.startswith("STG") and o.endswith(".128") for o in opcodes))
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], check=True,
-                              capture_output=True, text=True).stdout
+        return subprocess.run([str(tool), flag, f.name], check=True, capture_output=True,
+                              text=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    text = _cuobjdump(cubin, "--dump-resource-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", text)
     if not found:
         raise RuntimeError(f"cuobjdump gave no resource line:\n{text}")
@@ -242,11 +292,16 @@ def _unique(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| case | student launch | kernel | pointers | arch | warps | registers | spill bytes | shared bytes |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| case | student launch | kernel | pointers | arch | warps | registers | spill bytes "
+             "| shared bytes | main loop: instructions | per element | exp2 | loads (128-bit) "
+             "| stores (128-bit) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['student_launch']} | {r['kernel']} | {r['pointers']} | {r['arch']} | "
-                     f"{r['num_warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} |")
+                     f"{r['num_warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
+                     f"{r['loop_instructions']} | {r.get('instructions_per_element', '-')} | "
+                     f"{r['loop_exp2']} | {r['loop_loads']} ({r['loop_wide_loads']}) | "
+                     f"{r['loop_stores']} ({r['loop_wide_stores']}) |")
     return "\n".join(lines) + "\n"
 
 

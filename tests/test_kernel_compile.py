@@ -50,3 +50,18 @@ def test_kernel_resources_refuses_the_interpreter():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=0"):
         with kernel_resources.recording():
             pass
+
+
+def test_the_loss_streams_with_128_bit_accesses_at_the_official_size(compiled):
+    """K=65536, B=256: every load and store in the loss kernels' main loops is 128-bit, as
+    under triton's JIT (which marks 16-byte-aligned pointers and sizes divisible by 16).
+    A compile without those marks gives one 2-byte access per element and a report that
+    describes no real launch."""
+    rows = [r for r in compiled if r["default"] and r["case"].startswith("loss ")
+            and "K=" not in r["case"] and r["kernel"] != "_scale_inplace_kernel"]
+    assert {r["kernel"] for r in rows} >= {"_teacher_pass_kernel", "_student_stats_kernel",
+                                           "_student_pass_kernel"}
+    for r in rows:
+        assert r["loop_loads"] > 0 and r["loop_wide_loads"] == r["loop_loads"], r
+        assert r["loop_wide_stores"] == r["loop_stores"] or r["kernel"] == "_teacher_pass_kernel", r
+        assert 0 < r["instructions_per_element"] < 40, r
