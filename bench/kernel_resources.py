@@ -133,6 +133,8 @@ def compile_launch(launch: Launch, arch: int) -> dict:
         row = dict(kernel=launch.name, arch=f"sm_{arch}", num_warps=num_warps,
                    pointers="/".join(pointers), constants={k: str(v) for k, v in constants.items()},
                    **resource_usage(compiled.asm["cubin"]))
+        # triton's shared memory is dynamic (pipelined loops, reductions): not in the binary
+        row["shared_bytes"] = max(row["shared_bytes"], compiled.metadata.shared)
         loop = main_loop(_cuobjdump(compiled.asm["cubin"], "-sass"))
         elements = ELEMENTS_PER_ITERATION.get(launch.name)
         if elements is not None and loop["loop_instructions"]:
@@ -171,8 +173,9 @@ def main_loop(sass: str) -> dict:
     opcodes = [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]
     return dict(loop_instructions=len(body),
                 loop_exp2=sum(o.startswith("MUFU.EX2") for o in opcodes),
-                loop_loads=sum(o.startswith("LDG") for o in opcodes),
-                loop_wide_loads=sum(o.startswith("LDG") and o.endswith(".128") for o in opcodes),
+                loop_loads=len(loads := [o for o in opcodes  # LDGSTS: asynchronous copies
+                                         if o.startswith("LDG") and o != "LDGDEPBAR"]),
+                loop_wide_loads=sum(o.endswith(".128") for o in loads),
                 loop_stores=sum(o.startswith("STG") for o in opcodes),
                 loop_wide_stores=sum(o.startswith("STG") and o.endswith(".128") for o in opcodes))
 

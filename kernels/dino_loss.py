@@ -98,7 +98,8 @@ def _view_group(pid, B, NCROPS: tl.constexpr, V_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _lse2_partial(row_ptrs, row_ok, k_start, k_end, scale, V: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lse2_partial(row_ptrs, row_ok, k_start, k_end, scale, V: tl.constexpr, BLOCK_K: tl.constexpr,
+                  STAGES: tl.constexpr):
     """Online max and sum of exp2(x * scale) over columns [k_start, k_end) of V rows.
 
     The sums stay per lane until the end (one cross-thread reduction per step, for the
@@ -106,7 +107,7 @@ def _lse2_partial(row_ptrs, row_ok, k_start, k_end, scale, V: tl.constexpr, BLOC
     """
     x_max = tl.full([V], float("-inf"), tl.float32)
     lane_sum = tl.zeros([V, BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < k_end)[None, :]
         x = tl.load(row_ptrs + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32) * scale
@@ -139,7 +140,7 @@ def _combine_lse2(max_ptr, sum_ptr, part_offs, row_ok, n_parts, V: tl.constexpr,
 @triton.jit
 def _student_stats_kernel(
     s_ptr, s_row_stride, part_max_ptr, part_sum_ptr, B, K, split_len, s_scale,
-    NCROPS: tl.constexpr, V_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    NCROPS: tl.constexpr, V_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     # Split mode only: the student rows' partial logsumexp over one column slice each.
     split = tl.program_id(1)
@@ -147,7 +148,8 @@ def _student_stats_kernel(
     b, vs, v_ok, rows = _view_group(tl.program_id(0), B, NCROPS, V_BLOCK)
     k_start = split * split_len
     x_max, x_sum = _lse2_partial(s_ptr + rows[:, None] * s_row_stride, v_ok, k_start,
-                                 tl.minimum(K, k_start + split_len), s_scale, V_BLOCK, BLOCK_K)
+                                 tl.minimum(K, k_start + split_len), s_scale, V_BLOCK, BLOCK_K,
+                                 STAGES)
     tl.store(part_max_ptr + rows * n_splits + split, x_max, mask=v_ok)
     tl.store(part_sum_ptr + rows * n_splits + split, x_sum, mask=v_ok)
 
@@ -159,7 +161,7 @@ def _student_pass_kernel(
     B, K, n_tblocks, split_len, s_scale, t_scale, grad_scale, loss_scale,
     NCROPS: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, V_BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    ONE_SPLIT: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, STAGES: tl.constexpr,
 ):
     # One program: V_BLOCK student views of one image, over one column slice (all of K when
     # ONE_SPLIT; then the program also computes the rows' logsumexp itself).
@@ -173,7 +175,7 @@ def _student_pass_kernel(
     t_lse = _combine_lse2(t_max_ptr, t_sum_ptr, (views * B + b) * n_tblocks, views < G,
                           n_tblocks, G_P2, BLOCK_P)
     if ONE_SPLIT:  # pass A: the rows' logsumexp; pass B's re-reads then mostly hit L2
-        x_max, x_sum = _lse2_partial(s_rows, v_ok, 0, K, s_scale, V_BLOCK, BLOCK_K)
+        x_max, x_sum = _lse2_partial(s_rows, v_ok, 0, K, s_scale, V_BLOCK, BLOCK_K, STAGES)
         s_lse = tl.where(v_ok, x_max + tl.log2(x_sum), 0.0)
     else:
         s_lse = _combine_lse2(s_max_ptr, s_sum_ptr, rows * n_splits, v_ok, n_splits, V_BLOCK,
@@ -184,7 +186,7 @@ def _student_pass_kernel(
     k_end = tl.minimum(K, k_start + split_len)
     lane_dot = tl.zeros([V_BLOCK, BLOCK_K], dtype=tl.float32)  # reduced once, at the end
     g_rows = grad_ptr + rows[:, None] * K
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < k_end
         ok = v_ok[:, None] & col_ok[None, :]
@@ -214,7 +216,7 @@ def _student_image_pass_kernel(
     B, K, n_tblocks, split_len, s_scale, t_scale, grad_scale, loss_scale,
     NCROPS: tl.constexpr, NCROPS_P2: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     # The "image" layout: one program per (image, column slice) walks every student view of
     # its image, so the teacher probabilities cost G + (G-1)^2 exp2 per column (view 0's
@@ -235,7 +237,7 @@ def _student_image_pass_kernel(
     k_start = split * split_len
     k_end = tl.minimum(K, k_start + split_len)
     lane_dot = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < k_end
         if EVEN_K:  # every block is whole: no masks (fewer instructions per element)
@@ -324,10 +326,12 @@ class StudentLaunch(NamedTuple):
     num_warps: int
     splits: int | None  # column slices per row; None picks by occupancy
     layout: str = "views"
+    stages: int = 1  # >1: the main loops prefetch that many steps ahead (software pipelining:
+    # asynchronous copies into shared memory, more bytes in flight per program)
 
 
 STUDENT_LAUNCH = StudentLaunch(2, 2048, 8, None)
-# Another launch shape (a StudentLaunch or a 4-tuple), or None for STUDENT_LAUNCH: the
+# Another launch shape (a StudentLaunch or a 4- to 6-tuple), or None for STUDENT_LAUNCH: the
 # benchmark sweeps it, the tests try many.
 STUDENT_LAUNCH_OVERRIDE: tuple | None = None
 
@@ -340,15 +344,19 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _student_launch_config(K: int, B: int, ncrops: int, device) -> tuple:
-    """Views per program, columns per step, warps, column slices, slice length and layout.
+    """Views per program, columns per step, warps, column slices, slice length, layout and
+    pipeline stages.
 
     Small batches leave too few (image, view-group) programs to fill the GPU, each walking a
     whole row twice in series; then each row is cut into slices run in parallel, at the
     price of a separate statistics kernel (the student is read twice from memory).
     """
-    v_block, block_k, warps, splits, layout = StudentLaunch(*(STUDENT_LAUNCH_OVERRIDE or STUDENT_LAUNCH))
+    v_block, block_k, warps, splits, layout, stages = StudentLaunch(
+        *(STUDENT_LAUNCH_OVERRIDE or STUDENT_LAUNCH))
     if layout not in ("views", "image"):
         raise ValueError(f"student launch layout must be views or image; got {layout!r}")
+    if stages < 1:
+        raise ValueError(f"student launch stages must be >= 1; got {stages}")
     v_block = min(v_block, next_power_of_2(ncrops))
     block_k = min(block_k, max(16, next_power_of_2(K) // v_block))
     programs = B * (1 if layout == "image" else triton.cdiv(ncrops, v_block))
@@ -359,7 +367,7 @@ def _student_launch_config(K: int, B: int, ncrops: int, device) -> tuple:
         at_least = 4 if K >= 16 * block_k else 1
         splits = max(at_least, triton.cdiv(want, programs))
     split_len = triton.cdiv(triton.cdiv(K, max(1, splits)), block_k) * block_k
-    return v_block, block_k, warps, triton.cdiv(K, split_len), split_len, layout
+    return v_block, block_k, warps, triton.cdiv(K, split_len), split_len, layout, stages
 
 
 def _fused_forward(student_out, teacher_out, center, num_global_crops, student_temp,
@@ -389,7 +397,7 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
     grad = _new_output((n_student, K) if compute_grad else (0,), like=student_out,
                        dtype=student_out.dtype)
     scale = 1.0 / (pair_count(ncrops, num_global_crops) * B)
-    v_block, block_k, warps, splits, split_len, layout = _student_launch_config(
+    v_block, block_k, warps, splits, split_len, layout, stages = _student_launch_config(
         K, B, ncrops, student_out.device)
     grid = (B * triton.cdiv(ncrops, v_block), splits)
     # partial losses: one per row and slice ("views"), or per image and slice ("image")
@@ -401,11 +409,11 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
         _student_stats_kernel[grid](
             student_out, student_out.stride(0), s_max, s_sum, B, K, split_len,
             LOG2E / student_temp, NCROPS=ncrops, V_BLOCK=v_block, BLOCK_K=block_k,
-            num_warps=warps,
+            STAGES=stages, num_warps=warps,
         )
     common = dict(G=num_global_crops, G_P2=next_power_of_2(num_global_crops), BLOCK_K=block_k,
                   BLOCK_P=min(1024, next_power_of_2(max(n_tblocks, splits))),
-                  WRITE_GRAD=compute_grad, num_warps=warps)
+                  WRITE_GRAD=compute_grad, STAGES=stages, num_warps=warps)
     args = (student_out, student_out.stride(0), teacher_out, teacher_out.stride(0), center,
             part_max, part_sum, s_max, s_sum, grad)
     scalars = (B, K, n_tblocks, split_len, LOG2E / student_temp, LOG2E / teacher_temp,

@@ -94,7 +94,9 @@ def test_extreme_logits_stay_finite(poisoned_outputs):
 @pytest.mark.parametrize("launch", [(1, 64, 4, 1), (4, 128, 4, 1), (8, 32, 2, 1), (16, 16, 1, 1),
                                     (1, 64, 4, 3), (2, 32, 4, 5), (4, 16, 2, 64),
                                     (2, 32, 4, 1, "image"), (1, 64, 2, 3, "image"),
-                                    (4, 16, 2, 64, "image"), (2, 64, 4, None, "image")])
+                                    (4, 16, 2, 64, "image"), (2, 64, 4, None, "image"),
+                                    (1, 64, 4, 1, "views", 2), (2, 32, 4, 3, "views", 3),
+                                    (2, 32, 4, None, "image", 2)])
 @pytest.mark.parametrize("G,ncrops", [(1, 3), (2, 10)])
 def test_every_launch_shape(launch, G, ncrops, monkeypatch, poisoned_outputs):
     # Views per program that do and do not divide the crop count (padded rows), column
@@ -124,6 +126,9 @@ def test_unknown_launch_layout_is_named(monkeypatch):
     module = importlib.import_module("dinofuse.kernels.dino_loss")
     monkeypatch.setattr(module, "STUDENT_LAUNCH_OVERRIDE", (2, 64, 4, None, "rows"))
     with pytest.raises(ValueError, match="layout must be views or image; got 'rows'"):
+        dino_loss(*make_inputs(64, 2, 2, 4, torch.float32))
+    monkeypatch.setattr(module, "STUDENT_LAUNCH_OVERRIDE", (2, 64, 4, None, "views", 0))
+    with pytest.raises(ValueError, match="stages must be >= 1; got 0"):
         dino_loss(*make_inputs(64, 2, 2, 4, torch.float32))
 
 

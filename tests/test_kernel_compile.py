@@ -30,7 +30,7 @@ def test_every_kernel_compiles_for_a100_and_h100(compiled):
     assert names and {r["kernel"] for r in compiled} == names
     for name in names:
         assert {r["arch"] for r in compiled if r["kernel"] == name} == {"sm_80", "sm_90"}
-    layouts = {r["student_launch"].endswith("'image')") for r in compiled
+    layouts = {"'image'" in r["student_launch"] for r in compiled
                if r["kernel"] == "_student_image_pass_kernel"}
     assert layouts == {True}  # the image layout ran only when asked for
 
