@@ -52,7 +52,6 @@ class Launch:
         16 bytes and integers divisible by 16 are marked so (what lets loads and stores
         vectorize), integers equal to 1 become constants. Without the marks every load
         compiles to one scalar access per element, and the report describes no real launch."""
-        from triton._C.libtriton import native_specialize_impl
         from triton.backends.nvidia.compiler import CUDABackend
 
         options = {k: self.kwargs[k] for k in ("num_warps", "num_stages") if k in self.kwargs}
@@ -66,8 +65,7 @@ class Launch:
                 continue
             if not isinstance(v, (torch.Tensor, bool, int, float)):
                 raise TypeError(f"{self.name}: argument {p.name} of type {type(v).__name__}")
-            kind, desc = native_specialize_impl(CUDABackend, v, False, not p.do_not_specialize,
-                                                not p.do_not_specialize_on_alignment)
+            kind, desc = specialize(v, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
             if kind == "constexpr":  # an integer 1
                 types[p.name], constants[p.name] = "constexpr", desc
                 continue
@@ -75,6 +73,34 @@ class Launch:
             if desc:
                 attrs[(i,)] = CUDABackend.parse_attr(desc)
         return types, constants, attrs, options
+
+
+def specialize(value, specialize: bool, align: bool) -> tuple[str, object]:
+    """(type, marks) of one argument as triton's JIT specializes it: its own function where
+    this triton has it, else the same rules written out (pointers aligned to 16 bytes and
+    integers divisible by 16 get "D", an integer 1 becomes a constant)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        return native_specialize_impl(CUDABackend, value, False, specialize, align)
+    except ImportError:
+        pass
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, torch.Tensor):
+        kind = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                      torch.int64: "i64", torch.int32: "i32"}[value.dtype]
+        divisible = value.data_ptr() % 16 == 0
+    elif isinstance(value, int):
+        if specialize and value == 1:
+            return "constexpr", 1
+        kind, divisible = ("i32" if -2**31 <= value < 2**31 else "i64"), value % 16 == 0
+    else:
+        return "fp32", None
+    if not specialize:
+        return kind, None
+    return kind, "D" if align and divisible else ""
 
 
 class _Recorder:

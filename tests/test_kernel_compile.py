@@ -65,3 +65,29 @@ def test_the_loss_streams_with_128_bit_accesses_at_the_official_size(compiled):
         assert r["loop_loads"] > 0 and r["loop_wide_loads"] == r["loop_loads"], r
         assert r["loop_wide_stores"] == r["loop_stores"] or r["kernel"] == "_teacher_pass_kernel", r
         assert 0 < r["instructions_per_element"] < 40, r
+
+
+def test_launch_specialization_without_triton_s_own_function(monkeypatch):
+    """Where triton lacks `native_specialize_impl` (other versions), the written-out rules
+    give the same types and marks."""
+    import builtins
+
+    import torch
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    from dinofuse.bench.kernel_resources import specialize
+
+    values = [1, 16, 17, 48, 2**40, 2**40 + 1, -32, 0.5, True, False, torch.zeros(8),
+              torch.zeros(9)[1:], torch.zeros(8, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.int64)]
+    flags = [(s, a) for s in (True, False) for a in (True, False)]
+    native = [native_specialize_impl(CUDABackend, v, False, s, a) for s, a in flags for v in values]
+    real_import = builtins.__import__
+
+    def without_native(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "triton._C.libtriton" and "native_specialize_impl" in (fromlist or ()):
+            raise ImportError("not in this triton")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", without_native)
+    assert [specialize(v, s, a) for s, a in flags for v in values] == native
