@@ -1,5 +1,6 @@
 """Compile the fused ops' Triton kernels for NVIDIA GPUs without one, and report what the
-compiler gives each kernel: registers per thread, spilled bytes, shared memory.
+compiler gives each kernel: registers per thread, spilled bytes, shared memory, and for its
+main loop the instructions per element, exp2s and how many accesses are 128-bit.
 
 The Triton interpreter (how the CPU tests run the kernels) is plain Python: it accepts code
 that the GPU compiler rejects (a module-level float inside a kernel was caught only on a
@@ -143,7 +144,8 @@ _compiled: dict[str, dict] = {}  # a signature compiles once per process
 
 
 def compile_launch(launch: Launch, arch: int) -> dict:
-    """Compile one launch for sm_<arch>; its registers, spills (local memory) and shared memory."""
+    """Compile one launch for sm_<arch>; its registers, spills (local memory), shared memory
+    and main-loop counts (`main_loop`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
