@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install data train test bench gpu-check
+.PHONY: install data train test test-compat bench gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,19 @@ train: install data
 # CPU tests: the Triton kernels run under Triton's interpreter on CPU tensors.
 test: install data
 	TRITON_INTERPRET=1 $(PY) -m pytest
+
+# The same suite on the GPU machines' versions (torch 2.11, triton 3.6), in its own venv:
+# ~4.7 GB of downloads (PyPI's torch is the CUDA build). numpy stays below 2.4, whose scalar
+# conversion triton 3.6's interpreter trips over (the compiled kernels are unaffected).
+COMPAT_VENV ?= .venv-compat
+test-compat: data
+	[ -x $(COMPAT_VENV)/bin/python ] || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 numpy==2.3.5 \
+	  timm==1.0.31 nvidia-dali-cuda130==2.4.0 nvidia-ml-py==13.615.71 safetensors==0.8.0 \
+	  tensorboard==2.21.0 tqdm==4.70.1 matplotlib==3.11.2 pytest==9.2.0 pytest-benchmark==5.3.1
+	$(COMPAT_VENV)/bin/pip install -q --no-deps xformers==0.0.35
+	$(COMPAT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest
 
 # The kernel benchmark (GPU if present, else the CPU rows).
 bench: install

@@ -10,6 +10,10 @@
 # wheels, too big for one transfer, may come as parts .dali/part.* (a split tar with
 # .dali/parts.sha256, see README "GPU check") plus their small dependencies in .dali/deps/,
 # and are joined and installed once all parts are there.
+# Fashion-MNIST's four IDX .gz files in .data/fashion-mnist/ (30 MB, carried; or the folder
+# FASHION_MNIST names) enable the default run's GPU preset (stage train_default_gpu:
+# PRESET_MINUTES of training, default 3, then its k-NN report; PRESET_OVERRIDES adds
+# section.field=value overrides).
 # Environment: STAGES (space-separated subset, in the order given; default: all),
 # DINOFUSE_COMMIT (the commit, where the copy has no .git), SWEEP=0 (no launch-shape sweep),
 # GPU_CHECK_WORK (the work folder), GPU_CHECK_INSTALL=0 (install no wheels).
@@ -107,6 +111,17 @@ run_stage() {
       if has_dali; then jpegs; stage train_s16_dali 75 "${train[@]}" --arch vit_small --patch 16 --batch 64 \
           --data /tmp/jpegs --data-backend dali --workers "$(nproc)"
       else echo "stage train_s16_dali: skipped (no DALI)" | tee -a "$work/stages.txt"; fi ;;
+    train_default_gpu)  # issue 3's GPU preset on Fashion-MNIST (its IDX files carried along)
+      local fmnist=${FASHION_MNIST:-.data/fashion-mnist} run=${work%/}-default_gpu
+      if [ -f "$fmnist/train-images-idx3-ubyte.gz" ]; then
+        # the checkpoints stay out of the packed folder; the run's logs and k-NN go in
+        stage train_default_gpu $((60 * ${PRESET_MINUTES:-3} + 90)) python3 -m dinofuse.engine.cli train \
+            --config default_gpu --data "$fmnist" --output-dir "$run" --quiet \
+            run.max_minutes="${PRESET_MINUTES:-3}" ${PRESET_OVERRIDES:-}
+        mkdir -p "$work/default_gpu"
+        cp "$run"/{knn.json,log.jsonl,config.toml} "$work/default_gpu/" 2>/dev/null
+        pack
+      else echo "stage train_default_gpu: skipped (no $fmnist)" | tee -a "$work/stages.txt"; fi ;;
     *) echo "unknown stage $1" | tee -a "$work/stages.txt" ;;
   esac
 }
@@ -114,7 +129,7 @@ run_stage() {
 # The default order puts what matters most first; the last four take ~3 more minutes (split
 # them over calls with STAGES when the device time is short).
 for s in ${STAGES:-cuda_tests train_s16 data_bench train_s8 kernel_bench kernel_resources train_b16 train_s16_dali \
-    train_s16_max train_b8 train_s8_max train_b16_max train_b8_max}; do
+    train_s16_max train_b8 train_s8_max train_b16_max train_b8_max train_default_gpu}; do
   run_stage "$s"
 done
 pack

@@ -60,6 +60,14 @@ def summarize(folder: Path) -> str:
                      f"({d['dali_over_torchvision']}x)")
         for name, rate in d.get("dali_breakdown_images_per_s", {}).items():
             lines.append(f"  DALI {name}: {rate} img/s")
+    preset = folder / "default_gpu"
+    if (preset / "knn.json").is_file():
+        knn = json.loads((preset / "knn.json").read_text())
+        logs = [json.loads(line) for line in (preset / "log.jsonl").read_text().splitlines()] \
+            if (preset / "log.jsonl").is_file() else []
+        trained = f", {logs[-1]['step'] + 1} steps (epoch {logs[-1]['epoch']})" if logs else ""
+        lines.append(f"default run's GPU preset (Fashion-MNIST{trained}), k-NN top-1: " +
+                     ", ".join(f"{name} {acc['top1']:.2f}%" for name, acc in knn.items()))
     return "\n".join(lines) + "\n"
 
 

@@ -88,8 +88,17 @@ class ImageFiles:
             raise DataError(f"cannot decode image {path}: {e}") from None
 
 
-def open_images(path: str, split: str = "train"):
-    """`fashion-mnist` (the Debian package's files) or a folder of images."""
+def fashion_mnist_root(path: str) -> Path | None:
+    """Where the Fashion-MNIST IDX files are, when `path` names them: `fashion-mnist` (the
+    Debian package's folder) or a folder holding the train-*-ubyte.gz files (a copy, e.g. one
+    carried to a machine without the package)."""
     if path == "fashion-mnist":
-        return FashionMNIST(split)
-    return ImageFiles(path)
+        return FASHION_MNIST_DIR
+    root = Path(path)
+    return root if (root / "train-images-idx3-ubyte.gz").is_file() else None
+
+
+def open_images(path: str, split: str = "train"):
+    """Fashion-MNIST (see `fashion_mnist_root`) or a folder of images."""
+    root = fashion_mnist_root(path)
+    return FashionMNIST(split, root) if root is not None else ImageFiles(path)

@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train DINO (default: a small run on Fashion-MNIST)")
     train.add_argument("--config", default="default", help="preset name or .toml path")
-    train.add_argument("--data", help="image folder (ImageFolder layout or flat), or fashion-mnist")
+    train.add_argument("--data", help="image folder (ImageFolder layout or flat), fashion-mnist, "
+                       "or a folder of Fashion-MNIST's IDX files")
     train.add_argument("--output-dir")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint in OUTPUT_DIR")

@@ -51,6 +51,7 @@ from dinofuse.engine.models.vit import PATCH_EMBEDDINGS, RESIDUAL_DTYPES
 from dinofuse.engine.parallel import DeviceValue, parallelize, world
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
+from dinofuse.kernels.dino_loss import CenteredDINOLoss
 from dinofuse.kernels._runtime import local_shard
 from dinofuse.kernels.reference import OfficialDINOLoss, ema_reference_
 
@@ -393,8 +394,9 @@ class Trainer:
         if self.cfg.impl.loss_check == "official":  # nothing is ever left unchecked then
             self._check_finite(log)
         else:
-            self.check_finite()
-            self._unchecked = log
+            previous, self._unchecked = self._unchecked, log
+            if previous is not None:
+                self._check_finite(previous)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -427,8 +429,19 @@ class Trainer:
 
     def _check_finite(self, log: StepLog) -> None:
         if not math.isfinite(log.loss):
+            self._settle_collectives()
             raise TrainingError(f"loss is {log.loss} at step {log.step} (epoch {log.epoch}); "
                                 f"stopping. The last good checkpoint is kept in {self.out}")
+
+    def _settle_collectives(self) -> None:
+        """Wait for the all-reduces still in flight (this step's loss and center statistic).
+        A non-finite loss stops every rank at the same step (the loss is the mean over ranks),
+        so these complete. Left unwaited, they outlive the error until the interpreter's
+        teardown (the suspect of a gloo abort at exit, seen once in the 2-process tests)."""
+        if isinstance(self.loss_fn, CenteredDINOLoss):
+            self.loss_fn.apply_center_update()
+        if self._unchecked is not None:
+            _ = self._unchecked.loss  # reading it waits for its all-reduce
 
     # ------------------------------------------------------------------ the loop
 

@@ -10,15 +10,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_check_runs_stages_packs_their_logs_and_summarizes(tmp_path):
-    env = dict(os.environ, STAGES="cuda_tests no_such_stage", DINOFUSE_COMMIT="test123",
+def _run_gpu_check(tmp_path, stages: str, **env_extra) -> Path:
+    env = dict(os.environ, STAGES=stages, DINOFUSE_COMMIT="test123",
                GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_INSTALL="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_extra)
     env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "out"
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_gpu_check_runs_stages_packs_their_logs_and_summarizes(tmp_path):
+    out = _run_gpu_check(tmp_path, "cuda_tests no_such_stage")
     with tarfile.open(out / "results.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
         env_txt = tar.extractfile("./env.txt").read().decode()
@@ -30,6 +35,34 @@ def test_gpu_check_runs_stages_packs_their_logs_and_summarizes(tmp_path):
     first, second = stages.splitlines()  # a fresh work folder: this run's stages only
     assert first.startswith("stage cuda_tests: exit 0 in ") and second == "unknown stage no_such_stage"
     assert "stage cuda_tests: exit 0" in (out / "summary.txt").read_text()
+
+
+def test_the_default_runs_gpu_preset_stage_trains_evaluates_and_reports(tmp_path):
+    """The stage for issue 3's GPU preset, at toy size on the CPU: it trains from a carried
+    copy of Fashion-MNIST's IDX files, keeps the checkpoints out of the archive, and the
+    summary prints the k-NN of the trained, random and pixel rows."""
+    from test_readers import _write_idx
+
+    import numpy as np
+
+    data = tmp_path / "fmnist"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", 16), ("t10k", 6)):
+        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 3, n))
+    tiny = ("model.embed_dim=32 model.depth=1 model.num_heads=2 model.out_dim=64 "
+            "model.head_hidden_dim=32 data.num_workers=0 data.local_crops_number=2 "
+            "optim.batch_size_per_device=8 optim.epochs=1 optim.warmup_epochs=0 run.device=\"cpu\"")
+    out = _run_gpu_check(tmp_path, "train_default_gpu", FASHION_MNIST=str(data), PRESET_OVERRIDES=tiny)
+    assert "stage train_default_gpu: exit 0" in (out / "stages.txt").read_text()
+    with tarfile.open(out / "results.tgz") as tar:
+        names = {n.lstrip("./") for n in tar.getnames()}
+    assert {"default_gpu/knn.json", "default_gpu/log.jsonl", "default_gpu/config.toml"} <= names
+    assert not any(n.endswith((".pth", ".distcp")) for n in names)
+    summary = (out / "summary.txt").read_text()
+    assert "default run's GPU preset (Fashion-MNIST, 2 steps (epoch 0)), k-NN top-1: trained teacher " \
+        in summary and "raw pixels" in summary
 
 
 def test_summary_names_the_fastest_swept_shape_and_the_data_breakdown(tmp_path):

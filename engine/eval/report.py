@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
-from dinofuse.dataloading.readers import open_images
+from dinofuse.dataloading.readers import fashion_mnist_root, open_images
 from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD
 from dinofuse.engine.config import Config
 from dinofuse.engine.eval.knn import extract_features, knn_classify
@@ -23,8 +23,8 @@ def knn_datasets(cfg: Config):
     """(memory, queries) or None when there is no query set to evaluate on."""
     if cfg.run.knn_val:
         return open_images(cfg.data.path, "train"), open_images(cfg.run.knn_val, "test")
-    if cfg.data.path == "fashion-mnist":
-        return open_images("fashion-mnist", "train"), open_images("fashion-mnist", "test")
+    if fashion_mnist_root(cfg.data.path) is not None:  # its test split holds the queries
+        return open_images(cfg.data.path, "train"), open_images(cfg.data.path, "test")
     return None
 
 
