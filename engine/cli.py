@@ -31,7 +31,7 @@ from dinofuse.engine.checkpoint import (
     read_sharded,
 )
 from dinofuse.engine.config import config_from_toml, load_config
-from dinofuse.engine.parallel import init_distributed
+from dinofuse.engine.parallel import cpu_threads, init_distributed
 from dinofuse.engine.train import TrainingError, Trainer, build_backbone, pick_device
 
 USER_ERRORS = (DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
@@ -47,6 +47,8 @@ def _train(args) -> None:
     cfg = load_config(args.config, overrides)
     # joins torchrun's process group when WORLD_SIZE > 1
     rank, world = init_distributed(timeout_s=cfg.run.collective_timeout_s)
+    if pick_device(cfg.run.device).type == "cpu":  # each data worker gets a core of its own
+        torch.set_num_threads(cpu_threads(cfg.run.cpu_threads, cfg.data.num_workers))
     trainer = Trainer(cfg, resume="auto" if args.auto_resume else args.resume)
     try:
         logs = trainer.fit(max_steps=args.max_steps, progress=not args.quiet)

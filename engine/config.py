@@ -106,6 +106,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"
+    cpu_threads: int = 0  # training threads on a CPU; 0 = the cores less one per data worker
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
     save_every_steps: int = 0  # 0 = at the end of each epoch only
     checkpoint_format: str = "auto"  # auto (sharded when the models are) | sharded | file

@@ -37,6 +37,18 @@ def init_distributed(timeout_s: float = 600.0, force: bool = False) -> tuple[int
     return 0, 1
 
 
+def cpu_threads(requested: int, data_workers: int) -> int:
+    """Intra-op threads for training on a CPU: `requested`, or (0) the cores this process may
+    use, shared with the other ranks on this machine, less one for each data worker (each
+    worker keeps a core busy; oversubscribed, the default run on 2 cores went at 154 img/s
+    with 2 threads beside its worker, 196 with 1)."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // local_ranks - data_workers)
+
+
 def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 

@@ -118,3 +118,23 @@ def test_bad_images_can_be_skipped_with_the_file_named(tmp_path, capsys):
     assert "cannot decode image" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="skipping: cannot decode image .*fake.png"):
         assert main(args + ["data.skip_bad_images=true"]) == 0
+
+
+def test_training_on_a_cpu_leaves_each_data_worker_a_core(folder, tmp_path, monkeypatch):
+    import os
+
+    import torch
+
+    from dinofuse.engine.parallel import cpu_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))
+    assert (cpu_threads(0, 1), cpu_threads(0, 0), cpu_threads(0, 9), cpu_threads(6, 1)) == (3, 4, 1, 6)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine share its cores
+    assert cpu_threads(0, 1) == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    overrides = [o for o in TINY if not o.startswith("data.num_workers")]
+    assert main(["train", "--data", str(folder), "--output-dir", str(tmp_path), "--quiet",
+                 "--max-steps", "1", "data.num_workers=1", *overrides]) == 0
+    assert chosen == [3]
