@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -125,10 +126,11 @@ def _knn(args) -> None:
     device = pick_device(args.device)
     backbone, cfg = _load_teacher(args.checkpoint, device)
     transform = eval_transform(args.crop or cfg.data.global_crop_size, args.resize_ratio)
+    features = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers)
     train_f, train_y = extract_features(backbone, open_images(args.train, "train"), transform,
-                                        device, args.batch_size, args.features)
+                                        device, **features)
     test_f, test_y = extract_features(backbone, open_images(args.val, "test"), transform,
-                                      device, args.batch_size, args.features)
+                                      device, **features)
     for k in args.k:
         acc = knn_classify(train_f, train_y, test_f, test_y, k=k, temperature=args.temperature)
         print(f"{k}-NN: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
@@ -202,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--crop", type=int, default=0, help="default: the global crop size")
     knn.add_argument("--resize-ratio", type=float, default=256 / 224)
     knn.add_argument("--batch-size", type=int, default=256)
+    knn.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                     help="processes decoding and resizing images beside the forward passes")
     knn.add_argument("--device", default="auto")
     knn.set_defaults(fn=_knn)
 

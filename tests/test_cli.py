@@ -41,9 +41,13 @@ def test_train_writes_checkpoint_config_log_and_knn(trained):
 
 
 def test_knn_attention_maps_and_export(trained, folder, tmp_path, capsys):
-    assert main(["knn", "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
-                 "--val", str(folder), "--k", "3", "5", "--resize-ratio", "1.0"]) == 0
-    assert "3-NN: top-1" in capsys.readouterr().out
+    knn = ["knn", "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
+           "--val", str(folder), "--k", "3", "5", "--resize-ratio", "1.0"]
+    assert main([*knn, "--workers", "0"]) == 0
+    in_process = capsys.readouterr().out
+    assert "3-NN: top-1" in in_process
+    assert main([*knn, "--workers", "2"]) == 0  # images decoded in worker processes: the same
+    assert capsys.readouterr().out == in_process
     assert main(["attention-maps", "--checkpoint", str(trained / "checkpoint.pth"),
                  "--image", str(folder / "c0" / "0.png"), "--out", str(tmp_path / "maps"),
                  "--threshold", "0.6", "--size", "32"]) == 0
