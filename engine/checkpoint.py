@@ -21,14 +21,17 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(obj, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only folder, ...
+        kept = "the previous one is kept" if path.is_file() else "none was written before"
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} ({kept})") from None
     finally:
         if tmp.exists():
             tmp.unlink()

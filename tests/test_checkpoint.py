@@ -79,6 +79,27 @@ def test_atomic_save_replaces_whole_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temporary left
 
 
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    path = tmp_path / "ckpt.pth"
+    save_atomic({"a": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=f"cannot write checkpoint {path}: No space left "
+                                              r"on device \(the previous one is kept\)"):
+        save_atomic({"a": torch.zeros(3)}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
+    with pytest.raises(CheckpointError, match=r"none was written before"):
+        save_atomic({}, tmp_path / "new.pth")
+    assert not (tmp_path / "new.pth").exists()
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_export_loads_in_timm(tmp_path, suffix):
     ours = vit_small().eval()
