@@ -70,13 +70,14 @@ def _images_per_s(loader) -> float:
 
 
 def time_dali(files: list[str], spec: MultiCropSpec, batch: int, threads: int,
-              repeat: int = 1) -> float:
+              repeat: int = 1, hw_decoder_load: float | None = None) -> float:
     from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
 
     files = files * repeat  # each listed file is read and decoded again: a longer epoch
     device_id = 0 if torch.cuda.is_available() else None
     loader = DALIMultiCropLoader(build_pipeline(files, [0] * len(files), spec, batch_size=batch,
-                                                device_id=device_id, num_threads=threads),
+                                                device_id=device_id, num_threads=threads,
+                                                hw_decoder_load=hw_decoder_load),
                                  2 + spec.local_crops_number)
     return _images_per_s(loader)
 
@@ -103,6 +104,9 @@ def main(argv=None):
                     help="DALI threads and torchvision workers (the same cores for both)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time DALI on lighter graphs: where its time goes")
+    ap.add_argument("--hw-decoder-load", type=float, nargs="*", default=[],
+                    help="also time the full DALI graph with these shares of JPEGs on the "
+                         "GPU's hardware decoder (DALI's default 0.65; GPU only)")
     args = ap.parse_args(argv)
     spec = MultiCropSpec(local_crops_number=args.local_crops)
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,6 +126,13 @@ def main(argv=None):
             results["dali_breakdown_images_per_s"] = {
                 name: round(time_dali(files, lighter, args.batch, args.threads, args.repeat), 1)
                 for name, lighter in breakdown_specs(spec).items()}
+        if args.hw_decoder_load and not torch.cuda.is_available():
+            results["dali_hw_decoder_load_images_per_s"] = "skipped: no GPU (mixed decoding only)"
+        elif args.hw_decoder_load:
+            results["dali_hw_decoder_load_images_per_s"] = {
+                str(load): round(time_dali(files, spec, args.batch, args.threads, args.repeat,
+                                           hw_decoder_load=load), 1)
+                for load in args.hw_decoder_load}
     results["dali_over_torchvision"] = round(results["dali_images_per_s"] /
                                              results["torchvision_images_per_s"], 2)
     write_results(args.out, "data", results)

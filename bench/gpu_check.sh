@@ -105,7 +105,7 @@ run_stage() {
         --steps 3 --warmup 1 ;;
     data_bench)
       if has_dali; then stage data_bench 75 python3 -m dinofuse.bench.data --out "$work" --images 256 \
-          --repeat 12 --batch 128 --threads "$(nproc)" --breakdown
+          --repeat 12 --batch 128 --threads "$(nproc)" --breakdown --hw-decoder-load 0.9 1.0
       else echo "stage data_bench: skipped (no DALI)" | tee -a "$work/stages.txt"; fi ;;
     train_s16_dali)
       if has_dali; then jpegs; stage train_s16_dali 75 "${train[@]}" --arch vit_small --patch 16 --batch 64 \

@@ -60,6 +60,9 @@ def summarize(folder: Path) -> str:
                      f"({d['dali_over_torchvision']}x)")
         for name, rate in d.get("dali_breakdown_images_per_s", {}).items():
             lines.append(f"  DALI {name}: {rate} img/s")
+        loads = d.get("dali_hw_decoder_load_images_per_s", {})
+        for load, rate in (loads.items() if isinstance(loads, dict) else ()):
+            lines.append(f"  DALI with hw_decoder_load={load}: {rate} img/s")
     preset = folder / "default_gpu"
     if (preset / "knn.json").is_file():
         knn = json.loads((preset / "knn.json").read_text())

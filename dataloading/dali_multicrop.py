@@ -62,12 +62,14 @@ WEBDATASET_IMAGE_EXT = "jpg;jpeg;png;webp"
 def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropSpec, *,
                    batch_size: int, device_id: int | None = None, num_threads: int = 2,
                    seed: int = 0, shard_id: int = 0, num_shards: int = 1,
-                   tars: Sequence[str] = ()):
+                   tars: Sequence[str] = (), hw_decoder_load: float | None = None):
     """A DALI pipeline yielding (crop_0, ..., crop_{2+N-1}, labels) per batch.
 
     Images come from `files` (with `labels`) or, when `tars` is given, from WebDataset
     shards (one image per sample key, any of jpg/jpeg/png/webp; labels are 0: DINO trains
     without them). Each of `num_shards` ranks reads its own part, every epoch reshuffled.
+    `hw_decoder_load`: on a GPU, the share of JPEGs given to its hardware decoder (A100,
+    H100), the rest to nvJPEG's CUDA decoder; None keeps DALI's default (0.65).
     """
     from nvidia.dali import pipeline_def
     import nvidia.dali.fn as fn
@@ -88,7 +90,9 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
             label = fn.cast(fn.shapes(encoded)[0] * 0, dtype=types.INT32)
         else:
             encoded, label = fn.readers.file(files=list(files), labels=list(labels), **common)
-        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        decode = {} if hw_decoder_load is None or not gpu else dict(hw_decoder_load=hw_decoder_load)
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                  **decode)
         crops = [_one_crop(image, c, spec, "gpu" if gpu else "cpu") for c in spec.crops()]
         return (*crops, label)
 

@@ -11,7 +11,7 @@ def test_data_benchmark_smoke(tmp_path):
     from dinofuse.bench.data import main
 
     result = main(["--out", str(tmp_path), "--images", "48", "--batch", "8", "--local-crops", "2",
-                   "--threads", "1", "--breakdown"])
+                   "--threads", "1", "--breakdown", "--hw-decoder-load", "0.9"])
     saved = json.loads((tmp_path / "data.json").read_text())
     assert saved == result
     assert saved["torchvision_images_per_s"] > 0 and saved["dali_images_per_s"] > 0
@@ -19,6 +19,32 @@ def test_data_benchmark_smoke(tmp_path):
     assert set(saved["dali_breakdown_images_per_s"]) == {"decode + 2 crops, no augmentation",
                                                         "2 global crops, augmented"}
     assert all(v > 0 for v in saved["dali_breakdown_images_per_s"].values())
+    # the hardware decoder's share is a GPU row: said skipped here, not timed as if it mattered
+    assert saved["dali_hw_decoder_load_images_per_s"] == "skipped: no GPU (mixed decoding only)"
+
+
+def test_the_hardware_decoder_share_reaches_the_decoder(monkeypatch):
+    """On a GPU the share goes to decoders.image; on the CPU decoder it is left out."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.pipeline
+
+    from dinofuse.dataloading.dali_multicrop import build_pipeline
+    from dinofuse.dataloading.spec import MultiCropSpec
+
+    seen = []
+    decode = fn.decoders.image
+
+    @nvidia.dali.pipeline.do_not_convert
+    def recording(*args, **kwargs):
+        seen.append((kwargs["device"], kwargs.get("hw_decoder_load")))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(fn.decoders, "image", recording)
+    spec = MultiCropSpec(local_crops_number=0)
+    for device_id in (None, 0):  # a GPU graph is only defined here, never built
+        build_pipeline(["a.jpg"], [0], spec, batch_size=1, device_id=device_id, hw_decoder_load=0.9)
+    build_pipeline(["a.jpg"], [0], spec, batch_size=1, device_id=0)
+    assert seen == [("cpu", None), ("mixed", 0.9), ("mixed", None)]
 
 
 def test_breakdown_graphs_switch_off_one_part_each():
