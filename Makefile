@@ -22,7 +22,7 @@ data:
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist) || \
 	  echo "could not install dataset-fashion-mnist; train with --data DIR"; fi
 
-# The main job: the default DINO run (Fashion-MNIST, ~7.5 minutes on 2 CPU cores), then k-NN.
+# The main job: the default DINO run (Fashion-MNIST, ~7 minutes on 2 CPU cores), then k-NN.
 train: install data
 	$(VENV)/bin/dinofuse train
 

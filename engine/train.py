@@ -32,6 +32,7 @@ from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.engine.checkpoint import (
     EXTRA,
+    CheckpointError,
     checkpoint_step,
     latest_complete,
     load_file,
@@ -630,10 +631,18 @@ class Trainer:
             return self._save_sharded()
         path = self.out / "checkpoint.pth"
         state = self.state()  # a collective under FSDP: every rank takes part
+        error = None
         if self.rank == 0:
-            save_atomic(state, path)
-        if dist.is_initialized():
-            dist.barrier()  # complete on disk before anyone goes on
+            try:
+                save_atomic(state, path)
+            except CheckpointError as e:
+                error = str(e)
+        if dist.is_initialized():  # on disk before anyone goes on, and a failed write stops
+            box = [error]  # every rank now, not the others at the next collective's timeout
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise CheckpointError(error)
         return path
 
     def _save_sharded(self) -> Path:

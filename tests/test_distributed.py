@@ -348,3 +348,41 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
     outcomes = torch.load(result, weights_only=True)
     assert outcomes[0] == outcomes[1] and outcomes[0][0].startswith("loss is nan at step 1 ")
     assert outcomes[0][1] == [False, False]
+
+
+def _file_save_failing_on_rank_0(rank, folder, out, result):
+    import time
+
+    import dinofuse.engine.train as train
+    from dinofuse.engine.checkpoint import CheckpointError
+
+    trainer = train.Trainer(_cfg(folder, out, 2, 'run.checkpoint_format="file"'))
+    if rank == 0:  # only rank 0 writes the file: its disk is full
+        def disk_full(obj, path):
+            raise CheckpointError(f"cannot write checkpoint {path}: No space left on device")
+
+        train.save_atomic = disk_full
+    started = time.perf_counter()
+    try:
+        trainer.save()
+        outcome = "saved"
+    except CheckpointError as e:
+        outcome = str(e)
+    outcomes = [None] * WORLD
+    dist.all_gather_object(outcomes, (outcome, time.perf_counter() - started))
+    if rank == 0:
+        torch.save(outcomes, result)
+
+
+def test_a_checkpoint_file_that_cannot_be_written_stops_every_rank_at_once(tmp_path):
+    """One file, written by rank 0: its failure reaches the other ranks in the save itself
+    (they do not wait for it at a barrier until the collective timeout)."""
+    import functools
+
+    result = tmp_path / "outcomes.pt"
+    _spawn(functools.partial(_file_save_failing_on_rank_0, folder=_image_folder(tmp_path / "imgs"),
+                             out=tmp_path / "run", result=result))
+    (first, first_s), (second, second_s) = torch.load(result, weights_only=True)
+    assert first == second and first.startswith("cannot write checkpoint ") and "No space" in first
+    assert max(first_s, second_s) < 30  # the group's timeout is 120 s
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
