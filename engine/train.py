@@ -667,7 +667,8 @@ class Trainer:
                                     process_group=self._checkpoint_group)
             self._pending_save = (future, folder)
         else:
-            dcp.save(state, checkpoint_id=str(folder))
+            with self._sharded_write(folder):
+                dcp.save(state, checkpoint_id=str(folder))
             self._mark_complete(folder)
         return folder
 
@@ -677,8 +678,26 @@ class Trainer:
             return
         future, folder = self._pending_save
         self._pending_save = None
-        future.result()
+        with self._sharded_write(folder):
+            future.result()
         self._mark_complete(folder)
+
+    @contextlib.contextmanager
+    def _sharded_write(self, folder: Path):
+        """DCP reports a failed write (a full disk on any rank) to every rank as one
+        CheckpointException, a BaseException with a traceback per rank: here it becomes one
+        line naming the folder and the ranks, and the folder is never marked complete."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            yield
+        except CheckpointException as e:
+            causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                               for rank, (error, _) in sorted(e.failures.items()))
+            kept = latest_complete(folder.parent)
+            kept = f"the newest complete one, {kept}, is kept" if kept else "none was complete before"
+            raise CheckpointError(f"cannot write sharded checkpoint {folder} ({causes}); {kept}") \
+                from None
 
     def _mark_complete(self, folder: Path) -> None:
         if dist.is_initialized():

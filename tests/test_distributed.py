@@ -386,3 +386,45 @@ def test_a_checkpoint_file_that_cannot_be_written_stops_every_rank_at_once(tmp_p
     assert first == second and first.startswith("cannot write checkpoint ") and "No space" in first
     assert max(first_s, second_s) < 30  # the group's timeout is 120 s
     assert not (tmp_path / "run" / "checkpoint.pth").exists()
+
+
+def _sharded_save_failing_on_rank_1(rank, folder, out, result):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from dinofuse.engine.checkpoint import CheckpointError
+    from dinofuse.engine.train import Trainer
+
+    trainer = Trainer(_cfg(folder, out, 2))  # sharded, written in the background
+    trainer.fit(max_steps=1, progress=False)  # step 1: saved, complete
+    if rank == 1:
+        def disk_full(self, plan, planner):
+            raise OSError(28, "No space left on device")
+
+        FileSystemWriter.write_data = disk_full
+    try:
+        trainer.fit(max_steps=1, progress=False)  # step 2: its save fails on rank 1
+        outcome = "saved"
+    except CheckpointError as e:
+        outcome = str(e)
+    outcomes = [None] * WORLD
+    dist.all_gather_object(outcomes, outcome)
+    if rank == 0:
+        torch.save(outcomes, result)
+
+
+def test_a_sharded_checkpoint_that_cannot_be_written_is_named_on_every_rank(tmp_path):
+    """A write failing on one rank reaches every rank as one line naming the folder and the
+    rank; the folder is not marked complete, and the previous complete one stays newest."""
+    import functools
+
+    from dinofuse.engine.checkpoint import latest_complete, step_dir
+
+    run, result = tmp_path / "run", tmp_path / "outcomes.pt"
+    _spawn(functools.partial(_sharded_save_failing_on_rank_1,
+                             folder=_image_folder(tmp_path / "imgs"), out=run, result=result))
+    first, second = torch.load(result, weights_only=True)
+    failed, kept = step_dir(run / "checkpoints", 2), step_dir(run / "checkpoints", 1)
+    assert first == second, (first, second)
+    assert first.startswith(f"cannot write sharded checkpoint {failed} (rank 1: OSError: ")
+    assert first.endswith(f"No space left on device); the newest complete one, {kept}, is kept")
+    assert latest_complete(run / "checkpoints") == kept
