@@ -7,6 +7,7 @@ it over the target, so a crash mid-save leaves the previous checkpoint whole.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -181,7 +182,24 @@ def read_sharded(folder: str | Path, template: dict) -> dict:
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {COMPLETE} marker: "
                               "its save did not finish)")
     try:
-        dcp.load(template, checkpoint_id=str(folder))
-    except Exception as e:
+        with dcp_errors("read", folder):
+            dcp.load(template, checkpoint_id=str(folder))
+    except Exception as e:  # shapes that do not match the template, ...
         raise CheckpointError(f"cannot read sharded checkpoint {folder}: {e}") from None
     return template
+
+
+@contextlib.contextmanager
+def dcp_errors(action: str, folder: Path):
+    """torch.distributed.checkpoint reports a failed read or write (a corrupt shard, a full
+    disk, on any rank) to every rank as a CheckpointException: a BaseException, so `except
+    Exception` misses it, printing a traceback per rank. Here: one CheckpointError naming the
+    folder and each failing rank's error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                           for rank, (error, _) in sorted(e.failures.items()))
+        raise CheckpointError(f"cannot {action} sharded checkpoint {folder} ({causes})") from None

@@ -34,6 +34,7 @@ from dinofuse.engine.checkpoint import (
     EXTRA,
     CheckpointError,
     checkpoint_step,
+    dcp_errors,
     latest_complete,
     load_file,
     mark_complete,
@@ -684,20 +685,15 @@ class Trainer:
 
     @contextlib.contextmanager
     def _sharded_write(self, folder: Path):
-        """DCP reports a failed write (a full disk on any rank) to every rank as one
-        CheckpointException, a BaseException with a traceback per rank: here it becomes one
-        line naming the folder and the ranks, and the folder is never marked complete."""
-        from torch.distributed.checkpoint.api import CheckpointException
-
+        """A write that failed on any rank stops every rank with one line (the folder is
+        never marked complete), saying which checkpoint a resume would take."""
         try:
-            yield
-        except CheckpointException as e:
-            causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
-                               for rank, (error, _) in sorted(e.failures.items()))
+            with dcp_errors("write", folder):
+                yield
+        except CheckpointError as e:
             kept = latest_complete(folder.parent)
             kept = f"the newest complete one, {kept}, is kept" if kept else "none was complete before"
-            raise CheckpointError(f"cannot write sharded checkpoint {folder} ({causes}); {kept}") \
-                from None
+            raise CheckpointError(f"{e}; {kept}") from None
 
     def _mark_complete(self, folder: Path) -> None:
         if dist.is_initialized():
@@ -782,8 +778,9 @@ class Trainer:
         self._check_config(extra["config"], folder)
         state = self._sharded_state()  # templates: the optimizer's state is created for all
         saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
-        dcp.load(state, checkpoint_id=str(folder),
-                 planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        with dcp_errors("read", folder):
+            dcp.load(state, checkpoint_id=str(folder),
+                     planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         set_model_state_dict(self.student, state["student"])
         set_model_state_dict(self.teacher, state["teacher"])
         set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"])

@@ -145,6 +145,23 @@ def test_a_save_cut_short_is_never_resumed_from(tmp_path):
     assert [(s, done) for s, _, done in sharded_checkpoints(tmp_path / "checkpoints")] == [(6, True)]
 
 
+def test_a_corrupt_shard_is_named_on_resume_and_export(tmp_path):
+    """A complete checkpoint whose shard was damaged afterwards (truncated in a copy, say):
+    resuming or exporting it says which folder and why in one line (DCP raises a
+    BaseException that `except Exception` does not catch)."""
+    from dinofuse.engine.checkpoint import read_sharded
+    from dinofuse.engine.train import Trainer
+
+    cfg, trainer = _sharded_run(tmp_path)
+    (shard,) = (tmp_path / "checkpoints").glob("step_*/*.distcp")
+    shard.write_bytes(shard.read_bytes()[:64])
+    folder = shard.parent
+    with pytest.raises(CheckpointError, match=rf"cannot read sharded checkpoint {folder} \(rank 0: "):
+        Trainer(cfg, resume=True)
+    with pytest.raises(CheckpointError, match=rf"cannot read sharded checkpoint {folder} \(rank 0: "):
+        read_sharded(folder, {"teacher": trainer.teacher.state_dict()})
+
+
 def test_export_consolidates_a_sharded_checkpoint_on_cpu(tmp_path, capsys):
     from safetensors.torch import load_file as load_safetensors
 
