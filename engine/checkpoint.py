@@ -1,14 +1,18 @@
 """Checkpoints: atomic saves, safe loads, official DINO weights in, timm/safetensors out.
 
 Files from elsewhere are untrusted: they are read with `torch.load(weights_only=True)` (or
-safetensors), never unpickled. A save writes a temporary file in the same folder and renames
-it over the target, so a crash mid-save leaves the previous checkpoint whole.
+safetensors), never unpickled; sharded (DCP) folders through a reader and a planner that do
+the same (torch's own unpickle their metadata and small objects). A save writes a temporary
+file in the same folder and renames it over the target, so a crash mid-save leaves the
+previous checkpoint whole.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -181,9 +185,10 @@ def read_sharded(folder: str | Path, template: dict) -> dict:
     if not (folder / COMPLETE).is_file():
         raise CheckpointError(f"{folder} is not a complete checkpoint (no {COMPLETE} marker: "
                               "its save did not finish)")
+    reader, _ = open_sharded(folder)
     try:
         with dcp_errors("read", folder):
-            dcp.load(template, checkpoint_id=str(folder))
+            dcp.load(template, storage_reader=reader, planner=safe_planner())
     except Exception as e:  # shapes that do not match the template, ...
         raise CheckpointError(f"cannot read sharded checkpoint {folder}: {e}") from None
     return template
@@ -203,3 +208,67 @@ def dcp_errors(action: str, folder: Path):
         causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
                            for rank, (error, _) in sorted(e.failures.items()))
         raise CheckpointError(f"cannot {action} sharded checkpoint {folder} ({causes})") from None
+
+
+
+# torch.distributed.checkpoint's FileSystemReader unpickles a folder's `.metadata` with plain
+# pickle, and its DefaultLoadPlanner its small objects (optimizer hyperparameters) with
+# torch.load(weights_only=False): a folder from elsewhere could run code. These two read the
+# same files allowing only what such files hold.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _METADATA_GLOBALS \
+                or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                     (torch.dtype, torch.layout, torch.memory_format))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def safe_reader(folder: str | Path):
+    """A DCP FileSystemReader whose metadata unpickling admits only DCP's metadata classes."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(folder))
+
+
+def open_sharded(folder: str | Path):
+    """(a safe reader of `folder`, the keys it holds); the metadata read first, so that a
+    refused or unreadable one is named here, whatever DCP's version makes of it."""
+    reader = safe_reader(folder)
+    try:
+        return reader, set(reader.read_metadata().state_dict_metadata)
+    except Exception as e:
+        raise CheckpointError(f"cannot read sharded checkpoint {folder}: {e}") from None
+
+
+def safe_planner(**options):
+    """A DCP DefaultLoadPlanner that reads small objects with torch.load(weights_only=True)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            checked = torch.load(value, weights_only=True)  # refuses code, before torch's load
+            value = io.BytesIO()
+            torch.save(checked, value)
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafePlanner(**options)

@@ -38,7 +38,9 @@ from dinofuse.engine.checkpoint import (
     latest_complete,
     load_file,
     mark_complete,
+    open_sharded,
     prune_checkpoints,
+    safe_planner,
     save_atomic,
     step_dir,
 )
@@ -777,10 +779,9 @@ class Trainer:
         extra = load_file(folder / EXTRA)
         self._check_config(extra["config"], folder)
         state = self._sharded_state()  # templates: the optimizer's state is created for all
-        saved = set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+        reader, saved = open_sharded(folder)
         with dcp_errors("read", folder):
-            dcp.load(state, checkpoint_id=str(folder),
-                     planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+            dcp.load(state, storage_reader=reader, planner=safe_planner(allow_partial_load=True))
         set_model_state_dict(self.student, state["student"])
         set_model_state_dict(self.teacher, state["teacher"])
         set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"])

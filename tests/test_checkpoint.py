@@ -162,6 +162,57 @@ def test_a_corrupt_shard_is_named_on_resume_and_export(tmp_path):
         read_sharded(folder, {"teacher": trainer.teacher.state_dict()})
 
 
+class _RunsCode:
+    """Unpickling this creates a folder: the stand-in for code in a file from elsewhere."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_sharded_checkpoint_from_elsewhere_runs_no_code(tmp_path, capsys):
+    """torch's DCP reader unpickles `.metadata` and its planner the small objects with
+    weights_only=False; ours refuse anything but what such files hold, on resume, export and
+    reads, and say so in one line."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from dinofuse.engine.checkpoint import mark_complete, read_sharded, step_dir
+    from dinofuse.engine.cli import main
+    from dinofuse.engine.train import Trainer
+
+    cfg, trainer = _sharded_run(tmp_path / "run")
+    folder = step_dir(tmp_path / "run" / "checkpoints", 3)
+    marker = tmp_path / "code-ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(CheckpointError, match=rf"{folder}: .*mkdir is not allowed in checkpoint"):
+        Trainer(cfg, resume=True)
+    with pytest.raises(CheckpointError, match=rf"cannot read sharded checkpoint {folder}"):
+        read_sharded(folder, {"teacher": trainer.teacher.state_dict()})
+    assert main(["export", "--checkpoint", str(folder), "--out", str(tmp_path / "t.pth")]) == 2
+    assert "mkdir is not allowed" in capsys.readouterr().err
+    assert not marker.exists()
+    with pytest.raises(AttributeError):  # torch's own reader runs it (then finds no metadata)
+        dcp.FileSystemReader(str(folder)).read_metadata()
+    assert marker.is_dir()
+
+    # an object among the tensors (DCP stores it pickled)
+    marker = tmp_path / "code-ran-too"
+    other = tmp_path / "other"
+    dcp.save({"w": torch.ones(2), "obj": _RunsCode(marker)}, checkpoint_id=str(other))
+    mark_complete(other, {})
+    with pytest.raises(CheckpointError, match=rf"cannot read sharded checkpoint {other} \(rank 0: "):
+        read_sharded(other, {"w": torch.zeros(2), "obj": None})
+    assert not marker.exists()
+    dcp.load({"w": torch.zeros(2), "obj": None}, checkpoint_id=str(other))  # torch's planner
+    assert marker.is_dir()
+
+
 def test_export_consolidates_a_sharded_checkpoint_on_cpu(tmp_path, capsys):
     from safetensors.torch import load_file as load_safetensors
 
