@@ -248,7 +248,7 @@ def _endless(trainer):
     """Crops of successive batches (the trainer's own loader, epoch after epoch)."""
     epoch = 0
     while True:
-        for crops, _ in trainer.loader(epoch, 0):
+        for crops, _ in trainer.input.batches(epoch, 0):
             yield crops
         epoch += 1
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
-import itertools
 import json
 import math
 import random
@@ -26,10 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dinofuse.dataloading.readers import open_images
-from dinofuse.dataloading.dali_multicrop import available as dali_available
-from dinofuse.dataloading.spec import MultiCropSpec
-from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.engine.checkpoint import (
     EXTRA,
     CheckpointError,
@@ -44,7 +38,10 @@ from dinofuse.engine.checkpoint import (
     save_atomic,
     step_dir,
 )
+from dinofuse.engine.clipping import clip_gradients, clip_gradients_official
 from dinofuse.engine.config import Config, config_from_toml, config_to_toml, save_config
+from dinofuse.engine.errors import TrainingError
+from dinofuse.engine.inputs import TrainingInput
 from dinofuse.engine.models import (
     DINOHead,
     MultiCropWrapper,
@@ -56,40 +53,13 @@ from dinofuse.engine.parallel import DeviceValue, parallelize, world
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
 from dinofuse.kernels.dino_loss import CenteredDINOLoss
-from dinofuse.kernels._runtime import local_shard
 from dinofuse.kernels.reference import OfficialDINOLoss, ema_reference_
 
-SYNTHETIC_STEPS_PER_EPOCH = 100  # data.path="synthetic": the schedules' epoch length
 IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
                 "clip": ("fused", "official"), "fsdp": ("auto", "always"),
                 "optimizer": ("auto", "fused", "foreach", "official"),
                 "reduce_dtype": ("fp32", "bf16"), "loss_check": ("deferred", "official"),
                 "patch_embedding": PATCH_EMBEDDINGS, "residual_dtype": RESIDUAL_DTYPES}
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-def multicrop_spec(d) -> MultiCropSpec:
-    """The augmentation spec of a DataConfig (the official values for what it leaves out)."""
-    return MultiCropSpec(global_crop_size=d.global_crop_size, local_crop_size=d.local_crop_size,
-                         global_crops_scale=d.global_crops_scale,
-                         local_crops_scale=d.local_crops_scale,
-                         local_crops_number=d.local_crops_number, blur_sigma=d.blur_radius)
-
-
-def webdataset_shards(path: str) -> list[str]:
-    """The .tar shards named by `path` (one .tar, or a folder holding .tar files and no
-    images), else []."""
-    p = Path(path)
-    if p.suffix == ".tar" and p.is_file():
-        return [str(p)]
-    if p.is_dir():
-        tars = sorted(str(t) for t in p.glob("*.tar"))
-        if tars and not any(c.is_dir() for c in p.iterdir()):
-            return tars
-    return []
 
 
 def pick_device(name: str) -> torch.device:
@@ -136,96 +106,6 @@ def param_groups(model: nn.Module) -> list[dict]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def clip_gradients(model: nn.Module, clip: float, mode: str) -> torch.Tensor | float:
-    """Official per-parameter clipping (each parameter's norm to `clip`) or global norm.
-    Returns the global gradient norm before clipping (for the log), on the device: no sync."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    local = [local_shard(g) for g in grads]
-    norms = gradient_norms(grads, local)
-    if clip > 0 and mode == "global":
-        coef = (clip / (norms.norm(2) + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s formula
-        torch._foreach_mul_(local, coef)
-    elif clip > 0:
-        coefs = (clip / (norms + 1e-6)).clamp(max=1.0)  # on the device: no host sync
-        torch._foreach_mul_(local, list(coefs.unbind()))
-    return norms.norm(2)
-
-
-def gradient_norms(grads: list[torch.Tensor], local: list[torch.Tensor]) -> torch.Tensor:
-    """Each gradient's L2 norm (float32, on the device). FSDP2 gradients are DTensors sharded
-    over the ranks (one mesh dimension): the local squared norms of all of them are summed
-    by one all-reduce, not one collective per parameter. A replicated or plain gradient's
-    local norm is already its norm."""
-    squares = torch.stack([n.float() for n in torch._foreach_norm(local)]) ** 2
-    sharded = [any(p.is_shard() for p in getattr(g, "placements", ())) for g in grads]
-    if any(sharded):
-        mesh = next(g.device_mesh for g, s in zip(grads, sharded) if s)
-        mask = _device_mask(tuple(sharded), squares.device)
-        summed = torch.where(mask, squares, 0.0)
-        dist.all_reduce(summed, group=mesh.get_group())
-        squares = torch.where(mask, summed, squares)
-    return squares.sqrt()
-
-
-@functools.lru_cache(maxsize=8)
-def _device_mask(flags: tuple[bool, ...], device: torch.device) -> torch.Tensor:
-    """A bool tensor on the device, made once (a copy from the host would sync every step)."""
-    return torch.tensor(flags, device=device)
-
-
-def clip_gradients_official(model: nn.Module, clip: float) -> float:
-    """The official `clip_gradients`: each parameter's norm read on the host, one sync per
-    parameter (the baseline that `clip_gradients` replaces). Returns the global norm."""
-    norms = []
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        norm = float(_full(p.grad.detach().norm(2)))
-        norms.append(norm)
-        coef = clip / (norm + 1e-6)
-        if clip > 0 and coef < 1:
-            p.grad.mul_(coef)
-    return math.sqrt(sum(n * n for n in norms))
-
-
-def synthetic_crops(spec: MultiCropSpec, batch: int, in_chans: int, device: torch.device,
-                    seed: int) -> list[torch.Tensor]:
-    """Normalized-image-like random crops, made once on the device (timing without data)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    sizes = [spec.global_crop_size] * 2 + [spec.local_crop_size] * spec.local_crops_number
-    return [torch.randn(batch, in_chans, s, s, generator=g, device=device) for s in sizes]
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor reduction's value (FSDP2 gradients are sharded), else the tensor."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch, cut to whole global batches (batch_size x world);
-    rank r takes the r-th slice of each, so every image is seen once per epoch across ranks
-    and the ranks together see what one process with the global batch would. Starts at any
-    batch (resume)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch, self.start_batch = 0, 0
-
-    def batches(self) -> int:
-        return self.n // (self.batch_size * self.world)
-
-    def __len__(self) -> int:
-        return (self.batches() - self.start_batch) * self.batch_size
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[: self.batches() * self.batch_size * self.world]
-        mine = order.view(self.batches(), self.world, self.batch_size)[:, self.rank]
-        return iter(mine[self.start_batch:].reshape(-1).tolist())
-
-
 class StepLog:
     """One step's numbers. The loss and the gradient norm may still be on the device
     (`DeviceValue`): reading them waits for the step's work, so nothing here forces a sync."""
@@ -266,9 +146,7 @@ class Trainer:
         # fastest algorithm for each input shape, chosen on first use
         torch.backends.cudnn.benchmark = True
 
-        d, o = cfg.data, cfg.optim
-        if d.backend not in ("auto", "torchvision", "dali"):
-            raise ValueError(f"data.backend must be auto, torchvision or dali; got {d.backend!r}")
+        o = cfg.optim
         for name, choices in IMPL_CHOICES.items():
             if getattr(cfg.impl, name) not in choices:
                 raise ValueError(f"impl.{name} must be one of {', '.join(choices)}; "
@@ -276,44 +154,14 @@ class Trainer:
         if cfg.impl.checkpoint_blocks < -1:
             raise ValueError(f"impl.checkpoint_blocks must be a block count >= 0, or -1 for "
                              f"every block; got {cfg.impl.checkpoint_blocks}")
-        self.ncrops = 2 + d.local_crops_number
-        self.dataset = self.sampler = self.dali = self.synthetic = None
-        self.data_backend = "synthetic"
-        self.dali_samples: list = []  # the files DALI reads, in its order (image folders)
-        tars = webdataset_shards(d.path)
-        if d.path == "synthetic":
-            self.synthetic = synthetic_crops(multicrop_spec(d), o.batch_size_per_device,
-                                             cfg.model.in_chans, self.device, cfg.run.seed + self.rank)
-            self.iters_per_epoch = SYNTHETIC_STEPS_PER_EPOCH
-        elif tars:  # WebDataset shards: DALI reads them, the epoch length is its reader's
-            if d.backend == "torchvision" or not dali_available():
-                raise ValueError(f"{d.path} holds WebDataset shards: they need DALI "
-                                 "(data.backend=\"dali\" or \"auto\", nvidia-dali installed)")
-            self.data_backend = "dali"
-            self.dali = self._dali_loader(tars=tars)
-            self.iters_per_epoch = len(self.dali)
-        else:
-            images = open_images(d.path, "train")
-            if len(images) < o.batch_size_per_device * self.world:
-                raise TrainingError(f"{d.path} has {len(images)} images, fewer than one batch "
-                                    f"of {o.batch_size_per_device} x {self.world} processes")
-            files = getattr(images, "samples", None) is not None  # an image folder
-            self.data_backend = d.backend if d.backend != "auto" else \
-                "dali" if files and dali_available() else "torchvision"
-            if self.data_backend == "dali":
-                self.dali = self._dali_loader(images=images)
-            self.dataset = SeededMultiCrop(images, MultiCropAugmentation(multicrop_spec(d)),
-                                           seed=cfg.run.seed, skip_bad_images=d.skip_bad_images)
-            self.sampler = EpochSampler(len(images), o.batch_size_per_device, cfg.run.seed,
-                                        self.rank, self.world)
-            self.iters_per_epoch = self.sampler.batches()
-        if self.iters_per_epoch == 0:
-            raise TrainingError(f"{d.path}: not one full batch of {o.batch_size_per_device} per epoch")
+        self.precision = self._precision()
+        self.input = TrainingInput(cfg, self.device, self.rank, self.world, self.precision,
+                                   save_progress=self.save)
+        self.ncrops, self.iters_per_epoch = self.input.ncrops, self.input.iters_per_epoch
 
         self.student, self.teacher = build_student_teacher(cfg)
         self.student.to(self.device)
         self.teacher.to(self.device)
-        self.precision = self._precision()
         self.sharded = self.world > 1 or cfg.impl.fsdp == "always"
         self._apply_impl(cfg.impl)
         # fused: one kernel for all parameters; on FSDP2's DTensors also far less host work
@@ -449,91 +297,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _dali_loader(self, images=None, tars=(), samples=None):
-        """The DALI graph over a folder's files or WebDataset shards, this rank's share of
-        them (decoding on the GPU when training there)."""
-        from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
-
-        if samples is None:
-            samples = getattr(images, "samples", None) if images is not None else []
-        if samples is None:
-            raise ValueError("data.backend=\"dali\" reads image files: point data.path at an "
-                             "image folder, or use data.backend=\"torchvision\"")
-        self.dali_samples = list(samples)
-        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
-                              multicrop_spec(self.cfg.data),
-                              batch_size=self.cfg.optim.batch_size_per_device,
-                              device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
-                              seed=self.cfg.run.seed, shard_id=self.rank, num_shards=self.world,
-                              tars=tars)
-        # bf16 training on a GPU takes bf16 crops (autocast casts them there anyway)
-        bf16 = self.device.type == "cuda" and self._precision() == torch.bfloat16
-        return DALIMultiCropLoader(pipe, self.ncrops, dtype=torch.bfloat16 if bf16 else None)
-
-    def loader(self, epoch: int, start_batch: int):
-        if self.synthetic is not None:
-            return itertools.repeat((self.synthetic, None), self.iters_per_epoch - start_batch)
-        if self.dali is not None:
-            return self._dali_batches(start_batch)
-        self.dataset.epoch = epoch
-        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
-        return torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.cfg.optim.batch_size_per_device, sampler=self.sampler,
-            num_workers=self.cfg.data.num_workers, drop_last=True,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator(),
-            persistent_workers=False)
-
-    def _dali_batches(self, start_batch: int):
-        """DALI's batches from `start_batch` on. DALI shuffles per epoch from its own seed: a
-        resume mid-epoch skips the batches already seen (the same count, not the same
-        images: exact resume is torchvision's). A failed decode is traced to its file(s)."""
-        done = start_batch
-        while True:
-            try:
-                for batch in itertools.islice(iter(self.dali), done, None):
-                    done += 1
-                    yield batch
-                return
-            except RuntimeError as e:
-                if "decoders.image" not in str(e) or not self.dali_samples:
-                    raise
-                self._replace_undecodable_images()  # or stop, naming them
-
-    def _replace_undecodable_images(self) -> None:
-        """DALI does not say which file failed: decode this rank's share again with PIL to
-        find out, then stop naming them (data.skip_bad_images=false), or put a readable
-        neighbour in each one's place and rebuild the graph. Replacing rather than removing
-        keeps every rank's share, and so the steps per epoch, unchanged."""
-        from dinofuse.dataloading.check import check_files
-
-        n = len(self.dali_samples)
-        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world  # DALI's shard
-        threads = max(1, self.cfg.data.num_workers)
-        _, bad = check_files([p for p, _ in self.dali_samples[lo:hi]], threads)
-        if not bad:  # not in this rank's share after all: look everywhere
-            _, bad = check_files([p for p, _ in self.dali_samples], threads)
-        if not bad:
-            raise TrainingError(f"DALI failed to decode an image in {self.cfg.data.path}, but "
-                                "every file decodes with PIL; see DALI's message above")
-        listed = "; ".join(f"{p} ({why})" for p, why in bad)
-        if not self.cfg.data.skip_bad_images:
-            if self.world == 1:
-                self.save()  # keep the progress made so far
-            raise TrainingError(f"undecodable image(s) in {self.cfg.data.path}: {listed}. Set "
-                                "data.skip_bad_images=true to skip them, or remove them "
-                                "(`dinofuse data check DIR` lists every one); the run can "
-                                "go on with --resume")
-        bad_paths = {str(p) for p, _ in bad}
-        good = [s for s in self.dali_samples if str(s[0]) not in bad_paths]
-        if not good:
-            raise TrainingError(f"no decodable image left in {self.cfg.data.path}")
-        samples = [s if str(s[0]) not in bad_paths else good[i % len(good)]
-                   for i, s in enumerate(self.dali_samples)]
-        for p, why in bad:
-            print(f"dinofuse: skipping undecodable image {p} ({why})", file=sys.stderr, flush=True)
-        self.dali = self._dali_loader(samples=samples)
-
     def fit(self, max_steps: int = 0, progress: bool = True) -> list[StepLog]:
         """Train to the end of the schedule (or max_steps / run.max_minutes); returns the logs."""
         cfg = self.cfg
@@ -549,7 +312,7 @@ class Trainer:
         out_of_time = False
         with open(self.out / "log.jsonl", "a") if main else contextlib.nullcontext() as log_file:
             while self.step < stop_at and not out_of_time:
-                for crops, _ in self.loader(*divmod(self.step, self.iters_per_epoch)):
+                for crops, _ in self.input.batches(*divmod(self.step, self.iters_per_epoch)):
                     log = self.train_step(crops)
                     logs.append(log)
                     now = time.perf_counter()

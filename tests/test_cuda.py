@@ -176,7 +176,7 @@ def test_training_steps_on_the_gpu(precision, tmp_path):
         assert trainer.device.type == "cuda"
         teacher0 = [p.detach().clone() for p in trainer.teacher.parameters()]
         losses = [trainer.train_step(crops).loss
-                  for crops, _ in zip((b for b, _ in trainer.loader(0, 0)), range(3))]
+                  for crops, _ in zip((b for b, _ in trainer.input.batches(0, 0)), range(3))]
         moved = any(not torch.equal(a, b) for a, b in zip(teacher0, trainer.teacher.parameters()))
         return losses, moved
 
@@ -222,7 +222,7 @@ def test_a_training_step_never_makes_the_host_wait(tmp_path):
 
     cfg = load_config("default", TINY + ['data.path="synthetic"', f'run.output_dir="{tmp_path}"'])
     trainer = Trainer(cfg)
-    batches = (b for b, _ in trainer.loader(0, 0))
+    batches = (b for b, _ in trainer.input.batches(0, 0))
     trainer.train_step(next(batches))  # first step: one-time set-up (EMA tables, caches)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

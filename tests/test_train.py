@@ -117,7 +117,7 @@ def test_non_finite_loss_is_named_by_its_step_when_checked(tmp_path, check):
     """Deferred (default): a step returns without reading its loss; the next step (or a
     save) finds it non-finite and names it. Official: the step itself stops."""
     _, _, trainer = _synthetic_run(tmp_path, f'impl.loss_check="{check}"', steps=2)
-    batches = (b for b, _ in trainer.loader(0, 0))
+    batches = (b for b, _ in trainer.input.batches(0, 0))
     with torch.no_grad():
         trainer.student.backbone.pos_embed.fill_(float("nan"))
     if check == "official":
@@ -140,7 +140,7 @@ def test_a_step_reads_no_tensor_on_the_host(tmp_path, monkeypatch, impl, reads):
     the defaults (fused AdamW as on CUDA) a step reads none, apart from the previous step's
     loss through its DeviceValue (an event on a GPU); the official way reads every step."""
     _, _, trainer = _synthetic_run(tmp_path, 'impl.optimizer="fused"', *impl, steps=2)
-    batches = (b for b, _ in trainer.loader(0, 0))
+    batches = (b for b, _ in trainer.input.batches(0, 0))
     hits = []
     for name in ("item", "__float__", "__bool__", "__int__", "__index__", "tolist", "numpy"):
         method = getattr(torch.Tensor, name)
@@ -189,10 +189,10 @@ def test_auto_backend_is_dali_for_image_folders_and_torchvision_for_idx_files(im
     auto = [o for o in TINY if not o.startswith("data.backend")] + ['data.backend="auto"']
     folder = Trainer(load_config("default", auto + [f'data.path="{image_folder}"',
                                                     f'run.output_dir="{tmp_path}"']))
-    assert folder.data_backend == "dali" and folder.dali is not None
+    assert folder.input.backend == "dali" and folder.input.dali is not None
     if FASHION_MNIST_DIR.is_dir():
         idx = Trainer(load_config("default", auto + [f'run.output_dir="{tmp_path}"']))
-        assert idx.data_backend == "torchvision" and idx.dali is None
+        assert idx.input.backend == "torchvision" and idx.input.dali is None
 
 
 def test_dali_backend_needs_image_files(tmp_path):
@@ -236,7 +236,7 @@ def _synthetic_run(tmp_path, *extra, steps=3):
                                          "optim.warmup_epochs=0.0", *extra])
     trainer = Trainer(cfg)
     losses = []
-    for crops, _ in trainer.loader(0, 0):
+    for crops, _ in trainer.input.batches(0, 0):
         losses.append(trainer.train_step(crops).loss)
         if len(losses) == steps:
             break
@@ -246,10 +246,10 @@ def _synthetic_run(tmp_path, *extra, steps=3):
 
 def test_synthetic_data_are_crops_made_once_on_the_device(tmp_path):
     _, _, trainer = _synthetic_run(tmp_path, steps=1)
-    crops, labels = next(iter(trainer.loader(0, 0)))
+    crops, labels = next(iter(trainer.input.batches(0, 0)))
     assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
     assert labels is None and crops[0].device == trainer.device
-    assert crops is next(iter(trainer.loader(0, 5)))[0]  # the same tensors every step
+    assert crops is next(iter(trainer.input.batches(0, 5)))[0]  # the same tensors every step
 
 
 def test_official_impl_choices_train_like_the_fused_ones(tmp_path):
@@ -297,7 +297,7 @@ def test_fsdp_always_asks_for_a_process_group(tmp_path):
 
 @pytest.mark.parametrize("mode", ["per_param", "global"])
 def test_gradient_clipping_matches_the_official_and_torch_versions(mode):
-    from dinofuse.engine.train import clip_gradients, clip_gradients_official
+    from dinofuse.engine.clipping import clip_gradients, clip_gradients_official
 
     torch.manual_seed(0)
     models = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)) for _ in range(2)]
@@ -346,5 +346,5 @@ def test_dali_decode_failure_names_the_file_and_skips_or_stops(folder_with_a_cor
     logs = trainer.fit(progress=False)
     assert len(logs) == trainer.total_steps == 2 * 2  # 8 files, batch 4, 2 epochs: no step lost
     assert "skipping undecodable image" in capsys.readouterr().err
-    assert all("broken.jpg" not in str(p) for p, _ in trainer.dali_samples)
-    assert len(trainer.dali_samples) == 8
+    assert all("broken.jpg" not in str(p) for p, _ in trainer.input.dali_samples)
+    assert len(trainer.input.dali_samples) == 8

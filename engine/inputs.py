@@ -1,0 +1,208 @@
+"""The trainer's input: batches of 2+N crops from synthetic tensors, DALI or torchvision.
+
+`TrainingInput` picks the source from the config (data.path, data.backend), gives this
+rank its share of every epoch, and knows the epoch's length. Image folders and WebDataset
+shards go through DALI when it is installed (`data.backend="auto"`), Fashion-MNIST's IDX
+files through the torchvision reference; "synthetic" crops are made once on the device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dinofuse.dataloading.dali_multicrop import available as dali_available
+from dinofuse.dataloading.readers import open_images
+from dinofuse.dataloading.spec import MultiCropSpec
+from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
+from dinofuse.engine.config import Config
+from dinofuse.engine.errors import TrainingError
+
+SYNTHETIC_STEPS_PER_EPOCH = 100  # data.path="synthetic": the schedules' epoch length
+
+
+def multicrop_spec(d) -> MultiCropSpec:
+    """The augmentation spec of a DataConfig (the official values for what it leaves out)."""
+    return MultiCropSpec(global_crop_size=d.global_crop_size, local_crop_size=d.local_crop_size,
+                         global_crops_scale=d.global_crops_scale,
+                         local_crops_scale=d.local_crops_scale,
+                         local_crops_number=d.local_crops_number, blur_sigma=d.blur_radius)
+
+
+def webdataset_shards(path: str) -> list[str]:
+    """The .tar shards named by `path` (one .tar, or a folder holding .tar files and no
+    images), else []."""
+    p = Path(path)
+    if p.suffix == ".tar" and p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        if tars and not any(c.is_dir() for c in p.iterdir()):
+            return tars
+    return []
+
+
+def synthetic_crops(spec: MultiCropSpec, batch: int, in_chans: int, device: torch.device,
+                    seed: int) -> list[torch.Tensor]:
+    """Normalized-image-like random crops, made once on the device (timing without data)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sizes = [spec.global_crop_size] * 2 + [spec.local_crop_size] * spec.local_crops_number
+    return [torch.randn(batch, in_chans, s, s, generator=g, device=device) for s in sizes]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, cut to whole global batches (batch_size x world);
+    rank r takes the r-th slice of each, so every image is seen once per epoch across ranks
+    and the ranks together see what one process with the global batch would. Starts at any
+    batch (resume)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch, self.start_batch = 0, 0
+
+    def batches(self) -> int:
+        return self.n // (self.batch_size * self.world)
+
+    def __len__(self) -> int:
+        return (self.batches() - self.start_batch) * self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)[: self.batches() * self.batch_size * self.world]
+        mine = order.view(self.batches(), self.world, self.batch_size)[:, self.rank]
+        return iter(mine[self.start_batch:].reshape(-1).tolist())
+
+
+class TrainingInput:
+    def __init__(self, cfg: Config, device: torch.device, rank: int, world: int,
+                 precision: torch.dtype | None, save_progress: Callable[[], object]):
+        """save_progress: called before stopping on undecodable images (one process), so
+        that a resume loses nothing."""
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.precision, self.save_progress = precision, save_progress
+        d, o = cfg.data, cfg.optim
+        if d.backend not in ("auto", "torchvision", "dali"):
+            raise ValueError(f"data.backend must be auto, torchvision or dali; got {d.backend!r}")
+        self.ncrops = 2 + d.local_crops_number
+        self.dataset = self.sampler = self.dali = self.synthetic = None
+        self.backend = "synthetic"
+        self.dali_samples: list = []  # the files DALI reads, in its order (image folders)
+        tars = webdataset_shards(d.path)
+        if d.path == "synthetic":
+            self.synthetic = synthetic_crops(multicrop_spec(d), o.batch_size_per_device,
+                                             cfg.model.in_chans, self.device, cfg.run.seed + self.rank)
+            self.iters_per_epoch = SYNTHETIC_STEPS_PER_EPOCH
+        elif tars:  # WebDataset shards: DALI reads them, the epoch length is its reader's
+            if d.backend == "torchvision" or not dali_available():
+                raise ValueError(f"{d.path} holds WebDataset shards: they need DALI "
+                                 "(data.backend=\"dali\" or \"auto\", nvidia-dali installed)")
+            self.backend = "dali"
+            self.dali = self._dali_loader(tars=tars)
+            self.iters_per_epoch = len(self.dali)
+        else:
+            images = open_images(d.path, "train")
+            if len(images) < o.batch_size_per_device * self.world:
+                raise TrainingError(f"{d.path} has {len(images)} images, fewer than one batch "
+                                    f"of {o.batch_size_per_device} x {self.world} processes")
+            files = getattr(images, "samples", None) is not None  # an image folder
+            self.backend = d.backend if d.backend != "auto" else \
+                "dali" if files and dali_available() else "torchvision"
+            if self.backend == "dali":
+                self.dali = self._dali_loader(images=images)
+            self.dataset = SeededMultiCrop(images, MultiCropAugmentation(multicrop_spec(d)),
+                                           seed=cfg.run.seed, skip_bad_images=d.skip_bad_images)
+            self.sampler = EpochSampler(len(images), o.batch_size_per_device, cfg.run.seed,
+                                        self.rank, self.world)
+            self.iters_per_epoch = self.sampler.batches()
+        if self.iters_per_epoch == 0:
+            raise TrainingError(f"{d.path}: not one full batch of {o.batch_size_per_device} per epoch")
+
+    def _dali_loader(self, images=None, tars=(), samples=None):
+        """The DALI graph over a folder's files or WebDataset shards, this rank's share of
+        them (decoding on the GPU when training there)."""
+        from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
+
+        if samples is None:
+            samples = getattr(images, "samples", None) if images is not None else []
+        if samples is None:
+            raise ValueError("data.backend=\"dali\" reads image files: point data.path at an "
+                             "image folder, or use data.backend=\"torchvision\"")
+        self.dali_samples = list(samples)
+        device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
+                              multicrop_spec(self.cfg.data),
+                              batch_size=self.cfg.optim.batch_size_per_device,
+                              device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
+                              seed=self.cfg.run.seed, shard_id=self.rank, num_shards=self.world,
+                              tars=tars)
+        # bf16 training on a GPU takes bf16 crops (autocast casts them there anyway)
+        bf16 = self.device.type == "cuda" and self.precision == torch.bfloat16
+        return DALIMultiCropLoader(pipe, self.ncrops, dtype=torch.bfloat16 if bf16 else None)
+
+    def batches(self, epoch: int, start_batch: int):
+        """(crops, labels) of `epoch` from batch `start_batch` on (resume)."""
+        if self.synthetic is not None:
+            return itertools.repeat((self.synthetic, None), self.iters_per_epoch - start_batch)
+        if self.dali is not None:
+            return self._dali_batches(start_batch)
+        self.dataset.epoch = epoch
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.cfg.optim.batch_size_per_device, sampler=self.sampler,
+            num_workers=self.cfg.data.num_workers, drop_last=True,
+            pin_memory=self.device.type == "cuda", generator=torch.Generator(),
+            persistent_workers=False)
+
+    def _dali_batches(self, start_batch: int):
+        """DALI's batches from `start_batch` on. DALI shuffles per epoch from its own seed: a
+        resume mid-epoch skips the batches already seen (the same count, not the same
+        images: exact resume is torchvision's). A failed decode is traced to its file(s)."""
+        done = start_batch
+        while True:
+            try:
+                for batch in itertools.islice(iter(self.dali), done, None):
+                    done += 1
+                    yield batch
+                return
+            except RuntimeError as e:
+                if "decoders.image" not in str(e) or not self.dali_samples:
+                    raise
+                self._replace_undecodable_images()  # or stop, naming them
+
+    def _replace_undecodable_images(self) -> None:
+        """DALI does not say which file failed: decode this rank's share again with PIL to
+        find out, then stop naming them (data.skip_bad_images=false), or put a readable
+        neighbour in each one's place and rebuild the graph. Replacing rather than removing
+        keeps every rank's share, and so the steps per epoch, unchanged."""
+        from dinofuse.dataloading.check import check_files
+
+        n = len(self.dali_samples)
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world  # DALI's shard
+        threads = max(1, self.cfg.data.num_workers)
+        _, bad = check_files([p for p, _ in self.dali_samples[lo:hi]], threads)
+        if not bad:  # not in this rank's share after all: look everywhere
+            _, bad = check_files([p for p, _ in self.dali_samples], threads)
+        if not bad:
+            raise TrainingError(f"DALI failed to decode an image in {self.cfg.data.path}, but "
+                                "every file decodes with PIL; see DALI's message above")
+        listed = "; ".join(f"{p} ({why})" for p, why in bad)
+        if not self.cfg.data.skip_bad_images:
+            if self.world == 1:
+                self.save_progress()  # keep the progress made so far
+            raise TrainingError(f"undecodable image(s) in {self.cfg.data.path}: {listed}. Set "
+                                "data.skip_bad_images=true to skip them, or remove them "
+                                "(`dinofuse data check DIR` lists every one); the run can "
+                                "go on with --resume")
+        bad_paths = {str(p) for p, _ in bad}
+        good = [s for s in self.dali_samples if str(s[0]) not in bad_paths]
+        if not good:
+            raise TrainingError(f"no decodable image left in {self.cfg.data.path}")
+        samples = [s if str(s[0]) not in bad_paths else good[i % len(good)]
+                   for i, s in enumerate(self.dali_samples)]
+        for p, why in bad:
+            print(f"dinofuse: skipping undecodable image {p} ({why})", file=sys.stderr, flush=True)
+        self.dali = self._dali_loader(samples=samples)
