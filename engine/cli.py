@@ -55,10 +55,14 @@ def _train(args) -> None:
         logs = trainer.fit(max_steps=args.max_steps, progress=not args.quiet)
     except TrainingError:
         raise
-    except RuntimeError as e:  # under several processes: a collective failed
+    except RuntimeError as e:  # a data worker died, or (several processes) a collective failed
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "DataLoader worker" in first:  # its death announced in the middle of a step
+            raise TrainingError(f"a data worker died ({first}): lower data.num_workers or the "
+                                f"memory it needs, then go on with --resume from the last "
+                                f"checkpoint in {trainer.out}") from None
         if world == 1:
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TrainingError(
             f"rank {rank}: a collective operation failed, so another rank died or hung "
             f"(collective timeout {cfg.run.collective_timeout_s:g} s): {first}. Relaunch the "

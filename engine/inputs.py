@@ -151,11 +151,26 @@ class TrainingInput:
             return self._dali_batches(start_batch)
         self.dataset.epoch = epoch
         self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
-        return torch.utils.data.DataLoader(
+        return self._worker_batches(torch.utils.data.DataLoader(
             self.dataset, batch_size=self.cfg.optim.batch_size_per_device, sampler=self.sampler,
             num_workers=self.cfg.data.num_workers, drop_last=True,
             pin_memory=self.device.type == "cuda", generator=torch.Generator(),
-            persistent_workers=False)
+            persistent_workers=False))
+
+    def _worker_batches(self, loader):
+        """The loader's batches. A worker that dies (the kernel's OOM killer, a crash in a
+        decoder) surfaces between two steps: on one process the progress is saved first, then
+        the run stops with one line instead of torch's traceback."""
+        try:
+            yield from loader
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            if self.world == 1:
+                self.save_progress()
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise TrainingError(f"a data worker died ({first}): lower data.num_workers or the "
+                                "memory it needs, then go on with --resume") from None
 
     def _dali_batches(self, start_batch: int):
         """DALI's batches from `start_batch` on. DALI shuffles per epoch from its own seed: a

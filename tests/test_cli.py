@@ -142,3 +142,18 @@ def test_training_on_a_cpu_leaves_each_data_worker_a_core(folder, tmp_path, monk
     assert main(["train", "--data", str(folder), "--output-dir", str(tmp_path), "--quiet",
                  "--max-steps", "1", "data.num_workers=1", *overrides]) == 0
     assert chosen == [3]
+
+
+def test_a_data_worker_death_announced_mid_step_gets_one_line(folder, tmp_path, monkeypatch, capsys):
+    """torch reports a killed worker from a signal handler, wherever the main process is; in
+    the middle of a step nothing is saved (the step is half done), the message says so."""
+    from dinofuse.engine.train import Trainer
+
+    def killed(self, **kwargs):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(Trainer, "fit", killed)
+    assert main(["train", "--data", str(folder), "--output-dir", str(tmp_path), *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a data worker died (DataLoader worker (pid 4242)" in err
+    assert f"--resume from the last checkpoint in {tmp_path}" in err

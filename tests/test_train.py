@@ -112,6 +112,39 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path):
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
 
 
+class _KilledInItsWorker:
+    """A dataset whose worker process is killed (as the kernel's OOM killer would) when it
+    loads its 9th image, a few seconds later: by then the trainer waits for that batch."""
+
+    def __init__(self, dataset):
+        self.dataset, self.loaded = dataset, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        import os
+        import signal
+        import time
+
+        self.loaded += 1
+        if torch.utils.data.get_worker_info() is not None and self.loaded > 8:
+            time.sleep(3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.dataset[i]
+
+
+def test_a_killed_data_worker_saves_the_progress_and_stops_in_one_line(image_folder, tmp_path):
+    cfg = make_cfg(image_folder, tmp_path, "data.num_workers=1")
+    trainer = Trainer(cfg)
+    trainer.fit(max_steps=2, progress=False)
+    trainer.input.dataset = _KilledInItsWorker(trainer.input.dataset)
+    with pytest.raises(TrainingError, match=r"a data worker died \(DataLoader worker .*--resume"):
+        trainer.fit(progress=False)
+    assert trainer.step == 4  # the two batches the worker made before it died
+    assert Trainer(cfg, resume=True).step == 4  # saved before stopping
+
+
 @pytest.mark.parametrize("check", ["deferred", "official"])
 def test_non_finite_loss_is_named_by_its_step_when_checked(tmp_path, check):
     """Deferred (default): a step returns without reading its loss; the next step (or a
