@@ -32,6 +32,7 @@ from dinofuse.engine.checkpoint import (
     read_sharded,
 )
 from dinofuse.engine.config import config_from_toml, load_config
+from dinofuse.engine.inputs import data_worker_died
 from dinofuse.engine.parallel import cpu_threads, init_distributed
 from dinofuse.engine.train import TrainingError, Trainer, build_backbone, pick_device
 
@@ -56,13 +57,12 @@ def _train(args) -> None:
     except TrainingError:
         raise
     except RuntimeError as e:  # a data worker died, or (several processes) a collective failed
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        if "DataLoader worker" in first:  # its death announced in the middle of a step
-            raise TrainingError(f"a data worker died ({first}): lower data.num_workers or the "
-                                f"memory it needs, then go on with --resume from the last "
-                                f"checkpoint in {trainer.out}") from None
+        died = data_worker_died(e, trainer.out)  # announced in the middle of a step
+        if died is not None:
+            raise died from None
         if world == 1:
             raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TrainingError(
             f"rank {rank}: a collective operation failed, so another rank died or hung "
             f"(collective timeout {cfg.run.collective_timeout_s:g} s): {first}. Relaunch the "

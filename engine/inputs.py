@@ -77,6 +77,16 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter(mine[self.start_batch:].reshape(-1).tolist())
 
 
+def data_worker_died(error: RuntimeError, out: Path | None = None) -> TrainingError | None:
+    """The one-line stop for torch's report of a dead DataLoader worker, else None."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    if "DataLoader worker" not in first:
+        return None
+    where = f" from the last checkpoint in {out}" if out is not None else ""
+    return TrainingError(f"a data worker died ({first}): lower data.num_workers or the memory "
+                         f"it needs, then go on with --resume{where}")
+
+
 class TrainingInput:
     def __init__(self, cfg: Config, device: torch.device, rank: int, world: int,
                  precision: torch.dtype | None, save_progress: Callable[[], object]):
@@ -164,13 +174,11 @@ class TrainingInput:
         try:
             yield from loader
         except RuntimeError as e:
-            if "DataLoader worker" not in str(e):
+            if data_worker_died(e) is None:
                 raise
             if self.world == 1:
                 self.save_progress()
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise TrainingError(f"a data worker died ({first}): lower data.num_workers or the "
-                                "memory it needs, then go on with --resume") from None
+            raise data_worker_died(e) from None
 
     def _dali_batches(self, start_batch: int):
         """DALI's batches from `start_batch` on. DALI shuffles per epoch from its own seed: a
