@@ -1,12 +1,14 @@
-"""The DINO training loop on one device: a step you can read top to bottom.
+"""The DINO training loop: a step you can read top to bottom.
 
     trainer = Trainer(load_config("default")); trainer.fit()
 
 Per iteration: set lr / weight decay from the schedules, teacher forward on the global crops,
 student forward on all crops, fused DINO loss, backward, gradient clipping, last-layer
-freeze, AdamW step, fused EMA of the teacher. Checkpoints are atomic and hold everything a
-resume needs (models, optimizer, center, step, RNG, data position); a non-finite loss stops
-the run with the step named and the last good checkpoint untouched.
+freeze, AdamW step, fused EMA of the teacher. One process or several under torchrun (FSDP2,
+applied in `parallel.parallelize`); the batches come from `inputs.TrainingInput`.
+Checkpoints are atomic and hold everything a resume needs (models, optimizer, center, step,
+RNG, data position); a non-finite loss stops the run with the step named and the last good
+checkpoint untouched.
 """
 
 from __future__ import annotations
