@@ -189,6 +189,8 @@ def read_sharded(folder: str | Path, template: dict) -> dict:
     try:
         with dcp_errors("read", folder):
             dcp.load(template, storage_reader=reader, planner=safe_planner())
+    except CheckpointError:
+        raise  # said already
     except Exception as e:  # shapes that do not match the template, ...
         raise CheckpointError(f"cannot read sharded checkpoint {folder}: {e}") from None
     return template
@@ -208,7 +210,6 @@ def dcp_errors(action: str, folder: Path):
         causes = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
                            for rank, (error, _) in sorted(e.failures.items()))
         raise CheckpointError(f"cannot {action} sharded checkpoint {folder} ({causes})") from None
-
 
 
 # torch.distributed.checkpoint's FileSystemReader unpickles a folder's `.metadata` with plain

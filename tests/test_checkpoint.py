@@ -156,9 +156,9 @@ def test_a_corrupt_shard_is_named_on_resume_and_export(tmp_path):
     (shard,) = (tmp_path / "checkpoints").glob("step_*/*.distcp")
     shard.write_bytes(shard.read_bytes()[:64])
     folder = shard.parent
-    with pytest.raises(CheckpointError, match=rf"cannot read sharded checkpoint {folder} \(rank 0: "):
+    with pytest.raises(CheckpointError, match=rf"^cannot read sharded checkpoint {folder} \(rank 0: "):
         Trainer(cfg, resume=True)
-    with pytest.raises(CheckpointError, match=rf"cannot read sharded checkpoint {folder} \(rank 0: "):
+    with pytest.raises(CheckpointError, match=rf"^cannot read sharded checkpoint {folder} \(rank 0: "):
         read_sharded(folder, {"teacher": trainer.teacher.state_dict()})
 
 
