@@ -174,11 +174,12 @@ class TrainingInput:
         try:
             yield from loader
         except RuntimeError as e:
-            if data_worker_died(e) is None:
+            died = data_worker_died(e)
+            if died is None:
                 raise
             if self.world == 1:
                 self.save_progress()
-            raise data_worker_died(e) from None
+            raise died from None
 
     def _dali_batches(self, start_batch: int):
         """DALI's batches from `start_batch` on. DALI shuffles per epoch from its own seed: a
