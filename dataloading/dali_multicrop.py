@@ -7,6 +7,10 @@ blur, solarize) is skipped with DALI's conditionals rather than computed and ble
 
 Readers: file lists (image folders) and WebDataset tar shards; sharded per rank; per-crop
 random draws; NCHW float output through DALI's PyTorch iterator.
+
+One difference from the reference: DALI's `color_twist` applies brightness, contrast,
+saturation and hue in one fixed order, where torchvision's ColorJitter draws an order per
+image (the rates and factor ranges are the same).
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ def available() -> bool:
 IMAGENET_STD_255 = [255 * s for s in IMAGENET_STD]
 
 
+def _uniform(lo: float, hi: float):
+    """A per-sample uniform draw in [lo, hi], or the constant when the range is empty (a
+    jitter of 0, as torchvision allows: DALI refuses the range [1, 1))."""
+    import nvidia.dali.fn as fn
+
+    return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
+
+
 def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -41,14 +53,14 @@ def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
     if fn.random.coin_flip(probability=spec.color_jitter_p, dtype=types.BOOL):
         out = fn.color_twist(
             out, device=device,
-            brightness=fn.random.uniform(range=[1 - spec.brightness, 1 + spec.brightness]),
-            contrast=fn.random.uniform(range=[1 - spec.contrast, 1 + spec.contrast]),
-            saturation=fn.random.uniform(range=[1 - spec.saturation, 1 + spec.saturation]),
-            hue=fn.random.uniform(range=[-spec.hue * 360, spec.hue * 360]))  # degrees
+            brightness=_uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness),
+            contrast=_uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast),
+            saturation=_uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation),
+            hue=_uniform(-spec.hue * 360, spec.hue * 360))  # degrees
     if fn.random.coin_flip(probability=spec.grayscale_p, dtype=types.BOOL):
         out = fn.hsv(out, device=device, saturation=0.0)
     if crop.blur_p > 0 and fn.random.coin_flip(probability=crop.blur_p, dtype=types.BOOL):
-        out = fn.gaussian_blur(out, device=device, sigma=fn.random.uniform(range=list(spec.blur_sigma)))
+        out = fn.gaussian_blur(out, device=device, sigma=_uniform(*spec.blur_sigma))
     if crop.solarize_p > 0 and fn.random.coin_flip(probability=crop.solarize_p, dtype=types.BOOL):
         high = out >= 128  # PIL's solarize: invert every value at or above the threshold
         out = fn.cast(high * (255 - out) + (out < 128) * out, dtype=types.UINT8)

@@ -49,9 +49,9 @@ def _train(args) -> None:
     cfg = load_config(args.config, overrides)
     # joins torchrun's process group when WORLD_SIZE > 1
     rank, world = init_distributed(timeout_s=cfg.run.collective_timeout_s)
-    if pick_device(cfg.run.device).type == "cpu":  # each data worker gets a core of its own
-        torch.set_num_threads(cpu_threads(cfg.run.cpu_threads, cfg.data.num_workers))
     trainer = Trainer(cfg, resume="auto" if args.auto_resume else args.resume)
+    if trainer.device.type == "cpu":  # each data worker gets a core of its own
+        torch.set_num_threads(cpu_threads(cfg.run.cpu_threads, trainer.input.data_workers))
     try:
         logs = trainer.fit(max_steps=args.max_steps, progress=not args.quiet)
     except TrainingError:

@@ -1,4 +1,4 @@
-"""Both multi-crop backends against the spec, statistically, on images whose pixels encode
+"""The three multi-crop backends against the spec, statistically, on images whose pixels encode
 their own coordinates (red = x, green = y, blue = a constant): crop areas within the
 configured scale ranges, and flip / grayscale / solarize / blur firing at their configured
 rates per crop type (each rate within 4.5 binomial standard deviations)."""
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, MultiCropSpec
+from dinofuse.dataloading.tensor_multicrop import TensorMultiCrop
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation
 
 N = 300  # images per run; each gives 2 global and 2 local crops
@@ -46,7 +47,14 @@ def run_dali(spec, tmp_path):
     return [torch.cat([b[0][i] for b in batches]) for i in range(2 + spec.local_crops_number)]
 
 
-BACKENDS = {"torchvision": lambda spec, tmp: run_torchvision(spec), "dali": run_dali}
+def run_tensor(spec):
+    image = torch.from_numpy(np.array(coordinate_image())).permute(2, 0, 1)
+    g = torch.Generator().manual_seed(0)
+    return TensorMultiCrop(spec)(image.expand(N, -1, -1, -1).contiguous(), g)
+
+
+BACKENDS = {"torchvision": lambda spec, tmp: run_torchvision(spec), "dali": run_dali,
+            "tensor": lambda spec, tmp: run_tensor(spec)}
 
 
 def pixels(crop):
@@ -118,3 +126,14 @@ def test_blur_rates_per_crop_type(backend, tmp_path):
         right = red[:, -1] - (intercept + slope * (w - 1))
         bend = (left - right) / (2 * slope)  # pixels; ~0 when sharp
         assert_rate(bend > 0.25, spec.blur_p[min(i, 2)], f"{backend} blur, crop {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_color_jitter_rate(backend, tmp_path):
+    # brightness alone (factor uniform in 0.6-1.4) moves the constant blue channel (200) by
+    # more than a level unless the factor lands within 1/200 of 1: fires at 0.8 x 0.9875
+    spec = spec_with(color_jitter_p=0.8, contrast=0.0, saturation=0.0, hue=0.0)
+    crops = BACKENDS[backend](spec, tmp_path)
+    for i, crop in enumerate(crops):
+        blue = pixels(crop)[:, 2].mean((1, 2))
+        assert_rate((blue - 200).abs() > 1, 0.8 * (1 - (1 / 200) / 0.4), f"{backend} jitter, crop {i}")

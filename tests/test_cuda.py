@@ -255,3 +255,31 @@ def test_dali_mixed_decoding_gives_crops_on_the_gpu(tmp_path):
     for crops, _ in batches:
         assert [tuple(c.shape) for c in crops] == [(4, 3, 224, 224)] * 2 + [(4, 3, 96, 96)] * 4
         assert all(c.is_cuda and c.dtype == torch.bfloat16 and torch.isfinite(c).all() for c in crops)
+
+
+def test_in_memory_data_is_cut_into_crops_on_the_gpu_without_host_waits(tmp_path):
+    """Fashion-MNIST-shaped IDX files: `auto` picks the batched tensor crops on a GPU; they
+    arrive in bf16 on the device, and neither cutting them nor the step makes the host wait."""
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.train import Trainer
+    from fashion_mnist_files import write_fashion_mnist
+    from test_train import TINY
+
+    write_fashion_mnist(tmp_path / "fmnist", train=64, test=8, size=16)
+    auto = [o for o in TINY if not o.startswith("data.backend")]
+    trainer = Trainer(load_config("default", auto + [f'data.path="{tmp_path / "fmnist"}"',
+                                                     f'run.output_dir="{tmp_path / "run"}"']))
+    assert trainer.input.backend == "tensor" and trainer.input.pixels.is_cuda
+    batches = (b for b, _ in trainer.input.batches(0, 0))
+    trainer.train_step(next(batches))  # first step: one-time set-up (EMA tables, caches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            crops = next(batches)
+            assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 2
+            assert all(c.is_cuda and c.dtype == torch.bfloat16 for c in crops)
+            log = trainer.train_step(crops)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(torch.tensor(log.loss))

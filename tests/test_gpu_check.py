@@ -41,16 +41,10 @@ def test_the_default_runs_gpu_preset_stage_trains_evaluates_and_reports(tmp_path
     """The stage for issue 3's GPU preset, at toy size on the CPU: it trains from a carried
     copy of Fashion-MNIST's IDX files, keeps the checkpoints out of the archive, and the
     summary prints the k-NN of the trained, random and pixel rows."""
-    from test_readers import _write_idx
-
-    import numpy as np
+    from fashion_mnist_files import write_fashion_mnist
 
     data = tmp_path / "fmnist"
-    data.mkdir()
-    rng = np.random.default_rng(1)
-    for prefix, n in (("train", 16), ("t10k", 6)):
-        _write_idx(data / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(data / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 3, n))
+    write_fashion_mnist(data, train=16, test=6, classes=3, seed=1)
     tiny = ("model.embed_dim=32 model.depth=1 model.num_heads=2 model.out_dim=64 "
             "model.head_hidden_dim=32 data.num_workers=0 data.local_crops_number=2 "
             "optim.batch_size_per_device=8 optim.epochs=1 optim.warmup_epochs=0 run.device=\"cpu\"")

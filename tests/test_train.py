@@ -217,7 +217,56 @@ def test_dali_backend_trains_and_resumes(image_folder, tmp_path):
     assert all(np.isfinite(log.loss) for log in first + rest)
 
 
-def test_auto_backend_is_dali_for_image_folders_and_torchvision_for_idx_files(image_folder, tmp_path):
+@pytest.fixture(scope="module")
+def idx_folder(tmp_path_factory):
+    """Fashion-MNIST-shaped IDX files: 40 train and 8 test images of 16 x 16."""
+    from fashion_mnist_files import write_fashion_mnist
+
+    root = tmp_path_factory.mktemp("fmnist")
+    write_fashion_mnist(root, train=40, test=8, size=16)
+    return root
+
+
+def test_tensor_backend_trains_and_resumes_exactly(idx_folder, tmp_path):
+    """Crops cut by batched tensor operations: each batch's draws depend on (seed, epoch,
+    batch, rank) only, so a resume mid-epoch continues with the same losses."""
+    def cfg(run):
+        return make_cfg(idx_folder, tmp_path / run, 'data.backend="tensor"')
+
+    whole = Trainer(cfg("a")).fit(progress=False)
+    first = Trainer(cfg("b")).fit(max_steps=13, progress=False)
+    rest = Trainer(cfg("b"), resume=True).fit(progress=False)
+    assert [log.step for log in whole] == list(range(20))
+    assert [log.step for log in first + rest] == [log.step for log in whole]
+    assert [log.loss for log in first + rest] == pytest.approx([log.loss for log in whole], rel=1e-6)
+    assert len({log.loss for log in whole}) == 20
+
+
+def test_tensor_backend_batches_are_this_ranks_images(idx_folder, tmp_path):
+    trainer = Trainer(make_cfg(idx_folder, tmp_path, 'data.backend="tensor"'))
+    sampler = trainer.input.sampler
+    sampler.epoch, sampler.start_batch = 1, 2
+    want = list(sampler)
+    got = [label for _, labels in trainer.input.batches(1, 2) for label in labels.tolist()]
+    assert got == trainer.input.labels[want].tolist() and len(got) == 4 * 8
+
+
+def test_tensor_backend_needs_images_in_memory(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="held in memory.*image files"):
+        Trainer(make_cfg(image_folder, tmp_path, 'data.backend="tensor"'))
+
+
+def test_auto_backend_is_tensor_for_idx_files_with_no_data_workers(idx_folder, tmp_path):
+    auto = [o for o in TINY if not o.startswith("data.backend")] + ["data.num_workers=3"]
+    trainer = Trainer(load_config("default", auto + [f'data.path="{idx_folder}"',
+                                                     f'run.output_dir="{tmp_path}"']))
+    assert trainer.input.backend == "tensor" and trainer.input.data_workers == 0
+    forced = Trainer(load_config("default", auto + [f'data.path="{idx_folder}"', 'data.backend="torchvision"',
+                                                    f'run.output_dir="{tmp_path}"']))
+    assert forced.input.data_workers == 3
+
+
+def test_auto_backend_is_dali_for_image_folders_and_tensor_for_idx_files(image_folder, tmp_path):
     pytest.importorskip("nvidia.dali")
     auto = [o for o in TINY if not o.startswith("data.backend")] + ['data.backend="auto"']
     folder = Trainer(load_config("default", auto + [f'data.path="{image_folder}"',
@@ -225,7 +274,7 @@ def test_auto_backend_is_dali_for_image_folders_and_torchvision_for_idx_files(im
     assert folder.input.backend == "dali" and folder.input.dali is not None
     if FASHION_MNIST_DIR.is_dir():
         idx = Trainer(load_config("default", auto + [f'run.output_dir="{tmp_path}"']))
-        assert idx.input.backend == "torchvision" and idx.input.dali is None
+        assert idx.input.backend == "tensor" and idx.input.dali is None
 
 
 def test_dali_backend_needs_image_files(tmp_path):
