@@ -519,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--head-hidden-dim", type=int, default=0, help="with --head-bottleneck-dim")
     ap.add_argument("--head-bottleneck-dim", type=int, default=256)
     ap.add_argument("--data", default="synthetic", help="synthetic (crops made on the device) or an image folder")
-    ap.add_argument("--data-backend", default="dali", choices=["dali", "torchvision"])
+    ap.add_argument("--data-backend", default="dali", choices=["dali", "torchvision", "tensor"])
     ap.add_argument("--workers", type=int, default=8, help="data threads / workers")
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=5)

@@ -35,13 +35,33 @@ def luma(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def random_boxes(n: int, height: int, width: int, scale, ratio, g: torch.Generator):
-    """torchvision's RandomResizedCrop.get_params for n crops at once: (top, left, h, w)."""
-    dev = g.device
-    area = height * width * torch.empty(n, CROP_ATTEMPTS, device=dev).uniform_(*scale, generator=g)
-    log_ratio = torch.empty(n, CROP_ATTEMPTS, device=dev).uniform_(
-        math.log(ratio[0]), math.log(ratio[1]), generator=g)
-    aspect = log_ratio.exp()
+class Draws:
+    """Per-sample random numbers for a batch of n from one generator. With share=(i, k) they
+    are drawn for k shares of n and share i's rows kept: k processes cutting one share each
+    get exactly the crops one process cuts from the whole batch."""
+
+    def __init__(self, generator: torch.Generator, n: int, share: tuple[int, int] = (0, 1)):
+        index, count = share
+        if not 0 <= index < count:
+            raise ValueError(f"share must be (index, count) with 0 <= index < count; got {share}")
+        self.generator, self.n, self.count = generator, n, count
+        self.rows = slice(index * n, (index + 1) * n)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        g = self.generator
+        return torch.rand(self.n * self.count, *shape, device=g.device, generator=g)[self.rows]
+
+    def coin(self, p: float) -> torch.Tensor:
+        return self.rand() < p
+
+    def uniform(self, lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * self.rand(*shape)
+
+
+def random_boxes(draws: Draws, height: int, width: int, scale, ratio):
+    """torchvision's RandomResizedCrop.get_params for a batch at once: (top, left, h, w)."""
+    area = height * width * draws.uniform(*scale, CROP_ATTEMPTS)
+    aspect = draws.uniform(math.log(ratio[0]), math.log(ratio[1]), CROP_ATTEMPTS).exp()
     w = (area * aspect).sqrt().round()
     h = (area / aspect).sqrt().round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
@@ -58,7 +78,7 @@ def random_boxes(n: int, height: int, width: int, scale, ratio, g: torch.Generat
     found = fits.any(1)
     w = torch.where(found, w, torch.full_like(w, fw))
     h = torch.where(found, h, torch.full_like(h, fh))
-    u = torch.rand(n, 2, device=dev, generator=g)
+    u = draws.rand(2)
     top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), ((height - h) // 2))
     left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), ((width - w) // 2))
     return top, left, h, w
@@ -122,35 +142,31 @@ class TensorMultiCrop:
         self._mean_std: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator,
-                 dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+                 dtype: torch.dtype = torch.float32, share: tuple[int, int] = (0, 1)) -> list[torch.Tensor]:
+        """share=(i, k): these images are share i of k of a batch whose draws `generator`
+        makes (see `Draws`): each rank of k cuts its share as one process would."""
         if images.dtype != torch.uint8 or images.dim() not in (3, 4):
             raise ValueError(f"images must be uint8 (n, H, W) or (n, C, H, W); got "
                              f"{images.dtype} {tuple(images.shape)}")
         x = (images.unsqueeze(1) if images.dim() == 3 else images).float().div_(255)
         if x.shape[1] not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels; got {x.shape[1]}")
-        return [self._crop(x, crop, generator).to(dtype) for crop in self.spec.crops()]
+        draws = Draws(generator, x.shape[0], share)
+        return [self._crop(x, crop, draws).to(dtype) for crop in self.spec.crops()]
 
-    def _crop(self, x: torch.Tensor, crop: CropSpec, g: torch.Generator) -> torch.Tensor:
-        s, n = self.spec, x.shape[0]
-
-        def coin(p):
-            return torch.rand(n, device=x.device, generator=g) < p
-
-        def uniform(lo, hi):
-            return torch.empty(n, device=x.device).uniform_(lo, hi, generator=g)
-
-        boxes = random_boxes(n, x.shape[2], x.shape[3], crop.scale, s.ratio, g)
-        out = resized_crops(x, boxes, crop.size, coin(s.flip_p))
-        out = torch.where(coin(s.color_jitter_p).view(-1, 1, 1, 1), self._jitter(out, uniform, g), out)
+    def _crop(self, x: torch.Tensor, crop: CropSpec, draws: Draws) -> torch.Tensor:
+        s = self.spec
+        boxes = random_boxes(draws, x.shape[2], x.shape[3], crop.scale, s.ratio)
+        out = resized_crops(x, boxes, crop.size, draws.coin(s.flip_p))
+        out = torch.where(draws.coin(s.color_jitter_p).view(-1, 1, 1, 1), self._jitter(out, draws), out)
         if out.shape[1] == 3:
-            out = torch.where(coin(s.grayscale_p).view(-1, 1, 1, 1), luma(out).expand_as(out), out)
+            out = torch.where(draws.coin(s.grayscale_p).view(-1, 1, 1, 1), luma(out).expand_as(out), out)
         if crop.blur_p > 0:
-            sigma = uniform(*s.blur_sigma)
+            sigma = draws.uniform(*s.blur_sigma)
             blurred = gaussian_blur(out, sigma, radius=math.ceil(3 * s.blur_sigma[1]))
-            out = torch.where(coin(crop.blur_p).view(-1, 1, 1, 1), blurred, out)
+            out = torch.where(draws.coin(crop.blur_p).view(-1, 1, 1, 1), blurred, out)
         if crop.solarize_p > 0:
-            solarize = coin(crop.solarize_p).view(-1, 1, 1, 1) & (out >= 128 / 255)
+            solarize = draws.coin(crop.solarize_p).view(-1, 1, 1, 1) & (out >= 128 / 255)
             out = torch.where(solarize, 1 - out, out)
         mean, std = self._normalization(x.device)
         return (out - mean) / std  # a gray image broadcasts to 3 channels here
@@ -161,15 +177,15 @@ class TensorMultiCrop:
                                            for v in (IMAGENET_MEAN, IMAGENET_STD))
         return self._mean_std[device]
 
-    def _jitter(self, x: torch.Tensor, uniform, g: torch.Generator) -> torch.Tensor:
+    def _jitter(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
         """torchvision's ColorJitter: brightness, contrast, saturation and hue, each with its
         factor, in a random order per sample."""
-        s, n = self.spec, x.shape[0]
-        factors = [uniform(max(0.0, 1 - s.brightness), 1 + s.brightness),
-                   uniform(max(0.0, 1 - s.contrast), 1 + s.contrast),
-                   uniform(max(0.0, 1 - s.saturation), 1 + s.saturation),
-                   uniform(-s.hue, s.hue)]
-        order = torch.rand(n, 4, device=x.device, generator=g).argsort(1)
+        s = self.spec
+        factors = [draws.uniform(max(0.0, 1 - s.brightness), 1 + s.brightness),
+                   draws.uniform(max(0.0, 1 - s.contrast), 1 + s.contrast),
+                   draws.uniform(max(0.0, 1 - s.saturation), 1 + s.saturation),
+                   draws.uniform(-s.hue, s.hue)]
+        order = draws.rand(4).argsort(1)
         gray = x.shape[1] == 1
 
         def apply(op: int, y: torch.Tensor) -> torch.Tensor:

@@ -202,7 +202,8 @@ class TrainingInput:
 
     def _tensor_batches(self, epoch: int, start_batch: int):
         """The epoch's batches cut on the device. The draws of a batch depend only on (seed,
-        epoch, batch, rank): a resume mid-epoch continues with the same crops."""
+        epoch, batch): a resume mid-epoch continues with the same crops, and the ranks
+        together cut the crops that one process with the global batch would."""
         b = self.cfg.optim.batch_size_per_device
         order = torch.tensor(list(self.sampler), dtype=torch.long)
         if self.device.type == "cuda":
@@ -211,8 +212,9 @@ class TrainingInput:
         bf16 = self.device.type == "cuda" and self.precision == torch.bfloat16
         for k, batch in enumerate(order.split(b), start=start_batch):
             g = torch.Generator(device=self.device)
-            g.manual_seed(hash((self.cfg.run.seed, epoch, k, self.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-            crops = self.multicrop(self.pixels[batch], g, torch.bfloat16 if bf16 else torch.float32)
+            g.manual_seed(hash((self.cfg.run.seed, epoch, k)) & 0x7FFF_FFFF_FFFF_FFFF)
+            crops = self.multicrop(self.pixels[batch], g, torch.bfloat16 if bf16 else torch.float32,
+                                   share=(self.rank, self.world))
             yield crops, self.labels[batch]
 
     def _worker_batches(self, loader):

@@ -108,28 +108,28 @@ def _fsdp_training(rank, folder, out, result, clip_mode, reshard=()):
                     "center": trainer.loss_fn.center.clone()}, result)
 
 
-@pytest.mark.parametrize("clip_mode,reshard", [
-    ("per_param", ()),
-    ("global", ("impl.reshard_after_forward=false", "impl.reshard_root_after_forward=true")),
+@pytest.mark.parametrize("clip_mode,reshard,data", [
+    ("per_param", (), "images"),
+    ("global", ("impl.reshard_after_forward=false", "impl.reshard_root_after_forward=true"), "images"),
+    ("per_param", ('data.backend="tensor"',), "idx"),
 ])
-def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, reshard):
+def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, reshard, data):
     """Two ranks with FSDP2 and batch 2 each equal one process with batch 4: losses,
     student, teacher (EMA) and center, over 4 steps with clipping (norms of sharded
-    gradients summed over the ranks), with either choice of resharding after forward."""
+    gradients summed over the ranks), with either choice of resharding after forward, and
+    with Fashion-MNIST-shaped data cut into crops by batched tensor operations."""
     import functools
-
-    import numpy as np
-    from PIL import Image
 
     from dinofuse.engine.config import load_config
     from dinofuse.engine.train import Trainer
+    from fashion_mnist_files import write_fashion_mnist
     from test_train import TINY
 
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    if data == "idx":
+        folder = tmp_path / "fmnist"
+        write_fashion_mnist(folder, train=16, test=4, size=20)
+    else:
+        folder = _image_folder(tmp_path / "imgs")
     result = tmp_path / "fsdp.pt"
     _spawn(functools.partial(_fsdp_training, folder=folder, out=tmp_path / "fsdp", result=result,
                              clip_mode=clip_mode, reshard=reshard))
@@ -137,7 +137,8 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, reshard):
 
     cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{tmp_path / "one"}"',
                                          "optim.batch_size_per_device=4", "optim.clip_grad=0.05",
-                                         f'optim.clip_mode="{clip_mode}"'])
+                                         f'optim.clip_mode="{clip_mode}"',
+                                         *(o for o in reshard if o.startswith("data."))])
     one = Trainer(cfg)
     losses = [log.loss for log in one.fit(max_steps=4, progress=False)]
     assert fsdp["losses"] == pytest.approx(losses, rel=1e-5)

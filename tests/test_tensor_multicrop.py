@@ -11,8 +11,8 @@ import torchvision.transforms.functional as TF
 from torchvision import transforms as T
 
 from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, MultiCropSpec
-from dinofuse.dataloading.tensor_multicrop import (TensorMultiCrop, blend, gaussian_blur, luma,
-                                                   random_boxes, resized_crops, shift_hue)
+from dinofuse.dataloading.tensor_multicrop import (Draws, TensorMultiCrop, blend, gaussian_blur,
+                                                   luma, random_boxes, resized_crops, shift_hue)
 
 OFF = dict(flip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0), solarize_p=0.0)
 
@@ -34,7 +34,7 @@ def test_boxes_follow_random_resized_crop(scale):
     # the distribution of torchvision's get_params: area, aspect and position of 20000 boxes
     # each, two-sample KS at a 1e-5 false-alarm level (a scale range 0.02 off fails it)
     n, h, w, ratio = 20000, 40, 56, (3 / 4, 4 / 3)
-    top, left, bh, bw = random_boxes(n, h, w, scale, ratio, torch.Generator().manual_seed(1))
+    top, left, bh, bw = random_boxes(Draws(torch.Generator().manual_seed(1), n), h, w, scale, ratio)
     assert (bh >= 1).all() and (top + bh <= h).all() and (bw >= 1).all() and (left + bw <= w).all()
     torch.manual_seed(2)
     ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(1, h, w), list(scale), list(ratio))
@@ -49,7 +49,7 @@ def test_boxes_follow_random_resized_crop(scale):
                                             (60, 20, (16, 0, 27, 20))])
 def test_boxes_fall_back_to_the_centre_crop_as_torchvision(h, w, expected):
     # scales above 1 never fit: every crop is the fallback, the aspect clamped to the range
-    boxes = random_boxes(5, h, w, (1.5, 2.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    boxes = random_boxes(Draws(torch.Generator().manual_seed(0), 5), h, w, (1.5, 2.0), (3 / 4, 4 / 3))
     ref = T.RandomResizedCrop.get_params(torch.empty(1, h, w), [1.5, 2.0], [3 / 4, 4 / 3])
     assert tuple(ref) == expected
     for got, want in zip(boxes, expected):
@@ -151,22 +151,26 @@ def test_the_same_generator_seed_gives_the_same_crops_and_another_seed_others():
     assert not any(torch.equal(x, z) for x, z in zip(a, c))
 
 
-def fixed_factors(n, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0):
-    """A stand-in for the jitter's uniform draws (called for brightness, contrast,
-    saturation, hue in that order) that returns the given factors."""
-    values = iter([brightness, contrast, saturation, hue])
-    return lambda lo, hi: torch.full((n,), next(values))
+class FixedFactors(Draws):
+    """Draws whose uniform ones (the jitter's factors: brightness, contrast, saturation, hue
+    in that order) are the given values; the order of the operations stays random."""
+
+    def __init__(self, n, brightness=1.0, contrast=1.0, saturation=1.0, hue=0.0):
+        super().__init__(torch.Generator().manual_seed(0), n)
+        self.values = iter([brightness, contrast, saturation, hue])
+
+    def uniform(self, lo, hi, *shape):
+        return torch.full((self.n, *shape), next(self.values))
 
 
 def test_jitter_applies_its_operations_in_a_random_order_per_sample():
     aug = TensorMultiCrop(MultiCropSpec())
     x = smooth_images(400, 1, 8, 8, lo=0.1, hi=0.9)
-    g = torch.Generator().manual_seed(0)
-    torch.testing.assert_close(aug._jitter(x, fixed_factors(400, brightness=0.5), g), x * 0.5)
+    torch.testing.assert_close(aug._jitter(x, FixedFactors(400, brightness=0.5)), x * 0.5)
     # brightness 0.5 and contrast 3 commute but for the clamp to [0, 1], which contrast
     # first reaches at pixels above ~0.67 and brightness first does not: the two orders give
     # two distinct outcomes, about half the samples each
-    out = aug._jitter(x, fixed_factors(400, brightness=0.5, contrast=3.0), g)
+    out = aug._jitter(x, FixedFactors(400, brightness=0.5, contrast=3.0))
     three = torch.full((400,), 3.0)
     b_then_c = blend(x * 0.5, (x * 0.5).mean((1, 2, 3), keepdim=True), three)
     c_then_b = blend(x, x.mean((1, 2, 3), keepdim=True), three) * 0.5
@@ -174,6 +178,22 @@ def test_jitter_applies_its_operations_in_a_random_order_per_sample():
     second = (out - c_then_b).abs().amax((1, 2, 3)) < 1e-6
     assert (first ^ second).all()
     assert abs(first.float().mean().item() - 0.5) < 4.5 * math.sqrt(0.25 / 400)
+
+
+def test_shares_of_a_batch_get_the_crops_of_the_whole_batch():
+    """k processes with one share each cut what one process cuts from the whole batch."""
+    images = torch.randint(0, 256, (12, 3, 20, 20), dtype=torch.uint8)
+    aug = TensorMultiCrop(MultiCropSpec(global_crop_size=16, local_crop_size=8, local_crops_number=3))
+    whole = aug(images, torch.Generator().manual_seed(9))
+    for k in (2, 3):
+        shares = [aug(part, torch.Generator().manual_seed(9), share=(i, k))
+                  for i, part in enumerate(images.chunk(k))]
+        for crop, parts in zip(whole, zip(*shares)):
+            torch.testing.assert_close(torch.cat(parts), crop, atol=1e-6, rtol=0)
+    alone = aug(images[4:8], torch.Generator().manual_seed(9))  # not told it is a share
+    assert not torch.allclose(alone[0], whole[0][4:8])
+    with pytest.raises(ValueError, match="share must be"):
+        aug(images, torch.Generator(), share=(2, 2))
 
 
 @pytest.mark.parametrize("images, match", [

@@ -251,6 +251,23 @@ def test_tensor_backend_batches_are_this_ranks_images(idx_folder, tmp_path):
     assert got == trainer.input.labels[want].tolist() and len(got) == 4 * 8
 
 
+def test_tensor_backend_ranks_together_cut_the_global_batch(idx_folder, tmp_path):
+    """Two ranks with batch 4 each get the crops one process with batch 8 gets (what the
+    FSDP2 equality with one process needs)."""
+    from dinofuse.engine.inputs import TrainingInput
+
+    def batch(world, rank, size):
+        cfg = make_cfg(idx_folder, tmp_path, 'data.backend="tensor"', f"optim.batch_size_per_device={size}")
+        source = TrainingInput(cfg, torch.device("cpu"), rank, world, None, lambda: None)
+        return next(iter(source.batches(1, 2)))
+
+    one, labels = batch(1, 0, 8)
+    ranks = [batch(2, r, 4) for r in (0, 1)]
+    assert torch.equal(torch.cat([lab for _, lab in ranks]), labels)
+    for i, crop in enumerate(one):
+        torch.testing.assert_close(torch.cat([crops[i] for crops, _ in ranks]), crop, atol=1e-6, rtol=0)
+
+
 def test_tensor_backend_needs_images_in_memory(image_folder, tmp_path):
     with pytest.raises(ValueError, match="held in memory.*image files"):
         Trainer(make_cfg(image_folder, tmp_path, 'data.backend="tensor"'))
