@@ -18,6 +18,7 @@ Where the pixels differ from PIL's (the distributions do not; tests check them):
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -36,20 +37,23 @@ def luma(x: torch.Tensor) -> torch.Tensor:
 
 
 class Draws:
-    """Per-sample random numbers for a batch of n from one generator. With share=(i, k) they
-    are drawn for k shares of n and share i's rows kept: k processes cutting one share each
-    get exactly the crops one process cuts from the whole batch."""
+    """Per-sample random numbers for `copies` crops of each of n images from one generator.
+    With share=(i, k) they are drawn for k shares of n images and share i's rows kept: k
+    processes cutting one share each get exactly the crops one process cuts from the whole
+    batch. Rows run copy-major: row c * n + j is copy c of image j."""
 
-    def __init__(self, generator: torch.Generator, n: int, share: tuple[int, int] = (0, 1)):
+    def __init__(self, generator: torch.Generator, n: int, share: tuple[int, int] = (0, 1),
+                 copies: int = 1):
         index, count = share
         if not 0 <= index < count:
             raise ValueError(f"share must be (index, count) with 0 <= index < count; got {share}")
-        self.generator, self.n, self.count = generator, n, count
+        self.generator, self.n, self.count, self.copies = generator, n, count, copies
         self.rows = slice(index * n, (index + 1) * n)
 
     def rand(self, *shape: int) -> torch.Tensor:
         g = self.generator
-        return torch.rand(self.n * self.count, *shape, device=g.device, generator=g)[self.rows]
+        u = torch.rand(self.copies, self.n * self.count, *shape, device=g.device, generator=g)
+        return u[:, self.rows].reshape(self.copies * self.n, *shape)
 
     def coin(self, p: float) -> torch.Tensor:
         return self.rand() < p
@@ -151,8 +155,14 @@ class TensorMultiCrop:
         x = (images.unsqueeze(1) if images.dim() == 3 else images).float().div_(255)
         if x.shape[1] not in (1, 3):
             raise ValueError(f"images must have 1 or 3 channels; got {x.shape[1]}")
-        draws = Draws(generator, x.shape[0], share)
-        return [self._crop(x, crop, draws).to(dtype) for crop in self.spec.crops()]
+        crops = []
+        # the local crops share one spec: cut as one batch of copies (fewer, larger calls)
+        for crop, group in itertools.groupby(self.spec.crops()):
+            copies = len(list(group))
+            draws = Draws(generator, x.shape[0], share, copies)
+            out = self._crop(x.repeat(copies, 1, 1, 1) if copies > 1 else x, crop, draws)
+            crops += out.to(dtype).chunk(copies)
+        return crops
 
     def _crop(self, x: torch.Tensor, crop: CropSpec, draws: Draws) -> torch.Tensor:
         s = self.spec
