@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 
@@ -68,7 +69,14 @@ def summarize(folder: Path) -> str:
         knn = json.loads((preset / "knn.json").read_text())
         logs = [json.loads(line) for line in (preset / "log.jsonl").read_text().splitlines()] \
             if (preset / "log.jsonl").is_file() else []
-        trained = f", {logs[-1]['step'] + 1} steps (epoch {logs[-1]['epoch']})" if logs else ""
+        trained = ""
+        if logs:
+            epochs = tomllib.loads((preset / "config.toml").read_text())["optim"]["epochs"] \
+                if (preset / "config.toml").is_file() else "?"
+            rates = sorted(log["images_per_s"] for log in logs if "images_per_s" in log)
+            rate = f", {rates[len(rates) // 2]:.0f} img/s" if rates else ""
+            # the epoch reached against the schedule's: tells whether the time limit cut it
+            trained = f", {logs[-1]['step'] + 1} steps (epoch {logs[-1]['epoch']} of {epochs}){rate}"
         lines.append(f"default run's GPU preset (Fashion-MNIST{trained}), k-NN top-1: " +
                      ", ".join(f"{name} {acc['top1']:.2f}%" for name, acc in knn.items()))
     return "\n".join(lines) + "\n"
