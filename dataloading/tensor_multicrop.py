@@ -168,8 +168,9 @@ class TensorMultiCrop:
         s = self.spec
         boxes = random_boxes(draws, x.shape[2], x.shape[3], crop.scale, s.ratio)
         out = resized_crops(x, boxes, crop.size, draws.coin(s.flip_p))
-        out = torch.where(draws.coin(s.color_jitter_p).view(-1, 1, 1, 1), self._jitter(out, draws), out)
-        if out.shape[1] == 3:
+        if s.color_jitter_p > 0:  # (like every step below: no work when turned off)
+            out = torch.where(draws.coin(s.color_jitter_p).view(-1, 1, 1, 1), self._jitter(out, draws), out)
+        if s.grayscale_p > 0 and out.shape[1] == 3:
             out = torch.where(draws.coin(s.grayscale_p).view(-1, 1, 1, 1), luma(out).expand_as(out), out)
         if crop.blur_p > 0:
             sigma = draws.uniform(*s.blur_sigma)

@@ -42,7 +42,7 @@ class DataConfig:
     # WebDataset .tar shards, or "synthetic" (random crops made on the device once: timing)
     backend: str = "auto"  # auto: dali for image folders and shards when installed, else
     # torchvision (PIL, the official code); Fashion-MNIST's IDX files: tensor (batched crops
-    # on the device) on a GPU, torchvision on a CPU | torchvision | dali | tensor
+    # on the training device) | torchvision | dali | tensor
     skip_bad_images: bool = False  # report undecodable files and go on (else: stop, naming them)
     global_crop_size: int = 224
     local_crop_size: int = 96
