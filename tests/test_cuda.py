@@ -159,6 +159,33 @@ def test_xformers_attention_and_packed_multicrop_match_sdpa():
     torch.testing.assert_close(xformers_packed, sdpa_packed, rtol=1e-4, atol=1e-4)
 
 
+def test_xformers_packed_under_bf16_autocast_trains_like_sdpa():
+    """The training path: bf16 autocast, all crops packed in one sequence with xformers'
+    block-diagonal mask (FlashAttention-2 through xformers, torch's kernel when xformers'
+    extension does not match torch), forward and backward against SDPA per size group."""
+    from dinofuse.engine.models import DINOHead, MultiCropWrapper, resolve_attention, vit_small
+
+    if resolve_attention("auto", torch.device("cuda")) != "xformers":
+        from dinofuse.engine.models.vit import xformers_problem
+
+        pytest.skip(f"{xformers_problem()} (bench/gpu_check.sh installs it from .whl/)")
+    crops = [torch.randn(4, 3, 224, 224, device="cuda") for _ in range(2)] + \
+        [torch.randn(4, 3, 96, 96, device="cuda") for _ in range(6)]
+    outs, grads = {}, {}
+    for backend in ("xformers", "sdpa"):
+        torch.manual_seed(1)
+        wrapper = MultiCropWrapper(vit_small(attention=backend), DINOHead(384, 4096)).cuda()
+        wrapper.packed = backend == "xformers"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = wrapper(crops)
+        out.float().square().mean().backward()
+        outs[backend] = out.float()
+        grads[backend] = torch.cat([p.grad.flatten() for p in wrapper.parameters() if p.grad is not None])
+    torch.testing.assert_close(outs["xformers"], outs["sdpa"], rtol=0.05, atol=0.05)
+    assert torch.isfinite(grads["xformers"]).all()
+    assert torch.nn.functional.cosine_similarity(grads["xformers"], grads["sdpa"], dim=0) > 0.99
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_training_steps_on_the_gpu(precision, tmp_path):
     """A few real steps in bf16 autocast, and fp16 with a GradScaler: finite losses, the

@@ -135,6 +135,69 @@ def test_xformers_needs_cuda():
         model(torch.randn(1, 3, 32, 32))
 
 
+def test_xformers_gate_lifted_for_its_torch_kernel_operators_is_the_one_we_think(monkeypatch):
+    """xformers (0.0.35) refuses every CUDA operator when its compiled extension did not load,
+    by one flag; the operators we let through then call torch's own kernels. Pinned here so
+    that a new xformers that moves either fails this test instead of the GPU run."""
+    import inspect
+
+    xops = pytest.importorskip("xformers.ops")
+    from xformers import _cpp_lib
+    from xformers.ops.fmha import common, cutlass, flash
+
+    from dinofuse.engine.models.vit import enable_xformers_torch_kernels
+
+    assert "_built_with_cuda" in inspect.getsource(common.AttentionOpBase.not_supported_reasons)
+    assert cutlass.FwOp.OPERATOR is torch.ops.aten._efficient_attention_forward
+    assert cutlass.BwOp.OPERATOR is torch.ops.aten._efficient_attention_backward
+    assert "torch.ops.aten._flash_attention_forward" in inspect.getsource(flash)
+    assert xops.fmha.BlockDiagonalMask in cutlass.FwOp.SUPPORTED_ATTN_BIAS_TYPES
+    if _cpp_lib._build_metadata is not None:
+        pytest.skip("xformers' extension loads here: there is no gate to lift")
+    monkeypatch.setattr(common, "_built_with_cuda", False)  # restored after the test
+    assert enable_xformers_torch_kernels() and common._built_with_cuda
+    assert not enable_xformers_torch_kernels()  # once
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_xformers_falls_back_to_its_torch_kernel_operators_when_its_extension_is_missing(
+        monkeypatch, opt_out):
+    from dinofuse.engine.models import vit
+
+    gate = {"lifted": False}
+
+    def fake_try(ops, device):  # xformers' behaviour: every CUDA operator gated on the extension
+        return None if gate["lifted"] else "xformers is installed but cannot run on this GPU (...)"
+
+    def lift():
+        gate["lifted"] = True
+        return True
+
+    monkeypatch.setattr(vit, "_xformers_ops", lambda: object())
+    monkeypatch.setattr(vit, "_try_xformers", fake_try)
+    monkeypatch.setattr(vit, "enable_xformers_torch_kernels", lift)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if opt_out:
+        monkeypatch.setenv("DINOFUSE_XFORMERS_TORCH_KERNELS", "0")
+    vit.xformers_problem.cache_clear()
+    try:
+        if opt_out:
+            assert "cannot run on this GPU" in vit.xformers_problem() and not gate["lifted"]
+        else:
+            with pytest.warns(UserWarning, match="torch's own kernels"):
+                assert vit.xformers_problem() is None
+    finally:
+        vit.xformers_problem.cache_clear()
+
+
+def test_trying_xformers_where_it_cannot_run_says_why():
+    pytest.importorskip("xformers.ops")
+    from dinofuse.engine.models.vit import _try_xformers, _xformers_ops
+
+    problem = _try_xformers(_xformers_ops(), torch.device("cpu"))
+    assert problem.startswith("xformers is installed but cannot run on this GPU (NotImplementedError")
+
+
 def test_fix_attention_backend_decides_auto_once_and_blocks_trace_whole():
     model = vit_tiny(depth=2, attention="auto")
     assert model.fix_attention_backend(torch.device("cpu")) == "sdpa"

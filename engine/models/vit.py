@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -46,19 +47,55 @@ def _xformers_ops():
 @functools.cache
 def xformers_problem() -> str | None:
     """Why xformers cannot run attention here, or None when it can. Importing is not enough:
-    a wheel built for another torch imports but has no CUDA kernels, so try one tiny call."""
+    a wheel built for another torch imports but its compiled extension does not load, so try
+    a tiny packed forward and backward. If that fails only for want of the extension,
+    xformers' operators that run torch's own kernels are let through and tried again (see
+    `enable_xformers_torch_kernels`; DINOFUSE_XFORMERS_TORCH_KERNELS=0 turns that off)."""
     ops = _xformers_ops()
     if ops is None:
         return "xformers is not importable"
     if not torch.cuda.is_available():
         return "no CUDA device"
+    problem = _try_xformers(ops, torch.device("cuda"))
+    if problem is not None and os.environ.get("DINOFUSE_XFORMERS_TORCH_KERNELS", "1") != "0" \
+            and enable_xformers_torch_kernels():
+        problem = _try_xformers(ops, torch.device("cuda"))
+        if problem is None:
+            warnings.warn("xformers' compiled extension was built for another torch and does not "
+                          f"load under torch {torch.__version__}: attention runs through xformers' "
+                          "operators on torch's own kernels (FlashAttention-2 / memory-efficient)",
+                          stacklevel=2)
+    return problem
+
+
+def _try_xformers(ops, device: torch.device) -> str | None:
+    """None if xformers runs a packed (block-diagonal) attention forward and backward here."""
     try:
-        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
-        ops.memory_efficient_attention(q, q, q)
+        q = torch.zeros(1, 3, 2, 64, device=device, dtype=torch.float16, requires_grad=True)
+        bias = ops.fmha.BlockDiagonalMask.from_seqlens([1, 2])
+        ops.memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
         return f"xformers is installed but cannot run on this GPU ({type(e).__name__}: {first_line})"
     return None
+
+
+def enable_xformers_torch_kernels() -> bool:
+    """xformers' wheels are built against one torch; under another, its compiled extension
+    does not load and every operator reports "xFormers wasn't build with CUDA support", even
+    the ones that only call torch's own kernels and need nothing from the extension (fa2F-pt
+    and fa2B-pt: torch's FlashAttention-2; cutlassF-pt and cutlassB-pt: torch's
+    memory-efficient attention). Lift that one gate (the extension's own operators stay out:
+    their other checks still say they were not built). Returns whether there was a gate."""
+    try:
+        from xformers import _cpp_lib
+        from xformers.ops.fmha import common
+    except Exception:
+        return False
+    if _cpp_lib._build_metadata is not None or getattr(common, "_built_with_cuda", True):
+        return False
+    common._built_with_cuda = True
+    return True
 
 
 @functools.cache
