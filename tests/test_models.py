@@ -157,35 +157,39 @@ def test_xformers_gate_lifted_for_its_torch_kernel_operators_is_the_one_we_think
     monkeypatch.setattr(common, "_built_with_cuda", False)  # restored after the test
     assert enable_xformers_torch_kernels() and common._built_with_cuda
     assert not enable_xformers_torch_kernels()  # once
+    assert enable_xformers_torch_kernels(False) and not common._built_with_cuda  # put back
 
 
-@pytest.mark.parametrize("opt_out", [False, True])
+@pytest.mark.parametrize("case", ["lifted", "opt out", "still failing"])
 def test_xformers_falls_back_to_its_torch_kernel_operators_when_its_extension_is_missing(
-        monkeypatch, opt_out):
+        monkeypatch, case):
     from dinofuse.engine.models import vit
 
     gate = {"lifted": False}
 
     def fake_try(ops, device):  # xformers' behaviour: every CUDA operator gated on the extension
-        return None if gate["lifted"] else "xformers is installed but cannot run on this GPU (...)"
+        ok = gate["lifted"] and case != "still failing"
+        return None if ok else "xformers is installed but cannot run on this GPU (...)"
 
-    def lift():
-        gate["lifted"] = True
-        return True
+    def lift(enabled=True):
+        changed = gate["lifted"] != enabled
+        gate["lifted"] = enabled
+        return changed
 
     monkeypatch.setattr(vit, "_xformers_ops", lambda: object())
     monkeypatch.setattr(vit, "_try_xformers", fake_try)
     monkeypatch.setattr(vit, "enable_xformers_torch_kernels", lift)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    if opt_out:
+    if case == "opt out":
         monkeypatch.setenv("DINOFUSE_XFORMERS_TORCH_KERNELS", "0")
     vit.xformers_problem.cache_clear()
     try:
-        if opt_out:
-            assert "cannot run on this GPU" in vit.xformers_problem() and not gate["lifted"]
-        else:
+        if case == "lifted":
             with pytest.warns(UserWarning, match="torch's own kernels"):
                 assert vit.xformers_problem() is None
+            assert gate["lifted"]
+        else:  # not tried, or tried in vain and put back
+            assert "cannot run on this GPU" in vit.xformers_problem() and not gate["lifted"]
     finally:
         vit.xformers_problem.cache_clear()
 

@@ -60,7 +60,9 @@ def xformers_problem() -> str | None:
     if problem is not None and os.environ.get("DINOFUSE_XFORMERS_TORCH_KERNELS", "1") != "0" \
             and enable_xformers_torch_kernels():
         problem = _try_xformers(ops, torch.device("cuda"))
-        if problem is None:
+        if problem is not None:
+            enable_xformers_torch_kernels(False)  # no help: leave xformers as it was
+        else:
             warnings.warn("xformers' compiled extension was built for another torch and does not "
                           f"load under torch {torch.__version__}: attention runs through xformers' "
                           "operators on torch's own kernels (FlashAttention-2 / memory-efficient)",
@@ -80,21 +82,22 @@ def _try_xformers(ops, device: torch.device) -> str | None:
     return None
 
 
-def enable_xformers_torch_kernels() -> bool:
+def enable_xformers_torch_kernels(enabled: bool = True) -> bool:
     """xformers' wheels are built against one torch; under another, its compiled extension
     does not load and every operator reports "xFormers wasn't build with CUDA support", even
     the ones that only call torch's own kernels and need nothing from the extension (fa2F-pt
     and fa2B-pt: torch's FlashAttention-2; cutlassF-pt and cutlassB-pt: torch's
     memory-efficient attention). Lift that one gate (the extension's own operators stay out:
-    their other checks still say they were not built). Returns whether there was a gate."""
+    their other checks still say they were not built; enabled=False puts the gate back).
+    Returns whether anything changed."""
     try:
         from xformers import _cpp_lib
         from xformers.ops.fmha import common
     except Exception:
         return False
-    if _cpp_lib._build_metadata is not None or getattr(common, "_built_with_cuda", True):
+    if _cpp_lib._build_metadata is not None or getattr(common, "_built_with_cuda", enabled) == enabled:
         return False
-    common._built_with_cuda = True
+    common._built_with_cuda = enabled
     return True
 
 
