@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from dinofuse.engine.models import (
     DINOHead,
@@ -200,6 +201,26 @@ def test_trying_xformers_where_it_cannot_run_says_why():
 
     problem = _try_xformers(_xformers_ops(), torch.device("cpu"))
     assert problem.startswith("xformers is installed but cannot run on this GPU (NotImplementedError")
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_the_xformers_probe_runs_its_backward_under_no_grad_and_inference_mode(context):
+    """The first attention call (which probes) may be the teacher's, under no_grad."""
+    from dinofuse.engine.models.vit import _try_xformers
+
+    class Ops:  # xformers' API, computed by SDPA (runs on the CPU)
+        class fmha:
+            class BlockDiagonalMask:
+                @staticmethod
+                def from_seqlens(lengths):
+                    return None
+
+        @staticmethod
+        def memory_efficient_attention(q, k, v, attn_bias=None):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+
+    with context():
+        assert _try_xformers(Ops, torch.device("cpu")) is None
 
 
 def test_fix_attention_backend_decides_auto_once_and_blocks_trace_whole():

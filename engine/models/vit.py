@@ -71,11 +71,14 @@ def xformers_problem() -> str | None:
 
 
 def _try_xformers(ops, device: torch.device) -> str | None:
-    """None if xformers runs a packed (block-diagonal) attention forward and backward here."""
+    """None if xformers runs a packed (block-diagonal) attention forward and backward here.
+    (The first forward may come under no_grad or inference mode, e.g. the teacher's: the
+    probe's backward must not fail for that.)"""
     try:
-        q = torch.zeros(1, 3, 2, 64, device=device, dtype=torch.float16, requires_grad=True)
-        bias = ops.fmha.BlockDiagonalMask.from_seqlens([1, 2])
-        ops.memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
+        with torch.inference_mode(False), torch.enable_grad():
+            q = torch.zeros(1, 3, 2, 64, device=device, dtype=torch.float16, requires_grad=True)
+            bias = ops.fmha.BlockDiagonalMask.from_seqlens([1, 2])
+            ops.memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
         return f"xformers is installed but cannot run on this GPU ({type(e).__name__}: {first_line})"
