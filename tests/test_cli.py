@@ -142,6 +142,14 @@ def test_training_on_a_cpu_leaves_each_data_worker_a_core(folder, tmp_path, monk
     assert main(["train", "--data", str(folder), "--output-dir", str(tmp_path), "--quiet",
                  "--max-steps", "1", "data.num_workers=1", *overrides]) == 0
     assert chosen == [3]
+    # Fashion-MNIST's crops are cut in the training process: no worker to leave a core to
+    from fashion_mnist_files import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path / "fmnist", train=16, test=4, size=16)
+    auto = [o for o in overrides if not o.startswith("data.backend")]
+    assert main(["train", "--data", str(tmp_path / "fmnist"), "--output-dir", str(tmp_path / "f"),
+                 "--quiet", "--max-steps", "1", "data.num_workers=1", *auto]) == 0
+    assert chosen == [3, 4]
 
 
 def test_a_data_worker_death_announced_mid_step_gets_one_line(folder, tmp_path, monkeypatch, capsys):
