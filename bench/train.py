@@ -5,7 +5,7 @@
 
 Each variant builds the trainer (`dinofuse.engine.train.Trainer`) with its config, runs
 warm-up steps, then timed steps of `Trainer.train_step` (student + teacher forward, loss,
-backward, clipping, AdamW, EMA), synchronizing after each step. It reports images/s (an
+backward, clipping, AdamW, EMA), back to back as in training. It reports images/s (an
 image = 2 global + N local crops), step-time percentiles, MFU (hand-counted model FLOPs,
 bench/flops.py, over the bf16 matmul peak measured in the same run), peak GPU memory and
 NVML telemetry over the timed steps (bench/telemetry.py).
@@ -27,6 +27,7 @@ import math
 import statistics
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,6 +211,11 @@ def run_variant(args, variant: Variant, batch: int, peak_tflops: float, *,
                 top_kernels = profile_steps(trainer, batches, device)
         except torch.OutOfMemoryError:
             row.status = "out of memory"
+        except Exception as e:  # an ablation row that cannot run is a row, not the end
+            if variant.role:  # the baseline and dinofuse rows must run
+                raise
+            traceback.print_exc()
+            row.status = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         finally:
             del trainer
             _free(_device(args))
@@ -317,6 +323,11 @@ def variants(args) -> list[Variant]:
         # not over the baseline: an fp16 residual stream risks overflow (bf16 has fp32's range)
         out.append(Variant("dinofuse + bf16 residual stream and LayerNorm",
                            {**ours, "impl.residual_dtype": "autocast"}))
+        if _device(args).type == "cuda":  # the CPU runs the same step eagerly
+            graph = {**ours, "impl.cuda_graph": True}
+            out.append(Variant("dinofuse + the step as one CUDA graph", graph))
+            out.append(Variant("dinofuse + CUDA graph + packed crops + bf16 residual stream",
+                               {**graph, "model.packed": True, "impl.residual_dtype": "autocast"}))
     for blocks in checkpointing_rows(args.checkpointing):
         what = "every block" if blocks < 0 else f"first {blocks} blocks"
         out.append(Variant(f"dinofuse + activation checkpointing ({what})",
@@ -426,7 +437,7 @@ def markdown(result: dict) -> str:
         f"{result['torch']}, triton {result['triton']}. Matmul peak measured in this run: "
         f"{result['matmul_peak']['tflops']:.1f} TFLOP/s ({result['matmul_peak']['dtype']}); "
         f"{result['flops_per_step'] / 1e9:.4g} GFLOP per step (model FLOPs, bench/flops.py). "
-        f"{w['steps']} timed steps after {w['warmup']} warm-up steps, each synchronized.",
+        f"{w['steps']} timed steps after {w['warmup']} warm-up steps, back to back.",
         "",
         "| variant | attention | images/s | vs baseline | step ms p50 | p90 | max | MFU % | "
         "peak GiB | SM util % | power W | warm-up s |",

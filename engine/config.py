@@ -97,6 +97,8 @@ class ImplConfig:
     residual_dtype: str = "fp32"  # under bf16/fp16 autocast, the residual stream and the
     # LayerNorms: fp32 (the official code's, autocast's LayerNorm) | autocast (its dtype,
     # half the bytes; the kernel's statistics stay fp32)
+    cuda_graph: bool = False  # capture the whole step in one CUDA graph and replay it
+    # (engine/graph_step.py: one process, bf16/fp32, the fused loss and clipping)
     loss_check: str = "deferred"  # the non-finite loss check: deferred (each step's loss is
     # read during the next step or before a save: no host sync) | official (read right after
     # the forward, as the official code does: the host waits for the GPU every step)

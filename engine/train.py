@@ -4,7 +4,8 @@
 
 Per iteration: set lr / weight decay from the schedules, teacher forward on the global crops,
 student forward on all crops, fused DINO loss, backward, gradient clipping, last-layer
-freeze, AdamW step, fused EMA of the teacher. One process or several under torchrun (FSDP2,
+freeze, AdamW step, fused EMA of the teacher (`impl.cuda_graph`: that step captured once
+and replayed, `graph_step.GraphedStep`). One process or several under torchrun (FSDP2,
 applied in `parallel.parallelize`); the batches come from `inputs.TrainingInput`.
 Checkpoints are atomic and hold everything a resume needs (models, optimizer, center, step,
 RNG, data position); a non-finite loss stops the run with the step named and the last good
@@ -43,6 +44,7 @@ from dinofuse.engine.checkpoint import (
 from dinofuse.engine.clipping import clip_gradients, clip_gradients_official
 from dinofuse.engine.config import Config, config_from_toml, config_to_toml, save_config
 from dinofuse.engine.errors import TrainingError
+from dinofuse.engine.graph_step import GraphedStep
 from dinofuse.engine.inputs import TrainingInput
 from dinofuse.engine.models import (
     DINOHead,
@@ -174,6 +176,8 @@ class Trainer:
             choice = "fused" if self.device.type == "cuda" else "torch"
         adamw = {"fused": dict(fused=True), "foreach": dict(foreach=True),
                  "official": dict(foreach=False), "torch": {}}[choice]
+        if cfg.impl.cuda_graph and self.device.type == "cuda":
+            adamw["capturable"] = True  # its step counts on the device, lr read from a tensor
         self.optimizer = torch.optim.AdamW(param_groups(self.student), **adamw)
         loss_cls = DINOLoss if cfg.impl.loss == "fused" else OfficialDINOLoss
         self.loss_fn = loss_cls(cfg.model.out_dim, self.ncrops, o.warmup_teacher_temp,
@@ -191,6 +195,7 @@ class Trainer:
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, n)
         self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, o.epochs, n)
         self.total_steps = o.epochs * n
+        self.graphed = GraphedStep(self) if cfg.impl.cuda_graph else None
 
         self._unchecked: StepLog | None = None  # the last step whose loss was not read yet
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == torch.float16 else None
@@ -221,28 +226,37 @@ class Trainer:
             return torch.bfloat16 if self.device.type == "cuda" else None
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[p]
 
-    def _autocast(self):
+    def _autocast(self, cache: bool = True):
         if self.precision is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision)
+        return torch.autocast(self.device.type, dtype=self.precision, cache_enabled=cache)
 
     def train_step(self, crops: list[torch.Tensor]) -> StepLog:
-        o, it = self.cfg.optim, self.step
+        it = self.step
         epoch = it // self.iters_per_epoch
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = self.lr_schedule[it]
-            if i == 0:  # only the weights decay
-                group["weight_decay"] = self.wd_schedule[it]
         crops = [c.to(self.device, non_blocking=True) for c in crops]
+        if self.graphed is not None:  # the whole step replayed from one CUDA graph
+            loss, grad_norm = self.graphed(crops, it, epoch)
+            log = self._log_and_check(it, epoch, loss)
+        else:
+            for i, group in enumerate(self.optimizer.param_groups):
+                group["lr"] = self.lr_schedule[it]
+                if i == 0:  # only the weights decay
+                    group["weight_decay"] = self.wd_schedule[it]
+            loss = self.forward_loss(crops, epoch)
+            log = self._log_and_check(it, epoch, loss)
+            grad_norm = self.backward_update(loss, epoch, self.momentum_schedule[it])
+        self.step += 1
+        # the norm is global already (sharded gradients were summed over ranks)
+        log._grad_norm = grad_norm if isinstance(grad_norm, float) else \
+            DeviceValue(grad_norm, mean_over_ranks=False)
+        return log
 
-        with self._autocast():
-            with torch.no_grad():  # no gradient anyway; this skips autograd's and FSDP2's
-                teacher_out = self.teacher(crops[:2])  # bookkeeping (and shares eval's graphs)
-            student_out = self.student(crops)
-        loss = self.loss_fn(student_out, teacher_out, epoch)
-        # The mean over ranks (so every rank stops together), read without waiting: the
-        # previous step's loss is checked now (its forward finished long ago), this one's
-        # during the next step or before a save. "official" reads it here, a sync per step.
+    def _log_and_check(self, it: int, epoch: int, loss: torch.Tensor) -> StepLog:
+        """The step's log, its loss the mean over ranks (so every rank stops together), read
+        without waiting: the previous step's loss is checked now (its forward finished long
+        ago), this one's during the next step or before a save. "official" reads it now,
+        after the forward, as the official code does: a sync per step."""
         log = StepLog(it, epoch, DeviceValue(loss), self.lr_schedule[it], self.wd_schedule[it],
                       self.momentum_schedule[it], self.loss_fn.teacher_temp_at(epoch), 0.0)
         if self.cfg.impl.loss_check == "official":  # nothing is ever left unchecked then
@@ -251,7 +265,22 @@ class Trainer:
             previous, self._unchecked = self._unchecked, log
             if previous is not None:
                 self._check_finite(previous)
+        return log
 
+    def forward_loss(self, crops: list[torch.Tensor], epoch: int,
+                     autocast_cache: bool = True) -> torch.Tensor:
+        with self._autocast(autocast_cache):
+            with torch.no_grad():  # no gradient anyway; this skips autograd's and FSDP2's
+                teacher_out = self.teacher(crops[:2])  # bookkeeping (and shares eval's graphs)
+            student_out = self.student(crops)
+        return self.loss_fn(student_out, teacher_out, epoch)
+
+    def backward_update(self, loss: torch.Tensor, epoch: int, momentum: float | torch.Tensor,
+                        decay: torch.Tensor | None = None) -> torch.Tensor | float:
+        """Backward, clipping, last-layer freeze, AdamW, EMA; returns the gradient norm.
+        decay: AdamW's weight-decay factor (1 - lr*wd) as a device tensor, applied here to
+        the decaying weights when the optimizer's own weight decay is 0 (a captured graph)."""
+        o = self.cfg.optim
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -263,17 +292,18 @@ class Trainer:
         else:
             grad_norm = clip_gradients(self.student, o.clip_grad, o.clip_mode)
         cancel_last_layer_gradients(self.student, epoch, o.freeze_last_layer)
+        if decay is not None:  # AdamW skips parameters without a gradient, decay included
+            decaying = [p for p in self.optimizer.param_groups[0]["params"] if p.grad is not None]
+            if decaying:
+                with torch.no_grad():
+                    torch._foreach_mul_(decaying, decay)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.ema(self.momentum_schedule[it])
-        self.step += 1
-        # the norm is global already (sharded gradients were summed over ranks)
-        log._grad_norm = grad_norm if isinstance(grad_norm, float) else \
-            DeviceValue(grad_norm, mean_over_ranks=False)
-        return log
+        self.ema(momentum)
+        return grad_norm
 
     def check_finite(self) -> None:
         """Stop on a non-finite loss of the last step not yet checked (waits for its forward)."""

@@ -12,6 +12,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 @pytest.fixture
@@ -33,3 +35,20 @@ def poisoned_outputs(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Two classes of smooth synthetic images (gradients plus a blob), 20 each."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:24, 0:24] / 23.0
+    for c in range(2):
+        (root / f"class{c}").mkdir()
+        for i in range(20):
+            cy, cx = rng.uniform(0.2, 0.8, 2)
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
+            base = xx if c == 0 else yy
+            rgb = np.stack([base, blob, 1 - base], -1) * 255 * rng.uniform(0.6, 1.0)
+            Image.fromarray(rgb.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root

@@ -145,3 +145,29 @@ def test_bad_checkpointing_argument_is_named():
 
     with pytest.raises(SystemExit, match="--checkpointing"):
         variants(build_parser().parse_args(["--device", "cpu", "--checkpointing", "half"]))
+
+
+def test_the_cuda_graph_rows_join_the_ablation_on_a_gpu():
+    from dinofuse.bench.train import build_parser, variants
+
+    def graph_rows(device):
+        rows = variants(build_parser().parse_args(["--device", device, "--ablation"]))
+        return [v for v in rows if v.settings.get("impl.cuda_graph")]
+
+    rows = graph_rows("cuda")
+    assert [v.name for v in rows] == ["dinofuse + the step as one CUDA graph",
+                                      "dinofuse + CUDA graph + packed crops + bf16 residual stream"]
+    assert rows[1].settings["model.packed"] and rows[1].settings["impl.residual_dtype"] == "autocast"
+    assert graph_rows("cpu") == []  # the CPU runs the same step eagerly: nothing to compare
+
+
+def test_an_ablation_row_that_cannot_run_is_a_row_and_the_rest_goes_on():
+    from dinofuse.bench.train import DINOFUSE, Variant, build_parser, run_variant
+
+    args = build_parser().parse_args(TOY)
+    broken = {**DINOFUSE, "optim.precision": "fp32", "impl.loss": "liger"}
+    row, _ = run_variant(args, Variant("dinofuse + a broken option", broken), 4, 1.0,
+                         steps=1, warmup=0)
+    assert row.status.startswith("failed: ValueError: impl.loss must be one of"), row.status
+    with pytest.raises(ValueError, match="impl.loss must be one of"):  # ours must run
+        run_variant(args, Variant("dinofuse", broken, "dinofuse"), 4, 1.0, steps=1, warmup=0)

@@ -310,3 +310,53 @@ def test_in_memory_data_is_cut_into_crops_on_the_gpu_without_host_waits(tmp_path
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(torch.tensor(log.loss))
+
+
+@pytest.mark.parametrize("precision,packed", [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_the_captured_training_step_replays_like_the_eager_one(precision, packed, tmp_path,
+                                                               monkeypatch):
+    """impl.cuda_graph: over an epoch boundary (the last layer unfreezes: a second capture)
+    with new crops every step, the replayed step gives the eager step's losses and weights,
+    and a replayed step never makes the host wait."""
+    from dinofuse.engine import inputs
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.graph_step import WARMUP_STEPS
+    from dinofuse.engine.train import Trainer
+    from test_train import TINY
+
+    epoch_steps = 12
+    monkeypatch.setattr(inputs, "SYNTHETIC_STEPS_PER_EPOCH", epoch_steps)
+    steps = epoch_steps + 6
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    crops = [[torch.randn(4, 3, s, s, device="cuda", generator=generator) for s in (16, 16, 8, 8)]
+             for _ in range(steps)]
+
+    def run(graph: bool):
+        torch.manual_seed(0)
+        cfg = load_config("default", TINY + [
+            'data.path="synthetic"', f'run.output_dir="{tmp_path / str(graph)}"',
+            f'optim.precision="{precision}"', f"model.packed={str(packed).lower()}",
+            f"impl.cuda_graph={str(graph).lower()}", "optim.clip_grad=0.05"])
+        trainer = Trainer(cfg)
+        logs = []
+        for i, batch in enumerate(crops):
+            # epoch 0: WARMUP_STEPS eager steps, a capture (which synchronizes), replays
+            if graph and WARMUP_STEPS < i < epoch_steps:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                logs.append(trainer.train_step(batch))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        weights = torch.cat([p.detach().flatten() for p in trainer.teacher.parameters()])
+        return trainer, [log.loss for log in logs], weights
+
+    eager, eager_losses, eager_teacher = run(False)
+    graphed, graphed_losses, graphed_teacher = run(True)
+    assert eager.iters_per_epoch == epoch_steps
+    assert graphed.graphed.captures == 2 and graphed.graphed.eager_steps == WARMUP_STEPS
+    tol = 1e-4 if precision == "fp32" else 2e-2
+    assert graphed_losses == pytest.approx(eager_losses, rel=tol)
+    assert eager_losses[0] != eager_losses[-1]
+    moved = (eager_teacher - torch.cat([p.detach().flatten() for p in
+                                        Trainer(eager.cfg).teacher.parameters()])).norm()
+    assert (graphed_teacher - eager_teacher).norm() < (1e-2 if precision == "fp32" else 0.2) * moved

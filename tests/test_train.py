@@ -23,23 +23,6 @@ TINY = ["model.arch=\"vit_tiny\"", "model.embed_dim=32", "model.depth=2", "model
         'data.backend="torchvision"']  # exact resume is torchvision's (auto would pick DALI)
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """Two classes of smooth synthetic images (gradients plus a blob), 20 each."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:24, 0:24] / 23.0
-    for c in range(2):
-        (root / f"class{c}").mkdir()
-        for i in range(20):
-            cy, cx = rng.uniform(0.2, 0.8, 2)
-            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)
-            base = xx if c == 0 else yy
-            rgb = np.stack([base, blob, 1 - base], -1) * 255 * rng.uniform(0.6, 1.0)
-            Image.fromarray(rgb.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
-
-
 def make_cfg(image_folder, tmp_path, *extra):
     return load_config("default", TINY + [f'data.path="{image_folder}"',
                                           f'run.output_dir="{tmp_path / "run"}"', *extra])
