@@ -138,10 +138,12 @@ def test_long_rows_are_sliced_even_when_the_batch_fills_the_gpu(monkeypatch, poi
     # the default at the official size: 4 slices of 16384 columns at B=256 (H200 sweep)
     assert module._student_launch_config(65536, 256, 10, cpu)[3:5] == (4, 16384)
     assert module._student_launch_config(4096, 4096, 10, cpu)[3] == 1  # short rows: whole
-    # the same rule on small shapes: 16-column blocks make 300 columns "long", many rows
+    # the same rule on small shapes: 16-column blocks make 300 columns "long"; 16 images
+    # fill the interpreter's "GPU" (200 columns, not long, are not sliced)
     monkeypatch.setattr(module, "STUDENT_LAUNCH_OVERRIDE", (2, 16, 2, None))
-    assert module._student_launch_config(300, 64, 4, cpu)[3] == 4
-    student, teacher, center = make_inputs(300, 64, 2, 4, torch.float32)
+    assert module._student_launch_config(200, 16, 4, cpu)[3] == 1
+    assert module._student_launch_config(300, 16, 4, cpu)[3] == 4
+    student, teacher, center = make_inputs(300, 16, 2, 4, torch.float32)
     assert_matches_reference(student, teacher, center, 2)
 
 

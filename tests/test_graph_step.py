@@ -16,7 +16,10 @@ from dinofuse.engine.graph_step import WARMUP_STEPS, check_graphable
 from dinofuse.engine.train import Trainer
 from test_train import make_cfg
 
-STEPS = 14  # the image folder is 10 steps per epoch: the last layer unfreezes at step 10
+# batches of 8 of the 40 images: 5 steps per epoch, the last layer unfreezes at step 5
+RUN = ("optim.batch_size_per_device=8", "optim.warmup_teacher_temp_epochs=1",
+       "optim.warmup_teacher_temp=0.03")
+STEPS = 8
 
 
 class ReplayByRunning:
@@ -44,8 +47,7 @@ def stand_in_capture(fn):
 
 
 def fit(image_folder, path, *extra, max_steps=STEPS, resume=False):
-    trainer = Trainer(make_cfg(image_folder, path, "optim.warmup_teacher_temp_epochs=1",
-                               "optim.warmup_teacher_temp=0.03", *extra), resume=resume)
+    trainer = Trainer(make_cfg(image_folder, path, *RUN, *extra), resume=resume)
     return trainer, trainer.fit(max_steps=max_steps, progress=False)
 
 
@@ -101,8 +103,7 @@ def test_captured_steps_replay_with_new_crops_and_recapture_per_epoch(image_fold
                                                                        monkeypatch, plain_run):
     monkeypatch.setattr(graph_step, "capture_graph", stand_in_capture)
     plain, plain_logs, start = plain_run
-    trainer = Trainer(make_cfg(image_folder, tmp_path / "graphed", "impl.cuda_graph=true",
-                               "optim.warmup_teacher_temp_epochs=1", "optim.warmup_teacher_temp=0.03"))
+    trainer = Trainer(make_cfg(image_folder, tmp_path / "graphed", "impl.cuda_graph=true", *RUN))
     trainer.graphed.capture = True
     logs = trainer.fit(max_steps=STEPS, progress=False)
     # epoch 0 and epoch 1 (new temperature, last layer trained): warm-up then one capture each
@@ -115,9 +116,9 @@ def test_captured_steps_replay_with_new_crops_and_recapture_per_epoch(image_fold
 def test_a_graphed_run_and_a_plain_run_resume_each_other(image_folder, tmp_path, first, then,
                                                          plain_run):
     whole, whole_logs, start = plain_run
-    _, head = fit(image_folder, tmp_path / "split", f"impl.cuda_graph={first}", max_steps=7)
+    _, head = fit(image_folder, tmp_path / "split", f"impl.cuda_graph={first}", max_steps=4)
     resumed, tail = fit(image_folder, tmp_path / "split", f"impl.cuda_graph={then}", resume=True,
-                        max_steps=STEPS - 7)
+                        max_steps=STEPS - 4)
     assert_same_training(whole, whole_logs, resumed, head + tail, start)
 
 
