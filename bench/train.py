@@ -305,7 +305,8 @@ def checkpointing_rows(spec: str | None) -> list[int]:
 def variants(args) -> list[Variant]:
     """The rows to run, torch.compile ones last (slow to warm up: a time limit cuts them)."""
     ours = dict(DINOFUSE)
-    if _device(args).type == "cpu":
+    device = _device(args)
+    if device.type == "cpu":
         ours["optim.precision"] = "fp32"  # bf16 matmul is ~50x slower than fp32 on CPUs
     out, compiled = [], []
     if args.baseline or args.ablation:
@@ -323,7 +324,7 @@ def variants(args) -> list[Variant]:
         # not over the baseline: an fp16 residual stream risks overflow (bf16 has fp32's range)
         out.append(Variant("dinofuse + bf16 residual stream and LayerNorm",
                            {**ours, "impl.residual_dtype": "autocast"}))
-        if _device(args).type == "cuda":  # the CPU runs the same step eagerly
+        if device.type == "cuda":  # the CPU runs the same step eagerly
             graph = {**ours, "impl.cuda_graph": True}
             out.append(Variant("dinofuse + the step as one CUDA graph", graph))
             out.append(Variant("dinofuse + CUDA graph + packed crops + bf16 residual stream",

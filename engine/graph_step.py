@@ -3,14 +3,15 @@
 At ViT-S/16 batch 64 a step is many small kernels and the GPU waits on the host between
 them (H200, b807297: SM utilization 76%, 879 images/s, against 1435 at batch 1024).
 Replaying a captured graph launches them all at once. A graph replays kernels with the
-arguments they were captured with, so what changes from step to step lives in device tensors the kernels
-read: the learning rate (AdamW with `capturable=True` and a tensor lr), the weight decay as
-the factor 1 - lr*wd that AdamW multiplies the weights by (applied to the decaying weights
-just before AdamW's step, which then runs with weight_decay=0: the same update), the EMA
-momentum (`ema_update_` reads a 0-d tensor), and the crops (copied into the graph's own
-input tensors). What changes per epoch (the teacher temperature during its warm-up, the
-last-layer freeze) and the crop shapes make the graph's key: a new key runs WARMUP_STEPS
-steps eagerly (lazy set-up: Triton compiles, optimizer state, launch plans), then captures.
+arguments they were captured with, so what changes from step to step lives in device tensors
+the kernels read: the learning rate (AdamW with `capturable=True` and a tensor lr), the
+weight decay as the factor 1 - lr*wd that AdamW multiplies the weights by (applied to the
+decaying weights just before AdamW's step, which then runs with weight_decay=0: the same
+update), the EMA momentum (`ema_update_` reads a 0-d tensor), and the crops (copied into the
+graph's own input tensors). What changes per epoch (the teacher temperature during its
+warm-up, the last-layer freeze) and the crop shapes make the graph's key: a new key runs
+WARMUP_STEPS steps eagerly (lazy set-up: Triton compiles, optimizer state, launch plans),
+then captures.
 
 On the CPU the same step runs eagerly with the same device tensors: the tests compare it
 with the plain step there; a CUDA test compares the replayed graph with it.
@@ -67,6 +68,7 @@ class GraphedStep:
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.eager_steps = 0  # since the key last changed
         self.captures = 0
+        self._side_stream = torch.cuda.Stream() if self.on_gpu else None  # for eager steps
 
     def bind_optimizer(self) -> None:
         """Point AdamW at the lr tensor and move its decay out (a loaded checkpoint brings
@@ -111,7 +113,7 @@ class GraphedStep:
         if not self.on_gpu:
             return self._body(crops, epoch)
         # on a side stream, as capture wants the lazy set-up done away from the main one
-        side = self._side_stream = getattr(self, "_side_stream", None) or torch.cuda.Stream()
+        side = self._side_stream
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = self._body(crops, epoch)
