@@ -85,7 +85,7 @@ run_stage() {
     cuda_tests) stage cuda_tests 150 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --no-header -rfE ;;
     kernel_bench)
       local sweep=--sweep; [ "${SWEEP:-1}" = 0 ] && sweep=
-      stage kernel_bench 150 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;
+      stage kernel_bench 200 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;
     kernel_resources) stage kernel_resources 60 python3 -m dinofuse.bench.kernel_resources \
         --out "$work" --arch 90 ;;  # registers and spills under this image's triton
     train_s16) stage train_s16 300 "${train[@]}" --arch vit_small --patch 16 --batch 64 --ablation --compile \

@@ -185,18 +185,21 @@ ELEMENTS_PER_ITERATION = {
 
 
 def main_loop(sass: str) -> dict:
-    """The longest loop of the kernel's machine code (a backward branch's span): its
-    instructions, exp2s (MUFU.EX2), and global loads/stores with how many are 128-bit
-    (vectorized; scalar accesses cost one instruction per element)."""
+    """The longest innermost loop of the kernel's machine code (a backward branch's span
+    holding no other loop; an outer loop, such as a persistent program's walk over its
+    work, would count its setup as per-element work): its instructions, exp2s (MUFU.EX2),
+    and global loads/stores with how many are 128-bit (vectorized; scalar accesses cost
+    one instruction per element)."""
     code = [(int(a, 16), text.strip()) for a, text in
             re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
-    best = (0, -1)
+    loops = set()
     for address, text in code:
         target = re.search(r"\bBRA\s+(?:`\(.*?\)\s*)?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
-            start = int(target.group(1), 16)
-            if address - start > best[1] - best[0]:
-                best = (start, address)
+            loops.add((int(target.group(1), 16), address))
+    innermost = [(a, b) for a, b in loops
+                 if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    best = max(innermost, key=lambda span: span[1] - span[0], default=(0, -1))
     body = [text for address, text in code if best[0] <= address <= best[1]]
     opcodes = [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]
     return dict(loop_instructions=len(body),

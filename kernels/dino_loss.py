@@ -17,8 +17,11 @@ Two kernels:
      -- no atomics, so the result is deterministic.
   2. student pass, one program per few student views of one image (V_BLOCK rows), ordered
      image-major so the programs that share an image's teacher rows run together: pass A
-     computes the rows' logsumexp; pass B (whose reads mostly hit L2) recomputes q from the
-     teacher logits once for the V_BLOCK rows, writes the gradient and the rows' losses.
+     computes the rows' logsumexp; pass B recomputes q from the teacher logits once for the
+     V_BLOCK rows, writes the gradient and the rows' losses. Pass B's re-read of a row hits
+     L2 only if the rows in flight fit there: at K=65536 bf16 a row is 128 KB, so a full
+     GPU of resident programs (~4 per SM x 2 rows) holds ~135 MB and reads it again from
+     memory; a persistent grid (`programs_per_sm`) bounds that.
      The per-row losses are summed afterwards in a fixed order.
      With few images (a small batch) the rows are also cut into column slices to fill the
      GPU: a statistics kernel writes each slice's partial logsumexp, and pass B combines
@@ -158,23 +161,49 @@ def _student_stats_kernel(
 def _student_pass_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, c_ptr, t_max_ptr, t_sum_ptr,
     s_max_ptr, s_sum_ptr, grad_ptr, row_loss_ptr,
+    B, K, n_tblocks, split_len, s_scale, t_scale, grad_scale, loss_scale, n_groups,
+    NCROPS: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, V_BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    # One program: V_BLOCK student views of one image, over one column slice (all of K when
+    # ONE_SPLIT; then the program also computes the rows' logsumexp itself). PERSISTENT: the
+    # grid has fewer programs than view groups, and each walks groups in turn (a separate
+    # branch: the loop around the group costs the default launch 15 registers on sm_90).
+    if PERSISTENT:
+        for pid in range(tl.program_id(0), n_groups, tl.num_programs(0)):
+            _student_view_group(
+                pid, s_ptr, s_row_stride, t_ptr, t_row_stride, c_ptr, t_max_ptr, t_sum_ptr,
+                s_max_ptr, s_sum_ptr, grad_ptr, row_loss_ptr,
+                B, K, n_tblocks, split_len, s_scale, t_scale, grad_scale, loss_scale,
+                NCROPS, G, G_P2, V_BLOCK, BLOCK_K, BLOCK_P, WRITE_GRAD, ONE_SPLIT, STAGES)
+    else:
+        _student_view_group(
+            tl.program_id(0), s_ptr, s_row_stride, t_ptr, t_row_stride, c_ptr, t_max_ptr,
+            t_sum_ptr, s_max_ptr, s_sum_ptr, grad_ptr, row_loss_ptr,
+            B, K, n_tblocks, split_len, s_scale, t_scale, grad_scale, loss_scale,
+            NCROPS, G, G_P2, V_BLOCK, BLOCK_K, BLOCK_P, WRITE_GRAD, ONE_SPLIT, STAGES)
+
+
+@triton.jit
+def _student_view_group(
+    pid, s_ptr, s_row_stride, t_ptr, t_row_stride, c_ptr, t_max_ptr, t_sum_ptr,
+    s_max_ptr, s_sum_ptr, grad_ptr, row_loss_ptr,
     B, K, n_tblocks, split_len, s_scale, t_scale, grad_scale, loss_scale,
     NCROPS: tl.constexpr, G: tl.constexpr, G_P2: tl.constexpr, V_BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, WRITE_GRAD: tl.constexpr,
     ONE_SPLIT: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # One program: V_BLOCK student views of one image, over one column slice (all of K when
-    # ONE_SPLIT; then the program also computes the rows' logsumexp itself).
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
-    b, vs, v_ok, rows = _view_group(tl.program_id(0), B, NCROPS, V_BLOCK)
+    b, vs, v_ok, rows = _view_group(pid, B, NCROPS, V_BLOCK)
     s_rows = s_ptr + rows[:, None] * s_row_stride
     n_targets = G - (vs < G).to(tl.float32)  # student view v learns from the global views != v
 
     views = tl.arange(0, G_P2)
     t_lse = _combine_lse2(t_max_ptr, t_sum_ptr, (views * B + b) * n_tblocks, views < G,
                           n_tblocks, G_P2, BLOCK_P)
-    if ONE_SPLIT:  # pass A: the rows' logsumexp; pass B's re-reads then mostly hit L2
+    if ONE_SPLIT:  # pass A: the rows' logsumexp; pass B re-reads the rows (from L2 if it can)
         x_max, x_sum = _lse2_partial(s_rows, v_ok, 0, K, s_scale, V_BLOCK, BLOCK_K, STAGES)
         s_lse = tl.where(v_ok, x_max + tl.log2(x_sum), 0.0)
     else:
@@ -328,6 +357,9 @@ class StudentLaunch(NamedTuple):
     layout: str = "views"
     stages: int = 1  # >1: the main loops prefetch that many steps ahead (software pipelining:
     # asynchronous copies into shared memory, more bytes in flight per program)
+    programs_per_sm: int | None = None  # "views" only: a persistent grid of this many programs
+    # per SM, each walking view groups in turn. Fewer rows in flight at once, so that pass B's
+    # re-read of a row can still find it in L2 (see bench/NOTES.md); None: a program per group
 
 
 STUDENT_LAUNCH = StudentLaunch(2, 2048, 8, None)
@@ -344,19 +376,22 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _student_launch_config(K: int, B: int, ncrops: int, device) -> tuple:
-    """Views per program, columns per step, warps, column slices, slice length, layout and
-    pipeline stages.
+    """Views per program, columns per step, warps, column slices, slice length, layout,
+    pipeline stages and the student pass's programs per slice.
 
     Small batches leave too few (image, view-group) programs to fill the GPU, each walking a
     whole row twice in series; then each row is cut into slices run in parallel, at the
     price of a separate statistics kernel (the student is read twice from memory).
     """
-    v_block, block_k, warps, splits, layout, stages = StudentLaunch(
+    v_block, block_k, warps, splits, layout, stages, per_sm = StudentLaunch(
         *(STUDENT_LAUNCH_OVERRIDE or STUDENT_LAUNCH))
     if layout not in ("views", "image"):
         raise ValueError(f"student launch layout must be views or image; got {layout!r}")
     if stages < 1:
         raise ValueError(f"student launch stages must be >= 1; got {stages}")
+    if per_sm is not None and (layout != "views" or per_sm < 1):
+        raise ValueError("student launch programs_per_sm must be None or >= 1, with the views "
+                         f"layout; got {per_sm} with {layout!r}")
     v_block = min(v_block, next_power_of_2(ncrops))
     block_k = min(block_k, max(16, next_power_of_2(K) // v_block))
     programs = B * (1 if layout == "image" else triton.cdiv(ncrops, v_block))
@@ -367,7 +402,10 @@ def _student_launch_config(K: int, B: int, ncrops: int, device) -> tuple:
         at_least = 4 if K >= 16 * block_k else 1
         splits = max(at_least, triton.cdiv(want, programs))
     split_len = triton.cdiv(triton.cdiv(K, max(1, splits)), block_k) * block_k
-    return v_block, block_k, warps, triton.cdiv(K, split_len), split_len, layout, stages
+    if per_sm is not None:
+        programs = min(programs, per_sm * _multiprocessors(device))
+    return (v_block, block_k, warps, triton.cdiv(K, split_len), split_len, layout, stages,
+            programs)
 
 
 def _fused_forward(student_out, teacher_out, center, num_global_crops, student_temp,
@@ -397,9 +435,10 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
     grad = _new_output((n_student, K) if compute_grad else (0,), like=student_out,
                        dtype=student_out.dtype)
     scale = 1.0 / (pair_count(ncrops, num_global_crops) * B)
-    v_block, block_k, warps, splits, split_len, layout, stages = _student_launch_config(
+    v_block, block_k, warps, splits, split_len, layout, stages, programs = _student_launch_config(
         K, B, ncrops, student_out.device)
-    grid = (B * triton.cdiv(ncrops, v_block), splits)
+    n_groups = B * triton.cdiv(ncrops, v_block)
+    grid = (n_groups, splits)
     # partial losses: one per row and slice ("views"), or per image and slice ("image")
     row_loss = _new_output((B if layout == "image" else n_student, splits), **f32)
     s_max = s_sum = row_loss  # unused when one program sees a whole row
@@ -423,9 +462,9 @@ def _fused_forward(student_out, teacher_out, center, num_global_crops, student_t
             *args, row_loss, *scalars, NCROPS=ncrops, NCROPS_P2=next_power_of_2(ncrops),
             EVEN_K=K % block_k == 0, **common)
     else:
-        _student_pass_kernel[grid](
-            *args, row_loss, *scalars, NCROPS=ncrops, V_BLOCK=v_block, ONE_SPLIT=splits == 1,
-            **common)
+        _student_pass_kernel[(programs, splits)](
+            *args, row_loss, *scalars, n_groups, NCROPS=ncrops, V_BLOCK=v_block,
+            ONE_SPLIT=splits == 1, PERSISTENT=programs < n_groups, **common)
     loss = row_loss.sum()
     return loss, teacher_mean, grad
 

@@ -96,7 +96,10 @@ def test_extreme_logits_stay_finite(poisoned_outputs):
                                     (2, 32, 4, 1, "image"), (1, 64, 2, 3, "image"),
                                     (4, 16, 2, 64, "image"), (2, 64, 4, None, "image"),
                                     (1, 64, 4, 1, "views", 2), (2, 32, 4, 3, "views", 3),
-                                    (2, 32, 4, None, "image", 2)])
+                                    (2, 32, 4, None, "image", 2),
+                                    # persistent: 4 or 8 programs (the interpreter's "GPU"
+                                    # has 4 SMs) walking 6 to 30 view groups
+                                    (1, 64, 4, 1, "views", 1, 1), (2, 32, 4, 3, "views", 2, 2)])
 @pytest.mark.parametrize("G,ncrops", [(1, 3), (2, 10)])
 def test_every_launch_shape(launch, G, ncrops, monkeypatch, poisoned_outputs):
     # Views per program that do and do not divide the crop count (padded rows), column
@@ -129,6 +132,10 @@ def test_unknown_launch_layout_is_named(monkeypatch):
         dino_loss(*make_inputs(64, 2, 2, 4, torch.float32))
     monkeypatch.setattr(module, "STUDENT_LAUNCH_OVERRIDE", (2, 64, 4, None, "views", 0))
     with pytest.raises(ValueError, match="stages must be >= 1; got 0"):
+        dino_loss(*make_inputs(64, 2, 2, 4, torch.float32))
+    monkeypatch.setattr(module, "STUDENT_LAUNCH_OVERRIDE", (2, 64, 4, None, "image", 1, 2))
+    with pytest.raises(ValueError, match="programs_per_sm must be None or >= 1, with the views "
+                                         "layout; got 2 with 'image'"):
         dino_loss(*make_inputs(64, 2, 2, 4, torch.float32))
 
 

@@ -91,3 +91,22 @@ def test_launch_specialization_without_triton_s_own_function(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", without_native)
     assert [specialize(v, s, a) for s, a in flags for v in values] == native
+
+
+def test_the_main_loop_is_the_longest_innermost_one():
+    """A persistent program's walk over its work is a loop around the column loops: counting
+    it would put the per-group setup (scalar loads) into the per-element figures."""
+    from dinofuse.bench.kernel_resources import main_loop
+
+    sass = "\n".join(f"/*{address:04x}*/ {text} ;" for address, text in [
+        (0x00, "LDG.E R2, desc[UR4][R4.64]"),  # outer loop: per-group setup, a scalar load
+        (0x10, "LDG.E.128 R8, desc[UR4][R6.64]"),  # inner loop 1: two instructions
+        (0x20, "BRA 0x10"),
+        (0x30, "LDG.E.128 R8, desc[UR4][R6.64]"),  # inner loop 2: the longest innermost
+        (0x40, "MUFU.EX2 R9, R8"),
+        (0x50, "STG.E.128 desc[UR4][R6.64], R8"),
+        (0x60, "BRA 0x30"),
+        (0x70, "BRA 0x0"),
+    ])
+    assert main_loop(sass) == dict(loop_instructions=4, loop_exp2=1, loop_loads=1,
+                                   loop_wide_loads=1, loop_stores=1, loop_wide_stores=1)

@@ -195,6 +195,22 @@ def test_xformers_falls_back_to_its_torch_kernel_operators_when_its_extension_is
         vit.xformers_problem.cache_clear()
 
 
+def test_the_packed_attention_mask_is_built_once_on_the_tokens_device(monkeypatch):
+    """xformers puts a mask on the current CUDA device unless told: on a machine with a GPU,
+    tokens elsewhere (another device, or the CPU) would get a mask they cannot use."""
+    pytest.importorskip("xformers.ops")
+    from dinofuse.engine.models.vit import _block_diagonal_mask
+
+    _block_diagonal_mask.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # xformers' default: cuda
+    layout = ((2, 5), (3, 2))  # two images of 5 tokens, three of 2
+    mask = _block_diagonal_mask(layout, torch.device("cpu"))
+    assert mask.q_seqinfo.seqstart.device == torch.device("cpu")
+    assert mask.q_seqinfo.seqstart_py == [0, 5, 10, 12, 14, 16]
+    assert _block_diagonal_mask(layout, torch.device("cpu")) is mask
+    _block_diagonal_mask.cache_clear()
+
+
 def test_trying_xformers_where_it_cannot_run_says_why():
     pytest.importorskip("xformers.ops")
     from dinofuse.engine.models.vit import _try_xformers, _xformers_ops
@@ -212,7 +228,7 @@ def test_the_xformers_probe_runs_its_backward_under_no_grad_and_inference_mode(c
         class fmha:
             class BlockDiagonalMask:
                 @staticmethod
-                def from_seqlens(lengths):
+                def from_seqlens(lengths, device):
                     return None
 
         @staticmethod

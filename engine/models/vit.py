@@ -77,7 +77,7 @@ def _try_xformers(ops, device: torch.device) -> str | None:
     try:
         with torch.inference_mode(False), torch.enable_grad():
             q = torch.zeros(1, 3, 2, 64, device=device, dtype=torch.float16, requires_grad=True)
-            bias = ops.fmha.BlockDiagonalMask.from_seqlens([1, 2])
+            bias = ops.fmha.BlockDiagonalMask.from_seqlens([1, 2], device=device)
             ops.memory_efficient_attention(q, q, q, attn_bias=bias).sum().backward()
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0]
@@ -130,9 +130,12 @@ def resolve_attention(requested: str, device: torch.device) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _block_diagonal_mask(seqlens: SeqLens):
+def _block_diagonal_mask(seqlens: SeqLens, device: torch.device):
+    """Built once per layout and device (never inside a CUDA graph capture: the capture reuses
+    the mask of the eager warm-up steps). The device is the inputs': xformers' default is
+    the current CUDA device, not the one the tokens are on."""
     lengths = [length for count, length in seqlens for _ in range(count)]
-    return _xformers_ops().fmha.BlockDiagonalMask.from_seqlens(lengths)
+    return _xformers_ops().fmha.BlockDiagonalMask.from_seqlens(lengths, device=device)
 
 
 def _naive_attention(q, k, v, scale):
@@ -228,7 +231,7 @@ class Attention(nn.Module):
         backend = "naive" if return_attention else resolve_attention(self.backend, x.device)
         attn = None
         if backend == "xformers":  # (B, N, H, d) layout, block-diagonal bias when packed
-            bias = _block_diagonal_mask(seqlens) if seqlens is not None else None
+            bias = _block_diagonal_mask(seqlens, x.device) if seqlens is not None else None
             out = _xformers_ops().memory_efficient_attention(q, k, v, attn_bias=bias, scale=self.scale)
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, d)
