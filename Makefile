@@ -26,9 +26,11 @@ data:
 train: install data
 	$(VENV)/bin/dinofuse train
 
-# CPU tests: the Triton kernels run under Triton's interpreter on CPU tensors.
+# CPU tests: the Triton kernels run under Triton's interpreter on CPU tensors. Two workers
+# (pytest-xdist), one per core of the CI machine: the interpreter is single-threaded Python.
+# A file's tests stay on one worker, so its module fixtures run once.
 test: install data
-	TRITON_INTERPRET=1 $(PY) -m pytest
+	TRITON_INTERPRET=1 $(PY) -m pytest -n 2 --dist loadfile
 
 # The same suite on the GPU machines' versions (torch 2.11, triton 3.6), in its own venv:
 # ~4.7 GB of downloads (PyPI's torch is the CUDA build). numpy stays below 2.4, whose scalar

@@ -2,6 +2,7 @@
 
 import copy
 import hashlib
+import itertools
 import sys
 
 import numpy as np
@@ -97,10 +98,12 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path):
 
 class _KilledInItsWorker:
     """A dataset whose worker process is killed (as the kernel's OOM killer would) when it
-    loads its 9th image, a few seconds later: by then the trainer waits for that batch."""
+    loads its 9th image, once the trainer waits for that batch (the test touches `waiting`
+    then): the death must surface in the loader, between two steps, however slow the
+    machine (a fixed delay raced the steps under a loaded machine)."""
 
-    def __init__(self, dataset):
-        self.dataset, self.loaded = dataset, 0
+    def __init__(self, dataset, waiting):
+        self.dataset, self.waiting, self.loaded = dataset, waiting, 0
 
     def __len__(self):
         return len(self.dataset)
@@ -112,7 +115,9 @@ class _KilledInItsWorker:
 
         self.loaded += 1
         if torch.utils.data.get_worker_info() is not None and self.loaded > 8:
-            time.sleep(3)
+            deadline = time.monotonic() + 120
+            while not self.waiting.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
         return self.dataset[i]
 
@@ -121,9 +126,25 @@ def test_a_killed_data_worker_saves_the_progress_and_stops_in_one_line(image_fol
     cfg = make_cfg(image_folder, tmp_path, "data.num_workers=1")
     trainer = Trainer(cfg)
     trainer.fit(max_steps=2, progress=False)
-    trainer.input.dataset = _KilledInItsWorker(trainer.input.dataset)
+    waiting = tmp_path / "waiting"
+    trainer.input.dataset = _KilledInItsWorker(trainer.input.dataset, waiting)
+    batches = trainer.input.batches
+
+    def announcing_the_wait(epoch, start):  # the third batch is the one the worker dies making
+        inner = batches(epoch, start)
+        for n in itertools.count():
+            if n == 2:
+                waiting.touch()
+            try:
+                batch = next(inner)
+            except StopIteration:
+                return
+            yield batch
+
+    trainer.input.batches = announcing_the_wait
     with pytest.raises(TrainingError, match=r"a data worker died \(DataLoader worker .*--resume"):
         trainer.fit(progress=False)
+    assert waiting.exists()
     assert trainer.step == 4  # the two batches the worker made before it died
     assert Trainer(cfg, resume=True).step == 4  # saved before stopping
 
