@@ -132,14 +132,9 @@ def test_a_killed_data_worker_saves_the_progress_and_stops_in_one_line(image_fol
 
     def announcing_the_wait(epoch, start):  # the third batch is the one the worker dies making
         inner = batches(epoch, start)
-        for n in itertools.count():
-            if n == 2:
-                waiting.touch()
-            try:
-                batch = next(inner)
-            except StopIteration:
-                return
-            yield batch
+        yield from itertools.islice(inner, 2)
+        waiting.touch()
+        yield from inner
 
     trainer.input.batches = announcing_the_wait
     with pytest.raises(TrainingError, match=r"a data worker died \(DataLoader worker .*--resume"):
