@@ -82,7 +82,7 @@ jpegs() {  # a folder of ImageNet-like JPEGs for the DALI rows
 
 run_stage() {
   case $1 in
-    cuda_tests) stage cuda_tests 150 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --no-header -rfE ;;
+    cuda_tests) stage cuda_tests 180 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --no-header -rfE ;;
     kernel_bench)
       local sweep=--sweep; [ "${SWEEP:-1}" = 0 ] && sweep=
       stage kernel_bench 200 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;

@@ -150,15 +150,24 @@ def test_bad_checkpointing_argument_is_named():
 def test_the_cuda_graph_rows_join_the_ablation_on_a_gpu():
     from dinofuse.bench.train import build_parser, variants
 
-    def graph_rows(device):
-        rows = variants(build_parser().parse_args(["--device", device, "--ablation"]))
+    def graph_rows(device, *flags):
+        rows = variants(build_parser().parse_args(["--device", device, "--ablation", *flags]))
         return [v for v in rows if v.settings.get("impl.cuda_graph")]
 
     rows = graph_rows("cuda")
     assert [v.name for v in rows] == ["dinofuse + the step as one CUDA graph",
                                       "dinofuse + CUDA graph + packed crops + bf16 residual stream"]
     assert rows[1].settings["model.packed"] and rows[1].settings["impl.residual_dtype"] == "autocast"
-    assert graph_rows("cpu") == []  # the CPU runs the same step eagerly: nothing to compare
+    assert not any(v.settings.get("impl.compile_blocks") for v in rows)
+    # with --compile, the compiled blocks inside the graph too (a compiled row: run last)
+    compiled = graph_rows("cuda", "--compile")
+    assert compiled[:2] == rows
+    assert [v.name for v in compiled[2:]] == [
+        "dinofuse + torch.compile + CUDA graph + packed crops + bf16 residual stream"]
+    assert compiled[2].settings == {**rows[1].settings, "impl.compile_blocks": True}
+    all_rows = variants(build_parser().parse_args(["--device", "cuda", "--ablation", "--compile"]))
+    assert all_rows[-1].name == compiled[2].name
+    assert graph_rows("cpu") == graph_rows("cpu", "--compile") == []  # the CPU runs it eagerly
 
 
 def test_an_ablation_row_that_cannot_run_is_a_row_and_the_rest_goes_on():

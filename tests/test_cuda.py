@@ -312,12 +312,15 @@ def test_in_memory_data_is_cut_into_crops_on_the_gpu_without_host_waits(tmp_path
     assert torch.isfinite(torch.tensor(log.loss))
 
 
-@pytest.mark.parametrize("precision,packed", [("fp32", False), ("bf16", False), ("bf16", True)])
-def test_the_captured_training_step_replays_like_the_eager_one(precision, packed, tmp_path,
-                                                               monkeypatch):
+@pytest.mark.parametrize("precision,packed,compiled", [
+    ("fp32", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", True, True)])
+def test_the_captured_training_step_replays_like_the_eager_one(precision, packed, compiled,
+                                                               tmp_path, monkeypatch):
     """impl.cuda_graph: over an epoch boundary (the last layer unfreezes: a second capture)
     with new crops every step, the replayed step gives the eager step's losses and weights,
-    and a replayed step never makes the host wait."""
+    and a replayed step never makes the host wait. `compiled`: the graphed run's blocks are
+    torch.compiled (compiled during the eager warm-up steps, replayed without guards), the
+    eager run's are not."""
     from dinofuse.engine import inputs
     from dinofuse.engine.config import load_config
     from dinofuse.engine.graph_step import WARMUP_STEPS
@@ -336,7 +339,8 @@ def test_the_captured_training_step_replays_like_the_eager_one(precision, packed
         cfg = load_config("default", TINY + [
             'data.path="synthetic"', f'run.output_dir="{tmp_path / str(graph)}"',
             f'optim.precision="{precision}"', f"model.packed={str(packed).lower()}",
-            f"impl.cuda_graph={str(graph).lower()}", "optim.clip_grad=0.05"])
+            f"impl.cuda_graph={str(graph).lower()}", "optim.clip_grad=0.05",
+            f"impl.compile_blocks={str(compiled and graph).lower()}"])
         trainer = Trainer(cfg)
         logs = []
         for i, batch in enumerate(crops):
@@ -360,3 +364,5 @@ def test_the_captured_training_step_replays_like_the_eager_one(precision, packed
     moved = (eager_teacher - torch.cat([p.detach().flatten() for p in
                                         Trainer(eager.cfg).teacher.parameters()])).norm()
     assert (graphed_teacher - eager_teacher).norm() < (1e-2 if precision == "fp32" else 0.2) * moved
+    if compiled:
+        torch._dynamo.reset()
