@@ -87,7 +87,7 @@ def test_two_processes(fn):
     _spawn(fn)
 
 
-def _fsdp_training(rank, folder, out, result, clip_mode, reshard=()):
+def _fsdp_training(rank, folder, out, result, clip_mode, overrides=()):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from dinofuse.engine.config import load_config
@@ -96,9 +96,11 @@ def _fsdp_training(rank, folder, out, result, clip_mode, reshard=()):
 
     cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{out}"',
                                          "optim.batch_size_per_device=2", "optim.clip_grad=0.05",
-                                         f'optim.clip_mode="{clip_mode}"', *reshard])
+                                         f'optim.clip_mode="{clip_mode}"', *overrides])
     trainer = Trainer(cfg)
     assert trainer.world == 2 and hasattr(next(trainer.student.parameters()), "to_local")
+    blocks = trainer.student.backbone.blocks
+    assert all(b._compiled_call_impl is not None for b in blocks) == cfg.impl.compile_blocks
     losses = [log.loss for log in trainer.fit(max_steps=4, progress=False)]
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     student = get_model_state_dict(trainer.student, options=full)
@@ -108,16 +110,19 @@ def _fsdp_training(rank, folder, out, result, clip_mode, reshard=()):
                     "center": trainer.loss_fn.center.clone()}, result)
 
 
-@pytest.mark.parametrize("clip_mode,reshard,data", [
+@pytest.mark.parametrize("clip_mode,overrides,data", [
     ("per_param", (), "images"),
     ("global", ("impl.reshard_after_forward=false", "impl.reshard_root_after_forward=true"), "images"),
     ("per_param", ('data.backend="tensor"',), "idx"),
+    # torchtitan's order per block: activation checkpointing, torch.compile, then FSDP2
+    ("per_param", ("impl.checkpoint_blocks=1", "impl.compile_blocks=true"), "images"),
 ])
-def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, reshard, data):
+def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, overrides, data):
     """Two ranks with FSDP2 and batch 2 each equal one process with batch 4: losses,
     student, teacher (EMA) and center, over 4 steps with clipping (norms of sharded
-    gradients summed over the ranks), with either choice of resharding after forward, and
-    with Fashion-MNIST-shaped data cut into crops by batched tensor operations."""
+    gradients summed over the ranks), with either choice of resharding after forward, with
+    Fashion-MNIST-shaped data cut into crops by batched tensor operations, and with blocks
+    checkpointed and compiled under FSDP2 (the single process compiles nothing)."""
     import functools
 
     from dinofuse.engine.config import load_config
@@ -132,13 +137,13 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, reshard, data):
         folder = _image_folder(tmp_path / "imgs")
     result = tmp_path / "fsdp.pt"
     _spawn(functools.partial(_fsdp_training, folder=folder, out=tmp_path / "fsdp", result=result,
-                             clip_mode=clip_mode, reshard=reshard))
+                             clip_mode=clip_mode, overrides=overrides))
     fsdp = torch.load(result, weights_only=True)
 
     cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{tmp_path / "one"}"',
                                          "optim.batch_size_per_device=4", "optim.clip_grad=0.05",
                                          f'optim.clip_mode="{clip_mode}"',
-                                         *(o for o in reshard if o.startswith("data."))])
+                                         *(o for o in overrides if o.startswith("data."))])
     one = Trainer(cfg)
     losses = [log.loss for log in one.fit(max_steps=4, progress=False)]
     assert fsdp["losses"] == pytest.approx(losses, rel=1e-5)
