@@ -147,6 +147,12 @@ def latest_complete(root: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def run_has_checkpoint(run_dir: str | Path) -> bool:
+    """A run folder holds a resumable checkpoint: a complete sharded one or checkpoint.pth."""
+    run_dir = Path(run_dir)
+    return latest_complete(run_dir / "checkpoints") is not None or (run_dir / "checkpoint.pth").is_file()
+
+
 def mark_complete(folder: Path, info: dict) -> None:
     import json
 

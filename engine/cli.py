@@ -1,6 +1,6 @@
 """The `dinofuse` command: train, knn, attention-maps, export, data check.
 
-    dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [section.field=value ...]
+    dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [--fit-minutes M] [section.field=value ...]
     dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200]
     dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6]
     dinofuse export --checkpoint CKPT|STEP_DIR|RUN_DIR --out teacher.safetensors|teacher.pth
@@ -13,6 +13,7 @@ Bad input ends with one line naming what is wrong (exit status 2), not a traceba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -30,10 +31,12 @@ from dinofuse.engine.checkpoint import (
     latest_complete,
     load_file,
     read_sharded,
+    run_has_checkpoint,
 )
 from dinofuse.engine.config import config_from_toml, load_config
 from dinofuse.engine.inputs import data_worker_died
-from dinofuse.engine.parallel import cpu_threads, init_distributed
+from dinofuse.engine.parallel import init_distributed, use_training_threads
+from dinofuse.engine.time_budget import fit_to_minutes
 from dinofuse.engine.train import TrainingError, Trainer, build_backbone, pick_device
 
 USER_ERRORS = (DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
@@ -49,9 +52,11 @@ def _train(args) -> None:
     cfg = load_config(args.config, overrides)
     # joins torchrun's process group when WORLD_SIZE > 1
     rank, world = init_distributed(timeout_s=cfg.run.collective_timeout_s)
-    trainer = Trainer(cfg, resume="auto" if args.auto_resume else args.resume)
-    if trainer.device.type == "cpu":  # each data worker gets a core of its own
-        torch.set_num_threads(cpu_threads(cfg.run.cpu_threads, trainer.input.data_workers))
+    resume = "auto" if args.auto_resume else args.resume
+    if args.fit_minutes is not None:
+        cfg = _fit_to_minutes(cfg, args.fit_minutes, resume, world)
+    trainer = Trainer(cfg, resume=resume)
+    use_training_threads(trainer)  # on a CPU each data worker gets a core of its own
     try:
         logs = trainer.fit(max_steps=args.max_steps, progress=not args.quiet)
     except TrainingError:
@@ -84,6 +89,23 @@ def _train(args) -> None:
             print(format_report(report, cfg.run.knn_k))
         else:
             print("k-NN skipped: no query images (set run.knn_val=DIR)")
+
+
+def _fit_to_minutes(cfg, minutes: float, resume, world: int):
+    """cfg fitted to `minutes`; a resumed fitted run keeps the epochs it was fitted to (a
+    second fit would change its schedules midway): those of the config.toml beside it."""
+    if world > 1:
+        raise ValueError("--fit-minutes times the step of one process; under torchrun set "
+                         "optim.epochs instead")
+    out = Path(cfg.run.output_dir)
+    if resume and run_has_checkpoint(out):
+        fitted = config_from_toml((out / "config.toml").read_text()).optim
+        print(f"--fit-minutes: resuming, with the {fitted.epochs} epochs fitted at the start "
+              f"({out / 'config.toml'})", flush=True)
+        return dataclasses.replace(cfg, optim=fitted)
+    cfg, fit = fit_to_minutes(cfg, minutes)
+    print(fit.describe(minutes), flush=True)
+    return cfg
 
 
 def _read_checkpoint(checkpoint: str, which: str = "teacher") -> dict:
@@ -194,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--auto-resume", action="store_true",
                        help="resume when OUTPUT_DIR has a checkpoint, else start (torchrun restarts)")
     train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
+    train.add_argument("--fit-minutes", type=float, metavar="M",
+                       help="as many epochs as fit in M minutes here (timed by a short trial; "
+                       "at most optim.epochs), with the whole schedules scaled to them")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", help="section.field=value")
     train.set_defaults(fn=_train)

@@ -49,6 +49,12 @@ def cpu_threads(requested: int, data_workers: int) -> int:
     return max(1, cores // local_ranks - data_workers)
 
 
+def use_training_threads(trainer) -> None:
+    """On a CPU, the trainer's intra-op threads (`cpu_threads`) for this process."""
+    if trainer.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(trainer.cfg.run.cpu_threads, trainer.input.data_workers))
+
+
 def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 

@@ -37,6 +37,7 @@ from dinofuse.engine.checkpoint import (
     mark_complete,
     open_sharded,
     prune_checkpoints,
+    run_has_checkpoint,
     safe_planner,
     save_atomic,
     step_dir,
@@ -204,7 +205,7 @@ class Trainer:
         self._checkpoint_group = None
         self._saved_step = None
         if resume == "auto":
-            resume = self.has_checkpoint()
+            resume = run_has_checkpoint(self.out)
         if resume:
             self._resume()
 
@@ -513,10 +514,6 @@ class Trainer:
         if int(state.get("step", -1)) > checkpoint_step(folder):
             return "file", path, state
         return "sharded", folder, None
-
-    def has_checkpoint(self) -> bool:
-        return (latest_complete(self.out / "checkpoints") is not None
-                or (self.out / "checkpoint.pth").is_file())
 
     def _resume(self) -> None:
         newest = self._newest_checkpoint()

@@ -1,0 +1,104 @@
+"""Fit a run's length to a time budget: `dinofuse train --fit-minutes M`.
+
+A trial trainer (same config, a scratch folder) times real training steps and one checkpoint
+save on this machine; the run then gets as many whole epochs as fit in M minutes, never more
+than the config's. The schedules stay whole (warm-up, cosine to the end), where
+`run.max_minutes` would cut them short. The epoch-counted lengths (LR warm-up, teacher
+temperature warm-up, last-layer freeze) shrink in proportion, so that a shorter run keeps the
+planned run's shape. The resolved config saved beside the run holds the fitted values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dinofuse.engine.config import Config
+from dinofuse.engine.parallel import use_training_threads
+from dinofuse.engine.train import Trainer
+
+WARMUP_STEPS = 10  # compilation, autotuning, a CUDA graph's capture: not timed
+TIMED_STEPS = 30
+
+
+@dataclass
+class TimeFit:
+    epochs: int  # fitted
+    planned_epochs: int  # the config's
+    step_s: float  # one training step, measured
+    save_s: float  # one checkpoint save, measured (the run saves after every epoch)
+    iters_per_epoch: int
+
+    def describe(self, minutes: float) -> str:
+        per_epoch = self.iters_per_epoch * self.step_s + self.save_s
+        return (f"fit to {minutes:g} min: {self.epochs} of {self.planned_epochs} epochs "
+                f"({self.iters_per_epoch} steps of {1e3 * self.step_s:.1f} ms and a "
+                f"{self.save_s:.1f} s save each, {per_epoch:.1f} s per epoch, measured)")
+
+
+def fitted_epochs(minutes: float, planned: int, iters_per_epoch: int, step_s: float,
+                  save_s: float) -> int:
+    """Whole epochs (each: its steps, then a save) that fit in `minutes`; 1 to `planned`."""
+    per_epoch = iters_per_epoch * step_s + save_s
+    return max(1, min(planned, math.floor(60 * minutes / per_epoch)))
+
+
+def shrink_schedule(cfg: Config, epochs: int) -> Config:
+    """cfg with `epochs`, its epoch-counted lengths scaled by epochs / cfg.optim.epochs."""
+    o = cfg.optim
+    scale = epochs / o.epochs
+    optim = dataclasses.replace(
+        o, epochs=epochs, warmup_epochs=o.warmup_epochs * scale,
+        warmup_teacher_temp_epochs=round(o.warmup_teacher_temp_epochs * scale),
+        # a frozen last layer stays frozen for at least an epoch when it was planned
+        freeze_last_layer=max(min(o.freeze_last_layer, 1), round(o.freeze_last_layer * scale)))
+    return dataclasses.replace(cfg, optim=optim)
+
+
+def measure(cfg: Config) -> tuple[float, float, int]:
+    """Seconds per training step (TIMED_STEPS after WARMUP_STEPS) and per checkpoint save of
+    a trial trainer, and its steps per epoch."""
+    with tempfile.TemporaryDirectory(prefix="dinofuse-fit-") as scratch:
+        run = dataclasses.replace(cfg.run, output_dir=scratch, knn_after_training=False)
+        trial = Trainer(dataclasses.replace(cfg, run=run))
+        use_training_threads(trial)
+        batches = itertools.chain.from_iterable(
+            (crops for crops, _ in trial.input.batches(epoch, 0)) for epoch in itertools.count())
+        _steps(trial, batches, WARMUP_STEPS)
+        started = time.perf_counter()
+        _steps(trial, batches, TIMED_STEPS)
+        step_s = (time.perf_counter() - started) / TIMED_STEPS
+        started = time.perf_counter()
+        trial.save()
+        trial.finish_pending_save()
+        save_s = time.perf_counter() - started
+        iters = trial.iters_per_epoch
+        del trial, batches
+    gc.collect()  # the trial's models and buffers (held in reference cycles) before the run's
+    return step_s, save_s, iters
+
+
+def _steps(trainer, batches, count: int) -> None:
+    """`count` training steps, then wait for the device to finish them."""
+    for crops in itertools.islice(batches, count):
+        trainer.step %= trainer.total_steps  # a schedule shorter than the trial starts over
+        trainer.train_step(crops)
+    trainer.check_finite()  # reads the last loss: the host waits for its forward
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+
+
+def fit_to_minutes(cfg: Config, minutes: float) -> tuple[Config, TimeFit]:
+    """The config with its epochs fitted to `minutes` of training on this machine."""
+    if not minutes > 0:
+        raise ValueError(f"--fit-minutes must be a positive number of minutes; got {minutes:g}")
+    step_s, save_s, iters = measure(cfg)
+    epochs = fitted_epochs(minutes, cfg.optim.epochs, iters, step_s, save_s)
+    return shrink_schedule(cfg, epochs), TimeFit(epochs, cfg.optim.epochs, step_s, save_s, iters)
