@@ -53,7 +53,9 @@ def test_a_fitted_run_trains_as_its_saved_config_and_resumes_without_refitting(
     planned = [o for o in TINY if not o.startswith("optim.epochs")] + ["optim.epochs=40"]
     fitted = tmp_path / "fitted"
     # 1.2 s: a few epochs of 4 tiny steps (and a save) here, fewer than 40
-    args = ["train", "--data", str(folder), "--output-dir", str(fitted), "--quiet", *planned]
+    # --auto-resume from the start: a trial that left a checkpoint here would be resumed from
+    args = ["train", "--data", str(folder), "--output-dir", str(fitted), "--quiet",
+            "--auto-resume", *planned]
     assert main([*args, "--fit-minutes", "0.02", "--max-steps", "3"]) == 0
     said = re.search(r"fit to 0.02 min: (\d+) of 40 epochs \(4 steps of [\d.]+ ms and a [\d.]+ s "
                      r"save each, [\d.]+ s per epoch, measured\)", capsys.readouterr().out)
@@ -63,7 +65,7 @@ def test_a_fitted_run_trains_as_its_saved_config_and_resumes_without_refitting(
     assert 1 <= epochs < 40 and saved.optim.epochs == epochs
     assert saved.optim.warmup_epochs == pytest.approx(0.5 * epochs / 40)
     # a relaunch of the same command resumes with the fitted epochs, even when asked for more
-    assert main([*args, "--fit-minutes", "60", "--auto-resume"]) == 0
+    assert main([*args, "--fit-minutes", "60"]) == 0
     assert f"resuming, with the {epochs} epochs fitted at the start" in capsys.readouterr().out
     by_hand = tmp_path / "by_hand"
     assert main(["train", "--config", str(fitted / "config.toml"), "--output-dir", str(by_hand),
