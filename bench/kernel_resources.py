@@ -2,6 +2,10 @@
 compiler gives each kernel: registers per thread, spilled bytes, shared memory, and for its
 main loop the instructions per element, exp2s and how many accesses are 128-bit.
 
+Spills: ptxas puts spilled registers in the thread's stack frame (cuobjdump's STACK), not in
+its LOCAL figure (static local arrays, which triton does not declare), and reaches them with
+STL/LDL instructions. The report counts both the bytes (stack + local) and those instructions.
+
 The Triton interpreter (how the CPU tests run the kernels) is plain Python: it accepts code
 that the GPU compiler rejects (a module-level float inside a kernel was caught only on a
 GPU once), and it says nothing about registers. Here each launch the ops would make at a
@@ -144,8 +148,9 @@ _compiled: dict[str, dict] = {}  # a signature compiles once per process
 
 
 def compile_launch(launch: Launch, arch: int) -> dict:
-    """Compile one launch for sm_<arch>; its registers, spills (local memory), shared memory
-    and main-loop counts (`main_loop`)."""
+    """Compile one launch for sm_<arch>; its registers, spills (stack frame and local memory,
+    with the STL/LDL instructions that reach them), shared memory and main-loop counts
+    (`main_loop`)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -163,7 +168,9 @@ def compile_launch(launch: Launch, arch: int) -> dict:
                    **resource_usage(compiled.asm["cubin"]))
         # triton's shared memory is dynamic (pipelined loops, reductions): not in the binary
         row["shared_bytes"] = max(row["shared_bytes"], compiled.metadata.shared)
-        loop = main_loop(_cuobjdump(compiled.asm["cubin"], "-sass"))
+        sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+        row.update(spill_accesses(sass))
+        loop = main_loop(sass)
         elements = ELEMENTS_PER_ITERATION.get(launch.name)
         if elements is not None and loop["loop_instructions"]:
             per_thread = elements(constants) / (32 * num_warps)
@@ -184,31 +191,56 @@ ELEMENTS_PER_ITERATION = {
 }
 
 
+def _code(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction) pairs of cuobjdump's SASS listing."""
+    return [(int(a, 16), text.strip()) for a, text in
+            re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
+
+
+def _opcode(text: str) -> str:
+    return text.split()[1] if text.startswith("@") else text.split()[0]  # past a predicate
+
+
+def _loops(code: list[tuple[int, str]]) -> set[tuple[int, int]]:
+    """Each loop as the span (first, last address) of a backward branch."""
+    loops = set()
+    for address, text in code:
+        target = re.search(r"\bBRA\s+(?:`\(.*?\)\s*)?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            loops.add((int(target.group(1), 16), address))
+    return loops
+
+
 def main_loop(sass: str) -> dict:
     """The longest innermost loop of the kernel's machine code (a backward branch's span
     holding no other loop; an outer loop, such as a persistent program's walk over its
     work, would count its setup as per-element work): its instructions, exp2s (MUFU.EX2),
     and global loads/stores with how many are 128-bit (vectorized; scalar accesses cost
     one instruction per element)."""
-    code = [(int(a, 16), text.strip()) for a, text in
-            re.findall(r"/\*([0-9a-f]{4,6})\*/\s+([^;]*);", sass)]
-    loops = set()
-    for address, text in code:
-        target = re.search(r"\bBRA\s+(?:`\(.*?\)\s*)?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < address:
-            loops.add((int(target.group(1), 16), address))
+    code = _code(sass)
+    loops = _loops(code)
     innermost = [(a, b) for a, b in loops
                  if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     best = max(innermost, key=lambda span: span[1] - span[0], default=(0, -1))
-    body = [text for address, text in code if best[0] <= address <= best[1]]
-    opcodes = [t.split()[1] if t.startswith("@") else t.split()[0] for t in body]
-    return dict(loop_instructions=len(body),
+    opcodes = [_opcode(text) for address, text in code if best[0] <= address <= best[1]]
+    return dict(loop_instructions=len(opcodes),
                 loop_exp2=sum(o.startswith("MUFU.EX2") for o in opcodes),
                 loop_loads=len(loads := [o for o in opcodes  # LDGSTS: asynchronous copies
                                          if o.startswith("LDG") and o != "LDGDEPBAR"]),
                 loop_wide_loads=sum(o.endswith(".128") for o in loads),
                 loop_stores=sum(o.startswith("STG") for o in opcodes),
                 loop_wide_stores=sum(o.startswith("STG") and o.endswith(".128") for o in opcodes))
+
+
+def spill_accesses(sass: str) -> dict:
+    """The STL/LDL instructions (stores to and loads from the stack frame, where ptxas puts
+    spilled registers): in the whole kernel, and inside any loop (a cost per iteration, where
+    a register saved across a loop costs one store and one load per program)."""
+    code = _code(sass)
+    loops = _loops(code)
+    spills = [a for a, text in code if _opcode(text).split(".")[0] in ("STL", "LDL")]
+    return dict(spill_accesses=len(spills),
+                spill_accesses_in_loops=sum(any(lo <= a <= hi for lo, hi in loops) for a in spills))
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:
@@ -228,7 +260,7 @@ def resource_usage(cubin: bytes) -> dict:
     if not found:
         raise RuntimeError(f"cuobjdump gave no resource line:\n{text}")
     regs, stack, shared, local = map(int, found.groups())
-    return dict(registers=regs, stack_bytes=stack, shared_bytes=shared, spill_bytes=local)
+    return dict(registers=regs, shared_bytes=shared, spill_bytes=stack + local)
 
 
 def loss_launches(K: int, B: int, ncrops: int, G: int, dtype: torch.dtype,
@@ -327,12 +359,14 @@ def _unique(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| case | student launch | kernel | pointers | arch | warps | registers | spill bytes "
-             "| shared bytes | main loop: instructions | per element | exp2 | loads (128-bit) "
+             "(STL/LDL; in loops) | shared bytes | main loop: instructions | per element | exp2 | loads (128-bit) "
              "| stores (128-bit) |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['student_launch']} | {r['kernel']} | {r['pointers']} | {r['arch']} | "
-                     f"{r['num_warps']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
+                     f"{r['num_warps']} | {r['registers']} | {r['spill_bytes']} "
+                     f"({r['spill_accesses']}; {r['spill_accesses_in_loops']}) | "
+                     f"{r['shared_bytes']} | "
                      f"{r['loop_instructions']} | {r.get('instructions_per_element', '-')} | "
                      f"{r['loop_exp2']} | {r['loop_loads']} ({r['loop_wide_loads']}) | "
                      f"{r['loop_stores']} ({r['loop_wide_stores']}) |")
