@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from dinofuse.dataloading.readers import IMAGE_SUFFIXES, DataError
+from dinofuse.dataloading.readers import IMAGE_SUFFIXES, DataError, image_folder
 
 
 def image_problem(path: Path) -> str | None:
@@ -39,9 +39,7 @@ def check_images(root: str | Path, threads: int = 0) -> tuple[int, list[tuple[Pa
 
     Every file with an image suffix is fully decoded, so this reads the whole dataset once.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder not found: {root}")
+    root = image_folder(root)
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     good, bad = check_files(paths, threads or os.cpu_count() or 1)
     if good == 0 and not bad:

@@ -59,13 +59,21 @@ class FashionMNIST:
         return self.images
 
 
+def image_folder(root: str | Path) -> Path:
+    """`root` as a Path, if it is a folder; else a DataError that says what it is instead."""
+    root = Path(root)
+    if root.is_dir():
+        return root
+    if root.exists():
+        raise DataError(f"{root} is a file, not a folder of images (ImageFolder layout or flat)")
+    raise DataError(f"image folder not found: {root}")
+
+
 class ImageFiles:
     """An ImageFolder layout (one subfolder per class) or a flat folder (label 0)."""
 
     def __init__(self, root: str | Path):
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"image folder not found: {root}")
+        root = image_folder(root)
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if classes:
             self.samples = [(p, label) for label, c in enumerate(classes)

@@ -9,13 +9,18 @@ previous checkpoint whole.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
+
+from dinofuse.engine.config import ModelConfig
 
 OFFICIAL_PREFIXES = ("module.", "backbone.")
 
@@ -53,12 +58,26 @@ def load_file(path: str | Path) -> dict:
 
         return load_safetensors(str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, foreign pickle, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        # the official training checkpoints keep their command line as 'args', an
+        # argparse.Namespace: a plain attribute bag, allowed by name (its load runs no code)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_problem(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+def _load_problem(e: Exception) -> str:
+    """What torch.load's error means, in one line: torch's own messages run to paragraphs."""
+    text = str(e)
+    refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", text, re.DOTALL)
+    detail = refused.group(1).strip() if refused else text.strip().split(". ")[0].splitlines()[0]
+    if detail.startswith("Unsupported global"):  # a pickle of more than tensors and containers
+        return (f"{detail}; checkpoints are loaded with weights_only=True (code in a file is "
+                "never unpickled): keep only tensors and plain containers, or use .safetensors")
+    return f"not a PyTorch checkpoint, or a truncated one ({type(e).__name__}: {detail})"
 
 
 def strip_prefixes(state: dict, prefixes=OFFICIAL_PREFIXES) -> dict:
@@ -85,12 +104,46 @@ def backbone_state(obj: dict, which: str = "teacher") -> dict:
     return {k: v for k, v in state.items() if not k.startswith("head.") and torch.is_tensor(v)}
 
 
+def model_config_for(state: dict, checkpoint: dict, arch: str | None = None) -> ModelConfig:
+    """The ViT that fits backbone weights that came without a dinofuse config (official DINO
+    checkpoints, released backbones, timm exports). The weights give the patch size, input
+    channels, width, depth and the size the position embedding was stored at; the heads
+    come from the architecture: `arch` if given, else the official checkpoint's command line
+    (`args.arch`), else the one of that width."""
+    from dinofuse.engine.models import ARCHS
+
+    try:
+        width, in_chans, patch, _ = state["patch_embed.proj.weight"].shape
+        tokens = state["pos_embed"].shape[1] - 1
+    except (KeyError, ValueError):
+        raise CheckpointError("no ViT backbone in these weights: patch_embed.proj.weight and "
+                              "pos_embed are missing or not the official shapes") from None
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    args = checkpoint.get("args")
+    arch = arch or getattr(args, "arch", None) or next(
+        (name for name, sizes in ARCHS.items() if sizes["embed_dim"] == width), None)
+    if arch not in ARCHS:
+        raise CheckpointError(f"cannot tell the architecture of these {width}-wide weights "
+                              f"(got {arch!r}); pass --arch, one of {', '.join(ARCHS)}")
+    if ARCHS[arch]["embed_dim"] != width:
+        raise CheckpointError(f"the weights are {width} wide, {arch} is "
+                              f"{ARCHS[arch]['embed_dim']}: pass the --arch they were trained as")
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise CheckpointError(f"the position embedding holds {tokens} patches, not a square grid")
+    return ModelConfig(arch=arch, patch_size=patch, img_size=side * patch, in_chans=in_chans,
+                       depth=depth, drop_path_rate=0.0)
+
+
 def load_backbone(model: torch.nn.Module, path: str | Path, which: str = "teacher") -> None:
     """Load official or dinofuse weights into our ViT; missing or extra keys are an error."""
-    state = backbone_state(load_file(path), which)
+    load_weights(model, backbone_state(load_file(path), which), path)
+
+
+def load_weights(model: torch.nn.Module, state: dict, source: str | Path) -> None:
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path}: weights do not fit this model; missing "
+        raise CheckpointError(f"{source}: weights do not fit this model; missing "
                               f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 

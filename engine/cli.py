@@ -1,8 +1,8 @@
 """The `dinofuse` command: train, knn, attention-maps, export, data check.
 
     dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [--fit-minutes M] [section.field=value ...]
-    dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200]
-    dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6]
+    dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200] [--arch A]
+    dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6] [--arch A]
     dinofuse export --checkpoint CKPT|STEP_DIR|RUN_DIR --out teacher.safetensors|teacher.pth
     dinofuse data check DIR        (exit status 1 when some image cannot be decoded)
     dinofuse bench train [--arch vit_small --patch 16 --batch 64 --baseline --ablation ...]
@@ -30,10 +30,12 @@ from dinofuse.engine.checkpoint import (
     is_sharded_checkpoint,
     latest_complete,
     load_file,
+    load_weights,
+    model_config_for,
     read_sharded,
     run_has_checkpoint,
 )
-from dinofuse.engine.config import config_from_toml, load_config
+from dinofuse.engine.config import Config, config_from_toml, load_config
 from dinofuse.engine.inputs import data_worker_died
 from dinofuse.engine.parallel import init_distributed, use_training_threads
 from dinofuse.engine.time_budget import fit_to_minutes
@@ -131,16 +133,18 @@ def _read_checkpoint(checkpoint: str, which: str = "teacher") -> dict:
     return {**read_sharded(path, template), "config": extra["config"]}
 
 
-def _load_teacher(checkpoint: str, device):
-    """Our checkpoints rebuild their own model; official ones need --arch/--patch-size."""
-    state = _read_checkpoint(checkpoint)
-    if "config" in state:
-        cfg = config_from_toml(state["config"])
+def _load_teacher(checkpoint: str, device, arch: str | None = None):
+    """Our checkpoints rebuild their own model; other weights (official DINO checkpoints,
+    released backbones) get the ViT their shapes describe (`model_config_for`), evaluated
+    at the official 224-pixel crop."""
+    contents = _read_checkpoint(checkpoint)
+    weights = backbone_state(contents, "teacher")
+    if "config" in contents:
+        cfg = config_from_toml(contents["config"])
     else:
-        raise CheckpointError(f"{checkpoint} has no dinofuse config; official weights load with "
-                              "dinofuse.engine.checkpoint.load_backbone into a model you build")
+        cfg = Config(model=model_config_for(weights, contents, arch))
     backbone = build_backbone(cfg, 0.0)
-    backbone.load_state_dict(backbone_state(state, "teacher"))
+    load_weights(backbone, weights, checkpoint)
     return backbone.to(device).eval(), cfg
 
 
@@ -150,7 +154,7 @@ def _knn(args) -> None:
     from dinofuse.engine.eval.report import eval_transform
 
     device = pick_device(args.device)
-    backbone, cfg = _load_teacher(args.checkpoint, device)
+    backbone, cfg = _load_teacher(args.checkpoint, device, args.arch)
     transform = eval_transform(args.crop or cfg.data.global_crop_size, args.resize_ratio)
     features = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers)
     train_f, train_y = extract_features(backbone, open_images(args.train, "train"), transform,
@@ -167,7 +171,7 @@ def _attention_maps(args) -> None:
 
     from dinofuse.engine.eval.attention_maps import cls_attention, save_attention_maps
 
-    backbone, cfg = _load_teacher(args.checkpoint, pick_device(args.device))
+    backbone, cfg = _load_teacher(args.checkpoint, pick_device(args.device), args.arch)
     path = Path(args.image)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
@@ -200,6 +204,10 @@ def _bench_train(args) -> None:
     from dinofuse.bench.train import main as bench_train
 
     bench_train(args.bench_args)
+
+
+ARCH_HELP = ("for weights without a dinofuse config: the architecture (default: the official "
+             "checkpoint's args.arch, else the one as wide as the weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                      help="processes decoding and resizing images beside the forward passes")
     knn.add_argument("--device", default="auto")
+    knn.add_argument("--arch", help=ARCH_HELP)
     knn.set_defaults(fn=_knn)
 
     maps = sub.add_parser("attention-maps", help="CLS self-attention of each head, as PNGs")
@@ -245,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--size", type=int, default=0, help="resize the short side (default: global crop)")
     maps.add_argument("--threshold", type=float, default=None, help="keep this fraction of the mass")
     maps.add_argument("--device", default="auto")
+    maps.add_argument("--arch", help=ARCH_HELP)
     maps.set_defaults(fn=_attention_maps)
 
     data = sub.add_parser("data", help="dataset tools")

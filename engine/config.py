@@ -145,18 +145,70 @@ def _parse_value(text: str):
 _FORMER_SWITCHES = {("impl", "checkpoint_blocks"): {True: -1, False: 0}}
 
 
+# The values a numeric field may take, as (test, what the error says it must be): caught where
+# the value is set, naming the field, instead of as a division by zero or a silent empty run.
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+POSITIVE = (lambda v: v > 0, "> 0")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+CROP_SCALE = (lambda v: 0 < v[0] <= v[1] <= 1, "[low, high] with 0 < low <= high <= 1")
+RADIUS_RANGE = (lambda v: 0 <= v[0] <= v[1], "[low, high] with 0 <= low <= high")
+_RULES = {
+    "model": dict(patch_size=AT_LEAST_1, img_size=AT_LEAST_1, in_chans=AT_LEAST_1,
+                  embed_dim=NON_NEGATIVE, depth=NON_NEGATIVE, num_heads=NON_NEGATIVE,
+                  drop_path_rate=(lambda v: 0 <= v < 1, "in [0, 1)"), out_dim=AT_LEAST_1,
+                  head_hidden_dim=AT_LEAST_1, head_bottleneck_dim=AT_LEAST_1,
+                  head_nlayers=AT_LEAST_1),
+    "data": dict(global_crop_size=AT_LEAST_1, local_crop_size=AT_LEAST_1,
+                 global_crops_scale=CROP_SCALE, local_crops_scale=CROP_SCALE,
+                 local_crops_number=NON_NEGATIVE, blur_radius=RADIUS_RANGE,
+                 num_workers=NON_NEGATIVE),
+    "optim": dict(batch_size_per_device=AT_LEAST_1, epochs=AT_LEAST_1, lr=NON_NEGATIVE,
+                  min_lr=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, weight_decay=NON_NEGATIVE,
+                  weight_decay_end=NON_NEGATIVE, momentum_teacher=FRACTION,
+                  clip_grad=NON_NEGATIVE, freeze_last_layer=NON_NEGATIVE,
+                  warmup_teacher_temp=POSITIVE, teacher_temp=POSITIVE,
+                  warmup_teacher_temp_epochs=NON_NEGATIVE, student_temp=POSITIVE,
+                  center_momentum=FRACTION),
+    "impl": dict(checkpoint_blocks=(lambda v: v >= -1,
+                                    "a block count >= 0, or -1 for every block")),
+    "run": dict(cpu_threads=NON_NEGATIVE, max_minutes=NON_NEGATIVE,
+                save_every_steps=NON_NEGATIVE, keep_checkpoints=AT_LEAST_1,
+                collective_timeout_s=POSITIVE, log_every_steps=AT_LEAST_1, knn_k=AT_LEAST_1,
+                knn_temperature=POSITIVE, knn_resize_ratio=POSITIVE),
+}
+
+
 def _coerce(section: str, name: str, value, current):
     if isinstance(value, bool) and (section, name) in _FORMER_SWITCHES:
         value = _FORMER_SWITCHES[section, name][value]
     if isinstance(current, tuple):
-        value = tuple(value)
+        if not isinstance(value, (list, tuple)) or len(value) != len(current) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{section}.{name} must be {len(current)} numbers; got {value!r}")
+        value = tuple(float(v) for v in value)
     elif isinstance(current, bool) and not isinstance(value, bool):
         raise ValueError(f"{section}.{name} must be true or false; got {value!r}")
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif type(value) is not type(current):
         raise ValueError(f"{section}.{name} must be {type(current).__name__}; got {value!r}")
+    _check_range(section, name, value)
     return value
+
+
+def _check_range(section: str, name: str, value) -> None:
+    test, what = _RULES.get(section, {}).get(name, (None, ""))
+    if test is not None and not test(value):
+        raise ValueError(f"{section}.{name} must be {what}; got {value!r}")
+
+
+def check_ranges(cfg: Config) -> None:
+    """The range rules over a whole config, for one built in Python (fields set directly, not
+    through `apply_overrides`)."""
+    for section, rules in _RULES.items():
+        for name in rules:
+            _check_range(section, name, getattr(getattr(cfg, section), name))
 
 
 def apply_overrides(cfg: Config, values: dict) -> Config:
@@ -181,7 +233,11 @@ def load_config(preset: str | Path = "default", overrides: list[str] = ()) -> Co
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.toml")))
         raise FileNotFoundError(f"config {preset!r} not found; presets: {names}, or a .toml path")
-    return with_overrides(apply_overrides(Config(), tomllib.loads(path.read_text())), overrides)
+    try:  # the file's own errors name the file: a typo there is not on the command line
+        cfg = apply_overrides(Config(), tomllib.loads(path.read_text()))
+    except ValueError as e:  # TOMLDecodeError is one too
+        raise ValueError(f"config {path}: {e}") from None
+    return with_overrides(cfg, overrides)
 
 
 def with_overrides(cfg: Config, overrides: list[str] = ()) -> Config:

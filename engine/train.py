@@ -43,7 +43,7 @@ from dinofuse.engine.checkpoint import (
     step_dir,
 )
 from dinofuse.engine.clipping import clip_gradients, clip_gradients_official
-from dinofuse.engine.config import Config, config_from_toml, config_to_toml, save_config
+from dinofuse.engine.config import Config, check_ranges, config_from_toml, config_to_toml, save_config
 from dinofuse.engine.errors import TrainingError
 from dinofuse.engine.graph_step import GraphedStep
 from dinofuse.engine.inputs import TrainingInput
@@ -152,13 +152,11 @@ class Trainer:
         torch.backends.cudnn.benchmark = True
 
         o = cfg.optim
+        check_ranges(cfg)
         for name, choices in IMPL_CHOICES.items():
             if getattr(cfg.impl, name) not in choices:
                 raise ValueError(f"impl.{name} must be one of {', '.join(choices)}; "
                                  f"got {getattr(cfg.impl, name)!r}")
-        if cfg.impl.checkpoint_blocks < -1:
-            raise ValueError(f"impl.checkpoint_blocks must be a block count >= 0, or -1 for "
-                             f"every block; got {cfg.impl.checkpoint_blocks}")
         self.precision = self._precision()
         self.input = TrainingInput(cfg, self.device, self.rank, self.world, self.precision,
                                    save_progress=self.save)

@@ -1,5 +1,6 @@
 """Official DINO weights in, timm-loadable weights out, atomic saves, safe loads."""
 
+import argparse
 import copy
 
 import pytest
@@ -18,14 +19,23 @@ from dinofuse.engine.models import vit_small, vit_tiny
 
 
 def official_checkpoint(model):
-    """The layout of the official training checkpoints: student under DDP (module.) and the
-    multi-crop wrapper (backbone.), head weights beside them."""
+    """The layout of the official training checkpoints (main_dino.py's save_dict): student
+    under DDP (module.) and the multi-crop wrapper (backbone.), head weights beside them, and
+    the optimizer, epoch, command line (an argparse.Namespace), loss center and fp16 scaler."""
     sd = model.state_dict()
     head = {"head.mlp.0.weight": torch.randn(8, 192), "head.last_layer.weight_g": torch.ones(5, 1)}
-    return {"student": {**{f"module.backbone.{k}": v + 1 for k, v in sd.items()},
-                        **{f"module.{k}": v for k, v in head.items()}},
+    student = {**{f"module.backbone.{k}": v + 1 for k, v in sd.items()},
+               **{f"module.{k}": v for k, v in head.items()}}
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    optimizer.step()
+    return {"student": student,
             "teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, **head},
-            "epoch": 7}
+            "optimizer": optimizer.state_dict(), "epoch": 7,
+            "args": argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=5, use_fp16=True,
+                                       global_crops_scale=(0.4, 1.0), data_path="/data/train",
+                                       lr=0.0005, saveckp_freq=20, seed=0, dist_url="env://"),
+            "dino_loss": {"center": torch.zeros(1, 5)},
+            "fp16_scaler": torch.amp.GradScaler("cpu").state_dict()}
 
 
 def test_loads_official_teacher_and_student(tmp_path):
@@ -56,8 +66,13 @@ def test_wrong_architecture_and_bad_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_file(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*junk.pth"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*junk.pth: not a PyTorch "
+                                              "checkpoint, or a truncated one"):
         load_file(tmp_path / "junk.pth")
+    (tmp_path / "cut.pth").write_bytes(path.read_bytes()[:500])  # a copy that stopped early
+    with pytest.raises(CheckpointError, match=r"cut.pth: not a PyTorch checkpoint, or a "
+                                              r"truncated one \(RuntimeError: [^\n]*\)$"):
+        load_file(tmp_path / "cut.pth")
 
 
 def test_code_in_a_pickle_is_refused(tmp_path):
@@ -67,7 +82,12 @@ def test_code_in_a_pickle_is_refused(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"teacher": Payload()}, path)
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*evil.pth: Unsupported "
+                                              "global: .*print.*weights_only=True"):
+        load_file(path)
+    # nor inside the one class allowed by name (the official checkpoints' argparse.Namespace)
+    torch.save({"args": argparse.Namespace(hook=Payload())}, path)
+    with pytest.raises(CheckpointError, match="Unsupported global: .*print"):
         load_file(path)
 
 
@@ -244,3 +264,19 @@ def test_resume_takes_the_newest_of_a_file_and_a_sharded_checkpoint(tmp_path):
     newer_file.cfg = cfg  # the same run, saving sharded again
     newer_file.fit(max_steps=2, progress=False)  # sharded step 7
     assert Trainer(as_file, resume=True).step == 7
+
+
+def test_the_model_config_comes_from_the_weights_and_the_official_args():
+    from dinofuse.engine.checkpoint import model_config_for
+
+    weights = vit_small(patch_size=8, depth=3, img_size=96).state_dict()
+    m = model_config_for(weights, {})
+    assert (m.arch, m.patch_size, m.img_size, m.depth, m.in_chans) == ("vit_small", 8, 96, 3, 3)
+    assert model_config_for(weights, {"args": argparse.Namespace(arch="vit_small")}).arch == "vit_small"
+    with pytest.raises(CheckpointError, match="384 wide, vit_base is 768"):
+        model_config_for(weights, {"args": argparse.Namespace(arch="vit_base")})
+    odd = vit_small(embed_dim=320, num_heads=5, depth=1).state_dict()
+    with pytest.raises(CheckpointError, match="cannot tell the architecture of these 320-wide"):
+        model_config_for(odd, {})
+    with pytest.raises(CheckpointError, match="no ViT backbone"):
+        model_config_for({"fc.weight": torch.zeros(2, 2)}, {})

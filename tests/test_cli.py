@@ -73,6 +73,13 @@ def test_knn_attention_maps_and_export(trained, folder, tmp_path, capsys):
     (lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "o"), "optim.nope=1"],
      "unknown config field optim.nope"),
     (lambda d, t: ["train", "--config", "nosuchpreset"], "config 'nosuchpreset' not found"),
+    (lambda d, t: ["train", "--data", str(d / "c0" / "0.png"), "--output-dir", str(t / "o")],
+     "0.png is a file, not a folder of images"),
+    (lambda d, t: ["data", "check", str(d / "c0" / "0.png")], "0.png is a file, not a folder"),
+    (lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "o"),
+                   "optim.batch_size_per_device=0"], "optim.batch_size_per_device must be >= 1"),
+    (lambda d, t: ["knn", "--checkpoint", str(d / "c0" / "0.png"), "--train", str(d), "--val",
+                   str(d)], "cannot read checkpoint .*0.png: not a PyTorch checkpoint"),
 ])
 def test_bad_input_gets_one_line(make_args, message, folder, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
@@ -165,3 +172,32 @@ def test_a_data_worker_death_announced_mid_step_gets_one_line(folder, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a data worker died (DataLoader worker (pid 4242)" in err
     assert f"--resume from the last checkpoint in {tmp_path}" in err
+
+
+def test_official_weights_evaluate_without_a_dinofuse_config(folder, tmp_path, capsys):
+    """An official training checkpoint (its command line in `args`), the bare backbone it
+    holds, and the same weights exported: each builds the ViT its weights describe."""
+    import torch
+
+    from dinofuse.engine.models import vit_tiny
+    from test_checkpoint import official_checkpoint
+
+    official = official_checkpoint(vit_tiny(depth=2))
+    torch.save(official, tmp_path / "checkpoint.pth")
+    bare = {k.removeprefix("backbone."): v for k, v in official["teacher"].items()
+            if k.startswith("backbone.")}
+    torch.save(bare, tmp_path / "dino_tiny_pretrain.pth")
+    knn = ["--train", str(folder), "--val", str(folder), "--k", "3", "--crop", "32",
+           "--workers", "0"]
+    outputs = []
+    for name in ("checkpoint.pth", "dino_tiny_pretrain.pth"):
+        assert main(["knn", "--checkpoint", str(tmp_path / name), *knn]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert "3-NN: top-1" in outputs[0] and outputs[1] == outputs[0]
+    assert main(["attention-maps", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--image",
+                 str(folder / "c0" / "0.png"), "--out", str(tmp_path / "maps"), "--size", "32"]) == 0
+    assert len(list((tmp_path / "maps").glob("attn-head*.png"))) == 3  # vit_tiny: 3 heads
+    capsys.readouterr()
+    assert main(["knn", "--checkpoint", str(tmp_path / "dino_tiny_pretrain.pth"), *knn,
+                 "--arch", "vit_small"]) == 2
+    assert "the weights are 192 wide, vit_small is 384" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 import pytest
 
-from dinofuse.engine.config import PRESETS, config_from_toml, config_to_toml, load_config
+from dinofuse.engine.config import PRESETS, check_ranges, config_from_toml, config_to_toml, load_config
 
 OFFICIAL = ["vit_small16_100ep", "vit_small16_300ep_boost", "vit_small8", "vit_base16", "vit_base8"]
 
@@ -31,3 +31,57 @@ def test_overrides_and_their_errors():
         load_config("default", ["lr=1"])
     with pytest.raises(FileNotFoundError, match="presets: default"):
         load_config("nope")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.batch_size_per_device=0", "optim.batch_size_per_device must be >= 1; got 0"),
+    ("optim.batch_size_per_device=-4", "optim.batch_size_per_device must be >= 1; got -4"),
+    ("optim.epochs=0", "optim.epochs must be >= 1; got 0"),
+    ("model.patch_size=0", "model.patch_size must be >= 1; got 0"),
+    ("model.drop_path_rate=1.0", r"model.drop_path_rate must be in \[0, 1\); got 1.0"),
+    ("data.local_crops_number=-1", "data.local_crops_number must be >= 0; got -1"),
+    ("optim.student_temp=0", "optim.student_temp must be > 0; got 0.0"),
+    ("optim.momentum_teacher=1.5", r"optim.momentum_teacher must be in \[0, 1\]; got 1.5"),
+    ("optim.lr=-0.1", "optim.lr must be >= 0; got -0.1"),
+    ("run.log_every_steps=0", "run.log_every_steps must be >= 1; got 0"),
+    ("data.global_crops_scale=[0.9, 0.4]", r"data.global_crops_scale must be \[low, high\] with "
+                                           r"0 < low <= high <= 1; got \(0.9, 0.4\)"),
+    ("data.local_crops_scale=[0.0, 0.4]", "data.local_crops_scale must be"),
+    ("data.blur_radius=[-1, 2]", r"data.blur_radius must be \[low, high\] with 0 <= low"),
+    ("data.global_crops_scale=[0.4]", "data.global_crops_scale must be 2 numbers; got"),
+    ('data.global_crops_scale=["a", 1]', "data.global_crops_scale must be 2 numbers; got"),
+    ("impl.checkpoint_blocks=-2", "impl.checkpoint_blocks must be a block count >= 0, or -1"),
+])
+def test_values_out_of_range_are_named(override, message):
+    """Caught where the value is set: before, a batch of 0 died in a division, a negative batch
+    or 0 epochs ran no step and said nothing, -1 local crops failed inside the loss."""
+    with pytest.raises(ValueError, match=message):
+        load_config("default", [override])
+
+
+def test_the_edges_of_each_range_are_allowed():
+    cfg = load_config("default", ["optim.lr=0", "data.local_crops_number=0", "optim.clip_grad=0",
+                                  "optim.momentum_teacher=1", "data.global_crops_scale=[1, 1]",
+                                  "data.blur_radius=[0, 0]", "impl.checkpoint_blocks=-1",
+                                  "run.max_minutes=0", "model.drop_path_rate=0"])
+    assert cfg.data.global_crops_scale == (1.0, 1.0) and cfg.impl.checkpoint_blocks == -1
+    check_ranges(cfg)
+
+
+def test_a_config_built_in_python_is_checked_too():
+    cfg = load_config("default")
+    cfg.optim.epochs = 0  # set directly: no override parsing on the way
+    with pytest.raises(ValueError, match="optim.epochs must be >= 1; got 0"):
+        check_ranges(cfg)
+
+
+def test_a_config_file_s_errors_name_the_file(tmp_path):
+    (tmp_path / "broken.toml").write_text("[optim]\nlr = \n")
+    with pytest.raises(ValueError, match=r"config .*broken.toml: Invalid value \(at line 2"):
+        load_config(tmp_path / "broken.toml")
+    (tmp_path / "typo.toml").write_text("[optim]\nlrr = 1\n")
+    with pytest.raises(ValueError, match="config .*typo.toml: unknown config field optim.lrr"):
+        load_config(tmp_path / "typo.toml")
+    (tmp_path / "range.toml").write_text("[optim]\nepochs = 0\n")
+    with pytest.raises(ValueError, match="config .*range.toml: optim.epochs must be >= 1"):
+        load_config(tmp_path / "range.toml")

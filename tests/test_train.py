@@ -388,6 +388,13 @@ def test_impl_choices_are_checked(tmp_path, override, message):
         _synthetic_run(tmp_path, override)
 
 
+def test_a_config_built_in_python_is_range_checked_by_the_trainer(tmp_path):
+    cfg = load_config("default", TINY + ['data.path="synthetic"', f'run.output_dir="{tmp_path}"'])
+    cfg.impl.checkpoint_blocks = -2  # set directly, past the override parsing
+    with pytest.raises(ValueError, match="impl.checkpoint_blocks must be a block count"):
+        Trainer(cfg)
+
+
 def test_fsdp_always_asks_for_a_process_group(tmp_path):
     with pytest.raises(TrainingError, match="needs a process group"):
         _synthetic_run(tmp_path, 'impl.fsdp="always"')
