@@ -206,6 +206,23 @@ def _bench_train(args) -> None:
     bench_train(args.bench_args)
 
 
+def _number(kind, test, what):
+    """An argparse type: `kind` whose values pass `test` ("must be {what}" otherwise)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind.__name__}; got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text}")
+        return value
+    return parse
+
+
+COUNT = _number(int, lambda v: v >= 0, ">= 0")
+POSITIVE_INT = _number(int, lambda v: v >= 1, ">= 1")
+POSITIVE = _number(float, lambda v: v > 0, "> 0")
+FRACTION = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 ARCH_HELP = ("for weights without a dinofuse config: the architecture (default: the official "
              "checkpoint's args.arch, else the one as wide as the weights)")
 
@@ -223,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the newest complete checkpoint in OUTPUT_DIR")
     train.add_argument("--auto-resume", action="store_true",
                        help="resume when OUTPUT_DIR has a checkpoint, else start (torchrun restarts)")
-    train.add_argument("--max-steps", type=int, default=0, help="stop after this many steps")
+    train.add_argument("--max-steps", type=COUNT, default=0, help="stop after this many steps")
     train.add_argument("--fit-minutes", type=float, metavar="M",
                        help="as many epochs as fit in M minutes here (timed by a short trial; "
                        "at most optim.epochs), with the whole schedules scaled to them")
@@ -235,13 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--checkpoint", required=True)
     knn.add_argument("--train", required=True, help="memory images (folder or fashion-mnist)")
     knn.add_argument("--val", required=True, help="query images (folder or fashion-mnist)")
-    knn.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--k", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200])
+    knn.add_argument("--temperature", type=POSITIVE, default=0.07)
     knn.add_argument("--features", default="cls", choices=["cls", "cls+avgpool"])
-    knn.add_argument("--crop", type=int, default=0, help="default: the global crop size")
-    knn.add_argument("--resize-ratio", type=float, default=256 / 224)
-    knn.add_argument("--batch-size", type=int, default=256)
-    knn.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    knn.add_argument("--crop", type=COUNT, default=0, help="default: the global crop size")
+    knn.add_argument("--resize-ratio", type=POSITIVE, default=256 / 224)
+    knn.add_argument("--batch-size", type=POSITIVE_INT, default=256)
+    knn.add_argument("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
                      help="processes decoding and resizing images beside the forward passes")
     knn.add_argument("--device", default="auto")
     knn.add_argument("--arch", help=ARCH_HELP)
@@ -251,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--checkpoint", required=True)
     maps.add_argument("--image", required=True)
     maps.add_argument("--out", default="attention-maps")
-    maps.add_argument("--size", type=int, default=0, help="resize the short side (default: global crop)")
-    maps.add_argument("--threshold", type=float, default=None, help="keep this fraction of the mass")
+    maps.add_argument("--size", type=COUNT, default=0, help="resize the short side (default: global crop)")
+    maps.add_argument("--threshold", type=FRACTION, default=None, help="keep this fraction of the mass")
     maps.add_argument("--device", default="auto")
     maps.add_argument("--arch", help=ARCH_HELP)
     maps.set_defaults(fn=_attention_maps)

@@ -201,3 +201,26 @@ def test_official_weights_evaluate_without_a_dinofuse_config(folder, tmp_path, c
     assert main(["knn", "--checkpoint", str(tmp_path / "dino_tiny_pretrain.pth"), *knn,
                  "--arch", "vit_small"]) == 2
     assert "the weights are 192 wide, vit_small is 384" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["knn", "--checkpoint", "c.pth", "--train", "d", "--val", "d", "--k", "20", "0"],
+     "argument --k: must be >= 1; got 0"),
+    (["knn", "--checkpoint", "c.pth", "--train", "d", "--val", "d", "--batch-size", "0"],
+     "argument --batch-size: must be >= 1; got 0"),
+    (["knn", "--checkpoint", "c.pth", "--train", "d", "--val", "d", "--temperature", "-0.07"],
+     "argument --temperature: must be > 0; got -0.07"),
+    (["knn", "--checkpoint", "c.pth", "--train", "d", "--val", "d", "--workers", "two"],
+     "argument --workers: must be int; got 'two'"),
+    (["attention-maps", "--checkpoint", "c.pth", "--image", "i.png", "--threshold", "1.5"],
+     r"argument --threshold: must be in \(0, 1\]; got 1.5"),
+    (["train", "--max-steps", "-3"], "argument --max-steps: must be >= 0; got -3"),
+])
+def test_command_line_numbers_out_of_range_are_named(args, message, capsys):
+    """Before, --max-steps -3 trained no step and said nothing."""
+    import re
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
