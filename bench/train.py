@@ -36,6 +36,7 @@ import torch
 from dinofuse.bench.flops import HeadShape, ViTShape, dino_step_flops
 from dinofuse.bench.meta import run_metadata
 from dinofuse.bench.telemetry import GPUTelemetry
+from dinofuse.engine.config import COUNT_ARG, NON_NEGATIVE_FLOAT_ARG, POSITIVE_INT_ARG
 from dinofuse.engine.models.vit import ARCHS
 
 # The official code's way of running each part of the step.
@@ -525,23 +526,23 @@ def _json_default(o):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dinofuse bench train", description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="vit_small", choices=sorted(ARCHS))
-    ap.add_argument("--patch", type=int, default=16)
+    ap.add_argument("--patch", type=POSITIVE_INT_ARG, default=16)
     ap.add_argument("--batch", default="64", help="per device, or 'max' (doubling search)")
-    ap.add_argument("--local-crops", type=int, default=10)
-    ap.add_argument("--global-size", type=int, default=224)
-    ap.add_argument("--local-size", type=int, default=96)
-    ap.add_argument("--out-dim", type=int, default=65536)
-    ap.add_argument("--embed-dim", type=int, default=0, help="with --depth/--num-heads: a custom ViT")
-    ap.add_argument("--depth", type=int, default=0)
-    ap.add_argument("--num-heads", type=int, default=0)
-    ap.add_argument("--head-hidden-dim", type=int, default=0, help="with --head-bottleneck-dim")
-    ap.add_argument("--head-bottleneck-dim", type=int, default=256)
+    ap.add_argument("--local-crops", type=COUNT_ARG, default=10)
+    ap.add_argument("--global-size", type=POSITIVE_INT_ARG, default=224)
+    ap.add_argument("--local-size", type=POSITIVE_INT_ARG, default=96)
+    ap.add_argument("--out-dim", type=POSITIVE_INT_ARG, default=65536)
+    ap.add_argument("--embed-dim", type=COUNT_ARG, default=0, help="with --depth/--num-heads: a custom ViT")
+    ap.add_argument("--depth", type=COUNT_ARG, default=0)
+    ap.add_argument("--num-heads", type=COUNT_ARG, default=0)
+    ap.add_argument("--head-hidden-dim", type=COUNT_ARG, default=0, help="with --head-bottleneck-dim")
+    ap.add_argument("--head-bottleneck-dim", type=POSITIVE_INT_ARG, default=256)
     ap.add_argument("--data", default="synthetic", help="synthetic (crops made on the device) or an image folder")
     ap.add_argument("--data-backend", default="dali", choices=["dali", "torchvision", "tensor"])
-    ap.add_argument("--workers", type=int, default=8, help="data threads / workers")
-    ap.add_argument("--steps", type=int, default=20, help="timed steps")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--compile-warmup", type=int, default=3, help="extra warm-up steps when compiling")
+    ap.add_argument("--workers", type=COUNT_ARG, default=8, help="data threads / workers")
+    ap.add_argument("--steps", type=POSITIVE_INT_ARG, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=COUNT_ARG, default=5)
+    ap.add_argument("--compile-warmup", type=COUNT_ARG, default=3, help="extra warm-up steps when compiling")
     ap.add_argument("--baseline", action="store_true", help="also run the official code's way")
     ap.add_argument("--ablation", action="store_true", help="each optimization alone (implies --baseline)")
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows")
@@ -550,11 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "counts, e.g. all,8,6 (the first N blocks recompute in backward)")
     ap.add_argument("--fsdp", action="store_true", help="add FSDP2 on one process (sharding overhead)")
     ap.add_argument("--profile", action="store_true", help="top kernels of dinofuse's step")
-    ap.add_argument("--max-batch-start", type=int, default=64)
-    ap.add_argument("--max-batch-limit", type=int, default=2048)
-    ap.add_argument("--target-speedup", type=float, default=0.0)
-    ap.add_argument("--target-mfu", type=float, default=0.0)
-    ap.add_argument("--target-memory-gib", type=float, default=0.0)
+    ap.add_argument("--max-batch-start", type=POSITIVE_INT_ARG, default=64)
+    ap.add_argument("--max-batch-limit", type=POSITIVE_INT_ARG, default=2048)
+    ap.add_argument("--target-speedup", type=NON_NEGATIVE_FLOAT_ARG, default=0.0)
+    ap.add_argument("--target-mfu", type=NON_NEGATIVE_FLOAT_ARG, default=0.0)
+    ap.add_argument("--target-memory-gib", type=NON_NEGATIVE_FLOAT_ARG, default=0.0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     return ap

@@ -35,7 +35,15 @@ from dinofuse.engine.checkpoint import (
     read_sharded,
     run_has_checkpoint,
 )
-from dinofuse.engine.config import Config, config_from_toml, load_config
+from dinofuse.engine.config import (
+    COUNT_ARG,
+    POSITIVE_FLOAT_ARG,
+    POSITIVE_INT_ARG,
+    Config,
+    cli_number,
+    config_from_toml,
+    load_config,
+)
 from dinofuse.engine.inputs import data_worker_died
 from dinofuse.engine.parallel import init_distributed, use_training_threads
 from dinofuse.engine.time_budget import fit_to_minutes
@@ -206,23 +214,8 @@ def _bench_train(args) -> None:
     bench_train(args.bench_args)
 
 
-def _number(kind, test, what):
-    """An argparse type: `kind` whose values pass `test` ("must be {what}" otherwise)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {kind.__name__}; got {text!r}") from None
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"must be {what}; got {text}")
-        return value
-    return parse
+MASS_FRACTION = cli_number(float, (lambda v: 0 < v <= 1, "in (0, 1]"))
 
-
-COUNT = _number(int, lambda v: v >= 0, ">= 0")
-POSITIVE_INT = _number(int, lambda v: v >= 1, ">= 1")
-POSITIVE = _number(float, lambda v: v > 0, "> 0")
-FRACTION = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 ARCH_HELP = ("for weights without a dinofuse config: the architecture (default: the official "
              "checkpoint's args.arch, else the one as wide as the weights)")
 
@@ -240,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the newest complete checkpoint in OUTPUT_DIR")
     train.add_argument("--auto-resume", action="store_true",
                        help="resume when OUTPUT_DIR has a checkpoint, else start (torchrun restarts)")
-    train.add_argument("--max-steps", type=COUNT, default=0, help="stop after this many steps")
+    train.add_argument("--max-steps", type=COUNT_ARG, default=0, help="stop after this many steps")
     train.add_argument("--fit-minutes", type=float, metavar="M",
                        help="as many epochs as fit in M minutes here (timed by a short trial; "
                        "at most optim.epochs), with the whole schedules scaled to them")
@@ -252,13 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--checkpoint", required=True)
     knn.add_argument("--train", required=True, help="memory images (folder or fashion-mnist)")
     knn.add_argument("--val", required=True, help="query images (folder or fashion-mnist)")
-    knn.add_argument("--k", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200])
-    knn.add_argument("--temperature", type=POSITIVE, default=0.07)
+    knn.add_argument("--k", type=POSITIVE_INT_ARG, nargs="+", default=[10, 20, 100, 200])
+    knn.add_argument("--temperature", type=POSITIVE_FLOAT_ARG, default=0.07)
     knn.add_argument("--features", default="cls", choices=["cls", "cls+avgpool"])
-    knn.add_argument("--crop", type=COUNT, default=0, help="default: the global crop size")
-    knn.add_argument("--resize-ratio", type=POSITIVE, default=256 / 224)
-    knn.add_argument("--batch-size", type=POSITIVE_INT, default=256)
-    knn.add_argument("--workers", type=COUNT, default=min(8, os.cpu_count() or 1),
+    knn.add_argument("--crop", type=COUNT_ARG, default=0, help="default: the global crop size")
+    knn.add_argument("--resize-ratio", type=POSITIVE_FLOAT_ARG, default=256 / 224)
+    knn.add_argument("--batch-size", type=POSITIVE_INT_ARG, default=256)
+    knn.add_argument("--workers", type=COUNT_ARG, default=min(8, os.cpu_count() or 1),
                      help="processes decoding and resizing images beside the forward passes")
     knn.add_argument("--device", default="auto")
     knn.add_argument("--arch", help=ARCH_HELP)
@@ -268,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--checkpoint", required=True)
     maps.add_argument("--image", required=True)
     maps.add_argument("--out", default="attention-maps")
-    maps.add_argument("--size", type=COUNT, default=0, help="resize the short side (default: global crop)")
-    maps.add_argument("--threshold", type=FRACTION, default=None, help="keep this fraction of the mass")
+    maps.add_argument("--size", type=COUNT_ARG, default=0, help="resize the short side (default: global crop)")
+    maps.add_argument("--threshold", type=MASS_FRACTION, default=None, help="keep this fraction of the mass")
     maps.add_argument("--device", default="auto")
     maps.add_argument("--arch", help=ARCH_HELP)
     maps.set_defaults(fn=_attention_maps)
@@ -300,13 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "train"]:  # its own parser takes every option that follows
-        return _bench_train(argparse.Namespace(bench_args=argv[2:])) or 0
-    args = build_parser().parse_args(argv)
+        command, args = "bench train", argparse.Namespace(fn=_bench_train, bench_args=argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
+        command = args.command
     try:
         return args.fn(args) or 0
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"dinofuse {args.command}: error: {message}", file=sys.stderr)
+        print(f"dinofuse {command}: error: {message}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

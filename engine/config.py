@@ -8,6 +8,7 @@ to a plain string). `save_config` writes the resolved config next to a run.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
@@ -177,6 +178,29 @@ _RULES = {
                 collective_timeout_s=POSITIVE, log_every_steps=AT_LEAST_1, knn_k=AT_LEAST_1,
                 knn_temperature=POSITIVE, knn_resize_ratio=POSITIVE),
 }
+
+
+def cli_number(kind: type, rule: tuple):
+    """An argparse type for a command-line number held to one of the range rules above."""
+    test, what = rule
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {kind.__name__}; got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text}")
+        return value
+
+    return parse
+
+
+# the command lines' numbers (dinofuse, dinofuse bench train), under the same rules
+COUNT_ARG = cli_number(int, NON_NEGATIVE)
+POSITIVE_INT_ARG = cli_number(int, AT_LEAST_1)
+POSITIVE_FLOAT_ARG = cli_number(float, POSITIVE)
+NON_NEGATIVE_FLOAT_ARG = cli_number(float, NON_NEGATIVE)
 
 
 def _coerce(section: str, name: str, value, current):

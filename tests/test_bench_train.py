@@ -180,3 +180,17 @@ def test_an_ablation_row_that_cannot_run_is_a_row_and_the_rest_goes_on():
     assert row.status.startswith("failed: ValueError: impl.loss must be one of"), row.status
     with pytest.raises(ValueError, match="impl.loss must be one of"):  # ours must run
         run_variant(args, Variant("dinofuse", broken, "dinofuse"), 4, 1.0, steps=1, warmup=0)
+
+
+def test_bad_numbers_get_one_line_naming_them(capsys):
+    """Through `dinofuse bench train`: a config's range error is one line (it was a traceback),
+    an option's is argparse's, naming the option."""
+    from dinofuse.engine.cli import main
+
+    assert main(["bench", "train", "--device", "cpu", "--batch", "0"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "dinofuse bench train: error: optim.batch_size_per_device must be >= 1; got 0"
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "train", "--device", "cpu", "--steps", "0"])
+    assert exit_.value.code == 2
+    assert "argument --steps: must be >= 1; got 0" in capsys.readouterr().err
