@@ -15,6 +15,7 @@ checkpoint untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -526,8 +527,11 @@ class Trainer:
         self._restore_extra(extra)
 
     def _check_config(self, saved_toml: str, path: Path) -> None:
-        if config_from_toml(saved_toml).model != self.cfg.model:
-            raise TrainingError(f"--resume: {path} was trained with another model config")
+        saved, now = dataclasses.asdict(config_from_toml(saved_toml).model), dataclasses.asdict(self.cfg.model)
+        changed = [f"model.{k}: {saved[k]!r} there, {now[k]!r} here" for k in saved if saved[k] != now[k]]
+        if changed:
+            raise TrainingError(f"--resume: {path} was trained with another model config "
+                                f"({'; '.join(changed)})")
 
     def _load_file(self, path: Path, state: dict | None = None) -> dict:
         from torch.distributed.checkpoint.state_dict import (

@@ -84,6 +84,19 @@ def test_resume_continues_the_same_loss_sequence(image_folder, tmp_path):
     assert [log.loss for log in first + rest] == pytest.approx([log.loss for log in whole], rel=1e-6)
 
 
+def test_resume_with_another_model_names_what_changed_and_keeps_the_checkpoint(image_folder,
+                                                                              tmp_path):
+    Trainer(make_cfg(image_folder, tmp_path)).fit(max_steps=2, progress=False)
+    ckpt = tmp_path / "run" / "checkpoint.pth"
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    cfg = make_cfg(image_folder, tmp_path)
+    cfg.model.depth, cfg.model.out_dim = cfg.model.depth + 1, 2 * cfg.model.out_dim
+    with pytest.raises(TrainingError, match=r"another model config \(model.depth: 2 there, 3 "
+                                            r"here; model.out_dim: 64 there, 128 here\)$"):
+        Trainer(cfg, resume=True)
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+
+
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path):
     trainer = Trainer(make_cfg(image_folder, tmp_path))
     trainer.fit(max_steps=2, progress=False)
