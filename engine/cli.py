@@ -1,7 +1,7 @@
 """The `dinofuse` command: train, knn, attention-maps, export, data check.
 
     dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [--fit-minutes M] [section.field=value ...]
-    dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200] [--arch A]
+    dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200] [--arch A] [--which W]
     dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6] [--arch A]
     dinofuse export --checkpoint CKPT|STEP_DIR|RUN_DIR --out teacher.safetensors|teacher.pth
     dinofuse data check DIR        (exit status 1 when some image cannot be decoded)
@@ -141,12 +141,12 @@ def _read_checkpoint(checkpoint: str, which: str = "teacher") -> dict:
     return {**read_sharded(path, template), "config": extra["config"]}
 
 
-def _load_teacher(checkpoint: str, device, arch: str | None = None):
-    """Our checkpoints rebuild their own model; other weights (official DINO checkpoints,
-    released backbones) get the ViT their shapes describe (`model_config_for`), evaluated
-    at the official 224-pixel crop."""
-    contents = _read_checkpoint(checkpoint)
-    weights = backbone_state(contents, "teacher")
+def _load_backbone(checkpoint: str, device, arch: str | None = None, which: str = "teacher"):
+    """The teacher's (or student's) backbone. Our checkpoints rebuild their own model; other
+    weights (official DINO checkpoints, released backbones) get the ViT their shapes describe
+    (`model_config_for`), evaluated at the official 224-pixel crop."""
+    contents = _read_checkpoint(checkpoint, which)
+    weights = backbone_state(contents, which)
     if "config" in contents:
         cfg = config_from_toml(contents["config"])
     else:
@@ -162,7 +162,7 @@ def _knn(args) -> None:
     from dinofuse.engine.eval.report import eval_transform
 
     device = pick_device(args.device)
-    backbone, cfg = _load_teacher(args.checkpoint, device, args.arch)
+    backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
     transform = eval_transform(args.crop or cfg.data.global_crop_size, args.resize_ratio)
     features = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers)
     train_f, train_y = extract_features(backbone, open_images(args.train, "train"), transform,
@@ -179,7 +179,8 @@ def _attention_maps(args) -> None:
 
     from dinofuse.engine.eval.attention_maps import cls_attention, save_attention_maps
 
-    backbone, cfg = _load_teacher(args.checkpoint, pick_device(args.device), args.arch)
+    backbone, cfg = _load_backbone(args.checkpoint, pick_device(args.device), args.arch,
+                                   args.which)
     path = Path(args.image)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes decoding and resizing images beside the forward passes")
     knn.add_argument("--device", default="auto")
     knn.add_argument("--arch", help=ARCH_HELP)
+    knn.add_argument("--which", default="teacher", choices=["teacher", "student"],
+                     help="the checkpoint's model to evaluate (official eval_knn's --checkpoint_key)")
     knn.set_defaults(fn=_knn)
 
     maps = sub.add_parser("attention-maps", help="CLS self-attention of each head, as PNGs")
@@ -265,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--threshold", type=MASS_FRACTION, default=None, help="keep this fraction of the mass")
     maps.add_argument("--device", default="auto")
     maps.add_argument("--arch", help=ARCH_HELP)
+    maps.add_argument("--which", default="teacher", choices=["teacher", "student"])
     maps.set_defaults(fn=_attention_maps)
 
     data = sub.add_parser("data", help="dataset tools")

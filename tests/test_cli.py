@@ -179,11 +179,18 @@ def test_official_weights_evaluate_without_a_dinofuse_config(folder, tmp_path, c
     holds, and the same weights exported: each builds the ViT its weights describe."""
     import torch
 
+    from dinofuse.engine.cli import _load_backbone
     from dinofuse.engine.models import vit_tiny
     from test_checkpoint import official_checkpoint
 
-    official = official_checkpoint(vit_tiny(depth=2))
+    source = vit_tiny(depth=2)
+    official = official_checkpoint(source)
     torch.save(official, tmp_path / "checkpoint.pth")
+    for which, offset in (("teacher", 0), ("student", 1)):  # official_checkpoint's student: +1
+        backbone, _ = _load_backbone(str(tmp_path / "checkpoint.pth"), torch.device("cpu"),
+                                     which=which)
+        for k, v in backbone.state_dict().items():
+            torch.testing.assert_close(v, source.state_dict()[k] + offset)
     bare = {k.removeprefix("backbone."): v for k, v in official["teacher"].items()
             if k.startswith("backbone.")}
     torch.save(bare, tmp_path / "dino_tiny_pretrain.pth")
@@ -194,6 +201,9 @@ def test_official_weights_evaluate_without_a_dinofuse_config(folder, tmp_path, c
         assert main(["knn", "--checkpoint", str(tmp_path / name), *knn]) == 0
         outputs.append(capsys.readouterr().out)
     assert "3-NN: top-1" in outputs[0] and outputs[1] == outputs[0]
+    assert main(["knn", "--checkpoint", str(tmp_path / "checkpoint.pth"), *knn,
+                 "--which", "student"]) == 0
+    assert "3-NN: top-1" in capsys.readouterr().out
     assert main(["attention-maps", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--image",
                  str(folder / "c0" / "0.png"), "--out", str(tmp_path / "maps"), "--size", "32"]) == 0
     assert len(list((tmp_path / "maps").glob("attn-head*.png"))) == 3  # vit_tiny: 3 heads
