@@ -15,6 +15,7 @@ from dinofuse.engine.checkpoint import (
     load_file,
     save_atomic,
 )
+from dinofuse.engine.cli import main
 from dinofuse.engine.models import vit_small, vit_tiny
 
 
@@ -127,6 +128,14 @@ def test_export_loads_in_timm(tmp_path, suffix):
         for p in ours.parameters():
             p.normal_(0, 0.05)
     out = export_backbone(backbone_state({"teacher": ours.state_dict()}), tmp_path / f"teacher{suffix}")
+    # the command, from an official training checkpoint (prefixed keys, args, optimizer, ...)
+    torch.save(official_checkpoint(ours), tmp_path / "official.pth")
+    out_cli = tmp_path / f"teacher-cli{suffix}"
+    assert main(["export", "--checkpoint", str(tmp_path / "official.pth"), "--out", str(out_cli)]) == 0
+    exported, from_cli = load_file(out), load_file(out_cli)
+    assert from_cli.keys() == exported.keys()
+    for key, value in exported.items():
+        assert torch.equal(from_cli[key], value), key
     model = timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=0,
                               pretrained_cfg_overlay=dict(file=str(out))).eval()
     x = torch.randn(2, 3, 224, 224)
@@ -235,8 +244,6 @@ def test_a_sharded_checkpoint_from_elsewhere_runs_no_code(tmp_path, capsys):
 
 def test_export_consolidates_a_sharded_checkpoint_on_cpu(tmp_path, capsys):
     from safetensors.torch import load_file as load_safetensors
-
-    from dinofuse.engine.cli import main
 
     _, trainer = _sharded_run(tmp_path / "run")
     expected = backbone_state({"teacher": trainer.teacher.state_dict()})
