@@ -212,7 +212,6 @@ def test_a_sharded_checkpoint_from_elsewhere_runs_no_code(tmp_path, capsys):
     import torch.distributed.checkpoint as dcp
 
     from dinofuse.engine.checkpoint import mark_complete, read_sharded, step_dir
-    from dinofuse.engine.cli import main
     from dinofuse.engine.train import Trainer
 
     cfg, trainer = _sharded_run(tmp_path / "run")
