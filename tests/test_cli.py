@@ -176,7 +176,8 @@ def test_a_data_worker_death_announced_mid_step_gets_one_line(folder, tmp_path, 
 
 def test_official_weights_evaluate_without_a_dinofuse_config(folder, tmp_path, capsys):
     """An official training checkpoint (its command line in `args`), the bare backbone it
-    holds, and the same weights exported: each builds the ViT its weights describe."""
+    holds, and the same weights exported: each builds the ViT its weights describe, with
+    those weights (the teacher's, or with --which the student's), and the commands run."""
     import torch
 
     from dinofuse.engine.cli import _load_backbone
@@ -186,24 +187,24 @@ def test_official_weights_evaluate_without_a_dinofuse_config(folder, tmp_path, c
     source = vit_tiny(depth=2)
     official = official_checkpoint(source)
     torch.save(official, tmp_path / "checkpoint.pth")
-    for which, offset in (("teacher", 0), ("student", 1)):  # official_checkpoint's student: +1
-        backbone, _ = _load_backbone(str(tmp_path / "checkpoint.pth"), torch.device("cpu"),
-                                     which=which)
+    torch.save({k.removeprefix("backbone."): v for k, v in official["teacher"].items()
+                if k.startswith("backbone.")}, tmp_path / "dino_tiny_pretrain.pth")
+    assert main(["export", "--checkpoint", str(tmp_path / "checkpoint.pth"),
+                 "--out", str(tmp_path / "teacher.safetensors")]) == 0
+    cases = [("checkpoint.pth", "teacher", 0), ("checkpoint.pth", "student", 1),  # student: +1
+             ("dino_tiny_pretrain.pth", "teacher", 0), ("teacher.safetensors", "teacher", 0)]
+    for name, which, offset in cases:
+        backbone, cfg = _load_backbone(str(tmp_path / name), torch.device("cpu"), which=which)
+        assert (cfg.model.arch, cfg.model.patch_size, cfg.model.depth) == ("vit_tiny", 16, 2)
+        assert backbone.state_dict().keys() == source.state_dict().keys()
         for k, v in backbone.state_dict().items():
             torch.testing.assert_close(v, source.state_dict()[k] + offset)
-    bare = {k.removeprefix("backbone."): v for k, v in official["teacher"].items()
-            if k.startswith("backbone.")}
-    torch.save(bare, tmp_path / "dino_tiny_pretrain.pth")
     knn = ["--train", str(folder), "--val", str(folder), "--k", "3", "--crop", "32",
            "--workers", "0"]
-    outputs = []
-    for name in ("checkpoint.pth", "dino_tiny_pretrain.pth"):
-        assert main(["knn", "--checkpoint", str(tmp_path / name), *knn]) == 0
-        outputs.append(capsys.readouterr().out)
-    assert "3-NN: top-1" in outputs[0] and outputs[1] == outputs[0]
-    assert main(["knn", "--checkpoint", str(tmp_path / "checkpoint.pth"), *knn,
-                 "--which", "student"]) == 0
-    assert "3-NN: top-1" in capsys.readouterr().out
+    capsys.readouterr()
+    for name, which, _ in cases:
+        assert main(["knn", "--checkpoint", str(tmp_path / name), "--which", which, *knn]) == 0
+        assert "3-NN: top-1" in capsys.readouterr().out
     assert main(["attention-maps", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--image",
                  str(folder / "c0" / "0.png"), "--out", str(tmp_path / "maps"), "--size", "32"]) == 0
     assert len(list((tmp_path / "maps").glob("attn-head*.png"))) == 3  # vit_tiny: 3 heads

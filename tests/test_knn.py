@@ -29,3 +29,30 @@ def test_matches_official_knn_in_chunks():
         ours = knn_classify(train, train_y, test, test_y, k=k, temperature=0.07, chunk=64)
         assert abs(ours["top1"] - official_knn(train, train_y, test, test_y, k, 0.07, 7)) < 1e-4
         assert 30 < ours["top1"] <= ours["top5"] <= 100
+
+
+def test_features_from_worker_processes_are_those_of_the_main_process(tmp_path):
+    """`dinofuse knn --workers N` decodes and resizes in N processes: same features, same
+    order, same labels as in-process (per image, not only the accuracy they give)."""
+    import numpy as np
+    from PIL import Image
+
+    from dinofuse.dataloading.readers import open_images
+    from dinofuse.engine.eval.knn import extract_features
+    from dinofuse.engine.eval.report import eval_transform
+    from dinofuse.engine.models import vit_tiny
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(5):
+            Image.fromarray((rng.random((40, 30, 3)) * 255).astype(np.uint8)).save(
+                tmp_path / f"c{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    backbone = vit_tiny(depth=1, patch_size=8, img_size=32)
+    images, transform = open_images(str(tmp_path), "train"), eval_transform(32, 1.0)
+    features = [extract_features(backbone, images, transform, torch.device("cpu"), batch_size=4,
+                                 num_workers=workers) for workers in (0, 2)]
+    assert features[0][0].shape == (15, 192)
+    assert torch.equal(features[0][1], torch.arange(3).repeat_interleave(5))
+    assert torch.equal(features[0][0], features[1][0]) and torch.equal(features[0][1], features[1][1])
