@@ -85,3 +85,17 @@ def test_a_config_file_s_errors_name_the_file(tmp_path):
     (tmp_path / "range.toml").write_text("[optim]\nepochs = 0\n")
     with pytest.raises(ValueError, match="config .*range.toml: optim.epochs must be >= 1"):
         load_config(tmp_path / "range.toml")
+
+
+def test_every_numeric_field_has_a_range_rule():
+    """A field added without a rule would take any number again (the seed is any integer)."""
+    import dataclasses
+
+    from dinofuse.engine.config import _RULES, Config
+
+    cfg = Config()
+    unruled = {f"{section.name}.{f.name}" for section in dataclasses.fields(cfg)
+               for f in dataclasses.fields(getattr(cfg, section.name))
+               if isinstance(value := getattr(getattr(cfg, section.name), f.name), (int, float, tuple))
+               and not isinstance(value, bool) and f.name not in _RULES.get(section.name, {})}
+    assert unruled == {"run.seed"}
