@@ -215,6 +215,7 @@ def _bench_train(args) -> None:
     bench_train(args.bench_args)
 
 
+CHECKPOINT_MODELS = ("teacher", "student")  # --which
 MASS_FRACTION = cli_number(float, (lambda v: 0 < v <= 1, "in (0, 1]"))
 
 ARCH_HELP = ("for weights without a dinofuse config: the architecture (default: the official "
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes decoding and resizing images beside the forward passes")
     knn.add_argument("--device", default="auto")
     knn.add_argument("--arch", help=ARCH_HELP)
-    knn.add_argument("--which", default="teacher", choices=["teacher", "student"],
+    knn.add_argument("--which", default="teacher", choices=CHECKPOINT_MODELS,
                      help="the checkpoint's model to evaluate (official eval_knn's --checkpoint_key)")
     knn.set_defaults(fn=_knn)
 
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--threshold", type=MASS_FRACTION, default=None, help="keep this fraction of the mass")
     maps.add_argument("--device", default="auto")
     maps.add_argument("--arch", help=ARCH_HELP)
-    maps.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    maps.add_argument("--which", default="teacher", choices=CHECKPOINT_MODELS)
     maps.set_defaults(fn=_attention_maps)
 
     data = sub.add_parser("data", help="dataset tools")
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True,
                         help="checkpoint.pth, a sharded checkpoints/step_N folder, or a run folder")
     export.add_argument("--out", required=True, help="*.safetensors or *.pth")
-    export.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    export.add_argument("--which", default="teacher", choices=CHECKPOINT_MODELS)
     export.set_defaults(fn=_export)
 
     bench = sub.add_parser("bench", help="benchmarks (bench/)")
