@@ -105,11 +105,21 @@ class DeviceValue:
     GPU it is copied to pinned host memory behind the work that produces it, and an event
     marks the copy: reading it (`float()`) waits for that event only, not for everything
     queued since, as `.item()` would. Read once, then cached.
+
+    `flags`: this rank's votes, carried in the same all-reduce (no collective of their own);
+    `votes` says, for each, whether any rank voted for it. Every rank reads the same answer,
+    so ranks that act on it act at the same step.
     """
 
-    def __init__(self, tensor: torch.Tensor, mean_over_ranks: bool = True):
-        t = tensor.detach().float().reshape(()).clone()
-        self._value: float | None = None
+    def __init__(self, tensor: torch.Tensor, mean_over_ranks: bool = True,
+                 flags: tuple[bool, ...] = ()):
+        t = tensor.detach().float().reshape(1).clone()
+        if flags:  # filled on the device: a copy of host values would make the host wait
+            t = torch.cat([t, torch.zeros(len(flags), device=t.device)])
+            for i, flag in enumerate(flags, start=1):
+                if flag:
+                    t[i].fill_(1.0)
+        self._values: list[float] | None = None
         self._work = self._event = None
         self._world = 1
         if mean_over_ranks and dist.is_initialized() and dist.get_world_size() > 1:
@@ -119,7 +129,7 @@ class DeviceValue:
             if self._work is not None:
                 self._work.wait()  # NCCL: the stream waits for the all-reduce, not the host
                 self._work = None
-            host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            host = torch.empty(t.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(t, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
@@ -127,14 +137,22 @@ class DeviceValue:
         self._tensor = t
 
     def __repr__(self) -> str:
-        return f"DeviceValue({self._value if self._value is not None else 'pending'})"
+        return f"DeviceValue({self._values[0] if self._values is not None else 'pending'})"
 
-    def __float__(self) -> float:
-        if self._value is None:
+    def _read(self) -> list[float]:
+        if self._values is None:
             if self._work is not None:
                 self._work.wait()
             if self._event is not None:
                 self._event.synchronize()
-            self._value = float(self._tensor) / self._world
+            self._values = self._tensor.tolist()
+            self._values[0] /= self._world
             self._tensor = self._work = self._event = None
-        return self._value
+        return self._values
+
+    def __float__(self) -> float:
+        return self._read()[0]
+
+    @property
+    def votes(self) -> tuple[bool, ...]:
+        return tuple(v > 0 for v in self._read()[1:])

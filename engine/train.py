@@ -20,7 +20,9 @@ import datetime
 import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +62,9 @@ from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
 from dinofuse.kernels.dino_loss import CenteredDINOLoss
 from dinofuse.kernels.reference import OfficialDINOLoss, ema_reference_
+
+STOP_REASONS = ("time", "signal")  # why a run may stop early, in the order they are voted
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
                 "clip": ("fused", "official"), "fsdp": ("auto", "always"),
@@ -198,6 +203,7 @@ class Trainer:
         self.graphed = GraphedStep(self) if cfg.impl.cuda_graph else None
 
         self._unchecked: StepLog | None = None  # the last step whose loss was not read yet
+        self._clear_stop()
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == torch.float16 else None
         self.step = 0
         self._pending_save = None  # (future, folder) of a background sharded save
@@ -257,7 +263,8 @@ class Trainer:
         without waiting: the previous step's loss is checked now (its forward finished long
         ago), this one's during the next step or before a save. "official" reads it now,
         after the forward, as the official code does: a sync per step."""
-        log = StepLog(it, epoch, DeviceValue(loss), self.lr_schedule[it], self.wd_schedule[it],
+        votes = tuple(self._stop_asked[r] for r in STOP_REASONS)
+        log = StepLog(it, epoch, DeviceValue(loss, flags=votes), self.lr_schedule[it], self.wd_schedule[it],
                       self.momentum_schedule[it], self.loss_fn.teacher_temp_at(epoch), 0.0)
         if self.cfg.impl.loss_check == "official":  # nothing is ever left unchecked then
             self._check_finite(log)
@@ -316,6 +323,49 @@ class Trainer:
             self._settle_collectives()
             raise TrainingError(f"loss is {log.loss} at step {log.step} (epoch {log.epoch}); "
                                 f"stopping. The last good checkpoint is kept in {self.out}")
+        for reason, voted in zip(STOP_REASONS, log._loss.votes):
+            if voted and self.stopping != "signal":  # a signal's stop outranks the time limit's
+                self.stopping = reason
+
+    def _clear_stop(self) -> None:
+        # A stop asked of this process (the time limit, a signal), voted in each step's loss
+        # all-reduce; `stopping` is what the ranks agreed, read a step later on every rank.
+        self._stop_asked: dict[str, bool] = dict.fromkeys(STOP_REASONS, False)
+        self._signal_name: str | None = None
+        self.stopping: str | None = None
+
+    def ask_to_stop(self, reason: str) -> None:
+        """Stop, with a checkpoint, after a step every rank agrees on: the next step carries
+        this rank's vote in its loss all-reduce, the one after reads it on every rank and is
+        the last. reason: "time" (run.max_minutes: the run then ends as if complete) or
+        "signal" (fit raises TrainingError once the checkpoint is saved)."""
+        if reason not in STOP_REASONS:
+            raise ValueError(f"a stop's reason is one of {', '.join(STOP_REASONS)}; got {reason!r}")
+        self._stop_asked[reason] = True
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM (torchrun's and SLURM's stop, preemption) and SIGUSR1 (SLURM's advance
+        notice, `--signal=USR1@120`) ask for a stop at the next agreed step. A second signal
+        meets the handler that was there before (by default: the process ends at once)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        previous = {}
+
+        def handler(signum, frame):
+            self._signal_name = signal.Signals(signum).name
+            signal.signal(signum, previous[signum])
+            self.ask_to_stop("signal")
+
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                if signal.getsignal(sig) is handler:
+                    signal.signal(sig, old)
 
     def _settle_collectives(self) -> None:
         """Wait for the all-reduces still in flight (this step's loss and center statistic).
@@ -341,9 +391,11 @@ class Trainer:
         stop_at = self.total_steps if not max_steps else min(self.total_steps, self.step + max_steps)
         bar = _progress(stop_at, self.step, progress and main)
         board = _tensorboard(self.out / "tensorboard") if main else None
-        out_of_time = False
-        with open(self.out / "log.jsonl", "a") if main else contextlib.nullcontext() as log_file:
-            while self.step < stop_at and not out_of_time:
+        deadline = started + 60 * cfg.run.max_minutes if cfg.run.max_minutes else math.inf
+        self._clear_stop()  # each fit asks afresh
+        with open(self.out / "log.jsonl", "a") if main else contextlib.nullcontext() as log_file, \
+                self._stop_on_signals():
+            while self.step < stop_at and not self.stopping:
                 for crops, _ in self.input.batches(*divmod(self.step, self.iters_per_epoch)):
                     log = self.train_step(crops)
                     logs.append(log)
@@ -362,8 +414,9 @@ class Trainer:
                                     board.add_scalar(f"train/{key}", value, log.step)
                     if cfg.run.save_every_steps and self.step % cfg.run.save_every_steps == 0:
                         self.save()
-                    out_of_time = bool(cfg.run.max_minutes) and now - started > 60 * cfg.run.max_minutes
-                    if self.step >= stop_at or out_of_time:
+                    if now > deadline:  # every rank stops at the step they agree on
+                        self.ask_to_stop("time")
+                    if self.step >= stop_at or self.stopping:
                         break
                 if self.step % self.iters_per_epoch == 0:
                     self.save()  # an epoch ended
@@ -372,6 +425,10 @@ class Trainer:
             board.close()
         self.save()
         self.finish_pending_save()
+        if self.stopping == "signal":
+            by = self._signal_name or "a signal to another rank"
+            raise TrainingError(f"stopped at step {self.step} by {by}; checkpoint saved in "
+                                f"{self.out}: relaunch with --resume (or --auto-resume) to go on")
         return logs
 
     # ------------------------------------------------------------------ checkpoints

@@ -434,3 +434,57 @@ def test_a_sharded_checkpoint_that_cannot_be_written_is_named_on_every_rank(tmp_
     assert first.startswith(f"cannot write sharded checkpoint {failed} (rank 1: OSError: ")
     assert first.endswith(f"No space left on device); the newest complete one, {kept}, is kept")
     assert latest_complete(run / "checkpoints") == kept
+
+
+def _stop_asked_on_one_rank(rank, folder, out, result):
+    import os
+    import signal
+
+    from dinofuse.engine.train import Trainer, TrainingError
+
+    outcomes = []
+    trainer = Trainer(_cfg(folder, out, 2))
+    if rank == 1:  # a signal to this rank only, after its 2nd step
+        step = trainer.train_step
+
+        def step_then_signal(crops):
+            log = step(crops)
+            if trainer.step == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return log
+
+        trainer.train_step = step_then_signal
+    try:
+        trainer.fit(progress=False)
+        outcomes.append("trained on")
+    except TrainingError as e:
+        outcomes.append(str(e).split(";")[0])
+    # the time limit passed on this rank only: before, it stopped alone and the other rank
+    # went on into the next step's collectives
+    limit = "run.max_minutes=1e-6" if rank == 1 else "run.max_minutes=0.0"
+    trainer = Trainer(_cfg(folder, out, 2, limit), resume=True)
+    start = trainer.step
+    trainer.fit(progress=False)
+    outcomes.append((start, trainer.step, trainer.stopping))
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, outcomes)
+    if rank == 0:
+        torch.save(gathered, result)
+
+
+def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """A signal (SLURM's SIGUSR1, torchrun's SIGTERM) or the time limit on one rank: its vote
+    travels in the step's loss all-reduce, so every rank stops after the same step and saves
+    the same complete checkpoint, and the relaunch resumes from it."""
+    import functools
+
+    from dinofuse.engine.checkpoint import latest_complete
+
+    result = tmp_path / "outcomes.pt"
+    _spawn(functools.partial(_stop_asked_on_one_rank, folder=_image_folder(tmp_path / "imgs"),
+                             out=tmp_path / "run", result=result))
+    (signal_0, time_0), (signal_1, time_1) = torch.load(result, weights_only=True)
+    assert (signal_0, signal_1) == ("stopped at step 4 by a signal to another rank",
+                                    "stopped at step 4 by SIGUSR1")
+    assert time_0 == time_1 == (4, 7, "time")
+    assert latest_complete(tmp_path / "run" / "checkpoints").name == "step_00000007"

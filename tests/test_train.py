@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dinofuse.dataloading.readers import FASHION_MNIST_DIR
+from dinofuse.engine.checkpoint import load_file
 from dinofuse.engine.config import load_config
 from dinofuse.engine.train import Trainer, TrainingError, build_student_teacher
 from official_dino import OfficialDINOLoss
@@ -466,3 +467,42 @@ def test_dali_decode_failure_names_the_file_and_skips_or_stops(folder_with_a_cor
     assert "skipping undecodable image" in capsys.readouterr().err
     assert all("broken.jpg" not in str(p) for p, _ in trainer.input.dali_samples)
     assert len(trainer.input.dali_samples) == 8
+
+
+def test_the_time_limit_stops_at_an_agreed_step_with_a_checkpoint(image_folder, tmp_path):
+    """run.max_minutes: once a step ends past the limit, the next step votes to stop (in its
+    loss all-reduce, so every rank sees the same vote), the one after reads the vote, and
+    the run ends there with a checkpoint, as if complete; a resume goes on to the end."""
+    cfg = make_cfg(image_folder, tmp_path, "run.max_minutes=1e-6")  # passed after the 1st step
+    trainer = Trainer(cfg)
+    logs = trainer.fit(progress=False)
+    assert [log.step for log in logs] == [0, 1, 2] and trainer.stopping == "time"
+    assert load_file(tmp_path / "run" / "checkpoint.pth")["step"] == 3
+    rest = Trainer(make_cfg(image_folder, tmp_path), resume=True).fit(progress=False)
+    assert rest[0].step == 3 and rest[-1].step == trainer.total_steps - 1
+
+
+def test_a_signal_stops_at_an_agreed_step_saves_and_says_how_to_go_on(image_folder, tmp_path):
+    """SIGTERM or SIGUSR1 (SLURM's notice), arriving after step 3: step 4 votes, step 5
+    reads the vote and is the last, its checkpoint is saved, and the run ends with one line;
+    the handlers are put back, and a resume goes on from that step."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer = Trainer(make_cfg(image_folder, tmp_path))
+    step = trainer.train_step
+
+    def step_then_signal(crops):
+        log = step(crops)
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return log
+
+    trainer.train_step = step_then_signal
+    with pytest.raises(TrainingError, match=r"^stopped at step 5 by SIGUSR1; checkpoint saved "
+                                            r"in .*run: relaunch with --resume"):
+        trainer.fit(progress=False)
+    assert signal.getsignal(signal.SIGUSR1) is before
+    assert load_file(tmp_path / "run" / "checkpoint.pth")["step"] == 5
+    assert Trainer(make_cfg(image_folder, tmp_path), resume=True).fit(progress=False)[0].step == 5
