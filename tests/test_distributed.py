@@ -437,23 +437,15 @@ def test_a_sharded_checkpoint_that_cannot_be_written_is_named_on_every_rank(tmp_
 
 
 def _stop_asked_on_one_rank(rank, folder, out, result):
-    import os
     import signal
 
     from dinofuse.engine.train import Trainer, TrainingError
+    from test_train import signal_after_step
 
     outcomes = []
     trainer = Trainer(_cfg(folder, out, 2))
     if rank == 1:  # a signal to this rank only, after its 2nd step
-        step = trainer.train_step
-
-        def step_then_signal(crops):
-            log = step(crops)
-            if trainer.step == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return log
-
-        trainer.train_step = step_then_signal
+        signal_after_step(trainer, 2, signal.SIGUSR1)
     try:
         trainer.fit(progress=False)
         outcomes.append("trained on")

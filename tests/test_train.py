@@ -482,24 +482,30 @@ def test_the_time_limit_stops_at_an_agreed_step_with_a_checkpoint(image_folder, 
     assert rest[0].step == 3 and rest[-1].step == trainer.total_steps - 1
 
 
+def signal_after_step(trainer, step: int, sig) -> None:
+    """Make `trainer` send itself `sig` once its step counter reaches `step`."""
+    import os
+
+    train_step = trainer.train_step
+
+    def step_then_signal(crops):
+        log = train_step(crops)
+        if trainer.step == step:
+            os.kill(os.getpid(), sig)
+        return log
+
+    trainer.train_step = step_then_signal
+
+
 def test_a_signal_stops_at_an_agreed_step_saves_and_says_how_to_go_on(image_folder, tmp_path):
     """SIGTERM or SIGUSR1 (SLURM's notice), arriving after step 3: step 4 votes, step 5
     reads the vote and is the last, its checkpoint is saved, and the run ends with one line;
     the handlers are put back, and a resume goes on from that step."""
-    import os
     import signal
 
     before = signal.getsignal(signal.SIGUSR1)
     trainer = Trainer(make_cfg(image_folder, tmp_path))
-    step = trainer.train_step
-
-    def step_then_signal(crops):
-        log = step(crops)
-        if trainer.step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return log
-
-    trainer.train_step = step_then_signal
+    signal_after_step(trainer, 3, signal.SIGUSR1)
     with pytest.raises(TrainingError, match=r"^stopped at step 5 by SIGUSR1; checkpoint saved "
                                             r"in .*run: relaunch with --resume"):
         trainer.fit(progress=False)
