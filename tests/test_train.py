@@ -86,7 +86,8 @@ def test_resume_continues_the_same_loss_sequence(image_folder, tmp_path):
 
 
 def test_resume_with_another_model_names_what_changed_and_keeps_the_checkpoint(image_folder,
-                                                                              tmp_path):
+                                                                              tmp_path,
+                                                                              reference_path):
     Trainer(make_cfg(image_folder, tmp_path)).fit(max_steps=2, progress=False)
     ckpt = tmp_path / "run" / "checkpoint.pth"
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
@@ -469,7 +470,8 @@ def test_dali_decode_failure_names_the_file_and_skips_or_stops(folder_with_a_cor
     assert len(trainer.input.dali_samples) == 8
 
 
-def test_the_time_limit_stops_at_an_agreed_step_with_a_checkpoint(image_folder, tmp_path):
+def test_the_time_limit_stops_at_an_agreed_step_with_a_checkpoint(image_folder, tmp_path,
+                                                                   reference_path):
     """run.max_minutes: once a step ends past the limit, the next step votes to stop (in its
     loss all-reduce, so every rank sees the same vote), the one after reads the vote, and
     the run ends there with a checkpoint, as if complete; a resume goes on to the end."""
@@ -497,7 +499,8 @@ def signal_after_step(trainer, step: int, sig) -> None:
     trainer.train_step = step_then_signal
 
 
-def test_a_signal_stops_at_an_agreed_step_saves_and_says_how_to_go_on(image_folder, tmp_path):
+def test_a_signal_stops_at_an_agreed_step_saves_and_says_how_to_go_on(image_folder, tmp_path,
+                                                                      reference_path):
     """SIGTERM or SIGUSR1 (SLURM's notice), arriving after step 3: step 4 votes, step 5
     reads the vote and is the last, its checkpoint is saved, and the run ends with one line;
     the handlers are put back, and a resume goes on from that step."""
