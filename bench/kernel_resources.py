@@ -144,12 +144,13 @@ def recording():
         EMA._plans.clear()
 
 
-_compiled: dict[str, dict] = {}  # a signature compiles once per process
+_compiled: dict[str, tuple[dict, bytes, dict]] = {}  # a signature compiles once per process
 
 
-def compile_launch(launch: Launch, arch: int) -> dict:
-    """Compile one launch for sm_<arch>; its registers, spills (stack frame and local memory,
-    with the STL/LDL instructions that reach them), shared memory and main-loop counts
+def compile_launch(launch: Launch, arch: int, machine_code: bool = True) -> dict:
+    """Compile one launch for sm_<arch>; its registers, spill bytes (stack frame and local
+    memory), shared memory and, with `machine_code` (a disassembly, about a second per
+    kernel), the STL/LDL instructions that reach the spills and the main-loop counts
     (`main_loop`)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -162,21 +163,23 @@ def compile_launch(launch: Launch, arch: int) -> dict:
         compiled = triton.compile(ASTSource(launch.kernel, types, constants, attrs),
                                   target=GPUTarget("cuda", arch, 32), options=options)
         pointers = sorted({t[1:] for t in types.values() if t.startswith("*")})
-        num_warps = options.get("num_warps", 4)
-        row = dict(kernel=launch.name, arch=f"sm_{arch}", num_warps=num_warps,
+        row = dict(kernel=launch.name, arch=f"sm_{arch}", num_warps=options.get("num_warps", 4),
                    pointers="/".join(pointers), constants={k: str(v) for k, v in constants.items()},
                    **resource_usage(compiled.asm["cubin"]))
         # triton's shared memory is dynamic (pipelined loops, reductions): not in the binary
         row["shared_bytes"] = max(row["shared_bytes"], compiled.metadata.shared)
-        sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+        _compiled[key] = row, compiled.asm["cubin"], constants
+    row, cubin, constants = _compiled[key]
+    if machine_code and "loop_instructions" not in row:
+        sass = _cuobjdump(cubin, "-sass")
         row.update(spill_accesses(sass))
         loop = main_loop(sass)
         elements = ELEMENTS_PER_ITERATION.get(launch.name)
         if elements is not None and loop["loop_instructions"]:
-            per_thread = elements(constants) / (32 * num_warps)
+            per_thread = elements(constants) / (32 * row["num_warps"])
             loop["instructions_per_element"] = round(loop["loop_instructions"] / per_thread, 2)
-        _compiled[key] = {**row, **loop}
-    return dict(_compiled[key])
+        row.update(loop)
+    return dict(row)
 
 
 # Elements of the main array one main-loop iteration handles per program (per thread: over
@@ -301,14 +304,16 @@ def report(archs=(80, 90), sweep: bool = True) -> list[dict]:
 
 def check(archs=(80, 90)) -> list[dict]:
     """What the tests compile: the default launches over dtypes and odd shapes (K not a power
-    of two, batch 1, one global crop, the largest K), every swept launch shape once, the EMA."""
+    of two, batch 1, one global crop, the largest K), every swept launch shape once (not
+    disassembled: the tests look at the default launches' machine code), the EMA."""
     rows = []
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         rows += _loss_rows(f"loss {_name(dtype)}", (65536, 256, 10, 2, dtype), archs, False)
     for shape in ((1000, 1, 4, 1, torch.bfloat16), (262144, 2, 4, 2, torch.bfloat16),
                   (4097, 3, 12, 2, torch.float16)):
         rows += _loss_rows(f"loss K={shape[0]} B={shape[1]}", shape, archs, False)
-    rows += _loss_rows("loss sweep", (65536, 64, 10, 2, torch.bfloat16), archs, True)
+    rows += _loss_rows("loss sweep", (65536, 64, 10, 2, torch.bfloat16), archs, True,
+                       machine_code=False)
     return _unique(rows + _ema_rows(archs))
 
 
@@ -316,12 +321,15 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _loss_rows(case: str, shape: tuple, archs, sweep: bool) -> list[dict]:
+def _loss_rows(case: str, shape: tuple, archs, sweep: bool, machine_code: bool = True) -> list[dict]:
+    """The default launches (with their machine code), and (sweep) the benchmark's shapes
+    (with theirs where `machine_code`)."""
     from dinofuse.bench.kernels import STUDENT_SWEEP, TEACHER_SWEEP
 
     def rows_for(student_launch, label):
-        return [dict(case=case, student_launch=label, default=label == "default",
-                     **compile_launch(launch, arch))
+        default = label == "default"
+        return [dict(case=case, student_launch=label, default=default,
+                     **compile_launch(launch, arch, machine_code or default))
                 for launch in loss_launches(*shape, student_launch) for arch in archs]
 
     rows = rows_for(None, "default")
@@ -359,18 +367,24 @@ def _unique(rows: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| case | student launch | kernel | pointers | arch | warps | registers | spill bytes "
-             "(STL/LDL; in loops) | shared bytes | main loop: instructions | per element | exp2 | loads (128-bit) "
-             "| stores (128-bit) |",
+             "(STL/LDL; in loops) | shared bytes | main loop: instructions | per element | exp2 "
+             "| loads (128-bit) | stores (128-bit) |",
              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['student_launch']} | {r['kernel']} | {r['pointers']} | {r['arch']} | "
-                     f"{r['num_warps']} | {r['registers']} | {r['spill_bytes']} "
-                     f"({r['spill_accesses']}; {r['spill_accesses_in_loops']}) | "
-                     f"{r['shared_bytes']} | "
-                     f"{r['loop_instructions']} | {r.get('instructions_per_element', '-')} | "
-                     f"{r['loop_exp2']} | {r['loop_loads']} ({r['loop_wide_loads']}) | "
-                     f"{r['loop_stores']} ({r['loop_wide_stores']}) |")
+        m = {k: r.get(k, "-") for k in MACHINE_CODE_FIELDS}  # "-": not disassembled
+        lines.append(f"| {r['case']} | {r['student_launch']} | {r['kernel']} | {r['pointers']} | "
+                     f"{r['arch']} | {r['num_warps']} | {r['registers']} | {r['spill_bytes']} "
+                     f"({m['spill_accesses']}; {m['spill_accesses_in_loops']}) | "
+                     f"{r['shared_bytes']} | {m['loop_instructions']} | "
+                     f"{m['instructions_per_element']} | {m['loop_exp2']} | "
+                     f"{m['loop_loads']} ({m['loop_wide_loads']}) | "
+                     f"{m['loop_stores']} ({m['loop_wide_stores']}) |")
     return "\n".join(lines) + "\n"
+
+
+MACHINE_CODE_FIELDS = ("spill_accesses", "spill_accesses_in_loops", "loop_instructions",
+                       "instructions_per_element", "loop_exp2", "loop_loads", "loop_wide_loads",
+                       "loop_stores", "loop_wide_stores")
 
 
 def main(argv=None) -> list[dict]:

@@ -18,6 +18,10 @@ from dinofuse.engine.checkpoint import (
 from dinofuse.engine.cli import main
 from dinofuse.engine.models import vit_small, vit_tiny
 
+# the checkpoints are what these tests check: the training steps some of them take use the
+# plain-PyTorch loss and EMA (the kernels, interpreted, are tested on their own)
+pytestmark = pytest.mark.usefixtures("reference_path")
+
 
 def official_checkpoint(model):
     """The layout of the official training checkpoints (main_dino.py's save_dict): student

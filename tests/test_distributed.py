@@ -1,4 +1,10 @@
-"""Two CPU processes over gloo: the center all-reduce and the EMA on FSDP2 shards."""
+"""Two CPU processes over gloo: the center all-reduce and the EMA on FSDP2 shards, training
+under FSDP2, sharded checkpoints, and the ways a run stops.
+
+The ranks run the Triton kernels under the interpreter only where the kernels are what a
+test checks (the center all-reduce, the EMA on shards, one FSDP2 training run); the others
+check coordination and checkpoints, and take the plain-PyTorch loss and EMA, as any CPU run
+does (interpreted, the kernels made this file take twice as long)."""
 
 import datetime
 import gc
@@ -20,7 +26,8 @@ def _free_port():
 
 
 def _run(rank, port, fn):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # LOCAL_WORLD_SIZE as torchrun sets it: each rank trains with its share of the cores
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(WORLD))
     # a bounded wait: a rank left alone in a collective fails the test instead of hanging it
     dist.init_process_group("gloo", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
@@ -32,8 +39,14 @@ def _run(rank, port, fn):
         dist.destroy_process_group()
 
 
-def _spawn(fn):
-    mp.spawn(_run, args=(_free_port(), fn), nprocs=WORLD, join=True)
+def _spawn(fn, interpret=False):
+    """Runs fn(rank) on WORLD ranks; their kernels interpreted only if `interpret`."""
+    before = os.environ["TRITON_INTERPRET"]
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"  # read by each rank at import
+    try:
+        mp.spawn(_run, args=(_free_port(), fn), nprocs=WORLD, join=True)
+    finally:
+        os.environ["TRITON_INTERPRET"] = before
 
 
 def _center_all_reduce(rank):
@@ -84,15 +97,18 @@ def _ema_on_fsdp2_shards(rank):
 @pytest.mark.parametrize("fn", [_center_all_reduce, _ema_on_fsdp2_shards],
                          ids=["center_all_reduce", "ema_fsdp2_shards"])
 def test_two_processes(fn):
-    _spawn(fn)
+    _spawn(fn, interpret=True)
 
 
-def _fsdp_training(rank, folder, out, result, clip_mode, overrides=()):
+def _fsdp_training(rank, folder, out, result, clip_mode, interpret, overrides=()):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from dinofuse.engine.config import load_config
     from dinofuse.engine.train import Trainer
+    from dinofuse.kernels import _runtime
     from test_train import TINY
+
+    assert _runtime.INTERPRET == interpret  # the kernels where asked for, else the reference
 
     cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{out}"',
                                          "optim.batch_size_per_device=2", "optim.clip_grad=0.05",
@@ -110,14 +126,16 @@ def _fsdp_training(rank, folder, out, result, clip_mode, overrides=()):
                     "center": trainer.loss_fn.center.clone()}, result)
 
 
-@pytest.mark.parametrize("clip_mode,overrides,data", [
-    ("per_param", (), "images"),
-    ("global", ("impl.reshard_after_forward=false", "impl.reshard_root_after_forward=true"), "images"),
-    ("per_param", ('data.backend="tensor"',), "idx"),
+@pytest.mark.parametrize("clip_mode,overrides,data,interpret", [
+    ("per_param", (), "images", True),  # the fused kernels on the local shards
+    ("global", ("impl.reshard_after_forward=false", "impl.reshard_root_after_forward=true"), "images",
+     False),
+    ("per_param", ('data.backend="tensor"',), "idx", False),
     # torchtitan's order per block: activation checkpointing, torch.compile, then FSDP2
-    ("per_param", ("impl.checkpoint_blocks=1", "impl.compile_blocks=true"), "images"),
+    ("per_param", ("impl.checkpoint_blocks=1", "impl.compile_blocks=true"), "images", False),
 ])
-def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, overrides, data):
+def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, clip_mode, overrides, data,
+                                            interpret):
     """Two ranks with FSDP2 and batch 2 each equal one process with batch 4: losses,
     student, teacher (EMA) and center, over 4 steps with clipping (norms of sharded
     gradients summed over the ranks), with either choice of resharding after forward, with
@@ -127,8 +145,11 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, overrides, data
 
     from dinofuse.engine.config import load_config
     from dinofuse.engine.train import Trainer
+    from dinofuse.kernels import _runtime
     from fashion_mnist_files import write_fashion_mnist
     from test_train import TINY
+
+    monkeypatch.setattr(_runtime, "INTERPRET", interpret)  # the one process takes the ranks' path
 
     if data == "idx":
         folder = tmp_path / "fmnist"
@@ -137,7 +158,8 @@ def test_fsdp2_two_processes_train_like_one(tmp_path, clip_mode, overrides, data
         folder = _image_folder(tmp_path / "imgs")
     result = tmp_path / "fsdp.pt"
     _spawn(functools.partial(_fsdp_training, folder=folder, out=tmp_path / "fsdp", result=result,
-                             clip_mode=clip_mode, overrides=overrides))
+                             clip_mode=clip_mode, interpret=interpret, overrides=overrides),
+           interpret)
     fsdp = torch.load(result, weights_only=True)
 
     cfg = load_config("default", TINY + [f'data.path="{folder}"', f'run.output_dir="{tmp_path / "one"}"',
@@ -187,7 +209,7 @@ def _train_and_report(rank, folder, out, result, steps, resume, extra=()):
         torch.save({"start": start, "losses": losses, "teacher": teacher}, result)
 
 
-def test_sharded_checkpoint_saved_by_two_resumes_under_one_and_two(tmp_path):
+def test_sharded_checkpoint_saved_by_two_resumes_under_one_and_two(tmp_path, reference_path):
     """Two ranks save a sharded checkpoint (DCP, in the background) after 3 steps; resuming it
     under two processes and under one continues exactly like an uninterrupted run."""
     import functools
@@ -234,7 +256,7 @@ def _launch_rank(rank, port, args):
 
     env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               TRITON_INTERPRET="1", PYTHONPATH=os.path.dirname(__file__))
+               TRITON_INTERPRET="0", PYTHONPATH=os.path.dirname(__file__))
     return subprocess.Popen([sys.executable, "-m", "dinofuse.engine.train", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -295,7 +317,7 @@ def test_a_killed_rank_ends_the_job_and_a_relaunch_resumes_from_the_last_complet
     assert [resumed[s] for s in overlap] == pytest.approx([first[s] for s in overlap], rel=1e-5)
 
 
-def test_one_process_checkpoint_resumes_under_two(tmp_path):
+def test_one_process_checkpoint_resumes_under_two(tmp_path, reference_path):
     """checkpoint.pth of one process (optimizer keyed by parameter name) continues under two
     FSDP2 processes like an uninterrupted run, through the end of the last-layer freeze."""
     import functools

@@ -14,12 +14,23 @@ import torch
 from dinofuse.engine import graph_step
 from dinofuse.engine.graph_step import WARMUP_STEPS, check_graphable
 from dinofuse.engine.train import Trainer
+from dinofuse.kernels import _runtime
 from test_train import make_cfg
 
 # batches of 8 of the 40 images: 5 steps per epoch, the last layer unfreezes at step 5
 RUN = ("optim.batch_size_per_device=8", "optim.warmup_teacher_temp_epochs=1",
        "optim.warmup_teacher_temp=0.03")
 STEPS = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plain_pytorch_ops():
+    """The loss and EMA take their plain-PyTorch path: these tests check the step around them
+    (the kernels with the momentum on the device are in test_ema); interpreted, they made
+    this file take ~3 times as long."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_runtime, "INTERPRET", False)
+        yield
 
 
 class ReplayByRunning:
@@ -61,7 +72,8 @@ def initial_weights(image_folder, path) -> dict[str, torch.Tensor]:
 def assert_same_training(a: Trainer, logs_a, b: Trainer, logs_b, start: dict):
     """The same losses, and weights whose difference is tiny next to how far the steps moved
     them: schedules read as float32 from the device differ from the Python floats in the last
-    bits. The key bias is left out: its exact gradient is zero (softmax ignores a shift of
+    bits. Rounding at the weights' own size is allowed too: the teacher barely moves, and its
+    EMA with the momentum as a tensor rounds 1 - m in float32, not float64. The key bias is left out: its exact gradient is zero (softmax ignores a shift of
     every key's score for a query), so Adam turns rounding noise there into full steps, and
     it changes no output."""
     assert [log.step for log in logs_a] == [log.step for log in logs_b]
@@ -78,7 +90,8 @@ def assert_same_training(a: Trainer, logs_a, b: Trainer, logs_b, start: dict):
                 for t in (p, q, p0):
                     t[keys] = 0.0
             moved = (p - p0).norm()
-            assert (q - p).norm() <= 2e-4 * moved + 1e-9, (model, name, (q - p).norm(), moved)
+            assert (q - p).norm() <= 2e-4 * moved + 1e-6 * p0.norm() + 1e-9, \
+                (model, name, (q - p).norm(), moved)
     torch.testing.assert_close(b.loss_fn.center, a.loss_fn.center, rtol=1e-4, atol=1e-7)
 
 

@@ -77,7 +77,7 @@ def test_short_run_loss_goes_down(tmp_path, reference_path):
     assert np.mean(losses[30:40]) < np.mean(losses[:10]) - 0.3, losses
 
 
-def test_resume_continues_the_same_loss_sequence(image_folder, tmp_path):
+def test_resume_continues_the_same_loss_sequence(image_folder, tmp_path, reference_path):
     whole = Trainer(make_cfg(image_folder, tmp_path / "a")).fit(progress=False)
     first = Trainer(make_cfg(image_folder, tmp_path / "b")).fit(max_steps=7, progress=False)
     rest = Trainer(make_cfg(image_folder, tmp_path / "b"), resume=True).fit(progress=False)
@@ -222,7 +222,7 @@ def test_missing_fashion_mnist_says_what_to_do(tmp_path):
         FashionMNIST("train", root=tmp_path)
 
 
-def test_dali_backend_trains_and_resumes(image_folder, tmp_path):
+def test_dali_backend_trains_and_resumes(image_folder, tmp_path, reference_path):
     pytest.importorskip("nvidia.dali")
     cfg = make_cfg(image_folder, tmp_path, 'data.backend="dali"', "optim.epochs=2")
     first = Trainer(cfg).fit(max_steps=13, progress=False)
@@ -241,7 +241,7 @@ def idx_folder(tmp_path_factory):
     return root
 
 
-def test_tensor_backend_trains_and_resumes_exactly(idx_folder, tmp_path):
+def test_tensor_backend_trains_and_resumes_exactly(idx_folder, tmp_path, reference_path):
     """Crops cut by batched tensor operations: each batch's draws depend on (seed, epoch,
     batch, rank) only, so a resume mid-epoch continues with the same losses."""
     def cfg(run):
@@ -316,7 +316,7 @@ def test_dali_backend_needs_image_files(tmp_path):
         Trainer(cfg)
 
 
-def test_trains_from_webdataset_shards(tmp_path):
+def test_trains_from_webdataset_shards(tmp_path, reference_path):
     pytest.importorskip("nvidia.dali")
     import io
     import tarfile
@@ -377,7 +377,7 @@ def test_official_impl_choices_train_like_the_fused_ones(tmp_path):
     assert fused_losses[0] != fused_losses[-1]  # the steps changed something
 
 
-def test_checkpointing_and_compile_per_block_change_no_result(tmp_path):
+def test_checkpointing_and_compile_per_block_change_no_result(tmp_path, reference_path):
     plain_losses, plain_teacher, _ = _synthetic_run(tmp_path / "a")
     # true: every block (the field was a switch once; saved configs with it still load)
     ckpt_losses, ckpt_teacher, trainer = _synthetic_run(tmp_path / "b", "impl.checkpoint_blocks=true")
