@@ -64,7 +64,7 @@ def _train(args) -> None:
     rank, world = init_distributed(timeout_s=cfg.run.collective_timeout_s)
     resume = "auto" if args.auto_resume else args.resume
     if args.fit_minutes is not None:
-        cfg = _fit_to_minutes(cfg, args.fit_minutes, resume, world)
+        cfg = _fit_to_minutes(cfg, args.fit_minutes, resume, rank)
     trainer = Trainer(cfg, resume=resume)
     use_training_threads(trainer)  # on a CPU each data worker gets a core of its own
     try:
@@ -101,20 +101,19 @@ def _train(args) -> None:
             print("k-NN skipped: no query images (set run.knn_val=DIR)")
 
 
-def _fit_to_minutes(cfg, minutes: float, resume, world: int):
+def _fit_to_minutes(cfg, minutes: float, resume, rank: int):
     """cfg fitted to `minutes`; a resumed fitted run keeps the epochs it was fitted to (a
     second fit would change its schedules midway): those of the config.toml beside it."""
-    if world > 1:
-        raise ValueError("--fit-minutes times the step of one process; under torchrun set "
-                         "optim.epochs instead")
     out = Path(cfg.run.output_dir)
     if resume and run_has_checkpoint(out):
         fitted = config_from_toml((out / "config.toml").read_text()).optim
-        print(f"--fit-minutes: resuming, with the {fitted.epochs} epochs fitted at the start "
-              f"({out / 'config.toml'})", flush=True)
+        if rank == 0:
+            print(f"--fit-minutes: resuming, with the {fitted.epochs} epochs fitted at the "
+                  f"start ({out / 'config.toml'})", flush=True)
         return dataclasses.replace(cfg, optim=fitted)
     cfg, fit = fit_to_minutes(cfg, minutes)
-    print(fit.describe(minutes), flush=True)
+    if rank == 0:
+        print(fit.describe(minutes), flush=True)
     return cfg
 
 

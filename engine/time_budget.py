@@ -6,22 +6,28 @@ than the config's. The schedules stay whole (warm-up, cosine to the end), where
 `run.max_minutes` would cut them short. The epoch-counted lengths (LR warm-up, teacher
 temperature warm-up, last-layer freeze) shrink in proportion, so that a shorter run keeps the
 planned run's shape. The resolved config saved beside the run holds the fitted values.
+Under several processes every rank runs the trial and takes the slowest rank's times, so all
+fit the same epochs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import itertools
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dinofuse.engine.config import Config
-from dinofuse.engine.parallel import use_training_threads
+from dinofuse.engine.parallel import use_training_threads, world
 from dinofuse.engine.train import Trainer
 
 WARMUP_STEPS = 10  # compilation, autotuning, a CUDA graph's capture: not timed
@@ -62,10 +68,32 @@ def shrink_schedule(cfg: Config, epochs: int) -> Config:
     return dataclasses.replace(cfg, optim=optim)
 
 
+@contextlib.contextmanager
+def _scratch_folder(cfg: Config):
+    """A folder for the trial's checkpoint: a temporary one for one process; under several,
+    one inside the run's output folder, which every rank sees (a sharded save needs that)."""
+    rank, size = world()
+    if size == 1:
+        with tempfile.TemporaryDirectory(prefix="dinofuse-fit-") as scratch:
+            yield scratch
+        return
+    scratch = Path(cfg.run.output_dir) / "fit-trial"
+    if rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+    dist.barrier()
+    try:
+        yield str(scratch)
+    finally:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def measure(cfg: Config) -> tuple[float, float, int]:
     """Seconds per training step (TIMED_STEPS after WARMUP_STEPS) and per checkpoint save of
-    a trial trainer, and its steps per epoch."""
-    with tempfile.TemporaryDirectory(prefix="dinofuse-fit-") as scratch:
+    a trial trainer, and its steps per epoch; under several processes, the slowest rank's."""
+    with _scratch_folder(cfg) as scratch:
         run = dataclasses.replace(cfg.run, output_dir=scratch, knn_after_training=False)
         trial = Trainer(dataclasses.replace(cfg, run=run))
         use_training_threads(trial)
@@ -80,6 +108,10 @@ def measure(cfg: Config) -> tuple[float, float, int]:
         trial.finish_pending_save()
         save_s = time.perf_counter() - started
         iters = trial.iters_per_epoch
+        if dist.is_initialized():  # every rank fits the same epochs
+            slowest = torch.tensor([step_s, save_s], dtype=torch.float64, device=trial.device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            step_s, save_s = slowest.tolist()
         del trial, batches
     gc.collect()  # the trial's models and buffers (held in reference cycles) before the run's
     return step_s, save_s, iters

@@ -502,3 +502,39 @@ def test_a_stop_asked_of_one_rank_stops_every_rank_at_the_same_step(tmp_path):
                                     "stopped at step 4 by SIGUSR1")
     assert time_0 == time_1 == (4, 7, "time")
     assert latest_complete(tmp_path / "run" / "checkpoints").name == "step_00000007"
+
+
+def _fit_with_rank_1_slower(rank, folder, out, result):
+    import time
+
+    from dinofuse.engine import cli, time_budget
+
+    steps = time_budget._steps
+
+    def slower(trainer, batches, count):  # rank 1 takes 0.1 s longer per timed step
+        steps(trainer, batches, count)
+        if rank == 1 and count == time_budget.TIMED_STEPS:
+            time.sleep(0.1 * count)
+
+    time_budget._steps = slower
+    fitted = cli._fit_to_minutes(_cfg(folder, out, 2, "optim.epochs=50"), 0.2, False, rank)
+    outcomes = [None] * WORLD
+    dist.all_gather_object(outcomes, (fitted.optim.epochs, fitted.optim.warmup_epochs,
+                                      (out / "fit-trial").exists()))
+    if rank == 0:
+        torch.save(outcomes, result)
+
+
+def test_fit_minutes_under_two_processes_fits_every_rank_to_the_slowest(tmp_path):
+    """Each rank times the trial (a sharded save in a folder both see, removed after) and
+    takes the slowest rank's times: the ranks fit the same epochs and schedules, which a
+    rank fitting by its own clock would not (rank 1 is made 0.1 s per step slower)."""
+    import functools
+
+    result = tmp_path / "outcomes.pt"
+    _spawn(functools.partial(_fit_with_rank_1_slower, folder=_image_folder(tmp_path / "imgs"),
+                             out=tmp_path / "run", result=result))
+    (epochs, warmup, trial_left), other = torch.load(result, weights_only=True)
+    assert other == (epochs, warmup, trial_left) and not trial_left
+    # 12 s of 4 steps of at least 0.1 s and a save: the time, not optim.epochs, sets the count
+    assert 1 <= epochs < 30 and warmup == pytest.approx(0.5 * epochs / 50)

@@ -82,9 +82,3 @@ def test_a_bad_budget_gets_one_line(extra, message, folder, tmp_path, capsys):  
     assert main(["train", "--data", str(folder), "--output-dir", str(tmp_path), *TINY, *extra]) == 2
     assert capsys.readouterr().err.strip() == f"dinofuse train: error: {message}"
 
-
-def test_several_processes_are_told_to_set_the_epochs(folder, tmp_path, monkeypatch, capsys):  # noqa: F811
-    monkeypatch.setattr("dinofuse.engine.cli.init_distributed", lambda timeout_s: (0, 2))
-    args = ["train", "--data", str(folder), "--output-dir", str(tmp_path), "--fit-minutes", "1", *TINY]
-    assert main(args) == 2
-    assert "--fit-minutes times the step of one process" in capsys.readouterr().err
