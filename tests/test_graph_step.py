@@ -73,9 +73,9 @@ def assert_same_training(a: Trainer, logs_a, b: Trainer, logs_b, start: dict):
     """The same losses, and weights whose difference is tiny next to how far the steps moved
     them: schedules read as float32 from the device differ from the Python floats in the last
     bits. Rounding at the weights' own size is allowed too: the teacher barely moves, and its
-    EMA with the momentum as a tensor rounds 1 - m in float32, not float64. The key bias is left out: its exact gradient is zero (softmax ignores a shift of
-    every key's score for a query), so Adam turns rounding noise there into full steps, and
-    it changes no output."""
+    EMA with the momentum as a tensor rounds 1 - m in float32, not float64. The key bias is
+    left out: its exact gradient is zero (softmax ignores a shift of every key's score for a
+    query), so Adam turns rounding noise there into full steps, and it changes no output."""
     assert [log.step for log in logs_a] == [log.step for log in logs_b]
     assert [log.loss for log in logs_b] == pytest.approx([log.loss for log in logs_a], rel=1e-5)
     assert [log.grad_norm for log in logs_b] == pytest.approx([log.grad_norm for log in logs_a],
