@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -5,7 +6,7 @@ from dinofuse.engine.eval.knn import knn_classify
 
 
 def official_knn(train_features, train_labels, test_features, test_labels, k, T, num_classes):
-    """The official eval_knn.knn_classifier, top-1 only, in one chunk."""
+    """The official eval_knn.knn_classifier in one chunk: (top-1, top-5)."""
     similarity = torch.mm(test_features, train_features.t())
     distances, indices = similarity.topk(k, largest=True, sorted=True)
     candidates = train_labels.view(1, -1).expand(len(test_labels), -1)
@@ -16,18 +17,23 @@ def official_knn(train_features, train_labels, test_features, test_labels, k, T,
     probs = torch.sum(torch.mul(one_hot.view(len(test_labels), -1, num_classes),
                                 weights.view(len(test_labels), -1, 1)), 1)
     _, predictions = probs.sort(1, True)
-    return 100.0 * predictions[:, 0].eq(test_labels).float().mean().item()
+    correct = predictions.eq(test_labels.view(-1, 1))
+    top5 = correct.narrow(1, 0, min(5, k)).sum().item()  # official: top-5 means nothing at k < 5
+    return 100.0 * correct[:, 0].float().mean().item(), 100.0 * top5 / len(test_labels)
 
 
 def test_matches_official_knn_in_chunks():
     torch.manual_seed(3)
     centers = torch.randn(7, 32)
     train_y, test_y = torch.randint(0, 7, (900,)), torch.randint(0, 7, (301,))
-    train = F.normalize(centers[train_y] + torch.randn(900, 32) * 1.5, dim=1)
-    test = F.normalize(centers[test_y] + torch.randn(301, 32) * 1.5, dim=1)
-    for k in (1, 10, 20):
+    # noisy enough that the top-5 stays under 100% (45-56% top-1, 81-95% top-5)
+    train = F.normalize(centers[train_y] + torch.randn(900, 32) * 3.0, dim=1)
+    test = F.normalize(centers[test_y] + torch.randn(301, 32) * 3.0, dim=1)
+    for k in (1, 3, 10, 20):
         ours = knn_classify(train, train_y, test, test_y, k=k, temperature=0.07, chunk=64)
-        assert abs(ours["top1"] - official_knn(train, train_y, test, test_y, k, 0.07, 7)) < 1e-4
+        top1, top5 = official_knn(train, train_y, test, test_y, k, 0.07, 7)
+        assert ours["top1"] == pytest.approx(top1, abs=1e-4)
+        assert ours["top5"] == pytest.approx(top5, abs=1e-4)
         assert 30 < ours["top1"] <= ours["top5"] <= 100
 
 
@@ -54,5 +60,21 @@ def test_features_from_worker_processes_are_those_of_the_main_process(tmp_path):
     features = [extract_features(backbone, images, transform, torch.device("cpu"), batch_size=4,
                                  num_workers=workers) for workers in (0, 2)]
     assert features[0][0].shape == (15, 192)
+    # cosine similarity: unit rows (the CLS token itself is far from unit length)
+    torch.testing.assert_close(features[0][0].norm(dim=1), torch.ones(15))
     assert torch.equal(features[0][1], torch.arange(3).repeat_interleave(5))
     assert torch.equal(features[0][0], features[1][0]) and torch.equal(features[0][1], features[1][1])
+
+
+def test_eval_transform_is_the_official_one():
+    """eval_knn.py: resize 256 (bicubic), center crop 224, ImageNet normalization."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from dinofuse.engine.eval.report import eval_transform
+
+    image = Image.fromarray((np.random.default_rng(0).random((300, 400, 3)) * 255).astype(np.uint8))
+    official = T.Compose([T.Resize(256, interpolation=3), T.CenterCrop(224), T.ToTensor(),
+                          T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    assert torch.equal(eval_transform(224, 256 / 224)(image), official(image))
