@@ -31,8 +31,12 @@ def make_cfg(image_folder, tmp_path, *extra):
 
 
 def test_one_step_equals_reference_math(image_folder, tmp_path):
+    # weight decay large enough for one step's decay to show: at the default 0.04 (and LR 8e-6
+    # at this batch) it moved a weight by 3e-7 of itself, under the tolerance, so a 1-D
+    # parameter put in the decayed group went unnoticed. (A larger LR would not do: Adam's
+    # first step moves even a gradient of rounding noise, a key bias's, by the whole LR.)
     cfg = make_cfg(image_folder, tmp_path, "model.drop_path_rate=0.0", "optim.clip_grad=0.05",
-                   "optim.warmup_epochs=0.0")
+                   "optim.warmup_epochs=0.0", "optim.weight_decay=100.0")
     trainer = Trainer(cfg)
     student0, teacher0 = copy.deepcopy(trainer.student), copy.deepcopy(trainer.teacher)
     crops = [torch.randn(4, 3, 16, 16) for _ in range(2)] + [torch.randn(4, 3, 8, 8) for _ in range(2)]
@@ -208,11 +212,31 @@ def test_a_step_reads_no_tensor_on_the_host(tmp_path, monkeypatch, impl, reads):
         assert len(hits) >= with_grad > 0 and set(hits) == {"__float__ in clip_gradients_official"}
 
 
-def test_teacher_starts_as_student_copy_without_gradients(image_folder, tmp_path):
-    student, teacher = build_student_teacher(make_cfg(image_folder, tmp_path))
+def test_teacher_starts_as_student_copy_without_gradients_or_drop_path(image_folder, tmp_path):
+    student, teacher = build_student_teacher(make_cfg(image_folder, tmp_path, "model.drop_path_rate=0.2"))
     for (n, s), t in zip(student.named_parameters(), teacher.parameters()):
         assert torch.equal(s, t), n
         assert not t.requires_grad
+
+    def rates(model):
+        return [getattr(b.drop_path, "drop_prob", 0.0) for b in model.backbone.blocks]
+
+    assert rates(student)[-1] == pytest.approx(0.2) and set(rates(teacher)) == {0.0}
+
+
+def test_schedules_are_the_official_ones(image_folder, tmp_path):
+    """main_dino.py's: LR base x batch / 256 with its warm-up, the weight decay's cosine,
+    teacher momentum to 1, each a value per iteration over all epochs (the values are the
+    default preset's; Config()'s are checked against the official ones in test_config)."""
+    from dinofuse.engine.schedules import cosine_schedule
+
+    trainer = Trainer(make_cfg(image_folder, tmp_path))
+    o, n = trainer.cfg.optim, trainer.iters_per_epoch
+    assert len(trainer.lr_schedule) == o.epochs * n > 2
+    assert trainer.lr_schedule == cosine_schedule(o.lr * o.batch_size_per_device / 256, o.min_lr,
+                                                  o.epochs, n, o.warmup_epochs)
+    assert trainer.wd_schedule == cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, n)
+    assert trainer.momentum_schedule == cosine_schedule(o.momentum_teacher, 1.0, o.epochs, n)
 
 
 def test_missing_fashion_mnist_says_what_to_do(tmp_path):
@@ -420,22 +444,28 @@ def test_gradient_clipping_matches_the_official_and_torch_versions(mode):
     from dinofuse.engine.clipping import clip_gradients, clip_gradients_official
 
     torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    x = torch.randn(4, 5) * 10
-    for m in models:
-        m(x).square().sum().backward()
-    norms = [float(p.grad.norm()) for p in models[0].parameters()]
-    clip = sorted(norms)[1]  # some parameters clipped, some not
-    total = float(clip_gradients(models[0], clip, mode))
-    if mode == "per_param":
-        assert clip_gradients_official(models[1], clip) == pytest.approx(total, rel=1e-6)
-    else:
-        assert float(torch.nn.utils.clip_grad_norm_(models[1].parameters(), clip)) == \
-            pytest.approx(total, rel=1e-6)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
-    assert total == pytest.approx(sum(n * n for n in norms) ** 0.5, rel=1e-6)
+    source = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    source(torch.randn(4, 5) * 10).square().sum().backward()
+    grads = [p.grad.clone() for p in source.parameters()]
+    norms = [float(g.norm()) for g in grads]
+    # some parameters clipped, some not; the largest norm scaled by 0.9 (a factor near 1)
+    for clip in (sorted(norms)[1], 0.9 * max(norms)):
+        models = [copy.deepcopy(source) for _ in range(2)]
+        for m in models:
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        total = float(clip_gradients(models[0], clip, mode))
+        if mode == "per_param":
+            assert clip_gradients_official(models[1], clip) == pytest.approx(total, rel=1e-6)
+            expected = [g * min(1.0, clip / (n + 1e-6)) for g, n in zip(grads, norms)]
+        else:
+            assert float(torch.nn.utils.clip_grad_norm_(models[1].parameters(), clip)) == \
+                pytest.approx(total, rel=1e-6)
+            expected = [g * min(1.0, clip / (sum(n * n for n in norms) ** 0.5 + 1e-6)) for g in grads]
+        for a, b, e in zip(models[0].parameters(), models[1].parameters(), expected):
+            torch.testing.assert_close(a.grad, e, rtol=1e-6, atol=0)
+            torch.testing.assert_close(b.grad, e, rtol=1e-6, atol=0)
+        assert total == pytest.approx(sum(n * n for n in norms) ** 0.5, rel=1e-6)
 
 
 @pytest.fixture()
