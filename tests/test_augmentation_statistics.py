@@ -102,8 +102,12 @@ def test_grayscale_and_solarize_rates(backend, tmp_path):
         assert_rate(gray, 0.2, f"{backend} grayscale, crop {i}")
     crops = BACKENDS[backend](spec_with(solarize_p=0.2), tmp_path)
     for i, crop in enumerate(crops):
-        blue = pixels(crop)[:, 2].mean((1, 2))  # 200 unless solarized to 55
-        assert_rate(blue < 128, 0.2 if i == 1 else 0.0, f"{backend} solarize, crop {i}")
+        px = pixels(crop)
+        solarized = px[:, 2].mean((1, 2)) < 128  # blue: 200 unless solarized to 55
+        assert_rate(solarized, 0.2 if i == 1 else 0.0, f"{backend} solarize, crop {i}")
+        if i == 1:  # PIL's threshold, 128: every value at or above it inverted (to 127 or
+            # less), every value below kept, so none is left at 128 or more (the ramps span 0-255)
+            assert px[solarized].amax() < 128, f"{backend} solarize threshold"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,6 +18,37 @@ def test_official_recipes_are_there():
     assert load_config("vit_small8").model.patch_size == 8
 
 
+def test_defaults_are_the_official_code_defaults():
+    """Config() and MultiCropSpec() hold main_dino.py's defaults (../shared/dino-spec.md): the
+    presets only name what differs, so a drifted default changes every recipe at once."""
+    from dinofuse.dataloading.spec import MultiCropSpec
+    from dinofuse.engine.config import Config
+
+    c = Config()
+    official = [
+        (c.model, dict(patch_size=16, drop_path_rate=0.1, out_dim=65536, head_hidden_dim=2048,
+                       head_bottleneck_dim=256, head_nlayers=3, use_bn_in_head=False,
+                       norm_last_layer=True)),
+        (c.data, dict(global_crop_size=224, local_crop_size=96, global_crops_scale=(0.4, 1.0),
+                      local_crops_scale=(0.05, 0.4), local_crops_number=8, blur_radius=(0.1, 2.0))),
+        (c.optim, dict(batch_size_per_device=64, epochs=100, lr=0.0005, min_lr=1e-6,
+                       warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4,
+                       momentum_teacher=0.996, clip_grad=3.0, clip_mode="per_param",
+                       freeze_last_layer=1, warmup_teacher_temp=0.04, teacher_temp=0.04,
+                       warmup_teacher_temp_epochs=0, student_temp=0.1, center_momentum=0.9)),
+        (c.run, dict(knn_k=20, knn_temperature=0.07, knn_features="cls", knn_resize_ratio=256 / 224)),
+        (MultiCropSpec(), dict(global_crop_size=224, local_crop_size=96, global_crops_scale=(0.4, 1.0),
+                               local_crops_scale=(0.05, 0.4), local_crops_number=8,
+                               ratio=(3 / 4, 4 / 3), flip_p=0.5, color_jitter_p=0.8, brightness=0.4,
+                               contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2,
+                               blur_sigma=(0.1, 2.0), blur_p=(1.0, 0.1, 0.5), solarize_p=0.2)),
+    ]
+    for section, values in official:
+        assert {k: getattr(section, k) for k in values} == values, type(section).__name__
+    crops = MultiCropSpec().crops()  # blur 1.0 / 0.1 / 0.5, solarization on the second only
+    assert [(c.blur_p, c.solarize_p) for c in crops[:3]] == [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0)]
+
+
 def test_overrides_and_their_errors():
     cfg = load_config("default", ["optim.lr=0.001", "model.attention=sdpa",
                                   "data.global_crops_scale=[0.3, 1.0]", "optim.epochs=3"])

@@ -44,6 +44,18 @@ def test_non_square_crop_and_patch_8():
         assert (model(x) - ref).abs().max() < 1e-5
 
 
+def test_layer_norm_eps_is_the_official_one():
+    """eps (1e-6) only shows where the stream's variance is near it: the embeddings scaled
+    down 1000x. Above, eps 1e-5 in the blocks stayed within the tolerance."""
+    model = random_state(build_vit("vit_tiny", patch_size=8, depth=2)).eval()
+    with torch.no_grad():
+        for name in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token"):
+            model.get_parameter(name).mul_(1e-3)
+        x = torch.randn(1, 3, 32, 32)
+        ref = official_vit_forward(model.state_dict(), x, patch=8, heads=3)
+        assert (model(x) - ref).abs().max() < 1e-5
+
+
 def test_attention_backends_agree_and_maps_are_distributions():
     model = random_state(vit_tiny(depth=3)).eval()
     x = torch.randn(2, 3, 96, 96)
@@ -105,6 +117,18 @@ def test_head_names_freeze_and_normalization():
     bn_head = DINOHead(384, 100, use_bn=True, nlayers=3, hidden_dim=64, bottleneck_dim=32)
     assert "mlp.1.running_mean" in bn_head.state_dict() and "mlp.6.weight" in bn_head.state_dict()
     assert DINOHead(8, 10, norm_last_layer=False).last_layer.weight_g.requires_grad
+
+
+def test_head_init_is_the_official_one():
+    """The MLP: trunc_normal(std 0.02), zero biases. The prototypes, made after that init,
+    keep torch's Linear init: uniform in +-1/sqrt(256), std 1/sqrt(3 * 256)."""
+    torch.manual_seed(0)
+    head = DINOHead(384, 4000)
+    for i in (0, 2, 4):
+        assert head.mlp[i].weight.std().item() == pytest.approx(0.02, rel=0.02)
+        assert not head.mlp[i].bias.any()
+    v = head.last_layer.weight_v
+    assert v.abs().max() <= 1 / 16 and v.std().item() == pytest.approx(1 / (3 * 256) ** 0.5, rel=0.02)
 
 
 def test_last_layer_freeze():
