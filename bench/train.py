@@ -523,11 +523,21 @@ def _json_default(o):
     return str(o)
 
 
+def _batch_arg(text: str) -> int | str:
+    """A per-device batch (>= 1) or 'max'. Checked here, so an error names --batch."""
+    if text == "max":
+        return text
+    try:
+        return POSITIVE_INT_ARG(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error}, or 'max'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dinofuse bench train", description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="vit_small", choices=sorted(ARCHS))
     ap.add_argument("--patch", type=POSITIVE_INT_ARG, default=16)
-    ap.add_argument("--batch", default="64", help="per device, or 'max' (doubling search)")
+    ap.add_argument("--batch", type=_batch_arg, default=64, help="per device, or 'max' (doubling search)")
     ap.add_argument("--local-crops", type=COUNT_ARG, default=10)
     ap.add_argument("--global-size", type=POSITIVE_INT_ARG, default=224)
     ap.add_argument("--local-size", type=POSITIVE_INT_ARG, default=96)
@@ -563,8 +573,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.batch != "max" and not args.batch.isdigit():
-        raise SystemExit(f"--batch must be a number or 'max'; got {args.batch!r}")
     result = run(args, on_row=lambda partial: write_outputs(partial, args.out))
     paths = write_outputs(result, args.out)
     print(markdown(result))

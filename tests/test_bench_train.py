@@ -111,11 +111,14 @@ def test_benchmark_end_to_end_writes_json_markdown_and_png(tmp_path):
     assert "target MFU >= 35.0%" in summary
 
 
-def test_bad_batch_argument_is_named():
+def test_bad_batch_argument_is_named(capsys):
     from dinofuse.bench.train import main
 
-    with pytest.raises(SystemExit, match="--batch"):
-        main(["--batch", "lots"])
+    for bad, why in (("lots", "must be int; got 'lots', or 'max'"), ("0", "must be >= 1; got 0, or 'max'")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--batch", bad])
+        assert exit_.value.code == 2
+        assert f"argument --batch: {why}" in capsys.readouterr().err
 
 
 def test_bench_config_is_the_official_recipe_at_the_given_sizes():
@@ -187,13 +190,13 @@ def test_an_ablation_row_that_cannot_run_is_a_row_and_the_rest_goes_on():
 
 
 def test_bad_numbers_get_one_line_naming_them(capsys):
-    """Through `dinofuse bench train`: a config's range error is one line (it was a traceback),
-    an option's is argparse's, naming the option."""
+    """Through `dinofuse bench train`: a config error is one line (it was a traceback), an
+    option's is argparse's, naming the option."""
     from dinofuse.engine.cli import main
 
-    assert main(["bench", "train", "--device", "cpu", "--batch", "0"]) == 2
+    assert main(["bench", "train", "--device", "cpu", "--global-size", "100"]) == 2
     assert capsys.readouterr().err.strip() == \
-        "dinofuse bench train: error: optim.batch_size_per_device must be >= 1; got 0"
+        "dinofuse bench train: error: crop size 100x100 is not divisible by the patch size 16"
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "train", "--device", "cpu", "--steps", "0"])
     assert exit_.value.code == 2

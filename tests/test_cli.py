@@ -1,6 +1,8 @@
 """The `dinofuse` command end to end on tiny data, and its one-line errors."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -41,13 +43,25 @@ def test_train_writes_checkpoint_config_log_and_knn(trained):
 
 
 def test_knn_attention_maps_and_export(trained, folder, tmp_path, capsys):
-    knn = ["knn", "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
-           "--val", str(folder), "--k", "3", "5", "--resize-ratio", "1.0"]
-    assert main([*knn, "--workers", "0"]) == 0
+    def knn(val):
+        return ["knn", "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
+                "--val", str(val), "--k", "3", "5", "--resize-ratio", "1.0"]
+
+    assert main([*knn(folder), "--workers", "0"]) == 0
     in_process = capsys.readouterr().out
     assert "3-NN: top-1" in in_process
-    assert main([*knn, "--workers", "2"]) == 0  # images decoded in worker processes: the same
+    assert main([*knn(folder), "--workers", "2"]) == 0  # decoded in worker processes: the same
     assert capsys.readouterr().out == in_process
+    # The queries are the memory, so any model scores well. Under swapped class names each
+    # query gets the same vote, so with two classes every right answer turns wrong: the
+    # figures must come from the queries' own labels.
+    swapped = tmp_path / "swapped"
+    for c in range(2):
+        shutil.copytree(folder / f"c{c}", swapped / f"c{1 - c}")
+    assert main([*knn(swapped), "--workers", "0"]) == 0
+    top1 = [float(v) for v in re.findall(r"top-1 ([0-9.]+)%", in_process)]
+    swapped_top1 = [float(v) for v in re.findall(r"top-1 ([0-9.]+)%", capsys.readouterr().out)]
+    assert len(top1) == 2 and swapped_top1 == pytest.approx([100 - v for v in top1], abs=0.01)
     assert main(["attention-maps", "--checkpoint", str(trained / "checkpoint.pth"),
                  "--image", str(folder / "c0" / "0.png"), "--out", str(tmp_path / "maps"),
                  "--threshold", "0.6", "--size", "32"]) == 0
