@@ -178,6 +178,20 @@ def test_a_save_cut_short_is_never_resumed_from(tmp_path):
     assert [(s, done) for s, _, done in sharded_checkpoints(tmp_path / "checkpoints")] == [(6, True)]
 
 
+def test_pruning_keeps_the_newest_complete_ones_and_any_save_after_them(tmp_path):
+    """Unfinished folders older than the newest complete one are dead saves; a newer one may
+    still be being written."""
+    from dinofuse.engine.checkpoint import (mark_complete, prune_checkpoints, sharded_checkpoints,
+                                            step_dir)
+
+    for step, complete in ((1, True), (2, False), (3, True), (4, True), (5, False)):
+        step_dir(tmp_path, step).mkdir()
+        if complete:
+            mark_complete(step_dir(tmp_path, step), {"step": step})
+    prune_checkpoints(tmp_path, keep=2)
+    assert [(s, done) for s, _, done in sharded_checkpoints(tmp_path)] == [(3, True), (4, True), (5, False)]
+
+
 def test_a_corrupt_shard_is_named_on_resume_and_export(tmp_path):
     """A complete checkpoint whose shard was damaged afterwards (truncated in a copy, say):
     resuming or exporting it says which folder and why in one line (DCP raises a
