@@ -89,6 +89,9 @@ def test_crop_areas_and_flip_rate(backend, tmp_path):
         # resampling blurs the coordinate ramps by a pixel or two at the crop's border
         assert area.min() >= lo * 0.85 and area.max() <= min(1.0, hi * 1.15), (i, area.min(), area.max())
         assert area.max() - area.min() > (hi - lo) / 3  # the scale really varies
+        aspect = width / height  # of the box cut from the source image
+        lo, hi = spec.ratio
+        assert aspect.min() >= lo * 0.9 and aspect.max() <= hi * 1.1, (i, aspect.min(), aspect.max())
         flipped = red[:, :, 0].mean(1) > red[:, :, -1].mean(1)  # red decreases left to right
         assert_rate(flipped, 0.5, f"{backend} flip, crop {i}")
 
