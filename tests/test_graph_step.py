@@ -125,6 +125,20 @@ def test_captured_steps_replay_with_new_crops_and_recapture_per_epoch(image_fold
     assert_same_training(plain, plain_logs, trainer, logs, start)
 
 
+def test_the_last_layer_unfreezing_alone_makes_a_new_capture(image_folder, tmp_path, monkeypatch):
+    """With the teacher temperature constant, only the freeze changes at epoch 1: a graph kept
+    from epoch 0 would keep the last layer frozen for the rest of the run."""
+    monkeypatch.setattr(graph_step, "capture_graph", stand_in_capture)
+    constant = "optim.warmup_teacher_temp_epochs=0"
+    start = initial_weights(image_folder, tmp_path / "start")
+    plain, plain_logs = fit(image_folder, tmp_path / "plain", constant)
+    trainer = Trainer(make_cfg(image_folder, tmp_path / "graphed", *RUN, constant, "impl.cuda_graph=true"))
+    trainer.graphed.capture = True
+    logs = trainer.fit(max_steps=STEPS, progress=False)
+    assert trainer.graphed.captures == 2
+    assert_same_training(plain, plain_logs, trainer, logs, start)
+
+
 @pytest.mark.parametrize("first,then", [("true", "false"), ("false", "true")])
 def test_a_graphed_run_and_a_plain_run_resume_each_other(image_folder, tmp_path, first, then,
                                                          plain_run):

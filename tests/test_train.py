@@ -545,3 +545,24 @@ def test_a_signal_stops_at_an_agreed_step_saves_and_says_how_to_go_on(image_fold
     assert signal.getsignal(signal.SIGUSR1) is before
     assert load_file(tmp_path / "run" / "checkpoint.pth")["step"] == 5
     assert Trainer(make_cfg(image_folder, tmp_path), resume=True).fit(progress=False)[0].step == 5
+
+
+def test_a_signal_outranks_a_time_limit_voted_after_it(image_folder, tmp_path, reference_path):
+    """A signal after step 0 (voted from step 1 on, read in step 2, the last) and the time
+    limit after step 1 (voted in step 2 beside the signal, read before the save): the run
+    still ends as stopped by the signal, with the line saying to resume, not as if complete."""
+    import signal
+
+    trainer = Trainer(make_cfg(image_folder, tmp_path))
+    train_step = trainer.train_step
+
+    def step_then_time_is_up(crops):
+        log = train_step(crops)
+        if trainer.step == 2:
+            trainer.ask_to_stop("time")
+        return log
+
+    trainer.train_step = step_then_time_is_up
+    signal_after_step(trainer, 1, signal.SIGUSR1)
+    with pytest.raises(TrainingError, match=r"^stopped at step 3 by SIGUSR1; checkpoint saved"):
+        trainer.fit(progress=False)
