@@ -8,9 +8,10 @@ blur, solarize) is skipped with DALI's conditionals rather than computed and ble
 Readers: file lists (image folders) and WebDataset tar shards; sharded per rank; per-crop
 random draws; NCHW float output through DALI's PyTorch iterator.
 
-One difference from the reference: DALI's `color_twist` applies brightness, contrast,
-saturation and hue in one fixed order, where torchvision's ColorJitter draws an order per
-image (the rates and factor ranges are the same).
+One difference from the reference: the color jitter applies brightness and saturation
+(DALI's `color_twist`), then contrast, then hue (both written here: `color_twist`'s are
+other formulas) in one fixed order, where torchvision's ColorJitter draws an order per
+image (the rates, factor ranges and formulas are the same).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
 
 IMAGENET_MEAN_255 = [255 * m for m in IMAGENET_MEAN]
+DALI_COLOR = ("torchvision", "dali")  # the color jitter's contrast and hue formulas
 
 
 def available() -> bool:
@@ -41,6 +43,51 @@ def _uniform(lo: float, hi: float):
     return fn.random.uniform(range=[lo, hi]) if hi > lo else float(lo)
 
 
+def _luma(r, g, b):
+    return 0.299 * r + 0.587 * g + 0.114 * b  # torchvision's (and PIL's) grayscale
+
+
+def _contrast(image, factor):
+    """torchvision's adjust_contrast on an HWC uint8 image: a blend with the mean of the
+    image's grayscale."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    x = fn.cast(image, dtype=types.FLOAT)
+    mean = fn.reductions.mean(_luma(x[:, :, 0], x[:, :, 1], x[:, :, 2]))
+    out = fn.cast(dmath.clamp(mean + factor * (x - mean), 0.0, 255.0) + 0.5, dtype=types.UINT8)
+    return fn.reshape(out, layout="HWC")  # arithmetic drops the layout, the branches need it
+
+
+def _hue_shift(image, shift):
+    """torchvision's adjust_hue on an HWC uint8 image: the HSV hue plus `shift` turns, with
+    saturation and value kept."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    x = fn.cast(image, dtype=types.FLOAT)
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    # DALI fuses each expression into one operator, recomputing what several share: the
+    # casts below keep the shared parts computed once
+    value = fn.cast(dmath.max(dmath.max(r, g), b), dtype=types.FLOAT)
+    chroma = fn.cast(value - dmath.min(dmath.min(r, g), b), dtype=types.FLOAT)
+    safe = chroma + (chroma == 0)  # gray pixels: any hue, chroma 0 keeps them gray
+    red_max, green_max = value == r, (value == g) & (value != r)
+    blue_max = (value != r) & (value != g)
+    sixths = fn.cast(red_max * ((g - b) / safe) + green_max * ((b - r) / safe + 2)
+                     + blue_max * ((r - g) / safe + 4) + shift * 6, dtype=types.FLOAT)
+
+    def channel(point):  # back to RGB: r, g and b sit at 5, 3 and 1 sixths
+        k = sixths + point
+        k = k - dmath.floor(k / 6) * 6
+        return value - chroma * dmath.clamp(dmath.min(k, 4 - k), 0.0, 1.0)
+
+    rgb = fn.stack(channel(5), channel(3), channel(1), axis=2)
+    return fn.reshape(fn.cast(rgb + 0.5, dtype=types.UINT8), layout="HWC")
+
+
 def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -51,12 +98,20 @@ def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
     out = fn.flip(out, device=device,
                   horizontal=fn.random.coin_flip(probability=spec.flip_p, dtype=types.INT32))
     if fn.random.coin_flip(probability=spec.color_jitter_p, dtype=types.BOOL):
+        # color_twist's brightness and saturation are torchvision's (a scale; a blend with
+        # the luma); its contrast (towards a fixed 128) and hue (a rotation in YIQ) are not
+        contrast = _uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast)
+        hue = _uniform(-spec.hue, spec.hue)  # turns
+        own = spec.dali_color == "dali"
         out = fn.color_twist(
             out, device=device,
             brightness=_uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness),
-            contrast=_uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast),
             saturation=_uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation),
-            hue=_uniform(-spec.hue * 360, spec.hue * 360))  # degrees
+            **(dict(contrast=contrast, hue=hue * 360) if own else {}))  # degrees
+        if not own and spec.contrast > 0:
+            out = _contrast(out, contrast)
+        if not own and spec.hue > 0:
+            out = _hue_shift(out, hue)
     if fn.random.coin_flip(probability=spec.grayscale_p, dtype=types.BOOL):
         out = fn.hsv(out, device=device, saturation=0.0)
     if crop.blur_p > 0 and fn.random.coin_flip(probability=crop.blur_p, dtype=types.BOOL):
@@ -89,6 +144,8 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
 
     if not files and not tars:
         raise ValueError("the DALI pipeline got no files")
+    if spec.dali_color not in DALI_COLOR:
+        raise ValueError(f"data.dali_color must be one of {', '.join(DALI_COLOR)}; got {spec.dali_color!r}")
     gpu = device_id is not None
     common = dict(random_shuffle=True, shard_id=shard_id, num_shards=num_shards,
                   pad_last_batch=True, seed=seed, name="reader")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dinofuse.dataloading.dali_multicrop import DALI_COLOR
 from dinofuse.dataloading.dali_multicrop import available as dali_available
 from dinofuse.dataloading.readers import open_images
 from dinofuse.dataloading.spec import MultiCropSpec
@@ -34,7 +35,8 @@ def multicrop_spec(d) -> MultiCropSpec:
     return MultiCropSpec(global_crop_size=d.global_crop_size, local_crop_size=d.local_crop_size,
                          global_crops_scale=d.global_crops_scale,
                          local_crops_scale=d.local_crops_scale,
-                         local_crops_number=d.local_crops_number, blur_sigma=d.blur_radius)
+                         local_crops_number=d.local_crops_number, blur_sigma=d.blur_radius,
+                         dali_color=d.dali_color)
 
 
 def webdataset_shards(path: str) -> list[str]:
@@ -101,6 +103,8 @@ class TrainingInput:
         d, o = cfg.data, cfg.optim
         if d.backend not in BACKENDS:
             raise ValueError(f"data.backend must be one of {', '.join(BACKENDS)}; got {d.backend!r}")
+        if d.dali_color not in DALI_COLOR:
+            raise ValueError(f"data.dali_color must be one of {', '.join(DALI_COLOR)}; got {d.dali_color!r}")
         self.ncrops = 2 + d.local_crops_number
         self.dataset = self.sampler = self.dali = self.synthetic = None
         self.backend = "synthetic"

@@ -3,6 +3,8 @@ their own coordinates (red = x, green = y, blue = a constant): crop areas within
 configured scale ranges, and flip / grayscale / solarize / blur firing at their configured
 rates per crop type (each rate within 4.5 binomial standard deviations)."""
 
+import colorsys
+import dataclasses
 import math
 import random
 
@@ -28,33 +30,34 @@ def coordinate_image(path=None):
     return img
 
 
-def run_torchvision(spec):
-    aug, img = MultiCropAugmentation(spec), coordinate_image()
+def run_torchvision(spec, image=None):
+    aug, img = MultiCropAugmentation(spec), image or coordinate_image()
     random.seed(0)
     torch.manual_seed(0)
     return [torch.stack(c) for c in zip(*(aug(img) for _ in range(N)))]
 
 
-def run_dali(spec, tmp_path):
+def run_dali(spec, tmp_path, image=None):
     pytest.importorskip("nvidia.dali")
     from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
 
-    path = tmp_path / "coords.png"
-    coordinate_image(path)
+    path = tmp_path / "source.png"
+    (image or coordinate_image()).save(path)
     loader = DALIMultiCropLoader(build_pipeline([str(path)] * N, [0] * N, spec, batch_size=50,
                                                 seed=7), 2 + spec.local_crops_number)
     batches = list(loader)
     return [torch.cat([b[0][i] for b in batches]) for i in range(2 + spec.local_crops_number)]
 
 
-def run_tensor(spec):
-    image = torch.from_numpy(np.array(coordinate_image())).permute(2, 0, 1)
+def run_tensor(spec, image=None):
+    image = torch.from_numpy(np.array(image or coordinate_image())).permute(2, 0, 1)
     g = torch.Generator().manual_seed(0)
     return TensorMultiCrop(spec)(image.expand(N, -1, -1, -1).contiguous(), g)
 
 
-BACKENDS = {"torchvision": lambda spec, tmp: run_torchvision(spec), "dali": run_dali,
-            "tensor": lambda spec, tmp: run_tensor(spec)}
+# each: (spec, a folder for files, the source image: the coordinate image when None)
+BACKENDS = {"torchvision": lambda spec, tmp, image=None: run_torchvision(spec, image),
+            "dali": run_dali, "tensor": lambda spec, tmp, image=None: run_tensor(spec, image)}
 
 
 def pixels(crop):
@@ -144,3 +147,53 @@ def test_color_jitter_rate(backend, tmp_path):
     for i, crop in enumerate(crops):
         blue = pixels(crop)[:, 2].mean((1, 2))
         assert_rate((blue - 200).abs() > 1, 0.8 * (1 - (1 / 200) / 0.4), f"{backend} jitter, crop {i}")
+
+
+LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
+def hue_of(rgb):
+    """HSV hue in turns of (n, 3) colors."""
+    return torch.tensor([colorsys.rgb_to_hsv(*(c / 255).tolist())[0] for c in rgb])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("factor,largest", [("brightness", 0.4), ("contrast", 0.4),
+                                            ("saturation", 0.2), ("hue", 0.1)])
+def test_color_jitter_strengths(backend, factor, largest, tmp_path):
+    """Each of the jitter's factors alone, always on, on a plain-colored image (every crop the
+    same color, so the color's change is the jitter's): the change spans the configured range
+    and stays in it. Brightness scales the color; contrast scales its distance from the
+    image's mean gray (luma), saturation from its own gray (the same here); hue turns it
+    around the HSV color circle (in turns). DALI's own contrast (towards 128) and hue (a
+    rotation in YIQ: -0.14..+0.08 turns here for +-0.1) failed this."""
+    color = torch.tensor([150.0, 60.0, 30.0])  # no channel clips at the largest factors
+    image = Image.new("RGB", (256, 256), tuple(int(c) for c in color))
+    strengths = {**dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0), factor: largest}
+    crops = BACKENDS[backend](spec_with(color_jitter_p=1.0, **strengths), tmp_path, image)
+    out = torch.cat([pixels(c).mean((2, 3)) for c in crops])  # (crops, 3)
+    if factor == "brightness":
+        change = out[:, 0] / color[0] - 1
+    elif factor == "contrast":
+        change = (out[:, 0] - color @ LUMA) / (color[0] - color @ LUMA) - 1
+    elif factor == "saturation":
+        change = (out[:, 0] - out @ LUMA) / (color[0] - color @ LUMA) - 1
+    else:
+        change = (hue_of(out) - hue_of(color[None]) + 0.5) % 1 - 0.5
+    assert change.min() <= -0.9 * largest and change.max() >= 0.9 * largest, (change.min(), change.max())
+    assert change.abs().max() <= 1.05 * largest + 0.005, change.abs().max()
+
+
+def test_dalis_own_color_formulas_are_an_option(tmp_path):
+    """data.dali_color="dali": color_twist's contrast and hue (faster on a CPU). Its hue turns
+    this orange by -0.14..+0.08 of the circle for a configured +-0.1: the test above fails it."""
+    pytest.importorskip("nvidia.dali")
+    color = torch.tensor([150.0, 60.0, 30.0])
+    image = Image.new("RGB", (256, 256), tuple(int(c) for c in color))
+    spec = spec_with(color_jitter_p=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.1,
+                     dali_color="dali")
+    out = torch.cat([pixels(c).mean((2, 3)) for c in run_dali(spec, tmp_path, image)])
+    change = (hue_of(out) - hue_of(color[None]) + 0.5) % 1 - 0.5
+    assert change.min() < -0.13 and 0.07 < change.max() < 0.09
+    with pytest.raises(ValueError, match="data.dali_color must be one of torchvision, dali; got 'yiq'"):
+        run_dali(dataclasses.replace(spec, dali_color="yiq"), tmp_path, image)

@@ -17,7 +17,8 @@ def test_data_benchmark_smoke(tmp_path):
     assert saved["torchvision_images_per_s"] > 0 and saved["dali_images_per_s"] > 0
     assert saved["mean_jpeg_kb"] > 50  # ImageNet-like sizes, not tiny smooth files
     assert set(saved["dali_breakdown_images_per_s"]) == {"decode + 2 crops, no augmentation",
-                                                        "2 global crops, augmented"}
+                                                        "2 global crops, augmented",
+                                                        "all crops, DALI's own contrast and hue"}
     assert all(v > 0 for v in saved["dali_breakdown_images_per_s"].values())
     # the hardware decoder's share is a GPU row: said skipped here, not timed as if it mattered
     assert saved["dali_hw_decoder_load_images_per_s"] == "skipped: no GPU (mixed decoding only)"
@@ -52,7 +53,8 @@ def test_breakdown_graphs_switch_off_one_part_each():
     from dinofuse.dataloading.spec import MultiCropSpec
 
     full = MultiCropSpec(local_crops_number=10)
-    plain, globals_only = breakdown_specs(full).values()
+    plain, globals_only, own_color = breakdown_specs(full).values()
+    assert own_color.crops() == full.crops() and own_color.dali_color == "dali"
     assert [c.size for c in plain.crops()] == [224, 224] and plain.flip_p == 0
     assert all(c.blur_p == 0 and c.solarize_p == 0 for c in plain.crops())
     assert plain.color_jitter_p == plain.grayscale_p == 0

@@ -434,6 +434,13 @@ def test_a_config_built_in_python_is_range_checked_by_the_trainer(tmp_path):
         Trainer(cfg)
 
 
+@pytest.mark.parametrize("field,value", [("backend", "pil"), ("dali_color", "yiq")])
+def test_data_choices_are_checked_whatever_the_input(tmp_path, field, value):
+    """Named on a synthetic run too, which never builds the pipeline that reads them."""
+    with pytest.raises(ValueError, match=rf"^data.{field} must be one of .*; got '{value}'$"):
+        _synthetic_run(tmp_path, f'data.{field}="{value}"')
+
+
 def test_fsdp_always_asks_for_a_process_group(tmp_path):
     with pytest.raises(TrainingError, match="needs a process group"):
         _synthetic_run(tmp_path, 'impl.fsdp="always"')
