@@ -1,6 +1,6 @@
 """Plant known bugs one at a time and check that the tests covering each one fail.
 
-    .venv/bin/python tests/plant_bugs.py          # every bug (about 12 minutes on 2 cores)
+    .venv/bin/python tests/plant_bugs.py          # every bug (about 18 minutes on 2 cores)
     .venv/bin/python tests/plant_bugs.py 3 17     # some, by number
     .venv/bin/python tests/plant_bugs.py --list
 
