@@ -69,15 +69,13 @@ def _hue_shift(image, shift):
 
     x = fn.cast(image, dtype=types.FLOAT)
     r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
-    # DALI fuses each expression into one operator, recomputing what several share: the
-    # casts below keep the shared parts computed once
-    value = fn.cast(dmath.max(dmath.max(r, g), b), dtype=types.FLOAT)
-    chroma = fn.cast(value - dmath.min(dmath.min(r, g), b), dtype=types.FLOAT)
+    value = dmath.max(dmath.max(r, g), b)
+    chroma = value - dmath.min(dmath.min(r, g), b)
     safe = chroma + (chroma == 0)  # gray pixels: any hue, chroma 0 keeps them gray
     red_max, green_max = value == r, (value == g) & (value != r)
     blue_max = (value != r) & (value != g)
-    sixths = fn.cast(red_max * ((g - b) / safe) + green_max * ((b - r) / safe + 2)
-                     + blue_max * ((r - g) / safe + 4) + shift * 6, dtype=types.FLOAT)
+    sixths = (red_max * ((g - b) / safe) + green_max * ((b - r) / safe + 2)
+              + blue_max * ((r - g) / safe + 4) + shift * 6)
 
     def channel(point):  # back to RGB: r, g and b sit at 5, 3 and 1 sixths
         k = sixths + point
