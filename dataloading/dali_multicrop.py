@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
 
 IMAGENET_MEAN_255 = [255 * m for m in IMAGENET_MEAN]
-DALI_COLOR = ("torchvision", "dali")  # the color jitter's contrast and hue formulas
 
 
 def available() -> bool:
@@ -142,8 +141,6 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
 
     if not files and not tars:
         raise ValueError("the DALI pipeline got no files")
-    if spec.dali_color not in DALI_COLOR:
-        raise ValueError(f"data.dali_color must be one of {', '.join(DALI_COLOR)}; got {spec.dali_color!r}")
     gpu = device_id is not None
     common = dict(random_shuffle=True, shard_id=shard_id, num_shards=num_shards,
                   pad_last_batch=True, seed=seed, name="reader")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DALI_COLOR = ("torchvision", "dali")  # the DALI color jitter's contrast and hue formulas
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class MultiCropSpec:
     # DALI's arithmetic) | "dali" (color_twist's: contrast towards a fixed 128, hue rotated
     # in YIQ; about twice as fast on a CPU)
     dali_color: str = "torchvision"
+
+    def __post_init__(self):
+        # checked here, where every backend's spec is made: named on any run, DALI or not
+        if self.dali_color not in DALI_COLOR:
+            raise ValueError(f"data.dali_color must be one of {', '.join(DALI_COLOR)}; "
+                             f"got {self.dali_color!r}")
 
     def crops(self) -> list[CropSpec]:
         g, loc = self.global_crop_size, self.local_crop_size

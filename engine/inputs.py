@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from dinofuse.dataloading.dali_multicrop import DALI_COLOR
 from dinofuse.dataloading.dali_multicrop import available as dali_available
 from dinofuse.dataloading.readers import open_images
 from dinofuse.dataloading.spec import MultiCropSpec
@@ -103,8 +102,6 @@ class TrainingInput:
         d, o = cfg.data, cfg.optim
         if d.backend not in BACKENDS:
             raise ValueError(f"data.backend must be one of {', '.join(BACKENDS)}; got {d.backend!r}")
-        if d.dali_color not in DALI_COLOR:
-            raise ValueError(f"data.dali_color must be one of {', '.join(DALI_COLOR)}; got {d.dali_color!r}")
         self.ncrops = 2 + d.local_crops_number
         self.dataset = self.sampler = self.dali = self.synthetic = None
         self.backend = "synthetic"

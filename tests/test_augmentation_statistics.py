@@ -150,6 +150,11 @@ def test_color_jitter_rate(backend, tmp_path):
 
 
 LUMA = torch.tensor([0.299, 0.587, 0.114])
+ORANGE = torch.tensor([150.0, 60.0, 30.0])  # no channel clips at the largest jitter factors
+
+
+def plain_image(color):
+    return Image.new("RGB", (256, 256), tuple(int(c) for c in color))
 
 
 def hue_of(rgb):
@@ -167,8 +172,7 @@ def test_color_jitter_strengths(backend, factor, largest, tmp_path):
     image's mean gray (luma), saturation from its own gray (the same here); hue turns it
     around the HSV color circle (in turns). DALI's own contrast (towards 128) and hue (a
     rotation in YIQ: -0.14..+0.08 turns here for +-0.1) failed this."""
-    color = torch.tensor([150.0, 60.0, 30.0])  # no channel clips at the largest factors
-    image = Image.new("RGB", (256, 256), tuple(int(c) for c in color))
+    color, image = ORANGE, plain_image(ORANGE)
     strengths = {**dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0), factor: largest}
     crops = BACKENDS[backend](spec_with(color_jitter_p=1.0, **strengths), tmp_path, image)
     out = torch.cat([pixels(c).mean((2, 3)) for c in crops])  # (crops, 3)
@@ -188,8 +192,7 @@ def test_dalis_own_color_formulas_are_an_option(tmp_path):
     """data.dali_color="dali": color_twist's contrast and hue (faster on a CPU). Its hue turns
     this orange by -0.14..+0.08 of the circle for a configured +-0.1: the test above fails it."""
     pytest.importorskip("nvidia.dali")
-    color = torch.tensor([150.0, 60.0, 30.0])
-    image = Image.new("RGB", (256, 256), tuple(int(c) for c in color))
+    color, image = ORANGE, plain_image(ORANGE)
     spec = spec_with(color_jitter_p=1.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.1,
                      dali_color="dali")
     out = torch.cat([pixels(c).mean((2, 3)) for c in run_dali(spec, tmp_path, image)])
