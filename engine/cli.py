@@ -96,7 +96,7 @@ def _train(args) -> None:
         report = knn_report(cfg, trainer.teacher.backbone, random_backbone, trainer.device)
         if report:
             (trainer.out / "knn.json").write_text(json.dumps(report, indent=1) + "\n")
-            print(format_report(report, cfg.run.knn_k))
+            print(format_report(report, cfg.run.knn_k, cfg.run.knn_temperature))
         else:
             print("k-NN skipped: no query images (set run.knn_val=DIR)")
 

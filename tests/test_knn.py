@@ -78,3 +78,11 @@ def test_eval_transform_is_the_official_one():
     official = T.Compose([T.Resize(256, interpolation=3), T.CenterCrop(224), T.ToTensor(),
                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     assert torch.equal(eval_transform(224, 256 / 224)(image), official(image))
+
+
+def test_the_report_names_the_k_and_temperature_it_ran_with():
+    from dinofuse.engine.eval.report import format_report
+
+    text = format_report({"trained teacher": {"top1": 80.5, "top5": 99.25}}, k=10, temperature=0.1)
+    assert text.splitlines() == ["k-NN (k=10, T=0.1) top-1 / top-5:",
+                                 "  trained teacher   80.50% /  99.25%"]

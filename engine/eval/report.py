@@ -57,7 +57,7 @@ def knn_report(cfg: Config, teacher_backbone, random_backbone, device) -> dict:
     return report
 
 
-def format_report(report: dict, k: int) -> str:
-    lines = [f"k-NN (k={k}, T=0.07) top-1 / top-5:"]
+def format_report(report: dict, k: int, temperature: float) -> str:
+    lines = [f"k-NN (k={k}, T={temperature:g}) top-1 / top-5:"]
     lines += [f"  {name:16s} {v['top1']:6.2f}% / {v['top5']:6.2f}%" for name, v in report.items()]
     return "\n".join(lines)
