@@ -85,10 +85,15 @@ def test_benchmark_end_to_end_writes_json_markdown_and_png(tmp_path):
                                         "packed crops", "bf16 autocast",
                                         "patch embedding as one matmul")} <= set(names)
     assert "dinofuse + bf16 residual stream and LayerNorm" in names
+    peak_flops = result["matmul_peak"]["tflops"] * 1e12
     for r in result["rows"]:
         assert r["status"] == "ok", r
         assert r["images_per_s"] > 0 and r["step_ms"]["p50"] > 0 and r["mfu_pct"] > 0
         assert r["telemetry"]["status"] == "no GPU"
+        step_s = r["step_ms"]["mean"] / 1e3  # each figure from the timed window's mean step
+        assert r["images_per_s"] == pytest.approx(r["batch"] / step_s, rel=1e-2)
+        assert r["mfu_pct"] == pytest.approx(100 * result["flops_per_step"] / step_s / peak_flops,
+                                             rel=1e-2)
     base = result["rows"][0]
     assert base["speedup_vs_baseline"] == pytest.approx(1.0)
     assert base["settings"]["model.attention"] == "naive" and base["attention"] == "naive"
@@ -109,6 +114,43 @@ def test_benchmark_end_to_end_writes_json_markdown_and_png(tmp_path):
     summary = summarize(tmp_path)
     assert f"{tag} (" in summary and "dinofuse + FSDP2 (1 process):" in summary
     assert "target MFU >= 35.0%" in summary
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 11, 20])
+def test_step_time_percentiles_are_nearest_ranks(n):
+    import numpy as np
+
+    from dinofuse.bench.train import _percentiles
+
+    ms = torch.rand(n, generator=torch.Generator().manual_seed(n)).mul(100).tolist()
+    got = _percentiles(ms)
+    p50, p90 = np.percentile(ms, [50, 90], method="nearest")
+    assert (got["p50"], got["p90"], got["max"]) == (p50, p90, max(ms))
+    assert got["mean"] == pytest.approx(sum(ms) / n)
+
+
+def test_targets_say_met_or_missed_and_by_what():
+    import argparse
+
+    from dinofuse.bench.train import Row, check_targets
+
+    args = argparse.Namespace(target_speedup=2.5, target_mfu=35.0, target_memory_gib=20.0)
+    for speedup, mfu, gib, met in ((2.6, 36.0, 19.0, True), (2.4, 34.0, 21.0, False)):
+        ours = Row("dinofuse", {}, 64, role="dinofuse", speedup_vs_baseline=speedup,
+                   mfu_pct=mfu, peak_memory_gib=gib)
+        targets = check_targets(args, [Row("baseline", {}, 64, role="baseline"), ours])
+        assert [(t["measured"], t["met"]) for t in targets] == [(speedup, met), (mfu, met), (gib, met)]
+
+
+def test_matmul_peak_counts_two_flops_per_multiply_add(monkeypatch):
+    """n x n x n matmuls, timed: 2 n^3 FLOPs each (a clock that says 1 s per matmul)."""
+    from dinofuse.bench import train as bench_train
+
+    ticks = iter([0.0, 5.0])  # the CPU times 5 matmuls of 512^3
+    monkeypatch.setattr(bench_train.time, "perf_counter", lambda: next(ticks))
+    peak = bench_train.matmul_peak_tflops(torch.device("cpu"))
+    assert (peak["size"], peak["dtype"]) == (512, "float32")
+    assert peak["tflops"] == pytest.approx(2 * 512 ** 3 / 1e12)
 
 
 def test_bad_batch_argument_is_named(capsys):

@@ -259,6 +259,23 @@ def test_a_sharded_checkpoint_from_elsewhere_runs_no_code(tmp_path, capsys):
     assert marker.is_dir()
 
 
+def test_checkpoint_metadata_admits_torch_types_and_no_torch_function(tmp_path):
+    """The metadata unpickler lets `torch.<dtype>` through, not any name in torch: a
+    hand-written pickle that calls torch.save would write a file of its choosing."""
+    import io
+    import pickle
+
+    from dinofuse.engine.checkpoint import _MetadataUnpickler
+
+    marker = tmp_path / "written-by-a-pickle"
+    calls_torch = f"ctorch\nsave\n(I1\nS'{marker}'\ntR.".encode()
+    with pytest.raises(pickle.UnpicklingError, match="torch.save is not allowed"):
+        _MetadataUnpickler(io.BytesIO(calls_torch)).load()
+    assert not marker.exists()
+    assert _MetadataUnpickler(io.BytesIO(b"ctorch\nbfloat16\n.")).load() is torch.bfloat16
+    assert pickle.loads(calls_torch) is None and marker.is_file()  # plain pickle runs it
+
+
 def test_export_consolidates_a_sharded_checkpoint_on_cpu(tmp_path, capsys):
     from safetensors.torch import load_file as load_safetensors
 

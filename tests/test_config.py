@@ -11,6 +11,18 @@ def test_presets_load_and_round_trip(name):
     assert config_from_toml(config_to_toml(cfg)) == cfg
 
 
+def test_strings_round_trip_whatever_they_hold():
+    path = 'C:\\data\\"quoted" folder\\'  # backslashes and double quotes
+    cfg = load_config("default", [f"data.path='{path}'"])
+    assert cfg.data.path == path
+    assert config_from_toml(config_to_toml(cfg)) == cfg
+
+
+def test_configs_saved_when_checkpointing_was_a_switch_still_load():
+    for value, blocks in (("true", -1), ("false", 0)):  # -1: every block
+        assert load_config("default", [f"impl.checkpoint_blocks={value}"]).impl.checkpoint_blocks == blocks
+
+
 def test_official_recipes_are_there():
     assert set(OFFICIAL) <= {p.stem for p in PRESETS.glob("*.toml")}
     boost = load_config("vit_small16_300ep_boost")

@@ -51,11 +51,13 @@ def _spawn(fn, interpret=False):
 
 def _center_all_reduce(rank):
     from dinofuse.kernels import DINOLoss
+    from dinofuse.kernels.reference import OfficialDINOLoss as PackagedOfficialLoss
     from official_dino import OfficialDINOLoss
 
     args = dict(out_dim=50, ncrops=4, warmup_teacher_temp=0.04, teacher_temp=0.07,
                 warmup_teacher_temp_epochs=2, nepochs=3)
     ours, official = DINOLoss(**args), OfficialDINOLoss(**args)
+    packaged = PackagedOfficialLoss(**args)  # impl.loss="official" and the baseline's
     gen = torch.Generator().manual_seed(100 + rank)  # each rank its own batch
     for epoch in (0, 1, 2):
         student = torch.randn(8, 50, generator=gen) * 3
@@ -63,8 +65,10 @@ def _center_all_reduce(rank):
         loss = ours(student, teacher, epoch)  # center update in flight ...
         loss_off = official(student, teacher, epoch)
         torch.testing.assert_close(loss, loss_off, rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(packaged(student, teacher, epoch), loss_off, rtol=2e-5, atol=1e-6)
     ours.apply_center_update()  # ... lands before the next use
     torch.testing.assert_close(ours.center, official.center, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(packaged.center, official.center, rtol=1e-5, atol=1e-7)
     # every rank holds the same center
     gathered = [torch.empty_like(ours.center) for _ in range(WORLD)]
     dist.all_gather(gathered, ours.center)

@@ -54,11 +54,41 @@ def test_mixed_student_dtypes_and_parameters():
 
 
 def test_non_contiguous_and_empty_tensors():
-    teacher = [torch.randn(8, 6).t(), torch.randn(0), torch.randn(5)]
-    student = [torch.randn(6, 8), torch.randn(0), torch.randn(5)]
+    # a transposed teacher, then a transposed student beside a contiguous teacher
+    teacher = [torch.randn(8, 6).t(), torch.randn(0), torch.randn(5), torch.randn(4, 9)]
+    student = [torch.randn(6, 8), torch.randn(0), torch.randn(5), torch.randn(9, 4).t()]
     before = [t.clone() for t in teacher]
     ema_update_(teacher, student, 0.7)
     assert_ema_exact(before, student, teacher, float(torch.tensor(0.7)))
+
+
+def test_writes_stay_inside_each_tensor():
+    """Teachers laid end to end in one buffer, a guard element after each: the kernel's
+    last chunk of a tensor must not write its neighbour (separate allocations would hide
+    that in the allocator's padding)."""
+    sizes = [1, 3, 1023, 1025, 4097, 7 * 11 * 13]
+    teacher_buf = torch.randn(sum(sizes) + len(sizes))
+    student_buf = torch.randn(sum(sizes) + len(sizes))
+    teacher, student, guards, start = [], [], [], 0
+    for n in sizes:
+        teacher.append(teacher_buf[start:start + n])
+        student.append(student_buf[start:start + n])
+        guards.append(start + n)
+        start += n + 1
+    guard_values = teacher_buf[guards].clone()
+    before = [t.clone() for t in teacher]
+    ema_update_(teacher, student, 0.5)
+    assert_ema_exact(before, student, teacher, 0.5)
+    assert torch.equal(teacher_buf[guards], guard_values)
+
+
+def test_plans_of_views_of_one_storage_differ_by_length():
+    """Views that start at the same address but end elsewhere need their own plan."""
+    teacher_buf, student_buf = torch.randn(5000), torch.randn(5000)
+    ema_update_([teacher_buf[:10]], [student_buf[:10]], 0.5)
+    before = teacher_buf.clone()
+    ema_update_([teacher_buf[:5000]], [student_buf[:5000]], 0.5)
+    assert_ema_exact([before], [student_buf], [teacher_buf], 0.5)
 
 
 def test_table_cache_follows_new_values_and_new_tensors():

@@ -1,5 +1,12 @@
-"""The training input's epoch order: seeded, reshuffled every epoch, shared out over ranks."""
+"""The training input's epoch order: seeded, reshuffled every epoch, shared out over ranks;
+the reference augmentation's draws: seeded per epoch and image."""
 
+import numpy as np
+import torch
+from PIL import Image
+
+from dinofuse.dataloading.spec import MultiCropSpec
+from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.engine.inputs import EpochSampler
 
 
@@ -32,3 +39,21 @@ def test_each_epoch_is_reshuffled_from_the_seed():
 def test_a_resume_starts_at_its_batch():
     assert epoch_order(0, 2, start_batch=4) == epoch_order(0, 2)[12:]
     assert epoch_order(0, 2, rank=1, world=2, start_batch=2) == epoch_order(0, 2, rank=1, world=2)[6:]
+
+
+def test_reference_crops_are_drawn_from_seed_epoch_and_index():
+    """The torchvision reference's crops of an image: the same for the same (seed, epoch,
+    index), whatever was drawn before; others in the next epoch (and for another seed)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    images = [(Image.fromarray(pixels), 0)] * 3
+    spec = MultiCropSpec(global_crop_size=16, local_crop_size=8, local_crops_number=2)
+
+    def crops(seed, epoch, index):
+        dataset = SeededMultiCrop(images, MultiCropAugmentation(spec), seed=seed)
+        dataset.epoch = epoch
+        dataset[0]  # draws before must not matter
+        return torch.cat([c.flatten() for c in dataset[index][0]])
+
+    assert torch.equal(crops(0, 0, 1), crops(0, 0, 1))
+    for other in (crops(0, 1, 1), crops(0, 0, 2), crops(1, 0, 1)):
+        assert not torch.equal(crops(0, 0, 1), other)

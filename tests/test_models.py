@@ -44,6 +44,16 @@ def test_non_square_crop_and_patch_8():
         assert (model(x) - ref).abs().max() < 1e-5
 
 
+def test_non_square_crop_with_the_stored_patch_count():
+    """112x448 px at patch 16 is 7x28 = 196 patches, the count stored for 224x224: the
+    position grid must still be resized (the official check wants a square too)."""
+    model = random_state(build_vit("vit_tiny", patch_size=16, depth=2)).eval()
+    x = torch.randn(1, 3, 112, 448)
+    with torch.no_grad():
+        ref = official_vit_forward(model.state_dict(), x, patch=16, heads=3)
+        assert (model(x) - ref).abs().max() < 1e-5
+
+
 def test_layer_norm_eps_is_the_official_one():
     """eps (1e-6) only shows where the stream's variance is near it: the embeddings scaled
     down 1000x. Above, eps 1e-5 in the blocks stayed within the tolerance."""

@@ -113,6 +113,26 @@ def test_gaussian_blur_equals_torchvision_away_from_the_edges():
     torch.testing.assert_close(gaussian_blur(const, torch.tensor([2.0]), 6), const)
 
 
+def test_crops_blur_with_a_kernel_cut_at_three_sigma_or_more(monkeypatch):
+    """The crops' blur keeps the Gaussian's tails to 3 sigma of the largest sigma drawn
+    (gaussian_blur itself is compared with torchvision above)."""
+    from dinofuse.dataloading import tensor_multicrop
+
+    calls = []
+
+    def recording_blur(x, sigma, radius):
+        calls.append((float(sigma.max()), radius))
+        return gaussian_blur(x, sigma, radius)
+
+    monkeypatch.setattr(tensor_multicrop, "gaussian_blur", recording_blur)
+    spec = MultiCropSpec(global_crop_size=16, local_crop_size=8, local_crops_number=2,
+                         blur_sigma=(1.9, 2.0))
+    images = torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8)
+    TensorMultiCrop(spec)(images, torch.Generator().manual_seed(0))
+    assert len(calls) == 3  # the two global crops, then the local ones as one batch
+    assert all(radius >= 3 * sigma for sigma, radius in calls)
+
+
 @pytest.mark.parametrize("local_crops", [0, 6, 10])
 @pytest.mark.parametrize("channels", [None, 1, 3])
 def test_crops_shapes_dtypes_and_normalization(local_crops, channels):

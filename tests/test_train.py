@@ -89,6 +89,38 @@ def test_resume_continues_the_same_loss_sequence(image_folder, tmp_path, referen
     assert [log.loss for log in first + rest] == pytest.approx([log.loss for log in whole], rel=1e-6)
 
 
+def test_logged_images_per_second_count_the_steps_since_the_last_log(tmp_path, monkeypatch):
+    """A clock that moves one second per reading (the fit reads it once per step): each
+    log covers 2 steps of 4 images in 2 s, however far the run has gone."""
+    import json
+
+    from dinofuse.engine import train as train_module
+
+    clock = itertools.count()
+    trainer = Trainer(load_config("default", TINY + ['data.path="synthetic"', "run.log_every_steps=2",
+                                                     f'run.output_dir="{tmp_path}"']))
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
+    trainer.fit(max_steps=6, progress=False)
+    logged = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
+    # (a log names its step from 0)
+    assert [(r["step"], r["images_per_s"]) for r in logged] == [(1, 4.0), (3, 4.0), (5, 4.0)]
+
+
+def test_resume_restores_the_random_states_of_the_save(tmp_path):
+    """torch's and Python's generators continue from where the save left them (a user's
+    augmentation or sampler may draw from either between steps)."""
+    import random
+
+    _, _, trainer = _synthetic_run(tmp_path, steps=2)
+    random.seed(12345), torch.manual_seed(12345)  # states no trainer's seeding makes again
+    trainer.save()
+    saved = torch.get_rng_state(), random.getstate()
+    torch.rand(3), random.random()  # drawn after the save: a resume must not see them
+    resumed = Trainer(trainer.cfg, resume=True)
+    assert resumed.step == 2
+    assert torch.equal(torch.get_rng_state(), saved[0]) and random.getstate() == saved[1]
+
+
 def test_resume_with_another_model_names_what_changed_and_keeps_the_checkpoint(image_folder,
                                                                               tmp_path,
                                                                               reference_path):
@@ -573,3 +605,22 @@ def test_a_signal_outranks_a_time_limit_voted_after_it(image_folder, tmp_path, r
     signal_after_step(trainer, 1, signal.SIGUSR1)
     with pytest.raises(TrainingError, match=r"^stopped at step 3 by SIGUSR1; checkpoint saved"):
         trainer.fit(progress=False)
+
+
+def test_fsdp2_gets_the_configured_reduction_dtype_and_the_teacher_always_reshards(monkeypatch):
+    """`parallelize` hands shard_model what the config says (the sharding itself is tested
+    with two gloo processes in test_distributed.py)."""
+    from dinofuse.engine import parallel
+    from dinofuse.engine.config import ImplConfig
+
+    calls = []
+    monkeypatch.setattr(parallel, "shard_model", lambda model, **kw: calls.append(kw) or model)
+    student, _ = build_student_teacher(load_config("default"))
+    for reduce, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        impl = ImplConfig(reduce_dtype=reduce, reshard_after_forward=False)
+        for is_teacher in (False, True):
+            parallel.parallelize(student, impl, shard=True, param_dtype=torch.bfloat16,
+                                 is_teacher=is_teacher)
+    assert [(c["reduce_dtype"], c["param_dtype"], c["reshard_after_forward"]) for c in calls] == [
+        (torch.float32, torch.bfloat16, False), (torch.float32, torch.bfloat16, True),
+        (torch.bfloat16, torch.bfloat16, False), (torch.bfloat16, torch.bfloat16, True)]
