@@ -8,10 +8,9 @@ blur, solarize) is skipped with DALI's conditionals rather than computed and ble
 Readers: file lists (image folders) and WebDataset tar shards; sharded per rank; per-crop
 random draws; NCHW float output through DALI's PyTorch iterator.
 
-One difference from the reference: the color jitter applies brightness and saturation
-(DALI's `color_twist`), then contrast, then hue (both written here: `color_twist`'s are
-other formulas) in one fixed order, where torchvision's ColorJitter draws an order per
-image (the rates, factor ranges and formulas are the same).
+The color jitter draws its order per sample as torchvision's ColorJitter does, but clips
+to 0-255 once for brightness and saturation together (one `color_twist`) where PIL clips
+after each.
 """
 
 from __future__ import annotations
@@ -85,6 +84,55 @@ def _hue_shift(image, shift):
     return fn.reshape(fn.cast(rgb + 0.5, dtype=types.UINT8), layout="HWC")
 
 
+def _before_hue():
+    """Per sample, whether saturation and whether contrast come before the hue, as in a random
+    order of the four (three keys against the hue's: each before it half the time, both a
+    third of the time)."""
+    import nvidia.dali.fn as fn
+
+    hue_key = fn.random.uniform(range=[0.0, 1.0])
+    return tuple(fn.random.uniform(range=[0.0, 1.0]) < hue_key for _ in range(2))
+
+
+def _color_jitter(image, spec: MultiCropSpec, device: str):
+    """torchvision's ColorJitter: brightness, contrast, saturation and hue, in a random order
+    per sample. Brightness commutes with the other three and saturation with contrast (each
+    is a blend with a gray that the others scale alike; up to clipping between them), so the
+    order that matters is where saturation and contrast fall around the hue."""
+    import nvidia.dali.fn as fn
+
+    brightness = _uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness)
+    saturation = _uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation)
+    contrast = _uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast)
+    hue = _uniform(-spec.hue, spec.hue)  # turns
+    if spec.dali_color == "dali":  # color_twist's own contrast (towards 128), hue (YIQ), order
+        return fn.color_twist(image, device=device, brightness=brightness, saturation=saturation,
+                              contrast=contrast, hue=hue * 360)  # degrees
+
+    # color_twist's brightness and saturation are torchvision's (a scale; a blend with the
+    # luma); its contrast and hue are not: those two are written here
+    def twist(x):
+        return fn.color_twist(x, device=device, brightness=brightness, saturation=saturation)
+
+    def blend(x):
+        return _contrast(x, contrast) if spec.contrast > 0 else x
+
+    if spec.hue == 0:
+        return blend(twist(image))
+    saturation_first, contrast_first = _before_hue()
+    out = image
+    if saturation_first:
+        out = twist(out)
+    if contrast_first:
+        out = blend(out)
+    out = _hue_shift(out, hue)
+    if not saturation_first:
+        out = twist(out)
+    if not contrast_first:
+        out = blend(out)
+    return out
+
+
 def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
@@ -95,20 +143,7 @@ def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
     out = fn.flip(out, device=device,
                   horizontal=fn.random.coin_flip(probability=spec.flip_p, dtype=types.INT32))
     if fn.random.coin_flip(probability=spec.color_jitter_p, dtype=types.BOOL):
-        # color_twist's brightness and saturation are torchvision's (a scale; a blend with
-        # the luma); its contrast (towards a fixed 128) and hue (a rotation in YIQ) are not
-        contrast = _uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast)
-        hue = _uniform(-spec.hue, spec.hue)  # turns
-        own = spec.dali_color == "dali"
-        out = fn.color_twist(
-            out, device=device,
-            brightness=_uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness),
-            saturation=_uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation),
-            **(dict(contrast=contrast, hue=hue * 360) if own else {}))  # degrees
-        if not own and spec.contrast > 0:
-            out = _contrast(out, contrast)
-        if not own and spec.hue > 0:
-            out = _hue_shift(out, hue)
+        out = _color_jitter(out, spec, device)
     if fn.random.coin_flip(probability=spec.grayscale_p, dtype=types.BOOL):
         out = fn.hsv(out, device=device, saturation=0.0)
     if crop.blur_p > 0 and fn.random.coin_flip(probability=crop.blur_p, dtype=types.BOOL):
@@ -151,7 +186,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
         if tars:
             encoded = fn.readers.webdataset(paths=list(tars), ext=[WEBDATASET_IMAGE_EXT],
                                             missing_component_behavior="skip", **common)
-            label = fn.cast(fn.shapes(encoded)[0] * 0, dtype=types.INT32)
+            label = fn.cast(encoded.shape()[0] * 0, dtype=types.INT32)
         else:
             encoded, label = fn.readers.file(files=list(files), labels=list(labels), **common)
         decode = {} if hw_decoder_load is None or not gpu else dict(hw_decoder_load=hw_decoder_load)

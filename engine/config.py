@@ -52,7 +52,8 @@ class DataConfig:
     local_crops_number: int = 8
     blur_radius: tuple[float, float] = (0.1, 2.0)  # PIL Gaussian blur, in pixels of the crop
     dali_color: str = "torchvision"  # DALI's color jitter: torchvision (the official contrast
-    # and hue) | dali (color_twist's own: contrast towards 128, hue in YIQ; faster on a CPU)
+    # and hue, a random order per image) | dali (color_twist's own: contrast towards 128, hue
+    # in YIQ, one fixed order; faster on a CPU)
     num_workers: int = 2
 
 

@@ -200,3 +200,38 @@ def test_dalis_own_color_formulas_are_an_option(tmp_path):
     assert change.min() < -0.13 and 0.07 < change.max() < 0.09
     with pytest.raises(ValueError, match="data.dali_color must be one of torchvision, dali; got 'yiq'"):
         run_dali(dataclasses.replace(spec, dali_color="yiq"), tmp_path, image)
+
+
+GRAYISH = torch.tensor([140.0, 100.0, 80.0])  # no channel clips at the factors below
+
+
+def turned_to(color, hue):
+    """`color` with its HSV hue replaced by `hue` (turns, (n,)), saturation and value kept."""
+    _, s, v = colorsys.rgb_to_hsv(*(color / 255).tolist())
+    return 255 * torch.tensor([colorsys.hsv_to_rgb(h, s, v) for h in hue.tolist()])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("blend", ["saturation", "contrast"])
+def test_color_jitter_order(backend, blend, tmp_path):
+    """ColorJitter draws its order per image. On a plain color x both saturation and contrast
+    blend x with its luma L(x) by a factor f, and the hue turn T keeps a blend with gray one:
+    f first gives f T(x) + (1 - f) L(x), the turn first f T(x) + (1 - f) L(T(x)). Which gray a
+    crop holds says which came first: each half of the time (a fixed order fails this)."""
+    color = GRAYISH
+    strengths = {**dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.5), blend: 0.5}
+    crops = BACKENDS[backend](spec_with(color_jitter_p=1.0, **strengths), tmp_path, plain_image(color))
+    out = torch.cat([pixels(c).mean((2, 3)) for c in crops])  # (crops, 3)
+
+    def chroma(rgb):
+        return rgb.max(-1).values - rgb.min(-1).values
+
+    f = (chroma(out) / chroma(color))[:, None]  # a blend with gray scales the chroma by f
+    turned = turned_to(color, hue_of(out))
+    blend_first = f * turned + (1 - f) * (color @ LUMA)
+    turn_first = f * turned + (1 - f) * (turned @ LUMA)[:, None]
+    miss_first, miss_turn = ((out - p).abs().max(-1).values for p in (blend_first, turn_first))
+    shows = (blend_first - turn_first).abs().max(-1).values > 4  # crops where the order shows
+    assert shows.sum() > 0.15 * len(out), shows.sum()
+    assert torch.minimum(miss_first, miss_turn)[shows].max() < 2.5  # each fits one order
+    assert_rate((miss_first < miss_turn)[shows], 0.5, f"{backend}: {blend} before the hue")

@@ -110,3 +110,25 @@ def test_bf16_crops_are_the_float32_crops_rounded(jpegs):
         for x, y in zip(a, b, strict=True):
             assert y.dtype == torch.bfloat16 and y.shape == x.shape
             assert torch.equal(y, x.to(torch.bfloat16))
+
+
+def test_jitter_order_draws_like_a_random_permutation():
+    """Where saturation and contrast fall around the hue, as in a uniformly random order of
+    the four: each before it half the time, both before it a third of the time (independent
+    coins would give a quarter)."""
+    from nvidia.dali import pipeline_def
+
+    from dinofuse.dataloading.dali_multicrop import _before_hue
+
+    n = 4000
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None, seed=5)
+    def draws():
+        return _before_hue()
+
+    pipe = draws()
+    pipe.build()
+    saturation, contrast = (np.array(out.as_array(), dtype=bool).reshape(-1) for out in pipe.run())
+    tol = 4.5 * np.sqrt(0.25 / n)
+    assert abs(saturation.mean() - 0.5) < tol and abs(contrast.mean() - 0.5) < tol
+    assert abs((saturation & contrast).mean() - 1 / 3) < tol
