@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import statistics
@@ -124,7 +125,7 @@ def bench_loss(case: LossCase, device, copy_bw, reps, skipped, compile_ok=True):
         if "fused" in variants:
             check["fused_rel_err"] = abs(float(fused_loss(s, t, c)) - float(ref)) / abs(float(ref))
     for name, step in variants.items():
-        m = measure(lambda: step(s, t, c), device, reps)
+        m = measure(functools.partial(step, s, t, c), device, reps)  # s, t, c: deleted below
         rows.append(_row(case.name, name, m, case.floor_bytes(), copy_bw))
     del s, t, c
     return rows, check
