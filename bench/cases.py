@@ -85,7 +85,7 @@ def vit_param_shapes(dim: int, depth: int = 12, patch: int = 16, tokens: int = 1
 def dino_head_param_shapes(in_dim: int, out_dim: int = OUT_DIM, hidden: int = 2048,
                            bottleneck: int = 256):
     return [(hidden, in_dim), (hidden,), (hidden, hidden), (hidden,), (bottleneck, hidden),
-            (bottleneck,), (out_dim, 1), (out_dim, bottleneck)]
+            (bottleneck,), (out_dim, bottleneck), (out_dim, 1)]  # weight_v, weight_g
 
 
 EMA_MODELS = {
