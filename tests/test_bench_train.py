@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -57,6 +58,68 @@ def test_telemetry_reports_no_gpu_instead_of_failing():
     with GPUTelemetry(device_index=None) as tel:
         pass
     assert tel.summary() == {"status": "no GPU", "samples": 0}
+
+
+class FakeNVML:
+    """pynvml's calls the telemetry makes, reading from a script of samples; then an error."""
+    NVML_CLOCK_SM = 1
+
+    def __init__(self, samples, init_error=None):
+        self.samples, self.init_error, self.index, self.shut = list(samples), init_error, None, False
+
+    def nvmlInit(self):
+        if self.init_error:
+            raise self.init_error
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        self.index = index
+        return "handle"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        if not self.samples:
+            raise RuntimeError("GPU is lost")
+        self.current = self.samples.pop(0)
+        return types.SimpleNamespace(gpu=self.current[0], memory=self.current[1])
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return self.current[2]  # milliwatts
+
+    def nvmlDeviceGetClockInfo(self, handle, clock):
+        assert clock == self.NVML_CLOCK_SM
+        return self.current[3]
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return types.SimpleNamespace(used=self.current[4] * 2 ** 20)
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+
+def test_telemetry_summarizes_nvml_samples_in_their_units(monkeypatch):
+    """Watts from NVML's milliwatts, MiB from bytes; mean/min/max per field; the device asked
+    for; a sampling error ends the sampling with its reason, never the benchmark."""
+    nvml = FakeNVML([(50, 10, 300_000, 1800, 1024), (100, 30, 500_000, 1900, 3072),
+                     (30, 20, 100_000, 1500, 2048)])  # means apart from medians
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with GPUTelemetry(device_index=3, period_s=0.001) as tel:
+        tel._thread.join(timeout=10)  # three samples, then the error stops the thread
+    summary = tel.summary()
+    assert nvml.index == 3 and nvml.shut and summary["samples"] == 3
+    assert summary["status"] == "sampling stopped (RuntimeError: GPU is lost)"
+    assert summary["sm_util_pct"] == {"mean": 60.0, "min": 30, "max": 100}
+    assert summary["mem_util_pct"] == {"mean": 20.0, "min": 10, "max": 30}
+    assert summary["power_w"] == {"mean": 300.0, "min": 100.0, "max": 500.0}
+    assert summary["sm_clock_mhz"] == {"mean": 1733.3, "min": 1500, "max": 1900}
+    assert summary["mem_used_mib"] == {"mean": 2048.0, "min": 1024.0, "max": 3072.0}
+
+
+def test_telemetry_without_nvml_says_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([], init_error=OSError("no driver")))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with GPUTelemetry() as tel:
+        pass
+    assert tel.summary() == {"status": "no GPU telemetry (OSError: no driver)", "samples": 0}
 
 
 TOY = ["--arch", "vit_tiny", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--patch", "8",
