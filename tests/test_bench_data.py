@@ -59,3 +59,20 @@ def test_breakdown_graphs_switch_off_one_part_each():
     assert all(c.blur_p == 0 and c.solarize_p == 0 for c in plain.crops())
     assert plain.color_jitter_p == plain.grayscale_p == 0
     assert globals_only.crops() == full.crops()[:2] and globals_only.color_jitter_p == 0.8
+
+
+def test_images_per_second_counts_what_follows_the_first_batch(monkeypatch):
+    """The first batch (workers starting, first decode) is neither counted nor timed; the
+    rate is the images after it over the time after it."""
+    import itertools
+
+    import torch
+
+    from dinofuse.bench import data
+
+    clock = itertools.chain([10.0, 13.0], itertools.repeat(20.0))
+    monkeypatch.setattr(data.time, "perf_counter", lambda: next(clock))
+    batches = [([torch.zeros(n, 3, 4, 4)], None) for n in (5, 8, 8, 8)]
+    assert data._images_per_s(batches) == 24 / 3.0
+    with pytest.raises(ValueError, match="one batch only"):
+        data._images_per_s(batches[:1])
