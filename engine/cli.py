@@ -91,14 +91,20 @@ def _train(args) -> None:
     if cfg.run.knn_after_training:
         from dinofuse.engine.eval.report import format_report, knn_report
 
-        torch.manual_seed(cfg.run.seed + 1)
-        random_backbone = build_backbone(cfg, 0.0).to(trainer.device)
-        report = knn_report(cfg, trainer.teacher.backbone, random_backbone, trainer.device)
+        report = knn_report(cfg, trainer.teacher.backbone, random_backbone(cfg, trainer.device),
+                            trainer.device)
         if report:
             (trainer.out / "knn.json").write_text(json.dumps(report, indent=1) + "\n")
             print(format_report(report, cfg.run.knn_k, cfg.run.knn_temperature))
         else:
             print("k-NN skipped: no query images (set run.knn_val=DIR)")
+
+
+def random_backbone(cfg: Config, device) -> torch.nn.Module:
+    """The k-NN report's random-initialization row: the same network on every run of a
+    config (seeded, apart from the training's own seed)."""
+    torch.manual_seed(cfg.run.seed + 1)
+    return build_backbone(cfg, 0.0).to(device)
 
 
 def _fit_to_minutes(cfg, minutes: float, resume, rank: int):

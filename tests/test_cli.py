@@ -119,14 +119,15 @@ def test_data_check_lists_every_unreadable_file(tmp_path, capsys):
     (root / "a" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (root / "a" / "empty.jpg").write_bytes(b"")
     (root / "a" / "text.jpg").write_text("not a jpeg")
+    (root / "a" / "CAMERA.JPG").write_text("upper-case suffixes are images too (readers: same)")
     (root / "a" / "notes.txt").write_text("ignored: not an image suffix")
     assert main(["data", "check", str(root)]) == 1
     out = capsys.readouterr().out
-    assert "3 images readable, 3 unreadable" in out
-    for name in ("truncated.jpg", "empty.jpg: empty file", "text.jpg"):
+    assert "3 images readable, 4 unreadable" in out
+    for name in ("truncated.jpg", "empty.jpg: empty file", "text.jpg", "CAMERA.JPG"):
         assert name in out
     assert main(["data", "check", str(root / "a" / "..")]) == 1
-    for name in ("truncated.jpg", "empty.jpg", "text.jpg"):
+    for name in ("truncated.jpg", "empty.jpg", "text.jpg", "CAMERA.JPG"):
         (root / "a" / name).unlink()
     assert main(["data", "check", str(root)]) == 0
     assert main(["data", "check", str(tmp_path / "nothing")]) == 2
@@ -249,3 +250,20 @@ def test_command_line_numbers_out_of_range_are_named(args, message, capsys):
         main(args)
     assert exit_.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_random_row_is_the_same_network_every_run():
+    """The k-NN report's random baseline does not depend on what ran before it (training
+    draws from the same global generator)."""
+    import torch
+
+    from dinofuse.engine.cli import random_backbone
+    from dinofuse.engine.config import load_config
+
+    cfg = load_config("default", TINY)
+    first = random_backbone(cfg, "cpu").state_dict()
+    torch.rand(1000)  # what a training would have drawn
+    again = random_backbone(cfg, "cpu").state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = random_backbone(load_config("default", [*TINY, "run.seed=1"]), "cpu").state_dict()
+    assert not torch.equal(first["pos_embed"], other["pos_embed"])

@@ -1,13 +1,17 @@
 """The training input's epoch order: seeded, reshuffled every epoch, shared out over ranks;
-the reference augmentation's draws: seeded per epoch and image."""
+the reference augmentation's draws: seeded per epoch and image; per-rank synthetic crops,
+the cores each backend keeps busy, DALI's resume, what counts as WebDataset shards."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+from dinofuse.dataloading.dali_multicrop import available as dali_available
 from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
-from dinofuse.engine.inputs import EpochSampler
+from dinofuse.engine.config import load_config
+from dinofuse.engine.inputs import EpochSampler, TrainingInput, webdataset_shards
 
 
 def epoch_order(seed, epoch, rank=0, world=1, batch=3, n=23, start_batch=0):
@@ -57,3 +61,45 @@ def test_reference_crops_are_drawn_from_seed_epoch_and_index():
     assert torch.equal(crops(0, 0, 1), crops(0, 0, 1))
     for other in (crops(0, 1, 1), crops(0, 0, 2), crops(1, 0, 1)):
         assert not torch.equal(crops(0, 0, 1), other)
+
+
+def training_input(path, *overrides, rank=0, world=1):
+    cfg = load_config("default", [f'data.path="{path}"', "data.global_crop_size=16",
+                                  "data.local_crop_size=8", "data.local_crops_number=2",
+                                  "optim.batch_size_per_device=8", "data.num_workers=1", *overrides])
+    return TrainingInput(cfg, torch.device("cpu"), rank, world, None, lambda: None)
+
+
+def test_synthetic_crops_differ_between_ranks():
+    """Each rank times its own crops, as it would read its own images."""
+    ranks = [training_input("synthetic", rank=r, world=2) for r in (0, 1, 0)]
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0].synthetic, ranks[2].synthetic))
+    assert not any(torch.equal(a, b) for a, b in zip(ranks[0].synthetic, ranks[1].synthetic))
+
+
+def test_data_workers_are_the_backends_that_keep_cores_busy(image_folder):
+    """DALI's threads and torchvision's worker processes each take a core beside the training
+    step; synthetic crops and the tensor crops (cut in the training process) take none."""
+    assert training_input(image_folder, 'data.backend="torchvision"').data_workers == 1
+    assert training_input("synthetic").data_workers == 0
+    if dali_available():
+        assert training_input(image_folder, 'data.backend="dali"').data_workers == 1
+
+
+def test_dali_resume_skips_the_batches_already_trained(image_folder):
+    """40 images, batch 8: 5 steps an epoch; resumed at batch 2, the epoch gives the 3 left
+    (DALI shuffles by its own seed: the count is kept, not the images)."""
+    pytest.importorskip("nvidia.dali")
+    source = training_input(image_folder, 'data.backend="dali"')
+    assert source.iters_per_epoch == 5
+    assert len(list(source.batches(0, 2))) == 3
+    assert len(list(source.batches(1, 0))) == 5
+
+
+def test_a_folder_of_tar_shards_and_class_folders_is_an_image_folder(tmp_path):
+    (tmp_path / "a.tar").write_bytes(b"")
+    (tmp_path / "b.tar").write_bytes(b"")
+    assert webdataset_shards(str(tmp_path)) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    assert webdataset_shards(str(tmp_path / "a.tar")) == [str(tmp_path / "a.tar")]
+    (tmp_path / "class0").mkdir()
+    assert webdataset_shards(str(tmp_path)) == []

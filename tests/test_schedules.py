@@ -24,3 +24,12 @@ def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, war
 ])
 def test_bit_identical_to_official(args):
     assert cosine_schedule(*args) == official_cosine_scheduler(*args).tolist()
+
+
+def test_a_fractional_warmup_rounds_down():
+    """--fit-minutes shrinks epoch-counted lengths in proportion, so warm-ups can be fractions
+    of an epoch: 0.7 x 5 = 3.5 iterations warm up for 3 (the official integer product's
+    rounding), and the cosine takes the other 7."""
+    values = cosine_schedule(1.0, 0.0, 2, 5, warmup_epochs=0.7, start_warmup=0.0)
+    assert len(values) == 10 and values[:3] == [0.0, 0.5, 1.0] and values[3] == 1.0
+    assert values[4] < 1.0
