@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,3 +87,50 @@ def test_the_report_names_the_k_and_temperature_it_ran_with():
     text = format_report({"trained teacher": {"top1": 80.5, "top5": 99.25}}, k=10, temperature=0.1)
     assert text.splitlines() == ["k-NN (k=10, T=0.1) top-1 / top-5:",
                                  "  trained teacher   80.50% /  99.25%"]
+
+
+def test_the_report_rows_are_the_teacher_the_random_network_and_raw_pixels(tmp_path):
+    """Each row from its own features, with the configured k, temperature and feature mode:
+    the trained teacher's, the random network's, and the raw pixels in [0, 1] (not
+    normalized: ImageNet's per-channel shift would move every cosine similarity)."""
+    from fashion_mnist_files import write_fashion_mnist
+
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.eval.knn import knn_classify
+    from dinofuse.engine.eval.report import knn_report
+    from dinofuse.engine.models import vit_tiny
+
+    write_fashion_mnist(tmp_path, train=40, test=12, size=16, classes=3)
+    cfg = load_config("default", [f'data.path="{tmp_path}"', "data.global_crop_size=16",
+                                  "run.knn_k=5", "run.knn_temperature=0.5", "run.knn_resize_ratio=1.0",
+                                  'run.knn_features="cls+avgpool"'])
+    torch.manual_seed(0)
+    teacher, random_net = (vit_tiny(depth=1, patch_size=8, img_size=16) for _ in range(2))
+    report = knn_report(cfg, teacher, random_net, torch.device("cpu"))
+    assert list(report) == ["trained teacher", "random init", "raw pixels"]
+
+    def images(split):
+        from dinofuse.dataloading.readers import open_images
+
+        data = open_images(str(tmp_path), split)
+        x = torch.stack([torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+                         for img, _ in data])
+        return x, torch.tensor([label for _, label in data])
+
+    (train_x, train_y), (test_x, test_y) = images("train"), images("test")
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+    def features(x, backbone=None):
+        if backbone is None:
+            return F.normalize(x.flatten(1), dim=-1)
+        with torch.no_grad():
+            tokens = backbone.eval().forward_features((x - mean) / std)
+        f = torch.cat([F.normalize(tokens[:, 0], dim=-1),
+                       F.normalize(tokens[:, 1:].mean(1), dim=-1)], -1)
+        return F.normalize(f, dim=-1)
+
+    for name, backbone in (("trained teacher", teacher), ("random init", random_net), ("raw pixels", None)):
+        want = knn_classify(features(train_x, backbone), train_y, features(test_x, backbone), test_y,
+                            k=5, temperature=0.5)
+        assert report[name] == pytest.approx(want), name
+    assert report["trained teacher"] != report["random init"]
