@@ -633,6 +633,27 @@ BUGS = [
         'return self.images[(i + j) % len(self.images)]',
         'return self.images[j % len(self.images)]',
         ['test_cli.py', 'test_train.py', 'test_inputs.py', 'test_readers.py']),
+    # round ten (fifteenth session): the benchmark's baseline is the official code's way
+    Bug('engine/train.py',
+        'loss_cls = DINOLoss if cfg.impl.loss == "fused" else OfficialDINOLoss',
+        'loss_cls = DINOLoss',
+        ['test_bench_train.py', 'test_train.py', 'test_distributed.py']),
+    Bug('engine/train.py',
+        'if cfg.impl.ema == "fused":',
+        'if True:',
+        ['test_bench_train.py']),
+    Bug('engine/train.py',
+        '"official": dict(foreach=False)',
+        '"official": {}',
+        ['test_bench_train.py']),
+    Bug('engine/train.py',
+        'if self.cfg.impl.clip == "official" and o.clip_mode == "per_param":',
+        'if False:',
+        ['test_bench_train.py', 'test_train.py', 'test_distributed.py']),
+    Bug('bench/train.py',
+        '"impl.ema": "official", "impl.clip": "official"',
+        '"impl.ema": "fused", "impl.clip": "official"',
+        ['test_bench_train.py', 'test_gpu_check.py']),
 ]
 
 

@@ -306,3 +306,24 @@ def test_bad_numbers_get_one_line_naming_them(capsys):
         main(["bench", "train", "--device", "cpu", "--steps", "0"])
     assert exit_.value.code == 2
     assert "argument --steps: must be >= 1; got 0" in capsys.readouterr().err
+
+
+def test_the_baseline_row_runs_the_official_codes_way_and_dinofuse_its_own(tmp_path):
+    """What the speedup is measured against (issue 6's list): materialized attention, one
+    backbone pass per crop size, the official loss module, the per-parameter EMA loop, the
+    per-parameter AdamW loop, fp16 with a GradScaler; and dinofuse's row with the fused ones."""
+    from dinofuse.bench.train import BASELINE, DINOFUSE, bench_config, build_parser
+    from dinofuse.engine.train import Trainer
+    from dinofuse.kernels import DINOLoss, EMAPlan
+    from dinofuse.kernels.reference import OfficialDINOLoss
+
+    args = build_parser().parse_args(TOY)
+    base = Trainer(bench_config(args, BASELINE, 4, str(tmp_path / "b")))
+    ours = Trainer(bench_config(args, {**DINOFUSE, "optim.precision": "fp32"}, 4, str(tmp_path / "d")))
+    assert {b.attn.backend for b in base.student.backbone.blocks} == {"naive"}
+    assert not base.student.packed and base.cfg.impl.clip == "official"
+    assert type(base.loss_fn) is OfficialDINOLoss and type(ours.loss_fn) is DINOLoss
+    assert not isinstance(base.ema, EMAPlan) and isinstance(ours.ema, EMAPlan)
+    assert base.optimizer.defaults["foreach"] is False and not base.optimizer.defaults["fused"]
+    assert base.precision == torch.float16 and base.scaler is not None and ours.scaler is None
+    assert {b.attn.backend for b in ours.student.backbone.blocks} == {"sdpa"}  # auto, on a CPU
