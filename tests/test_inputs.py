@@ -79,7 +79,7 @@ def test_synthetic_crops_differ_between_ranks():
 
 def test_data_workers_are_the_backends_that_keep_cores_busy(image_folder):
     """DALI's threads and torchvision's worker processes each take a core beside the training
-    step; synthetic crops and the tensor crops (cut in the training process) take none."""
+    step; synthetic crops (made once on the device) take none."""
     assert training_input(image_folder, 'data.backend="torchvision"').data_workers == 1
     assert training_input("synthetic").data_workers == 0
     if dali_available():
