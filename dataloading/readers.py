@@ -39,6 +39,9 @@ def read_idx(path: Path) -> np.ndarray:
 class FashionMNIST:
     """The train (60000) or test (10000) split as (PIL RGB 28x28 image, label)."""
 
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot")
+
     def __init__(self, split: str = "train", root: Path = FASHION_MNIST_DIR):
         prefix = {"train": "train", "test": "t10k"}[split]
         images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"

@@ -1,7 +1,8 @@
-"""The `dinofuse` command: train, knn, attention-maps, export, data check.
+"""The `dinofuse` command: train, knn, linear, attention-maps, export, data check.
 
     dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [--fit-minutes M] [section.field=value ...]
     dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200] [--arch A] [--which W]
+    dinofuse linear --checkpoint CKPT --train DIR --val DIR [--epochs 100] [--cached-features] [--output-dir D]
     dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6] [--arch A]
     dinofuse export --checkpoint CKPT|STEP_DIR|RUN_DIR --out teacher.safetensors|teacher.pth
     dinofuse data check DIR        (exit status 1 when some image cannot be decoded)
@@ -179,6 +180,52 @@ def _knn(args) -> None:
         print(f"{k}-NN: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
 
 
+def _linear(args) -> None:
+    from dinofuse.dataloading.readers import open_images
+    from dinofuse.engine.eval.linear import LinearEval, LinearEvalConfig, official_defaults
+
+    saved = Path(args.output_dir or ".") / "linear.pth"
+    if args.resume and not args.output_dir:
+        raise ValueError("--resume needs the --output-dir that holds linear.pth")
+    if args.output_dir and saved.is_file() and not (args.resume or args.evaluate):
+        raise ValueError(f"{saved} exists: pass --resume to continue it, or another --output-dir")
+    device = pick_device(args.device)
+    backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
+    if args.random_init:  # the baseline row: the same network, untrained
+        backbone = random_backbone(cfg, device).eval()
+    features = official_defaults(backbone.embed_dim, len(backbone.blocks))
+    if args.n_last_blocks:
+        features["n_last_blocks"] = args.n_last_blocks
+    if args.avgpool is not None:
+        features["avgpool"] = args.avgpool
+    settings = LinearEvalConfig(
+        epochs=args.epochs, lrs=args.lr, batch_size=args.batch_size, val_freq=args.val_freq,
+        crop=args.crop or cfg.data.global_crop_size, resize_ratio=args.resize_ratio,
+        cached_features=args.cached_features, workers=args.workers, seed=args.seed, **features)
+    print(f"linear evaluation: CLS of the last {settings.n_last_blocks} block(s)"
+          f"{' + mean patch token' if settings.avgpool else ''}, {settings.epochs} epochs, "
+          f"{'cached features' if settings.cached_features else 'augmented crops'}", flush=True)
+    run = LinearEval(backbone, open_images(args.train, "train"), open_images(args.val, "test"),
+                     settings, device, output_dir=args.output_dir)
+    if args.evaluate:
+        from dinofuse.engine.eval.linear import load_linear_weights, validate
+
+        load_linear_weights(run.classifier, args.evaluate)
+        stats = validate(run.classifier, *run.val)
+        top5 = f", top-5 {stats['top5']:.2f}%" if "top5" in stats else ""
+        print(f"linear ({args.evaluate}): top-1 {stats['top1']:.2f}%{top5}")
+        return
+    if args.resume and run.resume():
+        print(f"resumed at epoch {run.epoch} from {run.out / 'linear.pth'}", flush=True)
+    summary = run.run(log=lambda line: print(line, flush=True))
+    if run.out is not None:
+        (run.out / "linear.json").write_text(json.dumps(summary, indent=1) + "\n")
+    last = summary["last"]
+    grid = f" at --lr {last['picked_lr']:g}" if len(settings.lrs) > 1 else ""
+    print(f"linear: top-1 {last['top1']:.2f}%{grid} after {summary['epochs']} epochs; best "
+          f"{summary['best_top1']:.2f}% (the official script's figure: the best validation)")
+
+
 def _attention_maps(args) -> None:
     from PIL import Image
 
@@ -265,6 +312,42 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--which", default="teacher", choices=CHECKPOINT_MODELS,
                      help="the checkpoint's model to evaluate (official eval_knn's --checkpoint_key)")
     knn.set_defaults(fn=_knn)
+
+    linear = sub.add_parser("linear", help="linear classifier on a checkpoint's frozen features "
+                            "(official eval_linear)")
+    linear.add_argument("--checkpoint", required=True)
+    linear.add_argument("--train", required=True, help="labelled training images (class "
+                        "folders or fashion-mnist)")
+    linear.add_argument("--val", required=True, help="labelled validation images, same classes")
+    linear.add_argument("--epochs", type=POSITIVE_INT_ARG, default=100)
+    linear.add_argument("--lr", type=POSITIVE_FLOAT_ARG, nargs="+", default=[0.001],
+                        help="for a batch of 256, scaled linearly with --batch-size; several "
+                        "train side by side on the same features, the best one reported")
+    linear.add_argument("--batch-size", type=POSITIVE_INT_ARG, default=128)
+    linear.add_argument("--n-last-blocks", type=POSITIVE_INT_ARG, default=0,
+                        help="CLS tokens of this many last blocks (default: 4 below ViT-B's "
+                        "width, else 1)")
+    linear.add_argument("--avgpool", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the last block's mean patch token (default: from ViT-B's width)")
+    linear.add_argument("--val-freq", type=POSITIVE_INT_ARG, default=1)
+    linear.add_argument("--cached-features", action="store_true",
+                        help="train on features of the evaluation crops computed once (no "
+                        "augmentation; not the official protocol, much faster)")
+    linear.add_argument("--crop", type=COUNT_ARG, default=0, help="default: the global crop size")
+    linear.add_argument("--resize-ratio", type=POSITIVE_FLOAT_ARG, default=256 / 224)
+    linear.add_argument("--workers", type=COUNT_ARG, default=min(8, os.cpu_count() or 1))
+    linear.add_argument("--seed", type=int, default=0)
+    linear.add_argument("--output-dir", help="per-epoch checkpoint linear.pth, linear_log.jsonl, "
+                        "linear.json")
+    linear.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/linear.pth")
+    linear.add_argument("--evaluate", metavar="WEIGHTS",
+                        help="only validate these linear weights (official or ours)")
+    linear.add_argument("--random-init", action="store_true",
+                        help="the checkpoint's network at random initialization (a baseline)")
+    linear.add_argument("--device", default="auto")
+    linear.add_argument("--arch", help=ARCH_HELP)
+    linear.add_argument("--which", default="teacher", choices=CHECKPOINT_MODELS)
+    linear.set_defaults(fn=_linear)
 
     maps = sub.add_parser("attention-maps", help="CLS self-attention of each head, as PNGs")
     maps.add_argument("--checkpoint", required=True)

@@ -26,7 +26,9 @@ def official_pos_embed(pos_embed, w, h, patch):
     return torch.cat((pos_embed[:, :1], grid), dim=1)
 
 
-def official_vit_forward(sd, x, *, patch, heads, return_all=False):
+def official_vit_forward(sd, x, *, patch, heads, return_all=False, last_blocks=0):
+    """The CLS output; all tokens (return_all); or, as the official get_intermediate_layers,
+    the list of each of the last `last_blocks` blocks' tokens through the final norm."""
     B, _, w, h = x.shape
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
     t = t.flatten(2).transpose(1, 2)
@@ -35,6 +37,8 @@ def official_vit_forward(sd, x, *, patch, heads, return_all=False):
     D = t.shape[-1]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     scale = (D // heads) ** -0.5
+    final_norm = lambda t: F.layer_norm(t, (D,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)  # noqa: E731
+    intermediate = []
     for i in range(depth):
         p = lambda n: sd[f"blocks.{i}.{n}"]  # noqa: E731
         y = F.layer_norm(t, (D,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
@@ -48,5 +52,9 @@ def official_vit_forward(sd, x, *, patch, heads, return_all=False):
         y = F.linear(F.gelu(F.linear(y, p("mlp.fc1.weight"), p("mlp.fc1.bias"))),
                      p("mlp.fc2.weight"), p("mlp.fc2.bias"))
         t = t + y
-    t = F.layer_norm(t, (D,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
+        if depth - i <= last_blocks:
+            intermediate.append(final_norm(t))
+    if last_blocks:
+        return intermediate
+    t = final_norm(t)
     return t if return_all else t[:, 0]

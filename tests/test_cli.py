@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dinofuse.engine.cli import main
@@ -267,3 +268,48 @@ def test_the_random_row_is_the_same_network_every_run():
     assert all(torch.equal(first[k], again[k]) for k in first)
     other = random_backbone(load_config("default", [*TINY, "run.seed=1"]), "cpu").state_dict()
     assert not torch.equal(first["pos_embed"], other["pos_embed"])
+
+
+def test_linear_trains_resumes_and_evaluates(trained, folder, tmp_path, capsys):
+    out = tmp_path / "linear"
+    args = ["linear", "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
+            "--val", str(folder), "--epochs", "2", "--workers", "0", "--resize-ratio", "1.0",
+            "--output-dir", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "CLS of the last 2 block(s), 2 epochs, augmented crops" in printed  # depth 2
+    last = re.findall(r"epoch 2/2: .* top-1 ([0-9.]+)%", printed)
+    assert last and f"linear: top-1 {last[0]}% after 2 epochs" in printed
+    saved = torch.load(out / "linear.pth", weights_only=True)
+    assert set(saved["state_dict"]) == {"module.linear.weight", "module.linear.bias"}
+    assert saved["state_dict"]["module.linear.weight"].shape == (2, 2 * 32)
+    assert json.loads((out / "linear.json").read_text())["epochs"] == 2
+    assert main(args) == 2  # would overwrite the saved run
+    assert "linear.pth exists: pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert "resumed at epoch 2" in capsys.readouterr().out
+    assert main([*args, "--evaluate", str(out / "linear.pth")]) == 0
+    assert f"top-1 {last[0]}%" in capsys.readouterr().out  # the same weights, the same features
+    assert main([*args[:-2], "--resume"]) == 2
+    assert "--resume needs the --output-dir" in capsys.readouterr().err
+
+
+def test_linear_random_init_is_the_knn_reports_random_row(trained, folder, monkeypatch, capsys):
+    from dinofuse.engine import cli
+    from dinofuse.engine.config import config_from_toml
+    from dinofuse.engine.eval import linear
+
+    seen = []
+
+    def capture(backbone, *args, **kwargs):
+        seen.append(backbone.state_dict())
+        raise ValueError("captured")
+
+    monkeypatch.setattr(linear, "LinearEval", capture)
+    base = ["linear", "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
+            "--val", str(folder)]
+    assert main(base) == 2 and main([*base, "--random-init"]) == 2
+    cfg = config_from_toml((trained / "config.toml").read_text())
+    random = cli.random_backbone(cfg, "cpu").state_dict()
+    assert all(torch.equal(random[k], seen[1][k]) for k in random)
+    assert not torch.equal(seen[0]["pos_embed"], seen[1]["pos_embed"])  # the trained teacher

@@ -20,7 +20,7 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size:
     mode "cls": the CLS token (official). "cls+avgpool": CLS and the mean of the patch
     tokens, each L2-normalized, concatenated (stronger for small models and short runs).
     """
-    loader = torch.utils.data.DataLoader(_Transformed(images, transform), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(Transformed(images, transform), batch_size=batch_size,
                                          num_workers=num_workers)
     backbone.eval()
     feats, labels = [], []
@@ -38,7 +38,9 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size:
     return F.normalize(torch.cat(feats), dim=-1), torch.cat(labels)
 
 
-class _Transformed:
+class Transformed:
+    """(transform(image), label) of a dataset of (PIL image, label)."""
+
     def __init__(self, images, transform):
         self.images, self.transform = images, transform
 

@@ -368,6 +368,18 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[:, 0]
 
+    def get_intermediate_layers(self, x: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
+        """The tokens after each of the last `n` blocks, each through the final norm (the
+        official method of the same name; the linear evaluation reads their CLS tokens)."""
+        if not 1 <= n <= len(self.blocks):
+            raise ValueError(f"n must be in 1..{len(self.blocks)} (the depth); got {n}")
+        tokens, outputs = self.prepare_tokens(x), []
+        for i, block in enumerate(self.blocks):
+            tokens, _ = block(tokens)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(tokens))
+        return outputs
+
     def forward_packed(self, groups: Sequence[torch.Tensor]) -> torch.Tensor:
         """CLS outputs of several image batches of different sizes, run as one sequence.
 
