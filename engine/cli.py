@@ -180,50 +180,60 @@ def _knn(args) -> None:
         print(f"{k}-NN: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
 
 
+def _linear_settings(args, backbone, cfg):
+    from dinofuse.engine.eval.linear import LinearEvalConfig, official_defaults
+
+    features = official_defaults(backbone.embed_dim, len(backbone.blocks))
+    if args.n_last_blocks:
+        features["n_last_blocks"] = args.n_last_blocks
+    if args.avgpool is not None:
+        features["avgpool"] = args.avgpool
+    return LinearEvalConfig(
+        epochs=args.epochs, lrs=args.lr, batch_size=args.batch_size, val_freq=args.val_freq,
+        crop=args.crop or cfg.data.global_crop_size, resize_ratio=args.resize_ratio,
+        cached_features=args.cached_features, workers=args.workers, seed=args.seed, **features)
+
+
 def _linear(args) -> None:
     from dinofuse.dataloading.readers import open_images
-    from dinofuse.engine.eval.linear import LinearEval, LinearEvalConfig, official_defaults
+    from dinofuse.engine.eval.linear import LinearEval, load_linear_weights
 
     saved = Path(args.output_dir or ".") / "linear.pth"
     if args.resume and not args.output_dir:
         raise ValueError("--resume needs the --output-dir that holds linear.pth")
     if args.output_dir and saved.is_file() and not (args.resume or args.evaluate):
         raise ValueError(f"{saved} exists: pass --resume to continue it, or another --output-dir")
+    rank, _ = init_distributed()  # under torchrun: each process a share of every batch
     device = pick_device(args.device)
     backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
     if args.random_init:  # the baseline row: the same network, untrained
         backbone = random_backbone(cfg, device).eval()
-    features = official_defaults(backbone.embed_dim, len(backbone.blocks))
-    if args.n_last_blocks:
-        features["n_last_blocks"] = args.n_last_blocks
-    if args.avgpool is not None:
-        features["avgpool"] = args.avgpool
-    settings = LinearEvalConfig(
-        epochs=args.epochs, lrs=args.lr, batch_size=args.batch_size, val_freq=args.val_freq,
-        crop=args.crop or cfg.data.global_crop_size, resize_ratio=args.resize_ratio,
-        cached_features=args.cached_features, workers=args.workers, seed=args.seed, **features)
-    print(f"linear evaluation: CLS of the last {settings.n_last_blocks} block(s)"
-          f"{' + mean patch token' if settings.avgpool else ''}, {settings.epochs} epochs, "
-          f"{'cached features' if settings.cached_features else 'augmented crops'}", flush=True)
+    settings = _linear_settings(args, backbone, cfg)
+
+    def say(line: str) -> None:
+        if rank == 0:
+            print(line, flush=True)
+
+    say(f"linear evaluation: CLS of the last {settings.n_last_blocks} block(s)"
+        f"{' + mean patch token' if settings.avgpool else ''}, {settings.epochs} epochs, "
+        f"{'cached features' if settings.cached_features else 'augmented crops'}")
     run = LinearEval(backbone, open_images(args.train, "train"), open_images(args.val, "test"),
                      settings, device, output_dir=args.output_dir)
     if args.evaluate:
-        from dinofuse.engine.eval.linear import load_linear_weights, validate
-
         load_linear_weights(run.classifier, args.evaluate)
-        stats = validate(run.classifier, *run.val)
+        stats = run.evaluate(run.classifier)
         top5 = f", top-5 {stats['top5']:.2f}%" if "top5" in stats else ""
-        print(f"linear ({args.evaluate}): top-1 {stats['top1']:.2f}%{top5}")
+        say(f"linear ({args.evaluate}): top-1 {stats['top1']:.2f}%{top5}")
         return
     if args.resume and run.resume():
-        print(f"resumed at epoch {run.epoch} from {run.out / 'linear.pth'}", flush=True)
-    summary = run.run(log=lambda line: print(line, flush=True))
-    if run.out is not None:
+        say(f"resumed at epoch {run.epoch} from {run.out / 'linear.pth'}")
+    summary = run.run(log=say)
+    if run.out is not None and rank == 0:
         (run.out / "linear.json").write_text(json.dumps(summary, indent=1) + "\n")
     last = summary["last"]
     grid = f" at --lr {last['picked_lr']:g}" if len(settings.lrs) > 1 else ""
-    print(f"linear: top-1 {last['top1']:.2f}%{grid} after {summary['epochs']} epochs; best "
-          f"{summary['best_top1']:.2f}% (the official script's figure: the best validation)")
+    say(f"linear: top-1 {last['top1']:.2f}%{grid} after {summary['epochs']} epochs; best "
+        f"{summary['best_top1']:.2f}% (the official script's figure: the best validation)")
 
 
 def _attention_maps(args) -> None:

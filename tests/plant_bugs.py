@@ -1,6 +1,6 @@
 """Plant known bugs one at a time and check that the tests covering each one fail.
 
-    .venv/bin/python tests/plant_bugs.py          # every bug (about 18 minutes on 2 cores)
+    .venv/bin/python tests/plant_bugs.py          # every bug (about an hour on 2 cores)
     .venv/bin/python tests/plant_bugs.py 3 17     # some, by number
     .venv/bin/python tests/plant_bugs.py --list
 
@@ -676,8 +676,8 @@ BUGS = [
         'self.linear.weight.data.normal_(mean=0.0, std=0.02)',
         ['test_linear.py']),
     Bug('engine/eval/linear.py',
-        '"lr": lr * cfg.batch_size / 256}',
-        '"lr": lr}',
+        '"lr": lr * cfg.batch_size * self.world / 256}',
+        '"lr": lr * self.world}',
         ['test_linear.py']),
     Bug('engine/eval/linear.py',
         'momentum=0.9, weight_decay=0)',
@@ -688,16 +688,16 @@ BUGS = [
         '\n',
         ['test_linear.py']),
     Bug('engine/eval/linear.py',
-        'if classifier.num_labels >= 5:',
-        'if classifier.num_labels >= 2:',
+        'if num_labels >= 5:',
+        'if num_labels >= 2:',
         ['test_linear.py']),
     Bug('engine/eval/linear.py',
         'self.picked = max(range(len(per_lr)), key=lambda i: per_lr[i]["top1"])',
         'self.picked = 0',
         ['test_linear.py']),
     Bug('engine/eval/linear.py',
-        'cfg, seed = self.cfg, self.cfg.seed + epoch',
-        'cfg, seed = self.cfg, self.cfg.seed',
+        'steps = epoch_steps(len(self.train_images), cfg.batch_size, cfg.seed + epoch,',
+        'steps = epoch_steps(len(self.train_images), cfg.batch_size, cfg.seed,',
         ['test_linear.py']),
     Bug('engine/eval/linear.py',
         'self.optimizer.load_state_dict(state["optimizer"])',
@@ -719,6 +719,46 @@ BUGS = [
         'if args.output_dir and saved.is_file() and not (args.resume or args.evaluate):',
         'if False:',
         ['test_cli.py']),
+    Bug('engine/eval/linear.py',
+        '"lr": lr * cfg.batch_size * self.world / 256}',
+        '"lr": lr * cfg.batch_size / 256}',
+        ['test_distributed.py::test_linear_evaluation_under_two_processes_is_one_with_the_global_batch']),
+    Bug('engine/eval/linear.py',
+        'dist.all_reduce(flat)',
+        'pass',
+        ['test_distributed.py::test_linear_evaluation_under_two_processes_is_one_with_the_global_batch']),
+    Bug('engine/eval/linear.py',
+        """        sums = validation_sums(classifier, *self.val)
+        if self.world > 1:""",
+        """        sums = validation_sums(classifier, *self.val)
+        if False:""",
+        ['test_distributed.py::test_linear_evaluation_under_two_processes_is_one_with_the_global_batch']),
+    Bug('engine/eval/linear.py',
+        'return torch.stack(parts, dim=1).flatten(0, 1)[:n]',
+        'return torch.stack(parts, dim=0).flatten(0, 1)[:n]',
+        ['test_distributed.py::test_linear_evaluation_under_two_processes_is_one_with_the_global_batch']),
+    Bug('engine/eval/linear.py',
+        """        if self.world > 1:
+            dist.all_reduce(sums)
+        losses""",
+        """        losses""",
+        ['test_distributed.py::test_linear_evaluation_under_two_processes_is_one_with_the_global_batch']),
+    Bug('engine/eval/linear.py',
+        "order = torch.cat([order, order.repeat(world)[:-n % world]])",
+        "pass",
+        ['test_linear.py']),
+    Bug('engine/eval/linear.py',
+        'saved = {**saved, "processes": state.get("world", 1)}',
+        'saved = {**saved, "processes": 1}',
+        ['test_linear.py']),
+    Bug('engine/eval/linear.py',
+        'if not any(math.isfinite(v) for v in losses):',
+        'if not all(math.isfinite(v) for v in losses):',
+        ['test_linear.py']),
+    Bug('engine/eval/linear.py',
+        'per_lr = [self.evaluate(c) if all(p.isfinite().all() for p in c.parameters())',
+        'per_lr = [self.evaluate(c) if True',
+        ['test_linear.py']),
 ]
 
 

@@ -542,3 +542,45 @@ def test_fit_minutes_under_two_processes_fits_every_rank_to_the_slowest(tmp_path
     assert other == (epochs, warmup, trial_left) and not trial_left
     # 12 s of 4 steps of at least 0.1 s and a save: the time, not optim.epochs, sets the count
     assert 1 <= epochs < 30 and warmup == pytest.approx(0.5 * epochs / 50)
+
+
+def _linear_eval(rank, result, cached):
+    from test_linear import colored, settings, tiny_backbone
+
+    from dinofuse.engine.eval.linear import LinearEval
+
+    cfg = settings(epochs=2, batch_size=4, lrs=(0.5, 5.0), cached_features=cached)
+    run = LinearEval(tiny_backbone(), colored(22, 20), colored(15, 21), cfg, "cpu")
+    run.run(log=lambda line: None)
+    if rank == 0:
+        torch.save({"weights": [c.linear.weight.detach() for c in run.classifiers],
+                    "history": run.history}, result)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "augmented"])
+def test_linear_evaluation_under_two_processes_is_one_with_the_global_batch(tmp_path, cached):
+    """Each rank a share of every step, gradients added up, validation counts added up: the
+    same classifiers and figures as one process with twice the batch. 22 images at a global
+    batch of 8: the last step's 6 split 3 and 3."""
+    from functools import partial
+
+    from test_linear import colored, settings, tiny_backbone
+
+    from dinofuse.engine.eval.linear import LinearEval
+
+    _spawn(partial(_linear_eval, result=tmp_path / "two.pth", cached=cached))
+    two = torch.load(tmp_path / "two.pth", weights_only=True)
+    one = LinearEval(tiny_backbone(), colored(22, 20), colored(15, 21),
+                     settings(epochs=2, batch_size=8, lrs=(0.5, 5.0), cached_features=cached), "cpu")
+    one.run(log=lambda line: None)
+    if cached:  # the augmented crops draw per rank: only the cached run can match exactly
+        for a, b in zip(two["weights"], one.classifiers, strict=True):
+            assert torch.allclose(a, b.linear.weight, atol=1e-6)
+        for a, b in zip(two["history"], one.history, strict=True):
+            assert [v["top1"] for v in a["val"]] == [v["top1"] for v in b["val"]]
+            assert [v["loss"] for v in a["val"]] == pytest.approx([v["loss"] for v in b["val"]])
+        assert two["history"][-1]["train_loss"] == pytest.approx(one.history[-1]["train_loss"])
+    assert sum((h["lr"] for h in two["history"]), []) == pytest.approx(
+        sum((h["lr"] for h in one.history), []))  # LR scaled by the global batch
+    assert all(h["val"][0]["top1"] * 15 / 100 == pytest.approx(round(h["val"][0]["top1"] * 15 / 100))
+               for h in two["history"])  # whole images: the counts of all 15, not of one share

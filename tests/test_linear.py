@@ -15,9 +15,9 @@ from dinofuse.engine.eval.linear import (
     LinearClassifier,
     LinearEval,
     LinearEvalConfig,
-    accuracy,
     feature_dim,
     linear_features,
+    epoch_steps,
     load_linear_weights,
     official_defaults,
     validate,
@@ -122,13 +122,11 @@ def test_classifier_init_and_flatten():
 def test_accuracy_and_validate_by_hand():
     logits = torch.tensor([[5., 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [1, .5, 0, -1, -2, 9]])
     targets = torch.tensor([0, 0, 1])  # right; last of six; third of six
-    assert accuracy(logits, targets, 1) == pytest.approx(100 / 3)
-    assert accuracy(logits, targets, 5) == pytest.approx(200 / 3)
     clf = LinearClassifier(6, 6)
     with torch.no_grad():
         clf.linear.weight.copy_(torch.eye(6))
         clf.linear.bias.zero_()
-    stats = validate(clf, logits, targets, batch_size=2)
+    stats = validate(clf, logits, targets)
     assert stats["top1"] == pytest.approx(100 / 3) and stats["top5"] == pytest.approx(200 / 3)
     assert stats["loss"] == pytest.approx(F.cross_entropy(logits, targets).item())
     assert "top5" not in validate(LinearClassifier(6, 4), logits, targets % 4)  # official: < 5 classes
@@ -225,6 +223,10 @@ def test_resume_continues_exactly(tmp_path):
     assert len(lines) == 4
     other = LinearEval(tiny_backbone(), colored(20, 10), colored(6, 11),
                        settings(epochs=4, cached_features=False, lrs=[0.01]), "cpu", tmp_path / "b")
+    saved = torch.load(tmp_path / "b" / "linear.pth", weights_only=True)
+    torch.save({**saved, "world": 2}, tmp_path / "b" / "linear.pth")
+    with pytest.raises(CheckpointError, match=r"other settings: processes=2 there, 1 here"):
+        again.resume()
     with pytest.raises(CheckpointError, match=r"linear.pth was trained with other settings: lrs=\(0.001, 3.0\) there, \(0.01,\) here"):
         other.resume()
 
@@ -291,3 +293,36 @@ def test_every_epoch_draws_a_new_order(cached):
     labels = [next(iter(run.train_batches(epoch)))[1] for epoch in (0, 1, 0)]
     assert sorted(labels[0].tolist()) == sorted(labels[1].tolist())  # the whole set each time
     assert not torch.equal(labels[0], labels[1]) and torch.equal(labels[0], labels[2])
+
+
+def test_epoch_steps_deal_the_global_batches_to_the_ranks():
+    one = epoch_steps(7, 4, seed=3)  # one process, batch 4: the global batches
+    assert [count for _, count in one] == [4, 3]
+    ranks = [epoch_steps(7, 2, seed=3, rank=r, world=2) for r in range(2)]
+    order = torch.cat([i for i, _ in one])
+    padded = torch.cat([order, order[:1]])  # 7 -> 8: the permutation's start repeated
+    for step, (start, end) in enumerate([(0, 4), (4, 8)]):
+        shares = [ranks[r][step][0] for r in range(2)]
+        assert all(len(share) == 2 for share in shares)  # every rank a part of every step
+        assert torch.equal(torch.stack(shares, 1).flatten(), padded[start:end])
+        assert ranks[0][step][1] == ranks[1][step][1] == end - start
+    assert not torch.equal(order, torch.cat([i for i, _ in epoch_steps(7, 4, seed=4)]))
+
+
+def test_a_diverged_learning_rate_drops_out_and_all_diverged_stops():
+    """A classifier gone non-finite (as too large a rate leaves it) is never picked; the run
+    stops only when every one has."""
+    run = LinearEval(tiny_backbone(), colored(24, 17), colored(9, 18),
+                     settings(epochs=2, lrs=(1.0, 2.0)), "cpu")
+    with torch.no_grad():
+        run.classifiers[1].linear.weight[0, 0] = math.inf
+    run.run(log=lambda line: None)
+    assert run.history[-1]["val"][1] == {"top1": 0.0, "loss": None, "diverged": True}
+    assert run.picked == 0 and run.history[-1]["top1"] > 0
+    assert not math.isfinite(run.history[0]["train_loss"][1])
+    alone = LinearEval(tiny_backbone(), colored(24, 17), colored(9, 18),
+                       settings(epochs=2, lrs=(1.0,)), "cpu")
+    with torch.no_grad():
+        alone.classifier.linear.bias[0] = math.nan
+    with pytest.raises(ValueError, match="the loss is not finite at epoch 0 .*lower --lr"):
+        alone.run(log=lambda line: None)

@@ -8,9 +8,15 @@ in eval mode, without gradients. The official code reports the best top-1 over t
 validations; we report it beside the last epoch's.
 
 Deliberate differences, each an option: several learning rates train side by side, each
-validation keeping the best (DINOv2's grid; one rate is the official run); `cached_features` trains on features computed once
-from the evaluation crops (no augmentation: minutes instead of hours); the validation
-features are computed once in every mode (the backbone is frozen, so they never change).
+validation keeping the best (DINOv2's grid; one rate is the official run; a rate that
+diverges drops out); `cached_features` trains on features computed once from the evaluation
+crops (no augmentation: minutes instead of hours); the validation features are computed
+once in every mode (the backbone is frozen, so they never change).
+
+Under torchrun each process takes a share of every global batch (batch_size per process,
+the LR scaled by the global batch as the official DistributedDataParallel run) and of the
+validation set; gradients and counts are summed with all_reduce, so N processes train the
+classifiers one process would with N times the batch.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
@@ -121,22 +128,37 @@ def class_names(train_images, val_images) -> list:
     return list(train)
 
 
-def accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
-    """Percent of rows whose target is among the k highest logits."""
-    top = logits.topk(k, dim=1).indices
-    return 100.0 * (top == targets[:, None]).any(dim=1).float().mean().item()
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def epoch_steps(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """This rank's share of each step: [(dataset indices, the step's global count)].
+
+    One permutation per epoch, the same on every rank, padded to a multiple of the world by
+    repeating its start (as DistributedSampler does), cut into global batches of
+    batch_size x world, each dealt round-robin: every rank has a part of every step, and the
+    ranks together take the steps one process would take with the global batch."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.cat([order, order.repeat(world)[:-n % world]])
+    size = batch_size * world
+    return [(order[s:s + size][rank::world], len(order[s:s + size]))
+            for s in range(0, len(order), size)]
 
 
 @torch.no_grad()
 def compute_features(backbone, images, transform, cfg: LinearEvalConfig, device,
-                     shuffle_seed: int | None = None):
-    """Yields (features, labels) batches of a dataset of (PIL image, label)."""
-    generator = None
-    if shuffle_seed is not None:
-        generator = torch.Generator().manual_seed(shuffle_seed)
+                     batches: list | None = None):
+    """Yields (features, labels) for each list of dataset indices in `batches` (default: the
+    dataset in order, batch_size at a time)."""
+    if batches is None:
+        batches = [range(s, min(s + cfg.batch_size, len(images)))
+                   for s in range(0, len(images), cfg.batch_size)]
     loader = torch.utils.data.DataLoader(
-        Transformed(images, transform), batch_size=cfg.batch_size, shuffle=generator is not None,
-        generator=generator, num_workers=cfg.workers)
+        Transformed(images, transform), batch_sampler=[list(b) for b in batches],
+        num_workers=cfg.workers)
     for x, y in loader:
         yield linear_features(backbone, x.to(device), cfg.n_last_blocks, cfg.avgpool), y.to(device)
 
@@ -146,27 +168,44 @@ def cache(batches) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(features), torch.cat(labels)
 
 
-def cached_batches(features, labels, batch_size: int, seed: int | None):
-    order = torch.arange(len(labels), device=labels.device)
-    if seed is not None:
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).to(labels.device)
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        yield features[index], labels[index]
+def gather_dealt(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """Rows dealt round-robin (row i on rank i % world), gathered back in order on every rank."""
+    if world == 1:
+        return local
+    rows = -(-n // world)
+    padded = local.new_zeros((rows, *local.shape[1:]))
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, dim=1).flatten(0, 1)[:n]
 
 
 @torch.no_grad()
-def validate(classifier: LinearClassifier, features: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 1024) -> dict[str, float]:
-    """top1 (and top5 with at least 5 classes, as the official code) and the mean loss."""
+def validation_sums(classifier: LinearClassifier, features: torch.Tensor, labels: torch.Tensor,
+                    batch_size: int = 1024) -> torch.Tensor:
+    """(rows, top-1 hits, top-5 hits, loss sum): what ranks add up."""
     classifier.eval()
     logits = torch.cat([classifier(features[i:i + batch_size])
                         for i in range(0, len(features), batch_size)])
-    stats = {"top1": accuracy(logits, labels, 1),
-             "loss": F.cross_entropy(logits, labels).item()}
-    if classifier.num_labels >= 5:
-        stats["top5"] = accuracy(logits, labels, 5)
+    hits = [(logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(1).sum()
+            for k in (1, 5)]
+    return torch.stack([torch.tensor(float(len(labels)), device=logits.device), hits[0].float(),
+                        hits[1].float(), F.cross_entropy(logits, labels, reduction="sum")])
+
+
+def stats_from_sums(sums: torch.Tensor, num_labels: int) -> dict[str, float]:
+    """top1 (and top5 with at least 5 classes, as the official code) and the mean loss."""
+    rows, top1, top5, loss = sums.tolist()
+    stats = {"top1": 100.0 * top1 / rows, "loss": loss / rows}
+    if num_labels >= 5:
+        stats["top5"] = 100.0 * top5 / rows
     return stats
+
+
+def validate(classifier: LinearClassifier, features: torch.Tensor,
+             labels: torch.Tensor) -> dict[str, float]:
+    """One process's validation of a classifier on features."""
+    return stats_from_sums(validation_sums(classifier, features, labels), classifier.num_labels)
 
 
 def linear_state(classifier: LinearClassifier) -> dict:
@@ -208,6 +247,7 @@ class LinearEval:
     def __init__(self, backbone: nn.Module, train_images, val_images, cfg: LinearEvalConfig,
                  device, output_dir: str | Path | None = None):
         self.backbone, self.cfg, self.device = backbone.eval(), cfg, torch.device(device)
+        self.rank, self.world = rank_and_world()
         self.train_images = train_images
         self.classes = class_names(train_images, val_images)
         depth = len(backbone.blocks)
@@ -219,16 +259,21 @@ class LinearEval:
         self.classifiers = nn.ModuleList(LinearClassifier(dim, len(self.classes))
                                          for _ in cfg.lrs).to(self.device)
         self.optimizer = torch.optim.SGD(
-            [{"params": c.parameters(), "lr": lr * cfg.batch_size / 256}  # linear scaling
+            [{"params": c.parameters(), "lr": lr * cfg.batch_size * self.world / 256}  # linear scaling
              for c, lr in zip(self.classifiers, cfg.lrs)], momentum=0.9, weight_decay=0)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, cfg.epochs,
                                                                     eta_min=0)
         self.epoch, self.best_top1, self.picked, self.history = 0, 0.0, 0, []
         self.out = Path(output_dir) if output_dir else None
-        self.val = cache(compute_features(backbone, val_images,
+        self.val = cache(compute_features(backbone, val_images,  # each rank a share
                                           eval_transform(cfg.crop, cfg.resize_ratio), cfg,
-                                          self.device))
+                                          self.device, self.dealt(len(val_images))))
         self._train_cache = None
+
+    def dealt(self, n: int) -> list:
+        """This rank's rows (i % world == rank) in batches."""
+        mine = list(range(self.rank, n, self.world))
+        return [mine[s:s + self.cfg.batch_size] for s in range(0, len(mine), self.cfg.batch_size)]
 
     @property
     def classifier(self) -> LinearClassifier:
@@ -238,41 +283,72 @@ class LinearEval:
     # -- data --------------------------------------------------------------------------
 
     def train_batches(self, epoch: int):
-        cfg, seed = self.cfg, self.cfg.seed + epoch  # a new order every epoch, reproducible
+        """This rank's (features, labels, the step's global count) for each step."""
+        cfg = self.cfg
+        steps = epoch_steps(len(self.train_images), cfg.batch_size, cfg.seed + epoch,
+                            self.rank, self.world)  # a new order every epoch, reproducible
         if cfg.cached_features:
-            if self._train_cache is None:
-                self._train_cache = cache(compute_features(
+            if self._train_cache is None:  # every rank holds all: any row may be its share
+                n = len(self.train_images)
+                local = cache(compute_features(
                     self.backbone, self.train_images, eval_transform(cfg.crop, cfg.resize_ratio),
-                    cfg, self.device))
-            return cached_batches(*self._train_cache, cfg.batch_size, seed)
-        torch.manual_seed(seed)  # the crops' draws (data workers take their seeds from it)
-        return compute_features(self.backbone, self.train_images, train_transform(cfg.crop),
-                                cfg, self.device, shuffle_seed=seed)
+                    cfg, self.device, self.dealt(n)))
+                self._train_cache = tuple(gather_dealt(t, n, self.world) for t in local)
+            features, labels = self._train_cache
+            steps = [(i.to(labels.device), count) for i, count in steps]
+            return ((features[i], labels[i], count) for i, count in steps)
+        # the crops' draws, a stream per rank (data workers take their seeds from it)
+        torch.manual_seed((cfg.seed + epoch) * self.world + self.rank)
+        batches = compute_features(self.backbone, self.train_images, train_transform(cfg.crop),
+                                   cfg, self.device, [i.tolist() for i, _ in steps])
+        return ((f, y, count) for (f, y), (_, count) in zip(batches, steps))
 
     # -- the loop ------------------------------------------------------------------------
 
     def train_epoch(self) -> dict:
         self.classifiers.train()
         lrs = [group["lr"] for group in self.optimizer.param_groups]
-        totals, count = torch.zeros(len(lrs), device=self.device), 0
-        for features, labels in self.train_batches(self.epoch):
-            losses = torch.stack([F.cross_entropy(c(features), labels) for c in self.classifiers])
+        sums = torch.zeros(len(lrs) + 1, device=self.device)  # loss sums, rows
+        for features, labels, count in self.train_batches(self.epoch):
+            losses = torch.stack([F.cross_entropy(c(features), labels, reduction="sum")
+                                  for c in self.classifiers])
             self.optimizer.zero_grad()
-            losses.sum().backward()  # the classifiers share no parameter: each its own gradient
+            # the classifiers share no parameter: each its own gradient; divided by the
+            # step's global count, the ranks' gradients add up to the global batch's mean
+            (losses.sum() / count).backward()
+            self.all_reduce_gradients()
             self.optimizer.step()
-            totals += losses.detach() * len(labels)
-            count += len(labels)
+            sums += torch.cat([losses.detach(), sums.new_tensor([len(labels)])])
         self.scheduler.step()
-        losses = (totals / max(count, 1)).tolist()
-        if not all(math.isfinite(v) for v in losses):
+        if self.world > 1:
+            dist.all_reduce(sums)
+        losses = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+        if not any(math.isfinite(v) for v in losses):  # one that diverged alone drops out
             raise ValueError(f"linear evaluation: the loss is not finite at epoch {self.epoch} "
                              f"(lr {', '.join(f'{lr:g}' for lr in lrs)}); lower --lr")
         self.epoch += 1
         return {"epoch": self.epoch, "lr": lrs, "train_loss": losses}
 
+    def all_reduce_gradients(self) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad for p in self.classifiers.parameters()]
+        flat = torch.cat([g.flatten() for g in grads])  # one collective for the whole grid
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+    def evaluate(self, classifier: LinearClassifier) -> dict[str, float]:
+        """A classifier on the whole validation set (the ranks' shares added up)."""
+        sums = validation_sums(classifier, *self.val)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        return stats_from_sums(sums, classifier.num_labels)
+
     def validate(self) -> dict:
         """Every classifier on the validation set; the best one's figures on top."""
-        per_lr = [validate(c, *self.val) for c in self.classifiers]
+        per_lr = [self.evaluate(c) if all(p.isfinite().all() for p in c.parameters())
+                  else {"top1": 0.0, "loss": None, "diverged": True} for c in self.classifiers]
         self.picked = max(range(len(per_lr)), key=lambda i: per_lr[i]["top1"])
         return {**per_lr[self.picked], "picked_lr": self.cfg.lrs[self.picked], "val": per_lr}
 
@@ -301,13 +377,13 @@ class LinearEval:
     # -- checkpoints ----------------------------------------------------------------------
 
     def save(self) -> None:
-        if self.out is None:
+        if self.out is None or self.rank != 0:
             return
         save_atomic({"epoch": self.epoch, "state_dict": linear_state(self.classifier),
                      "classifiers": [linear_state(c) for c in self.classifiers],
                      "picked": self.picked, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "best_acc": self.best_top1,
-                     "history": self.history, "config": asdict(self.cfg)},
+                     "history": self.history, "config": asdict(self.cfg), "world": self.world},
                     self.out / "linear.pth")
         with open(self.out / "linear_log.jsonl", "a") as f:
             f.write(json.dumps(self.history[-1]) + "\n")
@@ -319,7 +395,9 @@ class LinearEval:
             return False
         state = load_file(path)
         saved = state.get("config", {})
-        changed = {k: (saved[k], v) for k, v in asdict(self.cfg).items()
+        now = {**asdict(self.cfg), "processes": self.world}
+        saved = {**saved, "processes": state.get("world", 1)}
+        changed = {k: (saved[k], v) for k, v in now.items()
                    if k in saved and k not in ("workers", "val_freq") and saved[k] != v}
         if changed:
             raise CheckpointError(f"{path} was trained with other settings: " + ", ".join(
