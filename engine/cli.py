@@ -167,14 +167,18 @@ def _knn(args) -> None:
     from dinofuse.engine.eval.knn import extract_features, knn_classify
     from dinofuse.engine.eval.report import eval_transform
 
+    rank, _ = init_distributed()  # under torchrun: each process extracts a share
     device = pick_device(args.device)
     backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
     transform = eval_transform(args.crop or cfg.data.global_crop_size, args.resize_ratio)
-    features = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers)
+    features = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers,
+                    distributed=True)
     train_f, train_y = extract_features(backbone, open_images(args.train, "train"), transform,
                                         device, **features)
     test_f, test_y = extract_features(backbone, open_images(args.val, "test"), transform,
                                       device, **features)
+    if rank != 0:  # the vote needs no second copy
+        return
     for k in args.k:
         acc = knn_classify(train_f, train_y, test_f, test_y, k=k, temperature=args.temperature)
         print(f"{k}-NN: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")

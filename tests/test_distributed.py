@@ -584,3 +584,34 @@ def test_linear_evaluation_under_two_processes_is_one_with_the_global_batch(tmp_
         sum((h["lr"] for h in one.history), []))  # LR scaled by the global batch
     assert all(h["val"][0]["top1"] * 15 / 100 == pytest.approx(round(h["val"][0]["top1"] * 15 / 100))
                for h in two["history"])  # whole images: the counts of all 15, not of one share
+
+
+def _knn_features(rank, result):
+    from test_linear import colored, tiny_backbone
+
+    from dinofuse.engine.eval.knn import extract_features
+    from dinofuse.engine.eval.report import eval_transform
+
+    args = (tiny_backbone(), colored(11, 22), eval_transform(16, 1.0), "cpu")
+    got = {"shared": extract_features(*args, batch_size=4, distributed=True)}
+    if rank == 0:  # as the trainer's k-NN report: one rank alone, so no collective
+        got["alone"] = extract_features(*args, batch_size=4)
+    torch.save(got, f"{result}.{rank}")
+
+
+def test_knn_features_extracted_in_shares_come_back_whole_and_in_order(tmp_path):
+    """11 images over 2 ranks (6 and 5): every rank gets all 11 rows, as one process does."""
+    from functools import partial
+
+    from test_linear import colored, tiny_backbone
+
+    from dinofuse.engine.eval.knn import extract_features
+    from dinofuse.engine.eval.report import eval_transform
+
+    _spawn(partial(_knn_features, result=tmp_path / "features"))
+    one = extract_features(tiny_backbone(), colored(11, 22), eval_transform(16, 1.0), "cpu")
+    for rank in range(2):
+        got = torch.load(f"{tmp_path / 'features'}.{rank}", weights_only=True)
+        assert set(got) == ({"shared", "alone"} if rank == 0 else {"shared"})
+        for pair in got.values():
+            assert torch.allclose(pair[0], one[0], atol=1e-6) and torch.equal(pair[1], one[1])

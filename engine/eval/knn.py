@@ -11,17 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
+
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images, transform, device, batch_size: int = 256,
-                     mode: str = "cls", num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     mode: str = "cls", num_workers: int = 0,
+                     distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of a dataset of (PIL image, label).
 
     mode "cls": the CLS token (official). "cls+avgpool": CLS and the mean of the patch
     tokens, each L2-normalized, concatenated (stronger for small models and short runs).
+    distributed: every rank of the process group (all must call) extracts a share, and
+    each gets all the features back, in order (the official eval_knn.py's split).
     """
-    loader = torch.utils.data.DataLoader(Transformed(images, transform), batch_size=batch_size,
-                                         num_workers=num_workers)
+    rank, world = rank_and_world() if distributed else (0, 1)
+    dataset = Transformed(images, transform)
+    if world > 1:
+        dataset = torch.utils.data.Subset(dataset, dealt_rows(len(images), rank, world))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     backbone.eval()
     feats, labels = [], []
     for x, y in loader:
@@ -35,7 +43,8 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size:
             raise ValueError(f"feature mode must be 'cls' or 'cls+avgpool'; got {mode!r}")
         feats.append(f.float())
         labels.append(y.to(device))
-    return F.normalize(torch.cat(feats), dim=-1), torch.cat(labels)
+    feats, labels = (gather_dealt(torch.cat(t), len(images), world) for t in (feats, labels))
+    return F.normalize(feats, dim=-1), labels
 
 
 class Transformed:

@@ -38,6 +38,7 @@ from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_S
 from dinofuse.engine.checkpoint import CheckpointError, load_file, save_atomic
 from dinofuse.engine.eval.knn import Transformed
 from dinofuse.engine.eval.report import eval_transform
+from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
 
 OFFICIAL_PREFIX = "module."  # the official weights were saved from DistributedDataParallel
 
@@ -128,12 +129,6 @@ def class_names(train_images, val_images) -> list:
     return list(train)
 
 
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def epoch_steps(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
     """This rank's share of each step: [(dataset indices, the step's global count)].
 
@@ -166,18 +161,6 @@ def compute_features(backbone, images, transform, cfg: LinearEvalConfig, device,
 def cache(batches) -> tuple[torch.Tensor, torch.Tensor]:
     features, labels = zip(*batches)
     return torch.cat(features), torch.cat(labels)
-
-
-def gather_dealt(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
-    """Rows dealt round-robin (row i on rank i % world), gathered back in order on every rank."""
-    if world == 1:
-        return local
-    rows = -(-n // world)
-    padded = local.new_zeros((rows, *local.shape[1:]))
-    padded[:len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.stack(parts, dim=1).flatten(0, 1)[:n]
 
 
 @torch.no_grad()
@@ -272,7 +255,7 @@ class LinearEval:
 
     def dealt(self, n: int) -> list:
         """This rank's rows (i % world == rank) in batches."""
-        mine = list(range(self.rank, n, self.world))
+        mine = list(dealt_rows(n, self.rank, self.world))
         return [mine[s:s + self.cfg.batch_size] for s in range(0, len(mine), self.cfg.batch_size)]
 
     @property
