@@ -200,7 +200,7 @@ def _linear_settings(args, backbone, cfg):
 
 def _linear(args) -> None:
     from dinofuse.dataloading.readers import open_images
-    from dinofuse.engine.eval.linear import LinearEval, load_linear_weights
+    from dinofuse.engine.eval.linear import LinearEval, describe_accuracy, load_linear_weights
 
     saved = Path(args.output_dir or ".") / "linear.pth"
     if args.resume and not args.output_dir:
@@ -225,9 +225,7 @@ def _linear(args) -> None:
                      settings, device, output_dir=args.output_dir)
     if args.evaluate:
         load_linear_weights(run.classifier, args.evaluate)
-        stats = run.evaluate(run.classifier)
-        top5 = f", top-5 {stats['top5']:.2f}%" if "top5" in stats else ""
-        say(f"linear ({args.evaluate}): top-1 {stats['top1']:.2f}%{top5}")
+        say(f"linear ({args.evaluate}): {describe_accuracy(run.evaluate(run.classifier))}")
         return
     if args.resume and run.resume():
         say(f"resumed at epoch {run.epoch} from {run.out / 'linear.pth'}")

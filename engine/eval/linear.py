@@ -196,12 +196,21 @@ def linear_state(classifier: LinearClassifier) -> dict:
     return {OFFICIAL_PREFIX + k: v for k, v in classifier.state_dict().items()}
 
 
+def without_prefix(state: dict) -> dict:
+    """linear_state's names back to the classifier's own."""
+    return {k.removeprefix(OFFICIAL_PREFIX): v for k, v in state.items()}
+
+
+def describe_accuracy(stats: dict) -> str:
+    top5 = f", top-5 {stats['top5']:.2f}%" if "top5" in stats else ""
+    return f"top-1 {stats['top1']:.2f}%{top5}"
+
+
 def load_linear_weights(classifier: LinearClassifier, path: str | Path) -> None:
     """Official linear weights (`{"state_dict": {"module.linear.weight", ...}}`), ours, or a
     bare state dict; read without unpickling code."""
     contents = load_file(path)
-    state = contents.get("state_dict", contents)
-    state = {k.removeprefix(OFFICIAL_PREFIX): v for k, v in state.items()}
+    state = without_prefix(contents.get("state_dict", contents))
     expected = classifier.state_dict()
     if set(state) != set(expected):
         raise CheckpointError(f"{path}: not linear classifier weights (keys {sorted(state)[:4]}, "
@@ -343,10 +352,9 @@ class LinearEval:
             if self.epoch % cfg.val_freq == 0 or self.epoch == cfg.epochs:
                 stats.update(self.validate())
                 self.best_top1 = max(self.best_top1, stats["top1"])
-                top5 = f", top-5 {stats['top5']:.2f}%" if "top5" in stats else ""
                 grid = f" at --lr {stats['picked_lr']:g}" if len(cfg.lrs) > 1 else ""
                 log(f"epoch {self.epoch}/{cfg.epochs}: loss {stats['train_loss'][self.picked]:.4f}, "
-                    f"lr {stats['lr'][self.picked]:.3g}; top-1 {stats['top1']:.2f}%{top5}{grid} "
+                    f"lr {stats['lr'][self.picked]:.3g}; {describe_accuracy(stats)}{grid} "
                     f"(best {self.best_top1:.2f}%)")
             self.history.append(stats)
             self.save()
@@ -386,8 +394,7 @@ class LinearEval:
             raise CheckpointError(f"{path} was trained with other settings: " + ", ".join(
                 f"{k}={old!r} there, {new!r} here" for k, (old, new) in changed.items()))
         for classifier, weights in zip(self.classifiers, state["classifiers"]):
-            classifier.load_state_dict({k.removeprefix(OFFICIAL_PREFIX): v
-                                        for k, v in weights.items()})
+            classifier.load_state_dict(without_prefix(weights))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.best_top1 = int(state["epoch"]), float(state["best_acc"])
