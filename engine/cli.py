@@ -1,8 +1,9 @@
 """The `dinofuse` command: train, knn, linear, attention-maps, export, data check.
 
     dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [--fit-minutes M] [section.field=value ...]
-    dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200] [--arch A] [--which W]
-    dinofuse linear --checkpoint CKPT --train DIR --val DIR [--epochs 100] [--cached-features] [--output-dir D]
+    dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200] [--arch A] [--which W] [--precision P] [--dump-features D]
+    dinofuse knn --load-features D [--k 10 20 100 200] [--temperature T]
+    dinofuse linear --checkpoint CKPT --train DIR --val DIR [--epochs 100] [--cached-features] [--output-dir D] [--precision P]
     dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6] [--arch A]
     dinofuse export --checkpoint CKPT|STEP_DIR|RUN_DIR --out teacher.safetensors|teacher.pth
     dinofuse data check DIR        (exit status 1 when some image cannot be decoded)
@@ -45,6 +46,7 @@ from dinofuse.engine.config import (
     config_from_toml,
     load_config,
 )
+from dinofuse.engine.eval.knn import EVAL_PRECISIONS
 from dinofuse.engine.inputs import data_worker_died
 from dinofuse.engine.parallel import init_distributed, use_training_threads
 from dinofuse.engine.time_budget import fit_to_minutes
@@ -162,25 +164,53 @@ def _load_backbone(checkpoint: str, device, arch: str | None = None, which: str 
     return backbone.to(device).eval(), cfg
 
 
-def _knn(args) -> None:
+def _knn_features(args) -> dict[str, torch.Tensor] | None:
+    """The memory's and the queries' features and labels (None on ranks other than 0):
+    extracted (under torchrun each process a share), or read from --load-features."""
     from dinofuse.dataloading.readers import open_images
-    from dinofuse.engine.eval.knn import extract_features, knn_classify
+    from dinofuse.engine.eval.knn import dump_features, extract_features, load_features
     from dinofuse.engine.eval.report import eval_transform
 
+    given = [name for name in ("checkpoint", "train", "val") if getattr(args, name)]
+    if args.load_features:
+        if given or args.dump_features:
+            raise ValueError(f"--load-features replaces --checkpoint, --train and --val; got "
+                             f"{', '.join('--' + n for n in given or ['dump_features'])}")
+        if init_distributed()[0] != 0:
+            return None
+        device = pick_device(args.device)  # the vote on the device, as after an extraction
+        return {k: v.to(device) for k, v in load_features(args.load_features).items()}
+    missing = [f"--{name}" for name in ("checkpoint", "train", "val") if name not in given]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --load-features DIR)")
     rank, _ = init_distributed()  # under torchrun: each process extracts a share
     device = pick_device(args.device)
     backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
     transform = eval_transform(args.crop or cfg.data.global_crop_size, args.resize_ratio)
-    features = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers,
-                    distributed=True)
-    train_f, train_y = extract_features(backbone, open_images(args.train, "train"), transform,
-                                        device, **features)
-    test_f, test_y = extract_features(backbone, open_images(args.val, "test"), transform,
-                                      device, **features)
+    options = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers,
+                   distributed=True, precision=args.precision)
+    features = {}
+    for split, folder in (("train", args.train), ("test", args.val)):
+        features[f"{split}_features"], features[f"{split}_labels"] = extract_features(
+            backbone, open_images(folder, split), transform, device, **options)
     if rank != 0:  # the vote needs no second copy
+        return None
+    if args.dump_features:
+        dump_features(args.dump_features, features)
+        print(f"wrote the features and labels to {args.dump_features}")
+    return features
+
+
+def _knn(args) -> None:
+    from dinofuse.engine.eval.knn import knn_classify
+
+    features = _knn_features(args)
+    if features is None:
         return
     for k in args.k:
-        acc = knn_classify(train_f, train_y, test_f, test_y, k=k, temperature=args.temperature)
+        acc = knn_classify(features["train_features"], features["train_labels"],
+                           features["test_features"], features["test_labels"], k=k,
+                           temperature=args.temperature)
         print(f"{k}-NN: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
 
 
@@ -195,7 +225,8 @@ def _linear_settings(args, backbone, cfg):
     return LinearEvalConfig(
         epochs=args.epochs, lrs=args.lr, batch_size=args.batch_size, val_freq=args.val_freq,
         crop=args.crop or cfg.data.global_crop_size, resize_ratio=args.resize_ratio,
-        cached_features=args.cached_features, workers=args.workers, seed=args.seed, **features)
+        cached_features=args.cached_features, workers=args.workers, seed=args.seed,
+        precision=args.precision, **features)
 
 
 def _linear(args) -> None:
@@ -282,6 +313,8 @@ def _bench_train(args) -> None:
 CHECKPOINT_MODELS = ("teacher", "student")  # --which
 MASS_FRACTION = cli_number(float, (lambda v: 0 < v <= 1, "in (0, 1]"))
 
+PRECISION_HELP = ("the backbone's forward: fp32 (the official evaluation's) or bf16/fp16 "
+                  "autocast (faster on a GPU; features slightly different)")
 ARCH_HELP = ("for weights without a dinofuse config: the architecture (default: the official "
              "checkpoint's args.arch, else the one as wide as the weights)")
 
@@ -308,9 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(fn=_train)
 
     knn = sub.add_parser("knn", help="weighted k-NN of a checkpoint's teacher")
-    knn.add_argument("--checkpoint", required=True)
-    knn.add_argument("--train", required=True, help="memory images (folder or fashion-mnist)")
-    knn.add_argument("--val", required=True, help="query images (folder or fashion-mnist)")
+    knn.add_argument("--checkpoint")
+    knn.add_argument("--train", help="memory images (folder or fashion-mnist)")
+    knn.add_argument("--val", help="query images (folder or fashion-mnist)")
+    knn.add_argument("--dump-features", metavar="DIR", help="also save the features and labels "
+                     "(the official eval_knn's trainfeat.pth, testfeat.pth, ...)")
+    knn.add_argument("--load-features", metavar="DIR", help="vote on saved features (ours or "
+                     "the official dump) instead of --checkpoint, --train and --val")
     knn.add_argument("--k", type=POSITIVE_INT_ARG, nargs="+", default=[10, 20, 100, 200])
     knn.add_argument("--temperature", type=POSITIVE_FLOAT_ARG, default=0.07)
     knn.add_argument("--features", default="cls", choices=["cls", "cls+avgpool"])
@@ -319,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--batch-size", type=POSITIVE_INT_ARG, default=256)
     knn.add_argument("--workers", type=COUNT_ARG, default=min(8, os.cpu_count() or 1),
                      help="processes decoding and resizing images beside the forward passes")
+    knn.add_argument("--precision", default="fp32", choices=EVAL_PRECISIONS, help=PRECISION_HELP)
     knn.add_argument("--device", default="auto")
     knn.add_argument("--arch", help=ARCH_HELP)
     knn.add_argument("--which", default="teacher", choices=CHECKPOINT_MODELS,
@@ -356,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only validate these linear weights (official or ours)")
     linear.add_argument("--random-init", action="store_true",
                         help="the checkpoint's network at random initialization (a baseline)")
+    linear.add_argument("--precision", default="fp32", choices=EVAL_PRECISIONS,
+                        help=PRECISION_HELP)
     linear.add_argument("--device", default="auto")
     linear.add_argument("--arch", help=ARCH_HELP)
     linear.add_argument("--which", default="teacher", choices=CHECKPOINT_MODELS)

@@ -313,3 +313,93 @@ def test_linear_random_init_is_the_knn_reports_random_row(trained, folder, monke
     random = cli.random_backbone(cfg, "cpu").state_dict()
     assert all(torch.equal(random[k], seen[1][k]) for k in random)
     assert not torch.equal(seen[0]["pos_embed"], seen[1]["pos_embed"])  # the trained teacher
+
+
+def test_precision_reaches_the_feature_forward(trained, folder, monkeypatch):
+    """--precision (default fp32, the official evaluation's) gets to the k-NN's feature
+    extraction and to the linear evaluation's settings."""
+    from dinofuse.engine.eval import knn, linear
+
+    seen = []
+
+    def capture(*args, **kwargs):
+        seen.append(kwargs.get("precision") or args[3].precision)
+        raise ValueError("captured")
+
+    monkeypatch.setattr(knn, "extract_features", capture)
+    monkeypatch.setattr(linear, "LinearEval", capture)
+    sets = ["--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
+            "--val", str(folder)]
+    for command in ("knn", "linear"):
+        assert main([command, *sets]) == 2
+        assert main([command, *sets, "--precision", "bf16"]) == 2
+    assert seen == ["fp32", "bf16"] * 2
+
+
+def test_knn_features_dump_and_load_as_the_official_files(trained, folder, tmp_path, capsys):
+    """--dump-features writes the official eval_knn's four files (bare tensors); --load-features
+    votes on them, or on an official dump (features not yet unit length, say), as on the
+    extraction itself; a broken dump is named in one line."""
+    rng = np.random.default_rng(2)
+    queries = tmp_path / "queries"
+    for c in range(2):
+        (queries / f"c{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(
+                queries / f"c{c}" / f"{i}.png")
+    dump = tmp_path / "features"
+    assert main(["knn", "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
+                 "--val", str(queries), "--k", "1", "5", "--workers", "0",
+                 "--dump-features", str(dump)]) == 0
+    votes = [line for line in capsys.readouterr().out.splitlines() if "-NN" in line]
+    assert len(votes) == 2 and votes[0] != votes[1].replace("5-NN", "1-NN")
+    assert {p.name for p in dump.iterdir()} == {"trainfeat.pth", "testfeat.pth",
+                                                "trainlabels.pth", "testlabels.pth"}
+    saved = {p.stem: torch.load(p, weights_only=True) for p in dump.iterdir()}
+    assert saved["trainfeat"].shape == (16, 32) and saved["testfeat"].shape == (6, 32)
+    torch.testing.assert_close(saved["trainfeat"].norm(dim=1), torch.ones(16))
+    assert torch.equal(saved["trainlabels"], torch.arange(2).repeat_interleave(8))
+    assert torch.equal(saved["testlabels"], torch.arange(2).repeat_interleave(3))
+    from dinofuse.engine.eval.knn import knn_classify
+
+    for k, line in zip((1, 5), votes):  # the queries against the memory
+        acc = knn_classify(saved["trainfeat"], saved["trainlabels"], saved["testfeat"],
+                           saved["testlabels"], k=k, temperature=0.07)
+        assert line == f"{k}-NN: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
+
+    def load(folder):
+        assert main(["knn", "--load-features", str(folder), "--k", "1", "5"]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if "-NN" in line]
+
+    assert load(dump) == votes
+    official = tmp_path / "official"
+    official.mkdir()
+    scale = torch.exp(torch.randn(22, 1, generator=torch.Generator().manual_seed(0)))
+    for name, value in saved.items():  # another code's dump: rows not of unit length
+        rows = scale[:16] if name == "trainfeat" else scale[16:]
+        torch.save(value * rows if name.endswith("feat") else value, official / f"{name}.pth")
+    assert load(official) == votes
+
+    def refused(*args):
+        assert main(["knn", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        return err
+
+    (official / "testlabels.pth").unlink()
+    assert "testlabels.pth: not found" in refused("--load-features", str(official))
+    torch.save({"labels": saved["testlabels"]}, official / "testlabels.pth")
+    assert "testlabels.pth holds a dict, not a tensor" in refused("--load-features", str(official))
+    torch.save(saved["testlabels"][:5], official / "testlabels.pth")
+    assert "testfeat.pth has shape (6, 32) and testlabels.pth (5,)" in refused(
+        "--load-features", str(official))
+    torch.save(saved["testlabels"].float(), official / "testlabels.pth")
+    assert "testlabels.pth must hold class indices" in refused("--load-features", str(official))
+    torch.save(saved["testlabels"], official / "testlabels.pth")
+    torch.save(saved["testfeat"][:, :31], official / "testfeat.pth")
+    assert "the memory's features are 32 wide and the queries' 31" in refused(
+        "--load-features", str(official))
+    assert "--load-features replaces --checkpoint" in refused(
+        "--load-features", str(dump), "--checkpoint", str(trained / "checkpoint.pth"))
+    assert "--val required (or --load-features DIR)" in refused(
+        "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder))

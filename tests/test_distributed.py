@@ -254,13 +254,19 @@ def test_sharded_checkpoint_saved_by_two_resumes_under_one_and_two(tmp_path, ref
         torch.testing.assert_close(one.teacher.state_dict()[key], value, rtol=1e-4, atol=1e-6)
 
 
+def _python_path() -> str:
+    """The tests' folder ahead of the caller's path (tests/plant_bugs.py puts the planted
+    copy of dinofuse there: the launched processes must import that one too)."""
+    return os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get("PYTHONPATH")]))
+
+
 def _launch_rank(rank, port, args):
     import subprocess
     import sys
 
     env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                LOCAL_WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               TRITON_INTERPRET="0", PYTHONPATH=os.path.dirname(__file__))
+               TRITON_INTERPRET="0", PYTHONPATH=_python_path())
     return subprocess.Popen([sys.executable, "-m", "dinofuse.engine.train", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -615,3 +621,71 @@ def test_knn_features_extracted_in_shares_come_back_whole_and_in_order(tmp_path)
         assert set(got) == ({"shared", "alone"} if rank == 0 else {"shared"})
         for pair in got.values():
             assert torch.allclose(pair[0], one[0], atol=1e-6) and torch.equal(pair[1], one[1])
+
+
+def _torchrun(args, nproc=WORLD):
+    """`torchrun --nproc_per_node=N -m dinofuse.engine.cli ARGS`: the command as users run it."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=_python_path())
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", "dinofuse.engine.cli", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_knn_and_linear_commands_under_torchrun_give_one_process_figures(tmp_path, capsys):
+    """`dinofuse knn` and `dinofuse linear` launched by torchrun: rank 0 alone prints, with
+    the figures of one process (the linear one with the same global batch), and the linear
+    run's files are written once."""
+    import json
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from dinofuse.engine.cli import main
+    from dinofuse.engine.models import vit_tiny
+
+    rng = np.random.default_rng(4)
+    for folder, count in (("train", 7), ("val", 6)):  # 14 and 12 images: 7 and 6 per rank
+        for c in range(2):  # noise: accuracies away from 100%, so that a wrong count shows
+            (tmp_path / folder / f"c{c}").mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(
+                    tmp_path / folder / f"c{c}" / f"{i}.png")
+    torch.manual_seed(0)
+    torch.save(vit_tiny(depth=2).state_dict(), tmp_path / "backbone.pth")
+    sets = ["--checkpoint", str(tmp_path / "backbone.pth"), "--train", str(tmp_path / "train"),
+            "--val", str(tmp_path / "val"), "--crop", "32", "--workers", "0"]
+    knn = ["knn", *sets, "--k", "3", "5"]
+    linear = ["linear", *sets, "--epochs", "2", "--cached-features", "--lr", "0.05", "1"]
+
+    two_knn = _torchrun([*knn, "--dump-features", str(tmp_path / "two_features")])
+    two_linear = _torchrun([*linear, "--batch-size", "3", "--output-dir", str(tmp_path / "two")])
+    assert main([*knn, "--dump-features", str(tmp_path / "one_features")]) == 0
+    one_knn = capsys.readouterr().out
+    assert main([*linear, "--batch-size", "6", "--output-dir", str(tmp_path / "one")]) == 0
+    one_linear = capsys.readouterr().out
+
+    assert two_knn.replace("two_features", "one_features") == one_knn  # printed once
+    assert one_knn.count("-NN: top-1") == 2
+    for name in ("trainfeat", "testfeat", "trainlabels", "testlabels"):  # written once, whole
+        one, two = (torch.load(tmp_path / f"{n}_features" / f"{name}.pth", weights_only=True)
+                    for n in ("one", "two"))
+        torch.testing.assert_close(one, two, atol=1e-6, rtol=0)
+    figures = [re.findall(r"top-1 ([0-9.]+)%", out) for out in (one_linear, two_linear)]
+    assert figures[0] == figures[1] and len(figures[0]) == 3  # 2 epochs, the summary
+    assert two_linear.count("linear: top-1") == 1
+    runs = [json.loads((tmp_path / d / "linear.json").read_text()) for d in ("one", "two")]
+    for a, b in zip(runs[0]["last"]["val"], runs[1]["last"]["val"], strict=True):
+        assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"])
+    logs = [(tmp_path / d / "linear_log.jsonl").read_text().splitlines() for d in ("one", "two")]
+    assert len(logs[1]) == 2  # one line per epoch: rank 0 alone writes
+    weights = [torch.load(tmp_path / d / "linear.pth", weights_only=True) for d in ("one", "two")]
+    assert weights[1]["world"] == 2
+    for a, b in zip(weights[0]["classifiers"], weights[1]["classifiers"], strict=True):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)

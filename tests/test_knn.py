@@ -134,3 +134,52 @@ def test_the_report_rows_are_the_teacher_the_random_network_and_raw_pixels(tmp_p
                             k=5, temperature=0.5)
         assert report[name] == pytest.approx(want), name
     assert report["trained teacher"] != report["random init"]
+
+
+def _noise_images(count: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [(Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)), i % 2)
+            for i in range(count)]
+
+
+def test_half_precision_features_run_under_autocast_and_stay_close():
+    """--precision bf16/fp16: the forward's matmuls in that dtype (seen inside the network),
+    the features fp32, unit length and close to fp32's, but not fp32's own."""
+    from dinofuse.engine.eval.knn import extract_features
+    from dinofuse.engine.eval.report import eval_transform
+    from dinofuse.engine.models import vit_tiny
+
+    torch.manual_seed(0)
+    backbone = vit_tiny(depth=2, patch_size=8, img_size=32)
+    images, transform = _noise_images(6), eval_transform(32, 1.0)
+    seen = []
+    backbone.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    reference, labels = extract_features(backbone, images, transform, "cpu", batch_size=4)
+    assert seen == [torch.float32] * 2
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        seen.clear()
+        features, same_labels = extract_features(backbone, images, transform, "cpu",
+                                                 batch_size=4, precision=precision)
+        assert seen == [dtype] * 2 and features.dtype == torch.float32
+        assert torch.equal(same_labels, labels)
+        torch.testing.assert_close(features.norm(dim=1), torch.ones(6))
+        cosine = (features * reference).sum(1)
+        assert cosine.min() > 0.99 and not torch.equal(features, reference)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16; got 'fp64'"):
+        extract_features(backbone, images, transform, "cpu", precision="fp64")
+
+
+def test_more_processes_than_images_is_named(monkeypatch):
+    """A rank dealt no image would fail in the gather; the error names the counts instead."""
+    from dinofuse.dataloading.readers import DataError
+    from dinofuse.engine.eval import knn
+    from dinofuse.engine.eval.report import eval_transform
+    from dinofuse.engine.models import vit_tiny
+
+    monkeypatch.setattr(knn, "rank_and_world", lambda: (0, 3))
+    backbone = vit_tiny(depth=1, patch_size=8, img_size=32)
+    with pytest.raises(DataError, match="under 3 processes need at least 3 images; this set has 2"):
+        knn.extract_features(backbone, _noise_images(2), eval_transform(32, 1.0), "cpu",
+                             distributed=True)

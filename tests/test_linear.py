@@ -326,3 +326,32 @@ def test_a_diverged_learning_rate_drops_out_and_all_diverged_stops():
         alone.classifier.linear.bias[0] = math.nan
     with pytest.raises(ValueError, match="the loss is not finite at epoch 0 .*lower --lr"):
         alone.run(log=lambda line: None)
+
+
+def test_half_precision_features_are_close_and_named_in_the_settings():
+    """--precision bf16: the backbone's forward under autocast, the classifier's features
+    fp32 and close to fp32's (not equal: the forward did run in bf16)."""
+    backbone, images = tiny_backbone(), colored(6, 19)
+    seen = []
+    backbone.blocks[-1].attn.qkv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    runs = {p: LinearEval(backbone, images, images, settings(precision=p), "cpu")
+            for p in ("fp32", "bf16")}
+    assert seen == [torch.float32, torch.bfloat16]  # one validation batch each
+    fp32, bf16 = (runs[p].val[0] for p in ("fp32", "bf16"))
+    assert bf16.dtype == torch.float32 and not torch.equal(fp32, bf16)
+    torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.05)
+    assert torch.equal(runs["fp32"].val[1], runs["bf16"].val[1])
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16; got 'half'"):
+        settings(precision="half")
+
+
+def test_more_processes_than_images_is_named(monkeypatch):
+    """A rank dealt no image would have no features to send; the error names the set."""
+    from dinofuse.engine.eval import linear
+
+    monkeypatch.setattr(linear, "rank_and_world", lambda: (0, 4))
+    with pytest.raises(DataError, match="under 4 processes needs at least 4 validation images; "
+                       "the set has 3"):
+        LinearEval(tiny_backbone(), colored(6, 1), colored(3, 1), settings(), "cpu")
+    with pytest.raises(DataError, match="at least 4 training images; the set has 2"):
+        LinearEval(tiny_backbone(), colored(2, 1), colored(6, 1), settings(), "cpu")

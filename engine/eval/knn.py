@@ -7,25 +7,54 @@ similarity matrix never exceeds chunk x memory (ImageNet's 1.28M memory fits on 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pathlib import Path
+
+from dinofuse.dataloading.readers import DataError
+from dinofuse.engine.checkpoint import save_atomic
 from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
+
+# the official eval_knn.py's --dump_features/--load_features files: one bare tensor each
+FEATURE_FILES = {"train_features": "trainfeat.pth", "test_features": "testfeat.pth",
+                 "train_labels": "trainlabels.pth", "test_labels": "testlabels.pth"}
+
+
+EVAL_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def forward_precision(device, precision: str):
+    """The feature forward's autocast. fp32 is the official evaluation's; bf16 and fp16 run
+    the matmuls and attention in half precision (for speed on a GPU), and the features come
+    back in fp32 either way."""
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(EVAL_PRECISIONS)}; got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images, transform, device, batch_size: int = 256,
-                     mode: str = "cls", num_workers: int = 0,
-                     distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     mode: str = "cls", num_workers: int = 0, distributed: bool = False,
+                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of a dataset of (PIL image, label).
 
     mode "cls": the CLS token (official). "cls+avgpool": CLS and the mean of the patch
     tokens, each L2-normalized, concatenated (stronger for small models and short runs).
     distributed: every rank of the process group (all must call) extracts a share, and
     each gets all the features back, in order (the official eval_knn.py's split).
+    precision: the forward's autocast (`forward_precision`).
     """
     rank, world = rank_and_world() if distributed else (0, 1)
+    if len(images) < world:  # a rank with no image would have no features to send
+        raise DataError(f"k-NN features under {world} processes need at least {world} "
+                         f"images; this set has {len(images)}")
     dataset = Transformed(images, transform)
     if world > 1:
         dataset = torch.utils.data.Subset(dataset, dealt_rows(len(images), rank, world))
@@ -33,7 +62,8 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size:
     backbone.eval()
     feats, labels = [], []
     for x, y in loader:
-        tokens = backbone.forward_features(x.to(device))
+        with forward_precision(device, precision):
+            tokens = backbone.forward_features(x.to(device))
         if mode == "cls":
             f = tokens[:, 0]
         elif mode == "cls+avgpool":
@@ -59,6 +89,48 @@ class Transformed:
     def __getitem__(self, i):
         img, label = self.images[i]
         return self.transform(img), label
+
+
+def dump_features(folder: str | Path, features: dict[str, torch.Tensor]) -> None:
+    """The k-NN's features and labels as the official eval_knn.py dumps them (each file
+    written atomically), so that either code's dump loads in the other."""
+    for key, name in FEATURE_FILES.items():
+        save_atomic(features[key].cpu(), Path(folder) / name)
+
+
+def load_features(folder: str | Path) -> dict[str, torch.Tensor]:
+    """A dump of `dump_features` or of the official --dump_features, read without unpickling
+    code; features L2-normalized again (a no-op on either dump; the cosine for others)."""
+    loaded = {}
+    for key, name in FEATURE_FILES.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise DataError(f"{path}: not found (a feature dump holds "
+                            f"{', '.join(FEATURE_FILES.values())})")
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"cannot read {path}: {first}") from None
+        if not isinstance(value, torch.Tensor):
+            raise DataError(f"{path} holds a {type(value).__name__}, not a tensor")
+        loaded[key] = value
+    for split in ("train", "test"):
+        feats, labels = loaded[f"{split}_features"], loaded[f"{split}_labels"]
+        if feats.dim() != 2 or labels.dim() != 1 or len(feats) != len(labels) or not len(feats):
+            raise DataError(f"{folder}: {FEATURE_FILES[f'{split}_features']} has shape "
+                            f"{tuple(feats.shape)} and {FEATURE_FILES[f'{split}_labels']} "
+                            f"{tuple(labels.shape)}: wanted (N, dim) features and N labels")
+        if labels.is_floating_point() or labels.is_complex() or (labels < 0).any():
+            raise DataError(f"{folder}: {FEATURE_FILES[f'{split}_labels']} must hold class "
+                            f"indices (integers >= 0)")
+        loaded[f"{split}_features"] = F.normalize(feats.float(), dim=-1)
+        loaded[f"{split}_labels"] = labels.long()
+    dims = [loaded[f"{split}_features"].shape[1] for split in ("train", "test")]
+    if dims[0] != dims[1]:
+        raise DataError(f"{folder}: the memory's features are {dims[0]} wide and the queries' "
+                        f"{dims[1]}: not from the same network")
+    return loaded
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from torchvision import transforms as T
 from dinofuse.dataloading.readers import DataError
 from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD
 from dinofuse.engine.checkpoint import CheckpointError, load_file, save_atomic
-from dinofuse.engine.eval.knn import Transformed
+from dinofuse.engine.eval.knn import EVAL_PRECISIONS, Transformed, forward_precision
 from dinofuse.engine.eval.report import eval_transform
 from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
 
@@ -56,6 +56,7 @@ class LinearEvalConfig:
     cached_features: bool = False
     workers: int = 0
     seed: int = 0
+    precision: str = "fp32"  # the backbone's forward: fp32 (official) | bf16 | fp16 (autocast)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "n_last_blocks", "val_freq", "crop"):
@@ -64,6 +65,9 @@ class LinearEvalConfig:
         self.lrs = tuple(float(lr) for lr in self.lrs)
         if not self.lrs or not all(lr > 0 for lr in self.lrs):
             raise ValueError(f"linear evaluation: learning rates must be > 0; got {self.lrs}")
+        if self.precision not in EVAL_PRECISIONS:
+            raise ValueError(f"linear evaluation: precision must be one of "
+                             f"{', '.join(EVAL_PRECISIONS)}; got {self.precision!r}")
 
 
 def official_defaults(embed_dim: int, depth: int = 12) -> dict:
@@ -155,7 +159,9 @@ def compute_features(backbone, images, transform, cfg: LinearEvalConfig, device,
         Transformed(images, transform), batch_sampler=[list(b) for b in batches],
         num_workers=cfg.workers)
     for x, y in loader:
-        yield linear_features(backbone, x.to(device), cfg.n_last_blocks, cfg.avgpool), y.to(device)
+        with forward_precision(device, cfg.precision):
+            features = linear_features(backbone, x.to(device), cfg.n_last_blocks, cfg.avgpool)
+        yield features, y.to(device)
 
 
 def cache(batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +248,10 @@ class LinearEval:
         self.rank, self.world = rank_and_world()
         self.train_images = train_images
         self.classes = class_names(train_images, val_images)
+        for name, images in (("training", train_images), ("validation", val_images)):
+            if len(images) < self.world:  # a rank with no image would have nothing to send
+                raise DataError(f"linear evaluation under {self.world} processes needs at least "
+                                f"{self.world} {name} images; the set has {len(images)}")
         depth = len(backbone.blocks)
         if cfg.n_last_blocks > depth:
             raise ValueError(f"n_last_blocks={cfg.n_last_blocks} is more than the backbone's "
