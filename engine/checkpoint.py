@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -246,7 +247,10 @@ def read_sharded(folder: str | Path, template: dict) -> dict:
                               "its save did not finish)")
     reader, _ = open_sharded(folder)
     try:
-        with dcp_errors("read", folder):
+        with dcp_errors("read", folder), warnings.catch_warnings():
+            # one process reading without a process group is what this function is for
+            warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or "
+                                    "uninitialized", UserWarning)
             dcp.load(template, storage_reader=reader, planner=safe_planner())
     except CheckpointError:
         raise  # said already

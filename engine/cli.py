@@ -86,16 +86,18 @@ def _train(args) -> None:
             f"(collective timeout {cfg.run.collective_timeout_s:g} s): {first}. Relaunch the "
             f"same command with --resume (or --auto-resume) to continue from the last complete "
             f"checkpoint in {trainer.out}") from None
-    if rank != 0:
-        return
-    if logs:
+    if logs and rank == 0:
         print(f"trained {len(logs)} steps to step {trainer.step}; loss {logs[0].loss:.4f} -> "
               f"{logs[-1].loss:.4f}; checkpoint {trainer.out / 'checkpoint.pth'}")
     if cfg.run.knn_after_training:
         from dinofuse.engine.eval.report import format_report, knn_report
 
-        report = knn_report(cfg, trainer.teacher.backbone, random_backbone(cfg, trainer.device),
-                            trainer.device)
+        # under torchrun every rank extracts a share of the features, with its own copy of
+        # the (otherwise sharded) teacher
+        report = knn_report(cfg, trainer.eval_backbone(), random_backbone(cfg, trainer.device),
+                            trainer.device, distributed=world > 1)
+        if rank != 0:
+            return
         if report:
             (trainer.out / "knn.json").write_text(json.dumps(report, indent=1) + "\n")
             print(format_report(report, cfg.run.knn_k, cfg.run.knn_temperature))

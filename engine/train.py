@@ -470,6 +470,20 @@ class Trainer:
                       "optimizer": get_optimizer_state_dict(self.student, self.optimizer)}
         return {**models, **self._extra_state()}
 
+    def eval_backbone(self) -> nn.Module:
+        """The teacher's backbone for evaluation on this rank alone: itself, or, when FSDP2
+        shards it, an unsharded copy (whose forward needs no other rank). A collective then:
+        every rank calls."""
+        if not self.sharded:
+            return self.teacher.backbone
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.teacher, options=StateDictOptions(full_state_dict=True))
+        backbone = build_backbone(self.cfg, 0.0)
+        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in full.items()
+                                  if k.startswith("backbone.")})
+        return backbone.to(self.device).eval()
+
     def _sharded_state(self) -> dict:
         """Models and optimizer as this rank's shards, keyed by parameter name (the optimizer
         too), so that DCP can load them into another number of processes."""

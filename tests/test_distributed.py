@@ -211,6 +211,8 @@ def _train_and_report(rank, folder, out, result, steps, resume, extra=()):
                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save({"start": start, "losses": losses, "teacher": teacher}, result)
+    # what the k-NN report after training evaluates, on each rank
+    torch.save(trainer.eval_backbone().state_dict(), f"{result}.backbone{rank}")
 
 
 def test_sharded_checkpoint_saved_by_two_resumes_under_one_and_two(tmp_path, reference_path):
@@ -252,6 +254,13 @@ def test_sharded_checkpoint_saved_by_two_resumes_under_one_and_two(tmp_path, ref
     for key, value in reference.teacher.state_dict().items():
         torch.testing.assert_close(resumed_two["teacher"][key], value, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(one.teacher.state_dict()[key], value, rtol=1e-4, atol=1e-6)
+    for rank in range(WORLD):  # whole plain tensors on every rank: the trained teacher's
+        backbone = torch.load(f"{two}.backbone{rank}", weights_only=True)
+        expected = reference.teacher.backbone.state_dict()
+        assert backbone.keys() == expected.keys()
+        for key, value in expected.items():
+            assert type(backbone[key]) is torch.Tensor, key
+            torch.testing.assert_close(backbone[key], value, rtol=1e-4, atol=1e-6)
 
 
 def _python_path() -> str:
@@ -600,7 +609,7 @@ def _knn_features(rank, result):
 
     args = (tiny_backbone(), colored(11, 22), eval_transform(16, 1.0), "cpu")
     got = {"shared": extract_features(*args, batch_size=4, distributed=True)}
-    if rank == 0:  # as the trainer's k-NN report: one rank alone, so no collective
+    if rank == 0:  # without `distributed`: no collective, so one rank may call it alone
         got["alone"] = extract_features(*args, batch_size=4)
     torch.save(got, f"{result}.{rank}")
 
@@ -689,3 +698,38 @@ def test_knn_and_linear_commands_under_torchrun_give_one_process_figures(tmp_pat
     for a, b in zip(weights[0]["classifiers"], weights[1]["classifiers"], strict=True):
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher(tmp_path):
+    """The k-NN report after FSDP2 training: every rank extracts a share with an unsharded
+    copy of the teacher (the sharded one's forward on rank 0 alone failed), rank 0 prints
+    and writes it once, and its figures are those of the saved teacher evaluated in one
+    process."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from dinofuse.engine.cli import _load_backbone, random_backbone
+    from dinofuse.engine.eval.report import knn_report
+    from test_train import TINY
+
+    rng = np.random.default_rng(5)
+    for folder, count in (("train", 8), ("val", 5)):
+        for c in range(2):
+            (tmp_path / folder / f"c{c}").mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(
+                    tmp_path / folder / f"c{c}" / f"{i}.png")
+    run = tmp_path / "run"
+    printed = _torchrun(["train", "--data", str(tmp_path / "train"), "--output-dir", str(run),
+                         "--quiet", *[o for o in TINY if not o.startswith("run.knn_after")],
+                         "run.knn_after_training=true", f'run.knn_val="{tmp_path / "val"}"',
+                         "run.knn_k=3", "optim.epochs=1"])
+    assert printed.count("k-NN (k=3") == 1 and printed.count(" steps to step ") == 1
+    written = json.loads((run / "knn.json").read_text())
+    backbone, cfg = _load_backbone(str(run), torch.device("cpu"))  # the sharded save, whole
+    alone = knn_report(cfg, backbone, random_backbone(cfg, "cpu"), "cpu")
+    assert set(written) == set(alone) == {"trained teacher", "random init", "raw pixels"}
+    for row in alone:
+        assert written[row] == pytest.approx(alone[row]), row

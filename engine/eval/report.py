@@ -38,7 +38,10 @@ class _Flatten:
         return x.flatten(1)[:, None, :]
 
 
-def knn_report(cfg: Config, teacher_backbone, random_backbone, device) -> dict:
+def knn_report(cfg: Config, teacher_backbone, random_backbone, device,
+               distributed: bool = False) -> dict:
+    """The three rows' top-1/top-5; with `distributed`, every rank of the process group
+    extracts a share of the features (all must call, each with a backbone of its own)."""
     datasets = knn_datasets(cfg)
     if datasets is None:
         return {}
@@ -50,8 +53,9 @@ def knn_report(cfg: Config, teacher_backbone, random_backbone, device) -> dict:
               "raw pixels": (_Flatten(), eval_transform(crop, r.knn_resize_ratio, normalize=False), "cls")}
     report = {}
     for name, (backbone, transform, mode) in models.items():
-        train_f, train_y = extract_features(backbone, memory, transform, device, mode=mode)
-        test_f, test_y = extract_features(backbone, queries, transform, device, mode=mode)
+        features = dict(mode=mode, distributed=distributed)
+        train_f, train_y = extract_features(backbone, memory, transform, device, **features)
+        test_f, test_y = extract_features(backbone, queries, transform, device, **features)
         report[name] = knn_classify(train_f, train_y, test_f, test_y, k=r.knn_k,
                                     temperature=r.knn_temperature)
     return report
