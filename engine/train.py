@@ -438,6 +438,13 @@ class Trainer:
     # COMPLETE only after all ranks finished; it loads on any number of processes.
     # run.checkpoint_format="auto" picks sharded when the models are sharded.
 
+    def newest_checkpoint(self) -> Path | None:
+        """This run's newest complete checkpoint: checkpoint.pth or a sharded step folder."""
+        if self._sharded_saves():
+            return latest_complete(self.out / "checkpoints")
+        path = self.out / "checkpoint.pth"
+        return path if path.is_file() else None
+
     def _sharded_saves(self) -> bool:
         fmt = self.cfg.run.checkpoint_format
         if fmt not in ("auto", "sharded", "file"):

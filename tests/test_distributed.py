@@ -727,6 +727,9 @@ def test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher(tmp_pat
                          "run.knn_after_training=true", f'run.knn_val="{tmp_path / "val"}"',
                          "run.knn_k=3", "optim.epochs=1"])
     assert printed.count("k-NN (k=3") == 1 and printed.count(" steps to step ") == 1
+    # the checkpoint named is the sharded one the run wrote
+    assert f"checkpoint {run / 'checkpoints' / 'step_00000002'}\n" in printed
+    assert (run / "checkpoints" / "step_00000002" / ".metadata").is_file()
     written = json.loads((run / "knn.json").read_text())
     backbone, cfg = _load_backbone(str(run), torch.device("cpu"))  # the sharded save, whole
     alone = knn_report(cfg, backbone, random_backbone(cfg, "cpu"), "cpu")
