@@ -63,8 +63,10 @@ def _train(args) -> None:
     if args.output_dir:
         overrides.append(f'run.output_dir="{args.output_dir}"')
     cfg = load_config(args.config, overrides)
-    # joins torchrun's process group when WORLD_SIZE > 1
-    rank, world = init_distributed(timeout_s=cfg.run.collective_timeout_s)
+    # joins torchrun's process group when WORLD_SIZE > 1 (impl.fsdp="always": a group of one
+    # process without torchrun)
+    rank, world = init_distributed(timeout_s=cfg.run.collective_timeout_s,
+                                   force=cfg.impl.fsdp == "always")
     resume = "auto" if args.auto_resume else args.resume
     if args.fit_minutes is not None:
         cfg = _fit_to_minutes(cfg, args.fit_minutes, resume, rank)

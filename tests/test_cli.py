@@ -95,6 +95,10 @@ def test_knn_attention_maps_and_export(trained, folder, tmp_path, capsys):
                    "optim.batch_size_per_device=0"], "optim.batch_size_per_device must be >= 1"),
     (lambda d, t: ["knn", "--checkpoint", str(d / "c0" / "0.png"), "--train", str(d), "--val",
                    str(d)], "cannot read checkpoint .*0.png: not a PyTorch checkpoint"),
+    pytest.param(lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "o"), *TINY,
+                               'model.attention="xformers"'],
+                 "attention='xformers' cannot run: no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU's error")),
 ])
 def test_bad_input_gets_one_line(make_args, message, folder, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
@@ -403,3 +407,20 @@ def test_knn_features_dump_and_load_as_the_official_files(trained, folder, tmp_p
         "--load-features", str(dump), "--checkpoint", str(trained / "checkpoint.pth"))
     assert "--val required (or --load-features DIR)" in refused(
         "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder))
+
+
+def test_fsdp_always_trains_on_one_process_from_the_command_line(folder, tmp_path, capsys):
+    """impl.fsdp="always" without torchrun: the command makes its one-process group (the
+    trainer alone asks for one), trains sharded, saves a sharded checkpoint and ends with
+    the k-NN report of the whole teacher."""
+    overrides = [o for o in TINY if not o.startswith("run.knn_after_training")]
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(folder), "--output-dir", str(out), "--quiet",
+                 "--max-steps", "2", 'impl.fsdp="always"', f'run.knn_val="{folder}"',
+                 "run.knn_k=3", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert f"checkpoint {out / 'checkpoints' / 'step_00000002'}" in printed
+    assert "k-NN (k=3" in printed and (out / "knn.json").is_file()
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the command's group is gone with the command

@@ -124,7 +124,7 @@ def resolve_attention(requested: str, device: torch.device) -> str:
         return "sdpa"
     if requested == "xformers" and (device.type != "cuda" or xformers_problem() is not None):
         reason = "no CUDA device" if device.type != "cuda" else xformers_problem()
-        raise RuntimeError(f"attention='xformers' cannot run: {reason}; use 'auto' to fall back "
+        raise ValueError(f"attention='xformers' cannot run: {reason}; use 'auto' to fall back "
                            "to torch SDPA")
     return requested
 
