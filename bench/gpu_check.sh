@@ -118,6 +118,7 @@ run_stage() {
         # --fit-minutes: whole epochs (and whole schedules) fitted to the budget by a timed
         # trial; max_minutes (a minute more) only guards against a misfit: the k-NN still runs
         local minutes=${PRESET_MINUTES:-3}
+        rm -rf "$run"  # a rerun on a warm machine starts afresh (the trainer keeps old checkpoints)
         stage train_default_gpu $((60 * minutes + 180)) python3 -m dinofuse.engine.cli train \
             --config default_gpu --data "$fmnist" --output-dir "$run" --quiet \
             --fit-minutes "$minutes" run.max_minutes=$((minutes + 1)) ${PRESET_OVERRIDES:-}

@@ -90,7 +90,7 @@ def _train(args) -> None:
             f"checkpoint in {trainer.out}") from None
     if logs and rank == 0:
         print(f"trained {len(logs)} steps to step {trainer.step}; loss {logs[0].loss:.4f} -> "
-              f"{logs[-1].loss:.4f}; checkpoint {trainer.newest_checkpoint()}")
+              f"{logs[-1].loss:.4f}; checkpoint {trainer.last_save()}")
     if cfg.run.knn_after_training:
         from dinofuse.engine.eval.report import format_report, knn_report
 

@@ -213,6 +213,10 @@ class Trainer:
             resume = run_has_checkpoint(self.out)
         if resume:
             self._resume()
+        elif run_has_checkpoint(self.out):  # a fresh start would overwrite it at its first save
+            raise TrainingError(f"{self.out} holds a checkpoint of an earlier run: pass --resume "
+                                f"(or --auto-resume) to continue it, or choose another "
+                                f"run.output_dir (--output-dir)")
 
     # ------------------------------------------------------------------ one step
 
@@ -438,8 +442,9 @@ class Trainer:
     # COMPLETE only after all ranks finished; it loads on any number of processes.
     # run.checkpoint_format="auto" picks sharded when the models are sharded.
 
-    def newest_checkpoint(self) -> Path | None:
-        """This run's newest complete checkpoint: checkpoint.pth or a sharded step folder."""
+    def last_save(self) -> Path | None:
+        """This run's newest complete save, in the format it saves in: checkpoint.pth or a
+        sharded step folder."""
         if self._sharded_saves():
             return latest_complete(self.out / "checkpoints")
         path = self.out / "checkpoint.pth"
@@ -666,12 +671,28 @@ class Trainer:
         self.loss_fn.load_state_dict(extra["dino_loss"])
         if self.scaler and extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
-        self.step = int(extra["step"])
+        self.step = self._resumed_step(int(extra["step"]), extra.get("iters_per_epoch"))
         torch.set_rng_state(extra["rng"]["torch"])
         random.setstate(extra["rng"]["python"])
         if "cuda" in extra["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
         # the EMA plan points at the parameters, which the loads updated in place
+
+
+    def _resumed_step(self, step: int, saved_per_epoch: int | None) -> int:
+        """The step to continue from. With another global batch (another number of
+        processes, say) an epoch has another number of steps: the epoch and the fraction of
+        it done are kept (the official code, which counts epochs, keeps the epoch), so the
+        schedules continue where they were, not at the same step count."""
+        if not saved_per_epoch or saved_per_epoch == self.iters_per_epoch:
+            return step
+        epoch, within = divmod(step, saved_per_epoch)
+        resumed = epoch * self.iters_per_epoch + round(within * self.iters_per_epoch / saved_per_epoch)
+        if self.rank == 0:
+            print(f"resuming with {self.iters_per_epoch} steps per epoch where the checkpoint "
+                  f"had {saved_per_epoch} (another global batch): its step {step} (epoch "
+                  f"{epoch}, {within} steps in) continues as step {resumed}", flush=True)
+        return resumed
 
 
 def _tensorboard(path: Path):

@@ -279,7 +279,7 @@ def test_fix_attention_backend_decides_auto_once_and_blocks_trace_whole():
     assert {b.attn.backend for b in model.blocks} == {"sdpa"}
     explained = torch._dynamo.explain(model.blocks[0])(torch.randn(2, 5, model.embed_dim))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
-    with pytest.raises(RuntimeError, match="no CUDA device"):
+    with pytest.raises(ValueError, match="no CUDA device"):
         vit_tiny(depth=1, attention="xformers").fix_attention_backend(torch.device("cpu"))
 
 

@@ -624,3 +624,44 @@ def test_fsdp2_gets_the_configured_reduction_dtype_and_the_teacher_always_reshar
     assert [(c["reduce_dtype"], c["param_dtype"], c["reshard_after_forward"]) for c in calls] == [
         (torch.float32, torch.bfloat16, False), (torch.float32, torch.bfloat16, True),
         (torch.bfloat16, torch.bfloat16, False), (torch.bfloat16, torch.bfloat16, True)]
+
+
+def test_a_fresh_start_never_overwrites_an_earlier_runs_checkpoint(image_folder, tmp_path,
+                                                                    reference_path):
+    """Starting again into a run's folder without --resume would overwrite its checkpoint at
+    the first save; it is refused, naming the way on, and the checkpoint is left as it was
+    (file and sharded saves alike); --auto-resume continues it."""
+    Trainer(make_cfg(image_folder, tmp_path)).fit(max_steps=2, progress=False)
+    ckpt = tmp_path / "run" / "checkpoint.pth"
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    with pytest.raises(TrainingError, match=r"holds a checkpoint of an earlier run: pass "
+                                            r"--resume \(or --auto-resume\)"):
+        Trainer(make_cfg(image_folder, tmp_path))
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
+    assert Trainer(make_cfg(image_folder, tmp_path), resume="auto").step == 2
+    ckpt.unlink()  # a run with nothing saved yet (a config.toml, a log) starts as asked
+    assert Trainer(make_cfg(image_folder, tmp_path)).step == 0
+
+
+@pytest.mark.parametrize("batch,expected", [(8, 6), (2, 24), (4, 12)])
+def test_resume_with_another_global_batch_keeps_the_epoch_and_its_fraction(
+        image_folder, tmp_path, reference_path, capsys, batch, expected):
+    """40 images at batch 4 make 10 steps an epoch: step 12 is epoch 1 and 2 steps in. At
+    batch 8 (5 steps an epoch) that continues as step 6, at batch 2 as step 24, so the LR,
+    weight decay, momentum and teacher temperature go on from the same point of the
+    schedule (the same step would put batch 2 in the middle of epoch 0)."""
+    Trainer(make_cfg(image_folder, tmp_path)).fit(max_steps=12, progress=False)
+    capsys.readouterr()
+    resumed = Trainer(make_cfg(image_folder, tmp_path, f"optim.batch_size_per_device={batch}"),
+                      resume=True)
+    assert resumed.iters_per_epoch == 40 // batch and resumed.step == expected
+    assert resumed.step // resumed.iters_per_epoch == 1  # the epoch of the save
+    printed = capsys.readouterr().out
+    if batch == 4:
+        assert printed == ""
+    else:
+        assert (f"resuming with {40 // batch} steps per epoch where the checkpoint had 10 "
+                f"(another global batch): its step 12 (epoch 1, 2 steps in) continues as "
+                f"step {expected}") in printed
+    log = resumed.fit(max_steps=1, progress=False)[0]
+    assert (log.step, log.epoch) == (expected, 1)
