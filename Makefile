@@ -22,9 +22,10 @@ data:
 	  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist) || \
 	  echo "could not install dataset-fashion-mnist; train with --data DIR"; fi
 
-# The main job: the default DINO run (Fashion-MNIST, ~7 minutes on 2 CPU cores), then k-NN.
+# The main job: the default DINO run (Fashion-MNIST, ~5 minutes on 2 CPU cores), then k-NN.
+# Each `make train` is a new run in its own folder (a run's folder is never trained over).
 train: install data
-	$(VENV)/bin/dinofuse train
+	$(VENV)/bin/dinofuse train --output-dir runs/default-$$(date +%Y%m%d-%H%M%S)
 
 # CPU tests: the Triton kernels run under Triton's interpreter on CPU tensors. Two workers
 # (pytest-xdist), one per core of the CI machine: the interpreter is single-threaded Python.
