@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
 
 IMAGENET_MEAN_255 = [255 * m for m in IMAGENET_MEAN]
+IMAGENET_STD_255 = [255 * s for s in IMAGENET_STD]
 
 
 def available() -> bool:
@@ -30,7 +31,6 @@ def available() -> bool:
         return importlib.util.find_spec("nvidia.dali") is not None
     except ModuleNotFoundError:  # no `nvidia` namespace at all
         return False
-IMAGENET_STD_255 = [255 * s for s in IMAGENET_STD]
 
 
 def _uniform(lo: float, hi: float):
@@ -120,16 +120,21 @@ def _color_jitter(image, spec: MultiCropSpec, device: str):
     if spec.hue == 0:
         return blend(twist(image))
     saturation_first, contrast_first = _before_hue()
+    # a Python condition, not a per-sample one: without contrast, no split of the batch
+    # around a no-op (DALI's conditionals split and merge the samples at each `if`)
+    contrast_around_hue = spec.contrast > 0
     out = image
     if saturation_first:
         out = twist(out)
-    if contrast_first:
-        out = blend(out)
+    if contrast_around_hue:
+        if contrast_first:
+            out = blend(out)
     out = _hue_shift(out, hue)
     if not saturation_first:
         out = twist(out)
-    if not contrast_first:
-        out = blend(out)
+    if contrast_around_hue:
+        if not contrast_first:
+            out = blend(out)
     return out
 
 

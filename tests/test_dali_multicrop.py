@@ -132,3 +132,20 @@ def test_jitter_order_draws_like_a_random_permutation():
     tol = 4.5 * np.sqrt(0.25 / n)
     assert abs(saturation.mean() - 0.5) < tol and abs(contrast.mean() - 0.5) < tol
     assert abs((saturation & contrast).mean() - 1 / 3) < tol
+
+
+def test_without_contrast_no_batch_split_is_left_around_it(jpegs):
+    """data.contrast=0: the jitter's contrast is a no-op, so the graph must not split and merge
+    the batch around it before and after the hue (two conditionals per crop; DALI's graph,
+    read through its private operator list)."""
+    import collections
+
+    def merges(**strengths):
+        spec = MultiCropSpec(global_crop_size=32, local_crop_size=16, local_crops_number=1,
+                             **strengths)
+        pipe = build_pipeline(jpegs, [0] * 12, spec, batch_size=2)
+        pipe.build()
+        return collections.Counter(type(op._op).__name__ for op in pipe._ops)["Merge"]
+
+    ncrops = 3
+    assert merges(contrast=0.0) == merges() - 2 * ncrops
