@@ -50,7 +50,13 @@ from dinofuse.engine.eval.knn import EVAL_PRECISIONS
 from dinofuse.engine.inputs import data_worker_died
 from dinofuse.engine.parallel import init_distributed, use_training_threads
 from dinofuse.engine.time_budget import fit_to_minutes
-from dinofuse.engine.train import TrainingError, Trainer, build_backbone, pick_device
+from dinofuse.engine.train import (
+    TrainingError,
+    Trainer,
+    build_backbone,
+    check_fresh_start,
+    pick_device,
+)
 
 USER_ERRORS = (DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
                KeyError)
@@ -68,6 +74,8 @@ def _train(args) -> None:
     rank, world = init_distributed(timeout_s=cfg.run.collective_timeout_s,
                                    force=cfg.impl.fsdp == "always")
     resume = "auto" if args.auto_resume else args.resume
+    if not resume:  # before a --fit-minutes trial, not after it
+        check_fresh_start(Path(cfg.run.output_dir))
     if args.fit_minutes is not None:
         cfg = _fit_to_minutes(cfg, args.fit_minutes, resume, rank)
     trainer = Trainer(cfg, resume=resume)

@@ -79,6 +79,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_fresh_start(out: Path) -> None:
+    """A run that does not resume must not start in an earlier run's folder: its first save
+    would overwrite that run's checkpoint."""
+    if run_has_checkpoint(out):
+        raise TrainingError(f"{out} holds a checkpoint of an earlier run: pass --resume "
+                            f"(or --auto-resume) to continue it, or choose another "
+                            f"run.output_dir (--output-dir)")
+
+
 def build_backbone(cfg: Config, drop_path_rate: float) -> nn.Module:
     m = cfg.model
     sizes = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth),
@@ -213,10 +222,8 @@ class Trainer:
             resume = run_has_checkpoint(self.out)
         if resume:
             self._resume()
-        elif run_has_checkpoint(self.out):  # a fresh start would overwrite it at its first save
-            raise TrainingError(f"{self.out} holds a checkpoint of an earlier run: pass --resume "
-                                f"(or --auto-resume) to continue it, or choose another "
-                                f"run.output_dir (--output-dir)")
+        else:
+            check_fresh_start(self.out)
 
     # ------------------------------------------------------------------ one step
 

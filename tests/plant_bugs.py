@@ -880,8 +880,10 @@ BUGS = [
         'raise RuntimeError(f"attention=\'xformers\' cannot run: {reason}',
         ['test_cli.py::test_bad_input_gets_one_line']),
     Bug('engine/train.py',
-        'elif run_has_checkpoint(self.out):  # a fresh start would overwrite it at its first save',
-        'elif False:',
+        '''    if run_has_checkpoint(out):
+        raise TrainingError(f"{out} holds a checkpoint of an earlier run: pass --resume "''',
+        '''    if False:
+        raise TrainingError(f"{out} holds a checkpoint of an earlier run: pass --resume "''',
         ['test_train.py::test_a_fresh_start_never_overwrites_an_earlier_runs_checkpoint']),
     Bug('engine/train.py',
         'if not saved_per_epoch or saved_per_epoch == self.iters_per_epoch:',
@@ -899,6 +901,11 @@ BUGS = [
         'contrast_around_hue = spec.contrast > 0',
         'contrast_around_hue = True',
         ['test_dali_multicrop.py::test_without_contrast_no_batch_split_is_left_around_it']),
+    Bug('engine/cli.py',
+        """    if not resume:  # before a --fit-minutes trial, not after it
+        check_fresh_start(Path(cfg.run.output_dir))""",
+        """    pass""",
+        ['test_cli.py::test_a_fresh_start_over_a_run_is_refused_before_any_trial']),
 ]
 
 

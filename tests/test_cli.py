@@ -424,3 +424,21 @@ def test_fsdp_always_trains_on_one_process_from_the_command_line(folder, tmp_pat
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # the command's group is gone with the command
+
+
+def test_a_fresh_start_over_a_run_is_refused_before_any_trial(trained, folder, monkeypatch,
+                                                              capsys):
+    """`dinofuse train` into a folder that holds a checkpoint, without --resume: one line,
+    before --fit-minutes spends its trial (its first save would overwrite the checkpoint)."""
+    from dinofuse.engine import cli
+
+    def no_trial(*args):
+        raise AssertionError("the trial ran")
+
+    monkeypatch.setattr(cli, "fit_to_minutes", no_trial)
+    digest = (trained / "checkpoint.pth").read_bytes()
+    assert main(["train", "--data", str(folder), "--output-dir", str(trained), "--quiet",
+                 "--fit-minutes", "1", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint of an earlier run: pass --resume (or --auto-resume)" in err
+    assert (trained / "checkpoint.pth").read_bytes() == digest
