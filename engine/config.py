@@ -122,6 +122,8 @@ class RunConfig:
     collective_timeout_s: float = 600.0  # a dead or stuck rank ends the job after this
     log_every_steps: int = 10
     knn_after_training: bool = True
+    knn_every_epochs: int = 0  # also the teacher's k-NN every this many epochs while training
+    # (OUTPUT_DIR/knn_log.jsonl, TensorBoard); 0 = only after training
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_features: str = "cls"  # cls (official) | cls+avgpool
@@ -179,6 +181,7 @@ _RULES = {
     "run": dict(cpu_threads=NON_NEGATIVE, max_minutes=NON_NEGATIVE,
                 save_every_steps=NON_NEGATIVE, keep_checkpoints=AT_LEAST_1,
                 collective_timeout_s=POSITIVE, log_every_steps=AT_LEAST_1, knn_k=AT_LEAST_1,
+                knn_every_epochs=NON_NEGATIVE,
                 knn_temperature=POSITIVE, knn_resize_ratio=POSITIVE),
 }
 

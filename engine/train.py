@@ -218,6 +218,14 @@ class Trainer:
         self._pending_save = None  # (future, folder) of a background sharded save
         self._checkpoint_group = None
         self._saved_step = None
+        self._knn_datasets = None  # run.knn_every_epochs: (memory, queries), opened once
+        if cfg.run.knn_every_epochs:  # checked now, not at the end of the first epoch
+            from dinofuse.engine.eval.report import knn_datasets
+
+            self._knn_datasets = knn_datasets(cfg)
+            if self._knn_datasets is None:
+                raise TrainingError("run.knn_every_epochs needs query images: set "
+                                    "run.knn_val=DIR (Fashion-MNIST brings its test split)")
         if resume == "auto":
             resume = run_has_checkpoint(self.out)
         if resume:
@@ -431,6 +439,7 @@ class Trainer:
                         break
                 if self.step % self.iters_per_epoch == 0:
                     self.save()  # an epoch ended
+                    self._knn_between_epochs(board)
         bar.close()
         if board is not None:
             board.close()
@@ -441,6 +450,43 @@ class Trainer:
             raise TrainingError(f"stopped at step {self.step} by {by}; checkpoint saved in "
                                 f"{self.out}: relaunch with --resume (or --auto-resume) to go on")
         return logs
+
+    def _knn_between_epochs(self, board) -> None:
+        """run.knn_every_epochs: the teacher's k-NN at the end of every that many epochs (not
+        after the last when the report after training comes), every rank extracting a share;
+        rank 0 logs it to knn_log.jsonl and TensorBoard and shows it."""
+        r, epoch = self.cfg.run, self.step // self.iters_per_epoch
+        last = self.step >= self.total_steps
+        if not r.knn_every_epochs or epoch % r.knn_every_epochs or self.stopping \
+                or (last and r.knn_after_training):
+            return
+        from dinofuse.engine.eval.report import teacher_knn
+
+        backbone = self.eval_backbone()
+        mode = backbone.training  # unsharded, it is the teacher's own: left as it was
+        # the data loaders draw their seeds from the global generators: training must go on
+        # with the draws it would have had without the evaluation
+        states = (torch.get_rng_state(), random.getstate(),
+                  torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        try:
+            acc = teacher_knn(self.cfg, backbone, self._knn_datasets, self.device,
+                              distributed=self.world > 1)
+        finally:
+            backbone.train(mode)
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+            if states[2] is not None:
+                torch.cuda.set_rng_state_all(states[2])
+        if self.rank != 0:
+            return
+        record = {"step": self.step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+        with open(self.out / "knn_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if board is not None:
+            board.add_scalar("eval/knn_top1", acc["top1"], self.step)
+            board.add_scalar("eval/knn_top5", acc["top5"], self.step)
+        print(f"epoch {epoch}: k-NN (k={r.knn_k}) of the teacher: top-1 {acc['top1']:.2f}%, "
+              f"top-5 {acc['top5']:.2f}%", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ checkpoints
     # Two formats. "file": OUTPUT_DIR/checkpoint.pth, one file with full tensors (gathered on

@@ -614,7 +614,7 @@ BUGS = [
         '"random init": (teacher_backbone,',
         ['test_knn.py']),
     Bug('engine/eval/report.py',
-        'temperature=r.knn_temperature)',
+        'temperature=cfg.run.knn_temperature)',
         'temperature=0.07)',
         ['test_knn.py']),
     Bug('engine/models/head.py',
@@ -906,6 +906,32 @@ BUGS = [
         check_fresh_start(Path(cfg.run.output_dir))""",
         """    pass""",
         ['test_cli.py::test_a_fresh_start_over_a_run_is_refused_before_any_trial']),
+    # run.knn_every_epochs
+    Bug('engine/train.py',
+        """            torch.set_rng_state(states[0])
+            random.setstate(states[1])""",
+        """            random.setstate(states[1])""",
+        ['test_train.py::test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was']),
+    Bug('engine/train.py',
+        'or (last and r.knn_after_training):',
+        'or last:',
+        ['test_train.py::test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was']),
+    Bug('engine/train.py',
+        'if not r.knn_every_epochs or epoch % r.knn_every_epochs or self.stopping',
+        'if not r.knn_every_epochs or epoch % 2 or self.stopping',
+        ['test_train.py::test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was']),
+    Bug('engine/train.py',
+        """        finally:
+            backbone.train(mode)""",
+        """        finally:
+            pass""",
+        ['test_train.py::test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was']),
+    Bug('engine/train.py',
+        """        if self.rank != 0:
+            return
+        record = {""",
+        """        record = {""",
+        ['test_distributed.py::test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher']),
 ]
 
 

@@ -704,7 +704,7 @@ def test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher(tmp_pat
     """The k-NN report after FSDP2 training: every rank extracts a share with an unsharded
     copy of the teacher (the sharded one's forward on rank 0 alone failed), rank 0 prints
     and writes it once, and its figures are those of the saved teacher evaluated in one
-    process."""
+    process. So does run.knn_every_epochs between epochs."""
     import json
 
     import numpy as np
@@ -725,11 +725,14 @@ def test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher(tmp_pat
     printed = _torchrun(["train", "--data", str(tmp_path / "train"), "--output-dir", str(run),
                          "--quiet", *[o for o in TINY if not o.startswith("run.knn_after")],
                          "run.knn_after_training=true", f'run.knn_val="{tmp_path / "val"}"',
-                         "run.knn_k=3", "optim.epochs=1"])
+                         "run.knn_k=3", "optim.epochs=2", "run.knn_every_epochs=1"])
     assert printed.count("k-NN (k=3") == 1 and printed.count(" steps to step ") == 1
     # the checkpoint named is the sharded one the run wrote
-    assert f"checkpoint {run / 'checkpoints' / 'step_00000002'}\n" in printed
-    assert (run / "checkpoints" / "step_00000002" / ".metadata").is_file()
+    assert f"checkpoint {run / 'checkpoints' / 'step_00000004'}\n" in printed
+    assert (run / "checkpoints" / "step_00000004" / ".metadata").is_file()
+    # after epoch 1 (epoch 2's is the report's): every rank took part, rank 0 wrote it
+    between = [json.loads(line) for line in (run / "knn_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in between] == [(2, 1)]
     written = json.loads((run / "knn.json").read_text())
     backbone, cfg = _load_backbone(str(run), torch.device("cpu"))  # the sharded save, whole
     alone = knn_report(cfg, backbone, random_backbone(cfg, "cpu"), "cpu")

@@ -665,3 +665,41 @@ def test_resume_with_another_global_batch_keeps_the_epoch_and_its_fraction(
                 f"step {expected}") in printed
     log = resumed.fit(max_steps=1, progress=False)[0]
     assert (log.step, log.epoch) == (expected, 1)
+
+
+def test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was(image_folder, tmp_path,
+                                                                          reference_path):
+    """run.knn_every_epochs=1: a k-NN of the teacher at each epoch's end, in knn_log.jsonl
+    (the last one is the teacher after training); the losses are those of a run without it
+    (the evaluation leaves the random generators and the teacher's mode as they were)."""
+    import json
+
+    from dinofuse.engine.eval.report import knn_datasets, teacher_knn
+
+    rng = np.random.default_rng(3)
+    queries = tmp_path / "queries"
+    for c in range(2):  # noise in two classes: a top-1 away from 100% that the features decide
+        (queries / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(
+                queries / f"class{c}" / f"{i}.png")
+    # drop path draws from torch's global generator: a disturbed stream would change the loss
+    extra = (f'run.knn_val="{queries}"', "run.knn_k=5", "run.knn_after_training=false",
+             "model.drop_path_rate=0.2")
+    plain = Trainer(make_cfg(image_folder, tmp_path / "plain", *extra)).fit(progress=False)
+    cfg = make_cfg(image_folder, tmp_path / "knn", *extra, "run.knn_every_epochs=1")
+    trainer = Trainer(cfg)
+    logs = trainer.fit(progress=False)
+    assert [log.loss for log in logs] == pytest.approx([log.loss for log in plain], rel=1e-6)
+    assert trainer.teacher.backbone.training
+    records = [json.loads(line) for line in (trainer.out / "knn_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in records] == [(10, 1), (20, 2)]
+    last = teacher_knn(cfg, trainer.teacher.backbone, knn_datasets(cfg), "cpu")
+    assert (records[-1]["knn_top1"], records[-1]["knn_top5"]) == (last["top1"], last["top5"])
+    assert 0 < records[-1]["knn_top1"] < 100
+    flat = tmp_path / "flat"  # no labels, no query set
+    flat.mkdir()
+    for i in range(4):
+        Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(flat / f"{i}.png")
+    with pytest.raises(TrainingError, match="run.knn_every_epochs needs query images"):
+        Trainer(make_cfg(flat, tmp_path / "x", "run.knn_every_epochs=1"))

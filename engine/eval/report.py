@@ -45,20 +45,31 @@ def knn_report(cfg: Config, teacher_backbone, random_backbone, device,
     datasets = knn_datasets(cfg)
     if datasets is None:
         return {}
-    memory, queries = datasets
     r = cfg.run
     crop = cfg.data.global_crop_size
     models = {"trained teacher": (teacher_backbone, eval_transform(crop, r.knn_resize_ratio), r.knn_features),
               "random init": (random_backbone, eval_transform(crop, r.knn_resize_ratio), r.knn_features),
               "raw pixels": (_Flatten(), eval_transform(crop, r.knn_resize_ratio, normalize=False), "cls")}
-    report = {}
-    for name, (backbone, transform, mode) in models.items():
-        features = dict(mode=mode, distributed=distributed)
-        train_f, train_y = extract_features(backbone, memory, transform, device, **features)
-        test_f, test_y = extract_features(backbone, queries, transform, device, **features)
-        report[name] = knn_classify(train_f, train_y, test_f, test_y, k=r.knn_k,
-                                    temperature=r.knn_temperature)
-    return report
+    return {name: knn_row(cfg, backbone, transform, mode, datasets, device, distributed)
+            for name, (backbone, transform, mode) in models.items()}
+
+
+def knn_row(cfg: Config, backbone, transform, mode: str, datasets, device,
+            distributed: bool = False) -> dict:
+    """One network's top-1/top-5 on (memory, queries), with the run's k and temperature."""
+    memory, queries = datasets
+    options = dict(mode=mode, distributed=distributed)
+    train_f, train_y = extract_features(backbone, memory, transform, device, **options)
+    test_f, test_y = extract_features(backbone, queries, transform, device, **options)
+    return knn_classify(train_f, train_y, test_f, test_y, k=cfg.run.knn_k,
+                        temperature=cfg.run.knn_temperature)
+
+
+def teacher_knn(cfg: Config, backbone, datasets, device, distributed: bool = False) -> dict:
+    """The report's first row alone: what `run.knn_every_epochs` logs while training."""
+    r = cfg.run
+    transform = eval_transform(cfg.data.global_crop_size, r.knn_resize_ratio)
+    return knn_row(cfg, backbone, transform, r.knn_features, datasets, device, distributed)
 
 
 def format_report(report: dict, k: int, temperature: float) -> str:
