@@ -58,6 +58,7 @@ from dinofuse.engine.models import (
 )
 from dinofuse.engine.models.vit import PATCH_EMBEDDINGS, RESIDUAL_DTYPES
 from dinofuse.engine.parallel import DeviceValue, parallelize, world
+from dinofuse.engine.run_lock import RunLock
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.kernels import DINOLoss, EMAPlan
 from dinofuse.kernels.dino_loss import CenteredDINOLoss
@@ -399,7 +400,29 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, max_steps: int = 0, progress: bool = True) -> list[StepLog]:
-        """Train to the end of the schedule (or max_steps / run.max_minutes); returns the logs."""
+        """Train to the end of the schedule (or max_steps / run.max_minutes); returns the logs.
+        The output folder is this run's alone while it trains (`engine/run_lock.py`)."""
+        lock = self._lock_output_folder()
+        try:
+            return self._fit(max_steps, progress)
+        finally:
+            lock.release()
+
+    def _lock_output_folder(self) -> RunLock:
+        """Rank 0 takes the folder's lock; every rank stops together when another run holds it."""
+        lock = RunLock(self.out)
+        holder = lock.acquire() if self.rank == 0 else None
+        if dist.is_initialized():
+            box = [holder]
+            dist.broadcast_object_list(box, src=0)
+            holder = box[0]
+        if holder is not None:
+            raise TrainingError(f"{self.out} is in use by another training run ({holder}): "
+                                f"wait for it to end or stop it, or choose another "
+                                f"run.output_dir (--output-dir)")
+        return lock
+
+    def _fit(self, max_steps: int, progress: bool) -> list[StepLog]:
         cfg = self.cfg
         main = self.rank == 0  # one process writes the logs
         self.out.mkdir(parents=True, exist_ok=True)

@@ -632,8 +632,9 @@ def test_knn_features_extracted_in_shares_come_back_whole_and_in_order(tmp_path)
             assert torch.allclose(pair[0], one[0], atol=1e-6) and torch.equal(pair[1], one[1])
 
 
-def _torchrun(args, nproc=WORLD):
-    """`torchrun --nproc_per_node=N -m dinofuse.engine.cli ARGS`: the command as users run it."""
+def _torchrun(args, nproc=WORLD, check=True):
+    """`torchrun --nproc_per_node=N -m dinofuse.engine.cli ARGS`: the command as users run it.
+    Its output, or with check=False the finished process."""
     import subprocess
     import sys
 
@@ -641,6 +642,8 @@ def _torchrun(args, nproc=WORLD):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", "-m", "dinofuse.engine.cli", *args],
                           env=env, capture_output=True, text=True, timeout=300)
+    if not check:
+        return done
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -712,6 +715,7 @@ def test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher(tmp_pat
 
     from dinofuse.engine.cli import _load_backbone, random_backbone
     from dinofuse.engine.eval.report import knn_report
+    from dinofuse.engine.run_lock import RunLock
     from test_train import TINY
 
     rng = np.random.default_rng(5)
@@ -722,10 +726,17 @@ def test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher(tmp_pat
                 Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(
                     tmp_path / folder / f"c{c}" / f"{i}.png")
     run = tmp_path / "run"
-    printed = _torchrun(["train", "--data", str(tmp_path / "train"), "--output-dir", str(run),
-                         "--quiet", *[o for o in TINY if not o.startswith("run.knn_after")],
-                         "run.knn_after_training=true", f'run.knn_val="{tmp_path / "val"}"',
-                         "run.knn_k=3", "optim.epochs=2", "run.knn_every_epochs=1"])
+    train = ["train", "--data", str(tmp_path / "train"), "--output-dir", str(run), "--quiet",
+             *[o for o in TINY if not o.startswith("run.knn_after")],
+             "run.knn_after_training=true", f'run.knn_val="{tmp_path / "val"}"', "run.knn_k=3",
+             "optim.epochs=2", "run.knn_every_epochs=1"]
+    held = RunLock(run)  # another run training there: both ranks stop at once, in one line
+    assert held.acquire() is None
+    refused = _torchrun([*train, "run.collective_timeout_s=30"], check=False)
+    held.release()
+    assert refused.returncode != 0
+    assert refused.stderr.count("is in use by another training run (pid ") == 2, refused.stderr[-2000:]
+    printed = _torchrun(train)
     assert printed.count("k-NN (k=3") == 1 and printed.count(" steps to step ") == 1
     # the checkpoint named is the sharded one the run wrote
     assert f"checkpoint {run / 'checkpoints' / 'step_00000004'}\n" in printed

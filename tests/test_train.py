@@ -703,3 +703,45 @@ def test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was(image_f
         Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(flat / f"{i}.png")
     with pytest.raises(TrainingError, match="run.knn_every_epochs needs query images"):
         Trainer(make_cfg(flat, tmp_path / "x", "run.knn_every_epochs=1"))
+
+
+def test_one_training_run_at_a_time_per_output_folder(image_folder, tmp_path, reference_path):
+    """While another run trains in the folder (its flock held: here by a second open file,
+    as another process would), fit stops in one line naming the holder and saves nothing;
+    the lock is free again after a fit, and after a process that held it is killed."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from dinofuse.engine.run_lock import RunLock
+
+    cfg = make_cfg(image_folder, tmp_path)
+    holder = RunLock(cfg.run.output_dir)
+    assert holder.acquire() is None
+    with pytest.raises(TrainingError, match=rf"run is in use by another training run \(pid "
+                                            rf"{os.getpid()} on .*\): wait for it"):
+        Trainer(cfg).fit(max_steps=1, progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pth").exists()
+    holder.release()
+    Trainer(cfg).fit(max_steps=1, progress=False)
+    after = RunLock(cfg.run.output_dir)
+    assert after.acquire() is None  # fit let it go
+    after.release()
+
+    held = tmp_path / "held"
+    code = ("import sys, time; from dinofuse.engine.run_lock import RunLock; "
+            "assert RunLock(sys.argv[1]).acquire() is None; print('held', flush=True); "
+            "time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", code, str(held)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        assert RunLock(held).acquire().startswith(f"pid {other.pid} on ")
+    finally:
+        other.send_signal(signal.SIGKILL)
+        other.wait()
+    time.sleep(0.1)
+    freed = RunLock(held)
+    assert freed.acquire() is None  # the kernel dropped it with the process
+    freed.release()
