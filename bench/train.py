@@ -152,7 +152,7 @@ def matmul_peak_tflops(device: torch.device) -> dict:
 def _device(args) -> torch.device:
     from dinofuse.engine.train import pick_device
 
-    return pick_device(args.device)
+    return pick_device(args.device, "--device")
 
 
 def _sync(device: torch.device) -> None:

@@ -190,13 +190,13 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
                              f"{', '.join('--' + n for n in given or ['dump_features'])}")
         if init_distributed()[0] != 0:
             return None
-        device = pick_device(args.device)  # the vote on the device, as after an extraction
+        device = pick_device(args.device, "--device")  # the vote on the device, as after an extraction
         return {k: v.to(device) for k, v in load_features(args.load_features).items()}
     missing = [f"--{name}" for name in ("checkpoint", "train", "val") if name not in given]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or --load-features DIR)")
     rank, _ = init_distributed()  # under torchrun: each process extracts a share
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
     transform = eval_transform(args.crop or cfg.data.global_crop_size, args.resize_ratio)
     options = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers,
@@ -251,7 +251,7 @@ def _linear(args) -> None:
     if args.output_dir and saved.is_file() and not (args.resume or args.evaluate):
         raise ValueError(f"{saved} exists: pass --resume to continue it, or another --output-dir")
     rank, _ = init_distributed()  # under torchrun: each process a share of every batch
-    device = pick_device(args.device)
+    device = pick_device(args.device, "--device")
     backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
     if args.random_init:  # the baseline row: the same network, untrained
         backbone = random_backbone(cfg, device).eval()
@@ -286,7 +286,7 @@ def _attention_maps(args) -> None:
 
     from dinofuse.engine.eval.attention_maps import cls_attention, save_attention_maps
 
-    backbone, cfg = _load_backbone(args.checkpoint, pick_device(args.device), args.arch,
+    backbone, cfg = _load_backbone(args.checkpoint, pick_device(args.device, "--device"), args.arch,
                                    args.which)
     path = Path(args.image)
     if not path.is_file():

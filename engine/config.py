@@ -158,6 +158,12 @@ NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 POSITIVE = (lambda v: v > 0, "> 0")
 FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 CROP_SCALE = (lambda v: 0 < v[0] <= v[1] <= 1, "[low, high] with 0 < low <= high <= 1")
+
+
+def one_of(*choices: str) -> tuple:
+    """A rule for a text field with fixed choices (a typo would otherwise fall to a default
+    branch and train silently with something else)."""
+    return (lambda v: v in choices, "one of " + ", ".join(choices))
 RADIUS_RANGE = (lambda v: 0 <= v[0] <= v[1], "[low, high] with 0 <= low <= high")
 _RULES = {
     "model": dict(patch_size=AT_LEAST_1, img_size=AT_LEAST_1, in_chans=AT_LEAST_1,
@@ -175,13 +181,14 @@ _RULES = {
                   clip_grad=NON_NEGATIVE, freeze_last_layer=NON_NEGATIVE,
                   warmup_teacher_temp=POSITIVE, teacher_temp=POSITIVE,
                   warmup_teacher_temp_epochs=NON_NEGATIVE, student_temp=POSITIVE,
-                  center_momentum=FRACTION),
+                  center_momentum=FRACTION, precision=one_of("auto", "bf16", "fp16", "fp32"),
+                clip_mode=one_of("per_param", "global")),
     "impl": dict(checkpoint_blocks=(lambda v: v >= -1,
                                     "a block count >= 0, or -1 for every block")),
     "run": dict(cpu_threads=NON_NEGATIVE, max_minutes=NON_NEGATIVE,
                 save_every_steps=NON_NEGATIVE, keep_checkpoints=AT_LEAST_1,
                 collective_timeout_s=POSITIVE, log_every_steps=AT_LEAST_1, knn_k=AT_LEAST_1,
-                knn_every_epochs=NON_NEGATIVE,
+                knn_every_epochs=NON_NEGATIVE, knn_features=one_of("cls", "cls+avgpool"),
                 knn_temperature=POSITIVE, knn_resize_ratio=POSITIVE),
 }
 

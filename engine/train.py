@@ -74,10 +74,19 @@ IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
                 "patch_embedding": PATCH_EMBEDDINGS, "residual_dtype": RESIDUAL_DTYPES}
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, field: str = "run.device") -> torch.device:
+    """The device `name` says ("auto": CUDA when there is one); a name that is no device, or
+    a CUDA device this machine lacks, is an error naming `field`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{field} must be auto, cpu, cuda or cuda:N; got {name!r}") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{field}={name!r}, but torch sees {torch.cuda.device_count()} CUDA "
+                         f"device(s) here; use \"auto\" or \"cpu\"")
+    return device
 
 
 def check_fresh_start(out: Path) -> None:

@@ -951,6 +951,25 @@ BUGS = [
         """        finally:
             pass""",
         ['test_train.py::test_one_training_run_at_a_time_per_output_folder']),
+    # fields with fixed choices, and devices, named in one line
+    Bug('engine/train.py',
+        'if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():',
+        'if False:',
+        ['test_cli.py::test_bad_input_gets_one_line']),
+    Bug('engine/train.py',
+        """    except RuntimeError:
+        raise ValueError(f"{field} must be auto, cpu, cuda or cuda:N; got {name!r}") from None""",
+        """    except ValueError:
+        raise ValueError(f"{field} must be auto, cpu, cuda or cuda:N; got {name!r}") from None""",
+        ['test_cli.py::test_bad_input_gets_one_line']),
+    Bug('engine/config.py',
+        'center_momentum=FRACTION, precision=one_of("auto", "bf16", "fp16", "fp32"),',
+        'center_momentum=FRACTION,',
+        ['test_cli.py::test_bad_input_gets_one_line']),
+    Bug('engine/config.py',
+        'clip_mode=one_of("per_param", "global")),',
+        '),',
+        ['test_cli.py::test_bad_input_gets_one_line']),
 ]
 
 
