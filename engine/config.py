@@ -189,6 +189,7 @@ _RULES = {
                 save_every_steps=NON_NEGATIVE, keep_checkpoints=AT_LEAST_1,
                 collective_timeout_s=POSITIVE, log_every_steps=AT_LEAST_1, knn_k=AT_LEAST_1,
                 knn_every_epochs=NON_NEGATIVE, knn_features=one_of("cls", "cls+avgpool"),
+                checkpoint_format=one_of("auto", "sharded", "file"),
                 knn_temperature=POSITIVE, knn_resize_ratio=POSITIVE),
 }
 

@@ -536,9 +536,7 @@ class Trainer:
         return path if path.is_file() else None
 
     def _sharded_saves(self) -> bool:
-        fmt = self.cfg.run.checkpoint_format
-        if fmt not in ("auto", "sharded", "file"):
-            raise ValueError(f"run.checkpoint_format must be auto, sharded or file; got {fmt!r}")
+        fmt = self.cfg.run.checkpoint_format  # one of these three (engine/config.py's rules)
         return fmt == "sharded" or (fmt == "auto" and self.sharded)
 
     def _extra_state(self) -> dict:

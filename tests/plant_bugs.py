@@ -970,6 +970,10 @@ BUGS = [
         'clip_mode=one_of("per_param", "global")),',
         '),',
         ['test_cli.py::test_bad_input_gets_one_line']),
+    Bug('engine/config.py',
+        'checkpoint_format=one_of("auto", "sharded", "file"),',
+        '',
+        ['test_cli.py::test_bad_input_gets_one_line']),
 ]
 
 
