@@ -104,9 +104,15 @@ def _train(args) -> None:
 
         # under torchrun every rank extracts a share of the features, with its own copy of
         # the (otherwise sharded) teacher
-        report = knn_report(cfg, trainer.eval_backbone(), random_backbone(cfg, trainer.device),
-                            trainer.device, distributed=world > 1)
-        if rank != 0:
+        try:
+            report = knn_report(cfg, trainer.eval_backbone(),
+                                random_backbone(cfg, trainer.device), trainer.device,
+                                distributed=world > 1)
+        except DataError as e:  # the training is done and saved: say why, do not fail
+            report = None
+            if rank == 0:
+                print(f"k-NN skipped: {e}")
+        if rank != 0 or report is None:
             return
         if report:
             (trainer.out / "knn.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -180,7 +186,12 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
     """The memory's and the queries' features and labels (None on ranks other than 0):
     extracted (under torchrun each process a share), or read from --load-features."""
     from dinofuse.dataloading.readers import open_images
-    from dinofuse.engine.eval.knn import dump_features, extract_features, load_features
+    from dinofuse.engine.eval.knn import (
+        dump_features,
+        extract_features,
+        labels_problem,
+        load_features,
+    )
     from dinofuse.engine.eval.report import eval_transform
 
     given = [name for name in ("checkpoint", "train", "val") if getattr(args, name)]
@@ -197,14 +208,19 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
         raise ValueError(f"{', '.join(missing)} required (or --load-features DIR)")
     rank, _ = init_distributed()  # under torchrun: each process extracts a share
     device = pick_device(args.device, "--device")
+    sets = {split: open_images(folder, split)
+            for split, folder in (("train", args.train), ("test", args.val))}
+    problem = labels_problem(sets["train"], sets["test"])
+    if problem is not None:
+        raise DataError(f"--train {args.train} and --val {args.val}: {problem}")
     backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
     transform = eval_transform(args.crop or cfg.data.global_crop_size, args.resize_ratio)
     options = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers,
                    distributed=True, precision=args.precision)
     features = {}
-    for split, folder in (("train", args.train), ("test", args.val)):
+    for split, images in sets.items():
         features[f"{split}_features"], features[f"{split}_labels"] = extract_features(
-            backbone, open_images(folder, split), transform, device, **options)
+            backbone, images, transform, device, **options)
     if rank != 0:  # the vote needs no second copy
         return None
     if args.dump_features:

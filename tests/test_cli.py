@@ -102,6 +102,12 @@ def test_knn_attention_maps_and_export(trained, folder, tmp_path, capsys):
                    'optim.clip_mode="norm"'], "optim.clip_mode must be one of per_param, global"),
     (lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "o"), *TINY,
                    'run.knn_features="avgpool"'], "run.knn_features must be one of cls, cls"),
+    (lambda d, t: ["knn", "--checkpoint", "c.pth", "--train", str(d), "--val", str(t / "empty")],
+     "no images .* in .*empty"),
+    (lambda d, t: ["knn", "--checkpoint", "c.pth", "--train", str(d / "c0"), "--val", str(d)],
+     "--train .*c0 and --val .*: the two image sets have different classes \\(1: \\['c0'\\]"),
+    (lambda d, t: ["knn", "--checkpoint", "c.pth", "--train", str(d / "c0"), "--val",
+                   str(d / "c0")], "labelled images are needed: at least two classes"),
     (lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "o"), *TINY,
                    'run.checkpoint_format="dcp"'],
      "run.checkpoint_format must be one of auto, sharded, file; got 'dcp'"),
@@ -459,3 +465,16 @@ def test_a_fresh_start_over_a_run_is_refused_before_any_trial(trained, folder, m
     err = capsys.readouterr().err
     assert "holds a checkpoint of an earlier run: pass --resume (or --auto-resume)" in err
     assert (trained / "checkpoint.pth").read_bytes() == digest
+
+
+def test_the_report_after_training_is_skipped_with_the_reason_when_labels_differ(folder, tmp_path,
+                                                                                 capsys):
+    """Trained on a flat (unlabelled) folder with labelled queries: the report's memory holds
+    one class, so its figures would mean nothing; the run ends normally and says why."""
+    overrides = [o for o in TINY if not o.startswith("run.knn_after_training")]
+    assert main(["train", "--data", str(folder / "c0"), "--output-dir", str(tmp_path / "run"),
+                 "--quiet", "--max-steps", "1", f'run.knn_val="{folder}"', *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert ("k-NN skipped: k-NN of data.path against run.knn_val: the two image sets have "
+            "different classes") in printed
+    assert not (tmp_path / "run" / "knn.json").exists()

@@ -39,6 +39,20 @@ def forward_precision(device, precision: str):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def labels_problem(memory, queries) -> str | None:
+    """Why labels of these two sets (memory and queries, or training and validation images)
+    cannot be compared, or None: different class lists (the same index would name other
+    classes), or fewer than two classes (a flat folder of images holds one)."""
+    train, val = getattr(memory, "classes", None), getattr(queries, "classes", None)
+    if train is not None and val is not None and list(train) != list(val):
+        return (f"the two image sets have different classes ({len(train)}: {list(train)[:5]}... "
+                f"and {len(val)}: {list(val)[:5]}...): their labels would not mean the same class")
+    if train is None or len(train) < 2:
+        return ("labelled images are needed: at least two classes (an ImageFolder layout, one "
+                "subfolder per class)")
+    return None
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images, transform, device, batch_size: int = 256,
                      mode: str = "cls", num_workers: int = 0, distributed: bool = False,

@@ -36,7 +36,12 @@ from torchvision import transforms as T
 from dinofuse.dataloading.readers import DataError
 from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD
 from dinofuse.engine.checkpoint import CheckpointError, load_file, save_atomic
-from dinofuse.engine.eval.knn import EVAL_PRECISIONS, Transformed, forward_precision
+from dinofuse.engine.eval.knn import (
+    EVAL_PRECISIONS,
+    Transformed,
+    forward_precision,
+    labels_problem,
+)
 from dinofuse.engine.eval.report import eval_transform
 from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
 
@@ -120,17 +125,11 @@ def train_transform(crop: int):
 
 
 def class_names(train_images, val_images) -> list:
-    """The classes both sets share, by index; an error when their class lists differ (the
-    labels would mean different classes)."""
-    train, val = getattr(train_images, "classes", None), getattr(val_images, "classes", None)
-    if train is not None and val is not None and list(train) != list(val):
-        raise DataError(f"the training and validation images have different classes "
-                        f"({len(train)}: {list(train)[:5]}... and {len(val)}: {list(val)[:5]}...): "
-                        f"their labels would not mean the same class")
-    if train is None or len(train) < 2:
-        raise DataError("linear evaluation needs labelled training images: at least two "
-                        "classes (an ImageFolder layout, one subfolder per class)")
-    return list(train)
+    """The classes both sets share, by index; an error when their labels cannot be compared."""
+    problem = labels_problem(train_images, val_images)
+    if problem is not None:
+        raise DataError(f"linear evaluation: {problem}")
+    return list(train_images.classes)
 
 
 def epoch_steps(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):

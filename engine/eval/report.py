@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
-from dinofuse.dataloading.readers import fashion_mnist_root, open_images
+from dinofuse.dataloading.readers import DataError, fashion_mnist_root, open_images
 from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD
 from dinofuse.engine.config import Config
-from dinofuse.engine.eval.knn import extract_features, knn_classify
+from dinofuse.engine.eval.knn import extract_features, knn_classify, labels_problem
 
 
 def eval_transform(crop: int, resize_ratio: float, normalize: bool = True):
@@ -20,12 +20,18 @@ def eval_transform(crop: int, resize_ratio: float, normalize: bool = True):
 
 
 def knn_datasets(cfg: Config):
-    """(memory, queries) or None when there is no query set to evaluate on."""
+    """(memory, queries) or None when there is no query set to evaluate on; a DataError when
+    their labels cannot be compared (a flat, unlabelled training folder, say)."""
     if cfg.run.knn_val:
-        return open_images(cfg.data.path, "train"), open_images(cfg.run.knn_val, "test")
-    if fashion_mnist_root(cfg.data.path) is not None:  # its test split holds the queries
-        return open_images(cfg.data.path, "train"), open_images(cfg.data.path, "test")
-    return None
+        sets = open_images(cfg.data.path, "train"), open_images(cfg.run.knn_val, "test")
+    elif fashion_mnist_root(cfg.data.path) is not None:  # its test split holds the queries
+        sets = open_images(cfg.data.path, "train"), open_images(cfg.data.path, "test")
+    else:
+        return None
+    problem = labels_problem(*sets)
+    if problem is not None:
+        raise DataError(f"k-NN of data.path against run.knn_val: {problem}")
+    return sets
 
 
 class _Flatten:
