@@ -303,11 +303,19 @@ def checkpointing_rows(spec: str | None) -> list[int]:
                          f"(e.g. all,8,6); got {spec!r}") from None
 
 
+def _planned_device_type(args) -> str:
+    """--device's type, for planning the rows: no such device is needed to plan them (it is
+    checked where the rows run)."""
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(args.device).type
+
+
 def variants(args) -> list[Variant]:
     """The rows to run, torch.compile ones last (slow to warm up: a time limit cuts them)."""
     ours = dict(DINOFUSE)
-    device = _device(args)
-    if device.type == "cpu":
+    device_type = _planned_device_type(args)
+    if device_type == "cpu":
         ours["optim.precision"] = "fp32"  # bf16 matmul is ~50x slower than fp32 on CPUs
     out, compiled = [], []
     if args.baseline or args.ablation:
@@ -320,7 +328,7 @@ def variants(args) -> list[Variant]:
             elif args.compile:
                 compiled.append(row)
     out.append(Variant("dinofuse", ours, "dinofuse"))
-    graphed = device.type == "cuda"  # the CPU runs the graph's step eagerly: nothing to compare
+    graphed = device_type == "cuda"  # the CPU runs the graph's step eagerly: nothing to compare
     best = {**ours, "impl.cuda_graph": True, "model.packed": True, "impl.residual_dtype": "autocast"}
     if args.ablation:
         out.append(Variant("dinofuse + packed crops", {**ours, "model.packed": True}))
