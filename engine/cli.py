@@ -194,16 +194,17 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
     )
     from dinofuse.engine.eval.report import eval_transform
 
-    given = [name for name in ("checkpoint", "train", "val") if getattr(args, name)]
+    sources = ("checkpoint", "train", "val")
+    given = [name for name in sources if getattr(args, name)]
     if args.load_features:
         if given or args.dump_features:
             raise ValueError(f"--load-features replaces --checkpoint, --train and --val; got "
                              f"{', '.join('--' + n for n in given or ['dump_features'])}")
         if init_distributed()[0] != 0:
             return None
-        device = pick_device(args.device, "--device")  # the vote on the device, as after an extraction
+        device = pick_device(args.device, "--device")  # the vote there, as after extracting
         return {k: v.to(device) for k, v in load_features(args.load_features).items()}
-    missing = [f"--{name}" for name in ("checkpoint", "train", "val") if name not in given]
+    missing = [f"--{name}" for name in sources if name not in given]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or --load-features DIR)")
     rank, _ = init_distributed()  # under torchrun: each process extracts a share
@@ -302,8 +303,8 @@ def _attention_maps(args) -> None:
 
     from dinofuse.engine.eval.attention_maps import cls_attention, save_attention_maps
 
-    backbone, cfg = _load_backbone(args.checkpoint, pick_device(args.device, "--device"), args.arch,
-                                   args.which)
+    backbone, cfg = _load_backbone(args.checkpoint, pick_device(args.device, "--device"),
+                                   args.arch, args.which)
     path = Path(args.image)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
@@ -384,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--batch-size", type=POSITIVE_INT_ARG, default=256)
     knn.add_argument("--workers", type=COUNT_ARG, default=min(8, os.cpu_count() or 1),
                      help="processes decoding and resizing images beside the forward passes")
-    knn.add_argument("--precision", default="fp32", choices=EVAL_PRECISIONS, help=PRECISION_HELP)
+    knn.add_argument("--precision", default="fp32", choices=EVAL_PRECISIONS,
+                     help=PRECISION_HELP)
     knn.add_argument("--device", default="auto")
     knn.add_argument("--arch", help=ARCH_HELP)
     knn.add_argument("--which", default="teacher", choices=CHECKPOINT_MODELS,
