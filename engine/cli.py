@@ -100,25 +100,31 @@ def _train(args) -> None:
         print(f"trained {len(logs)} steps to step {trainer.step}; loss {logs[0].loss:.4f} -> "
               f"{logs[-1].loss:.4f}; checkpoint {trainer.last_save()}")
     if cfg.run.knn_after_training:
-        from dinofuse.engine.eval.report import format_report, knn_report
+        _report_after_training(cfg, trainer, rank, world)
 
-        # under torchrun every rank extracts a share of the features, with its own copy of
-        # the (otherwise sharded) teacher
-        try:
-            report = knn_report(cfg, trainer.eval_backbone(),
-                                random_backbone(cfg, trainer.device), trainer.device,
-                                distributed=world > 1)
-        except DataError as e:  # the training is done and saved: say why, do not fail
-            report = None
-            if rank == 0:
-                print(f"k-NN skipped: {e}")
-        if rank != 0 or report is None:
-            return
-        if report:
-            (trainer.out / "knn.json").write_text(json.dumps(report, indent=1) + "\n")
-            print(format_report(report, cfg.run.knn_k, cfg.run.knn_temperature))
-        else:
-            print("k-NN skipped: no query images (set run.knn_val=DIR)")
+
+def _report_after_training(cfg: Config, trainer: Trainer, rank: int, world: int) -> None:
+    """The k-NN report of the trained teacher, a random network and raw pixels; skipped with
+    the reason (the training is done and saved) when there is nothing to compare."""
+    from dinofuse.engine.eval.report import format_report, knn_datasets, knn_report
+
+    try:
+        datasets = knn_datasets(cfg)
+    except DataError as e:
+        datasets, reason = None, str(e)
+    else:
+        reason = "no query images (set run.knn_val=DIR)"
+    if datasets is None:  # before the teacher is gathered: nothing to evaluate it on
+        if rank == 0:
+            print(f"k-NN skipped: {reason}")
+        return
+    # under torchrun every rank extracts a share of the features, with its own copy of the
+    # (otherwise sharded) teacher
+    report = knn_report(cfg, trainer.eval_backbone(), random_backbone(cfg, trainer.device),
+                        trainer.device, distributed=world > 1, datasets=datasets)
+    if rank == 0:
+        (trainer.out / "knn.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(format_report(report, cfg.run.knn_k, cfg.run.knn_temperature))
 
 
 def random_backbone(cfg: Config, device) -> torch.nn.Module:

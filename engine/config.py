@@ -158,13 +158,15 @@ NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 POSITIVE = (lambda v: v > 0, "> 0")
 FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 CROP_SCALE = (lambda v: 0 < v[0] <= v[1] <= 1, "[low, high] with 0 < low <= high <= 1")
+RADIUS_RANGE = (lambda v: 0 <= v[0] <= v[1], "[low, high] with 0 <= low <= high")
 
 
 def one_of(*choices: str) -> tuple:
     """A rule for a text field with fixed choices (a typo would otherwise fall to a default
     branch and train silently with something else)."""
     return (lambda v: v in choices, "one of " + ", ".join(choices))
-RADIUS_RANGE = (lambda v: 0 <= v[0] <= v[1], "[low, high] with 0 <= low <= high")
+
+
 _RULES = {
     "model": dict(patch_size=AT_LEAST_1, img_size=AT_LEAST_1, in_chans=AT_LEAST_1,
                   embed_dim=NON_NEGATIVE, depth=NON_NEGATIVE, num_heads=NON_NEGATIVE,
@@ -182,7 +184,7 @@ _RULES = {
                   warmup_teacher_temp=POSITIVE, teacher_temp=POSITIVE,
                   warmup_teacher_temp_epochs=NON_NEGATIVE, student_temp=POSITIVE,
                   center_momentum=FRACTION, precision=one_of("auto", "bf16", "fp16", "fp32"),
-                clip_mode=one_of("per_param", "global")),
+                  clip_mode=one_of("per_param", "global")),
     "impl": dict(checkpoint_blocks=(lambda v: v >= -1,
                                     "a block count >= 0, or -1 for every block")),
     "run": dict(cpu_threads=NON_NEGATIVE, max_minutes=NON_NEGATIVE,

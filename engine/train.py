@@ -492,7 +492,7 @@ class Trainer:
         if not r.knn_every_epochs or epoch % r.knn_every_epochs or self.stopping \
                 or (last and r.knn_after_training):
             return
-        from dinofuse.engine.eval.report import teacher_knn
+        from dinofuse.engine.eval.report import network_knn
 
         backbone = self.eval_backbone()
         mode = backbone.training  # unsharded, it is the teacher's own: left as it was
@@ -501,7 +501,7 @@ class Trainer:
         states = (torch.get_rng_state(), random.getstate(),
                   torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         try:
-            acc = teacher_knn(self.cfg, backbone, self._knn_datasets, self.device,
+            acc = network_knn(self.cfg, backbone, self._knn_datasets, self.device,
                               distributed=self.world > 1)
         finally:
             backbone.train(mode)

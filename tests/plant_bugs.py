@@ -606,12 +606,12 @@ BUGS = [
         ['test_cli.py', 'test_train.py', 'test_knn.py']),
     # round nine (fifteenth session): the k-NN report's rows, the head's options
     Bug('engine/eval/report.py',
-        'eval_transform(crop, r.knn_resize_ratio, normalize=False), "cls")',
-        'eval_transform(crop, r.knn_resize_ratio), "cls")',
+        'eval_transform(cfg.data.global_crop_size, cfg.run.knn_resize_ratio, normalize=False)',
+        'eval_transform(cfg.data.global_crop_size, cfg.run.knn_resize_ratio)',
         ['test_knn.py']),
     Bug('engine/eval/report.py',
-        '"random init": (random_backbone,',
-        '"random init": (teacher_backbone,',
+        '"random init": network_knn(cfg, random_backbone,',
+        '"random init": network_knn(cfg, teacher_backbone,',
         ['test_knn.py']),
     Bug('engine/eval/report.py',
         'temperature=cfg.run.knn_temperature)',
@@ -850,8 +850,10 @@ BUGS = [
         'backbone.load_state_dict({k.removeprefix("backbone."): v * 1.001 for k, v in full.items()',
         ['test_distributed.py::test_sharded_checkpoint_saved_by_two_resumes_under_one_and_two']),
     Bug('engine/cli.py',
-        'if rank != 0 or report is None:',
-        'if report is None:',
+        '''    if rank == 0:
+        (trainer.out / "knn.json")''',
+        '''    if True:
+        (trainer.out / "knn.json")''',
         ['test_distributed.py::test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher']),
     Bug('engine/cli.py',
         'if logs and rank == 0:',
@@ -986,8 +988,10 @@ BUGS = [
         'problem = None',
         ['test_cli.py::test_the_report_after_training_is_skipped_with_the_reason_when_labels_differ']),
     Bug('engine/cli.py',
-        'except DataError as e:  # the training is done and saved: say why, do not fail',
-        'except KeyError as e:  # the training is done and saved: say why, do not fail',
+        '''    except DataError as e:
+        datasets, reason = None, str(e)''',
+        '''    except KeyError as e:
+        datasets, reason = None, str(e)''',
         ['test_cli.py::test_the_report_after_training_is_skipped_with_the_reason_when_labels_differ']),
     Bug('bench/train.py',
         'device_type = _planned_device_type(args)',

@@ -674,7 +674,7 @@ def test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was(image_f
     (the evaluation leaves the random generators and the teacher's mode as they were)."""
     import json
 
-    from dinofuse.engine.eval.report import knn_datasets, teacher_knn
+    from dinofuse.engine.eval.report import knn_datasets, network_knn
 
     rng = np.random.default_rng(3)
     queries = tmp_path / "queries"
@@ -694,7 +694,7 @@ def test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was(image_f
     assert trainer.teacher.backbone.training
     records = [json.loads(line) for line in (trainer.out / "knn_log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"]) for r in records] == [(10, 1), (20, 2)]
-    last = teacher_knn(cfg, trainer.teacher.backbone, knn_datasets(cfg), "cpu")
+    last = network_knn(cfg, trainer.teacher.backbone, knn_datasets(cfg), "cpu")
     assert (records[-1]["knn_top1"], records[-1]["knn_top5"]) == (last["top1"], last["top5"])
     assert 0 < records[-1]["knn_top1"] < 100
     flat = tmp_path / "flat"  # no labels, no query set

@@ -8,12 +8,11 @@ similarity matrix never exceeds chunk x memory (ImageNet's 1.28M memory fits on 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from pathlib import Path
 
 from dinofuse.dataloading.readers import DataError
 from dinofuse.engine.checkpoint import save_atomic
@@ -22,7 +21,6 @@ from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
 # the official eval_knn.py's --dump_features/--load_features files: one bare tensor each
 FEATURE_FILES = {"train_features": "trainfeat.pth", "test_features": "testfeat.pth",
                  "train_labels": "trainlabels.pth", "test_labels": "testlabels.pth"}
-
 
 EVAL_PRECISIONS = ("fp32", "bf16", "fp16")
 

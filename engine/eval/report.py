@@ -45,19 +45,17 @@ class _Flatten:
 
 
 def knn_report(cfg: Config, teacher_backbone, random_backbone, device,
-               distributed: bool = False) -> dict:
-    """The three rows' top-1/top-5; with `distributed`, every rank of the process group
-    extracts a share of the features (all must call, each with a backbone of its own)."""
-    datasets = knn_datasets(cfg)
+               distributed: bool = False, datasets=None) -> dict:
+    """The three rows' top-1/top-5 on `datasets` (default: `knn_datasets(cfg)`); with
+    `distributed`, every rank of the process group extracts a share of the features (all
+    must call, each with a backbone of its own)."""
+    datasets = datasets if datasets is not None else knn_datasets(cfg)
     if datasets is None:
         return {}
-    r = cfg.run
-    crop = cfg.data.global_crop_size
-    models = {"trained teacher": (teacher_backbone, eval_transform(crop, r.knn_resize_ratio), r.knn_features),
-              "random init": (random_backbone, eval_transform(crop, r.knn_resize_ratio), r.knn_features),
-              "raw pixels": (_Flatten(), eval_transform(crop, r.knn_resize_ratio, normalize=False), "cls")}
-    return {name: knn_row(cfg, backbone, transform, mode, datasets, device, distributed)
-            for name, (backbone, transform, mode) in models.items()}
+    pixels = eval_transform(cfg.data.global_crop_size, cfg.run.knn_resize_ratio, normalize=False)
+    return {"trained teacher": network_knn(cfg, teacher_backbone, datasets, device, distributed),
+            "random init": network_knn(cfg, random_backbone, datasets, device, distributed),
+            "raw pixels": knn_row(cfg, _Flatten(), pixels, "cls", datasets, device, distributed)}
 
 
 def knn_row(cfg: Config, backbone, transform, mode: str, datasets, device,
@@ -71,8 +69,9 @@ def knn_row(cfg: Config, backbone, transform, mode: str, datasets, device,
                         temperature=cfg.run.knn_temperature)
 
 
-def teacher_knn(cfg: Config, backbone, datasets, device, distributed: bool = False) -> dict:
-    """The report's first row alone: what `run.knn_every_epochs` logs while training."""
+def network_knn(cfg: Config, backbone, datasets, device, distributed: bool = False) -> dict:
+    """A network's row with the run's crops and features (the teacher's and the random
+    network's; alone, what `run.knn_every_epochs` logs while training)."""
     r = cfg.run
     transform = eval_transform(cfg.data.global_crop_size, r.knn_resize_ratio)
     return knn_row(cfg, backbone, transform, r.knn_features, datasets, device, distributed)
