@@ -209,6 +209,7 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
         if init_distributed()[0] != 0:
             return None
         device = pick_device(args.device, "--device")  # the vote there, as after extracting
+        _knn_protocol(args, Config().run)
         return {k: v.to(device) for k, v in load_features(args.load_features).items()}
     missing = [f"--{name}" for name in sources if name not in given]
     if missing:
@@ -221,7 +222,13 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
     if problem is not None:
         raise DataError(f"--train {args.train} and --val {args.val}: {problem}")
     backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
-    transform = eval_transform(args.crop or cfg.data.global_crop_size, args.resize_ratio)
+    crop = args.crop or cfg.data.global_crop_size
+    _knn_protocol(args, cfg.run)
+    if rank == 0:
+        print(f"k-NN of {args.checkpoint} ({args.which}): {args.features} features of "
+              f"{crop}-px center crops (short side resized to {round(crop * args.resize_ratio)}), "
+              f"T={args.temperature:g}", flush=True)
+    transform = eval_transform(crop, args.resize_ratio)
     options = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers,
                    distributed=True, precision=args.precision)
     features = {}
@@ -234,6 +241,16 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
         dump_features(args.dump_features, features)
         print(f"wrote the features and labels to {args.dump_features}")
     return features
+
+
+def _knn_protocol(args, run) -> None:
+    """Fills the features, resize ratio and temperature not given on the command line from
+    the run's config, so `dinofuse knn` repeats the report after training (official
+    checkpoints get the official protocol: Config's defaults)."""
+    for arg, field in (("features", "knn_features"), ("resize_ratio", "knn_resize_ratio"),
+                       ("temperature", "knn_temperature")):
+        if getattr(args, arg) is None:
+            setattr(args, arg, getattr(run, field))
 
 
 def _knn(args) -> None:
@@ -384,10 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--load-features", metavar="DIR", help="vote on saved features (ours or "
                      "the official dump) instead of --checkpoint, --train and --val")
     knn.add_argument("--k", type=POSITIVE_INT_ARG, nargs="+", default=[10, 20, 100, 200])
-    knn.add_argument("--temperature", type=POSITIVE_FLOAT_ARG, default=0.07)
-    knn.add_argument("--features", default="cls", choices=["cls", "cls+avgpool"])
+    # these three default to the checkpoint's run.knn_* (official checkpoints: the official
+    # cls, 256/224, 0.07), so the command repeats the report printed after training
+    knn.add_argument("--temperature", type=POSITIVE_FLOAT_ARG,
+                     help="default: the run's run.knn_temperature (official: 0.07)")
+    knn.add_argument("--features", choices=["cls", "cls+avgpool"],
+                     help="default: the run's run.knn_features (official: cls)")
     knn.add_argument("--crop", type=COUNT_ARG, default=0, help="default: the global crop size")
-    knn.add_argument("--resize-ratio", type=POSITIVE_FLOAT_ARG, default=256 / 224)
+    knn.add_argument("--resize-ratio", type=POSITIVE_FLOAT_ARG,
+                     help="default: the run's run.knn_resize_ratio (official: 256/224)")
     knn.add_argument("--batch-size", type=POSITIVE_INT_ARG, default=256)
     knn.add_argument("--workers", type=COUNT_ARG, default=min(8, os.cpu_count() or 1),
                      help="processes decoding and resizing images beside the forward passes")

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from dinofuse.engine.cli import main
+from dinofuse.engine.eval.knn import extract_features
 from test_train import TINY
 
 
@@ -29,7 +30,8 @@ def trained(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     overrides = [o for o in TINY if not o.startswith("run.knn_after_training")]
     assert main(["train", "--data", str(folder), "--output-dir", str(out), "--quiet",
-                 f'run.knn_val="{folder}"', "run.knn_k=3", *overrides]) == 0
+                 f'run.knn_val="{folder}"', "run.knn_k=3", "run.knn_temperature=0.5",
+                 *overrides]) == 0
     return out
 
 
@@ -378,12 +380,13 @@ def test_knn_features_dump_and_load_as_the_official_files(trained, folder, tmp_p
     assert main(["knn", "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder),
                  "--val", str(queries), "--k", "1", "5", "--workers", "0",
                  "--dump-features", str(dump)]) == 0
-    votes = [line for line in capsys.readouterr().out.splitlines() if "-NN" in line]
+    votes = [line for line in capsys.readouterr().out.splitlines() if "-NN: " in line]
     assert len(votes) == 2 and votes[0] != votes[1].replace("5-NN", "1-NN")
     assert {p.name for p in dump.iterdir()} == {"trainfeat.pth", "testfeat.pth",
                                                 "trainlabels.pth", "testlabels.pth"}
     saved = {p.stem: torch.load(p, weights_only=True) for p in dump.iterdir()}
-    assert saved["trainfeat"].shape == (16, 32) and saved["testfeat"].shape == (6, 32)
+    # the run's run.knn_features, cls+avgpool: twice the width
+    assert saved["trainfeat"].shape == (16, 64) and saved["testfeat"].shape == (6, 64)
     torch.testing.assert_close(saved["trainfeat"].norm(dim=1), torch.ones(16))
     assert torch.equal(saved["trainlabels"], torch.arange(2).repeat_interleave(8))
     assert torch.equal(saved["testlabels"], torch.arange(2).repeat_interleave(3))
@@ -391,12 +394,12 @@ def test_knn_features_dump_and_load_as_the_official_files(trained, folder, tmp_p
 
     for k, line in zip((1, 5), votes):  # the queries against the memory
         acc = knn_classify(saved["trainfeat"], saved["trainlabels"], saved["testfeat"],
-                           saved["testlabels"], k=k, temperature=0.07)
+                           saved["testlabels"], k=k, temperature=0.5)  # the run's
         assert line == f"{k}-NN: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%"
 
     def load(folder):
         assert main(["knn", "--load-features", str(folder), "--k", "1", "5"]) == 0
-        return [line for line in capsys.readouterr().out.splitlines() if "-NN" in line]
+        return [line for line in capsys.readouterr().out.splitlines() if "-NN: " in line]
 
     assert load(dump) == votes
     official = tmp_path / "official"
@@ -418,18 +421,50 @@ def test_knn_features_dump_and_load_as_the_official_files(trained, folder, tmp_p
     torch.save({"labels": saved["testlabels"]}, official / "testlabels.pth")
     assert "testlabels.pth holds a dict, not a tensor" in refused("--load-features", str(official))
     torch.save(saved["testlabels"][:5], official / "testlabels.pth")
-    assert "testfeat.pth has shape (6, 32) and testlabels.pth (5,)" in refused(
+    assert "testfeat.pth has shape (6, 64) and testlabels.pth (5,)" in refused(
         "--load-features", str(official))
     torch.save(saved["testlabels"].float(), official / "testlabels.pth")
     assert "testlabels.pth must hold class indices" in refused("--load-features", str(official))
     torch.save(saved["testlabels"], official / "testlabels.pth")
-    torch.save(saved["testfeat"][:, :31], official / "testfeat.pth")
-    assert "the memory's features are 32 wide and the queries' 31" in refused(
+    torch.save(saved["testfeat"][:, :63], official / "testfeat.pth")
+    assert "the memory's features are 64 wide and the queries' 63" in refused(
         "--load-features", str(official))
     assert "--load-features replaces --checkpoint" in refused(
         "--load-features", str(dump), "--checkpoint", str(trained / "checkpoint.pth"))
     assert "--val required (or --load-features DIR)" in refused(
         "--checkpoint", str(trained / "checkpoint.pth"), "--train", str(folder))
+
+
+def test_knn_repeats_the_report_after_training(trained, folder, tmp_path, capsys):
+    """Without --features, --resize-ratio and --temperature, `dinofuse knn` takes them from
+    the checkpoint's config (the default run's cls+avgpool and no resize; here T=0.5), so it
+    prints the figures of the report after training; each flag still overrides."""
+    from dinofuse.dataloading.readers import open_images
+    from dinofuse.engine.cli import _load_backbone
+    from dinofuse.engine.eval.report import eval_transform
+
+    checkpoint = str(trained / "checkpoint.pth")
+
+    def knn(dump, *flags):
+        assert main(["knn", "--checkpoint", checkpoint, "--train", str(folder), "--val",
+                     str(folder), "--k", "3", "--workers", "0", "--dump-features", str(dump),
+                     *flags]) == 0
+        return capsys.readouterr().out, torch.load(dump / "trainfeat.pth", weights_only=True)
+
+    printed, features = knn(tmp_path / "run")
+    assert "cls+avgpool features of 16-px center crops (short side resized to 16), T=0.5" in printed
+    report = json.loads((trained / "knn.json").read_text())["trained teacher"]
+    assert f"3-NN: top-1 {report['top1']:.2f}%, top-5 {report['top5']:.2f}%" in printed
+    teacher, _ = _load_backbone(checkpoint, "cpu")
+    expected, _ = extract_features(teacher, open_images(folder, "train"), eval_transform(16, 1.0),
+                                   "cpu", mode="cls+avgpool")
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+    printed, official = knn(tmp_path / "official", "--features", "cls", "--resize-ratio",
+                            str(256 / 224), "--temperature", "0.07")
+    assert "cls features of 16-px center crops (short side resized to 18), T=0.07" in printed
+    expected, _ = extract_features(teacher, open_images(folder, "train"),
+                                   eval_transform(16, 256 / 224), "cpu", mode="cls")
+    torch.testing.assert_close(official, expected, rtol=0, atol=1e-6)
 
 
 def test_fsdp_always_trains_on_one_process_from_the_command_line(folder, tmp_path, capsys):
