@@ -163,6 +163,27 @@ def export_backbone(state: dict, out: str | Path) -> Path:
     return save_atomic(state, out)
 
 
+def timm_call(model: ModelConfig, file: str | Path) -> str:
+    """The `timm.create_model` call that loads an exported backbone of this ViT: timm's model
+    of the same architecture and patch size (patch 16 where timm has none), with every size
+    that differs from it passed as a keyword (timm's VisionTransformer takes them)."""
+    import timm
+
+    from dinofuse.engine.models import ARCHS
+
+    sizes = {k: getattr(model, k) or v for k, v in ARCHS[model.arch].items()}
+    wanted = dict(sizes, patch_size=model.patch_size, img_size=model.img_size,
+                  in_chans=model.in_chans)
+    name = f"{model.arch}_patch{model.patch_size}_224"
+    if not timm.is_model(name):
+        name = f"{model.arch}_patch16_224"
+    named = dict(ARCHS[model.arch], patch_size=int(name.split("patch")[1].split("_")[0]),
+                 img_size=224, in_chans=3)
+    changed = "".join(f", {k}={v}" for k, v in wanted.items() if named[k] != v)
+    return (f'timm.create_model("{name}", pretrained=True, num_classes=0, '
+            f'pretrained_cfg_overlay=dict(file="{file}"){changed})')
+
+
 # --------------------------------------------------------------------------- sharded (DCP)
 # A distributed checkpoint is a folder OUTPUT_DIR/checkpoints/step_NNNNNNNN holding the
 # torch.distributed.checkpoint shards of the models and optimizer (each rank writes its

@@ -36,6 +36,7 @@ from dinofuse.engine.checkpoint import (
     model_config_for,
     read_sharded,
     run_has_checkpoint,
+    timm_call,
 )
 from dinofuse.engine.config import (
     COUNT_ARG,
@@ -342,8 +343,17 @@ def _attention_maps(args) -> None:
 
 
 def _export(args) -> None:
-    state = backbone_state(_read_checkpoint(args.checkpoint, args.which), args.which)
-    print(f"wrote {export_backbone(state, args.out)} ({len(state)} tensors)")
+    contents = _read_checkpoint(args.checkpoint, args.which)
+    state = backbone_state(contents, args.which)
+    out = export_backbone(state, args.out)
+    print(f"wrote {out} ({len(state)} tensors)")
+    try:  # how to load it: the ViT of our config, or the one official weights describe
+        model = (config_from_toml(contents["config"]).model if "config" in contents
+                 else model_config_for(state, contents))
+    except CheckpointError as e:
+        print(f"(no timm call: {e})")
+    else:
+        print(f"in timm: {timm_call(model, out)}")
 
 
 def _data_check(args) -> int:

@@ -1011,6 +1011,21 @@ BUGS = [
         '("temperature", "knn_k")):',
         ['test_cli.py::test_knn_repeats_the_report_after_training',
          'test_cli.py::test_knn_features_dump_and_load_as_the_official_files']),
+    Bug('engine/checkpoint.py',
+        'sizes = {k: getattr(model, k) or v for k, v in ARCHS[model.arch].items()}',
+        'sizes = dict(ARCHS[model.arch])',
+        ['test_cli.py::test_export_prints_the_timm_call_that_loads_it']),
+    Bug('engine/checkpoint.py',
+        '''    if not timm.is_model(name):
+        name = f"{model.arch}_patch16_224"''',
+        '''    if not timm.is_model(name):
+        name = f"{model.arch}_patch{model.patch_size}_224"''',
+        ['test_checkpoint.py::test_the_timm_call_names_timms_model_and_what_differs']),
+    Bug('engine/checkpoint.py',
+        '''    wanted = dict(sizes, patch_size=model.patch_size, img_size=model.img_size,
+                  in_chans=model.in_chans)''',
+        '''    wanted = dict(sizes, patch_size=model.patch_size, img_size=model.img_size)''',
+        ['test_checkpoint.py::test_the_timm_call_names_timms_model_and_what_differs']),
 ]
 
 

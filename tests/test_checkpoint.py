@@ -16,7 +16,7 @@ from dinofuse.engine.checkpoint import (
     save_atomic,
 )
 from dinofuse.engine.cli import main
-from dinofuse.engine.models import vit_small, vit_tiny
+from dinofuse.engine.models import ARCHS, vit_small, vit_tiny
 
 # the checkpoints are what these tests check: the training steps some of them take use the
 # plain-PyTorch loss and EMA (the kernels, interpreted, are tested on their own)
@@ -33,10 +33,11 @@ def official_checkpoint(model):
                **{f"module.{k}": v for k, v in head.items()}}
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
     optimizer.step()
+    arch = next(name for name, sizes in ARCHS.items() if sizes["embed_dim"] == model.embed_dim)
     return {"student": student,
             "teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, **head},
             "optimizer": optimizer.state_dict(), "epoch": 7,
-            "args": argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=5, use_fp16=True,
+            "args": argparse.Namespace(arch=arch, patch_size=16, out_dim=5, use_fp16=True,
                                        global_crops_scale=(0.4, 1.0), data_path="/data/train",
                                        lr=0.0005, saveckp_freq=20, seed=0, dist_url="env://"),
             "dino_loss": {"center": torch.zeros(1, 5)},
@@ -126,7 +127,7 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, m
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_export_loads_in_timm(tmp_path, suffix):
+def test_export_loads_in_timm(tmp_path, suffix, capsys):
     ours = vit_small().eval()
     with torch.no_grad():
         for p in ours.parameters():
@@ -136,6 +137,9 @@ def test_export_loads_in_timm(tmp_path, suffix):
     torch.save(official_checkpoint(ours), tmp_path / "official.pth")
     out_cli = tmp_path / f"teacher-cli{suffix}"
     assert main(["export", "--checkpoint", str(tmp_path / "official.pth"), "--out", str(out_cli)]) == 0
+    assert capsys.readouterr().out.endswith(  # timm's own ViT-S/16, nothing to change
+        f'in timm: timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=0, '
+        f'pretrained_cfg_overlay=dict(file="{out_cli}"))\n')
     exported, from_cli = load_file(out), load_file(out_cli)
     assert from_cli.keys() == exported.keys()
     for key, value in exported.items():
@@ -145,6 +149,22 @@ def test_export_loads_in_timm(tmp_path, suffix):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x)[:, 0], ours(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model,expected", [
+    (dict(arch="vit_small", patch_size=8), 'create_model("vit_small_patch8_224", {})'),
+    (dict(arch="vit_base", patch_size=8, img_size=480),
+     'create_model("vit_base_patch8_224", {}, img_size=480)'),
+    (dict(arch="vit_tiny", patch_size=8), 'create_model("vit_tiny_patch16_224", {}, patch_size=8)'),
+    (dict(arch="vit_small", patch_size=16, in_chans=1, depth=6),
+     'create_model("vit_small_patch16_224", {}, depth=6, in_chans=1)'),
+])
+def test_the_timm_call_names_timms_model_and_what_differs(model, expected):
+    from dinofuse.engine.checkpoint import timm_call
+    from dinofuse.engine.config import ModelConfig
+
+    options = 'pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file="t.pth")'
+    assert timm_call(ModelConfig(**model), "t.pth") == "timm." + expected.format(options)
 
 
 def _sharded_run(tmp_path, steps=3):

@@ -467,6 +467,28 @@ def test_knn_repeats_the_report_after_training(trained, folder, tmp_path, capsys
     torch.testing.assert_close(official, expected, rtol=0, atol=1e-6)
 
 
+def test_export_prints_the_timm_call_that_loads_it(trained, tmp_path, capsys):
+    """A run's own small ViT (width 32, depth 2, patch 4, 16 px) is no timm model by name:
+    the printed call names the nearest one and passes the sizes that differ; run as
+    printed, it loads the file and computes what our teacher computes."""
+    import timm
+
+    from dinofuse.engine.cli import _load_backbone
+
+    out = tmp_path / "teacher.safetensors"
+    assert main(["export", "--checkpoint", str(trained), "--out", str(out)]) == 0
+    call = capsys.readouterr().out.split("in timm: ")[1].strip()
+    assert call == (f'timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, '
+                    f'pretrained_cfg_overlay=dict(file="{out}"), embed_dim=32, depth=2, '
+                    f'num_heads=2, patch_size=4, img_size=16)')
+    model = eval(call, {"timm": timm}).eval()  # the printed line itself
+    teacher, _ = _load_backbone(str(trained), "cpu")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x)[:, 0], teacher(x), rtol=1e-5,
+                                   atol=1e-5)
+
+
 def test_fsdp_always_trains_on_one_process_from_the_command_line(folder, tmp_path, capsys):
     """impl.fsdp="always" without torchrun: the command makes its one-process group (the
     trainer alone asks for one), trains sharded, saves a sharded checkpoint and ends with
