@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dinofuse.dataloading.readers import WEBDATASET_IMAGE_EXTS
 from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
 
 IMAGENET_MEAN_255 = [255 * m for m in IMAGENET_MEAN]
@@ -160,7 +161,7 @@ def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
                                     mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255)
 
 
-WEBDATASET_IMAGE_EXT = "jpg;jpeg;png;webp"
+WEBDATASET_IMAGE_EXT = ";".join(WEBDATASET_IMAGE_EXTS)  # the shard reader's set, one output
 
 
 def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropSpec, *,

@@ -1,4 +1,5 @@
-"""Image sources: Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) and image folders.
+"""Image sources: Fashion-MNIST IDX files (Debian's dataset-fashion-mnist), image folders
+and WebDataset .tar shards.
 
 Every source is a map-style dataset of (PIL RGB image, label). A file that cannot be decoded
 raises an error naming it.
@@ -7,7 +8,10 @@ raises an error naming it.
 from __future__ import annotations
 
 import gzip
+import io
+import os
 import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,8 @@ from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+# a WebDataset sample's image: the extensions DALI's reader is given (case-sensitive, its default)
+WEBDATASET_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 class DataError(ValueError):
@@ -92,11 +98,128 @@ class ImageFiles:
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
+        return decode_rgb(path, path), label
+
+
+def decode_rgb(source, name) -> Image.Image:
+    """The RGB image in `source` (a path or a file object); a DataError naming `name` if it
+    cannot be decoded."""
+    try:
+        with Image.open(source) as img:
+            return img.convert("RGB")
+    except Exception as e:
+        raise DataError(f"cannot decode image {name}: {e}") from None
+
+
+def webdataset_shards(path: str | Path) -> list[str]:
+    """The .tar shards named by `path` (one .tar, or a folder holding .tar files and no
+    folders), else []."""
+    p = Path(path)
+    if p.suffix == ".tar" and p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        if tars and not any(c.is_dir() for c in p.iterdir()):
+            return tars
+    return []
+
+
+class WebDatasetShards:
+    """The images of WebDataset .tar shards, as the training reads them: members grouped
+    into samples by their name up to the first dot of the file name, one image per sample
+    (WEBDATASET_IMAGE_EXTS); samples without one are left out, as DALI's reader skips them.
+    Labels: each sample's `.cls` (a class index, as in ImageNet shards) when every sample has
+    one, else 0 (unlabelled, like a flat folder). The shards' headers are read once; an image
+    is then read at its offset."""
+
+    def __init__(self, tars: list[str]):
+        self.tars = list(tars)
+        self.samples: list[tuple[str, str, int, int]] = []  # shard, member, offset, size
+        labels: list[int | None] = []
+        for tar in tars:
+            images, classes = self._index(tar)
+            for key, (name, offset, size) in images.items():
+                self.samples.append((tar, name, offset, size))
+                labels.append(classes.get(key))
+        if not self.samples:
+            raise DataError(f"no images ({', '.join(WEBDATASET_IMAGE_EXTS)}) in the WebDataset "
+                            f"shards {tars[0]}{f' and {len(tars) - 1} more' if len(tars) > 1 else ''}")
+        labelled = all(label is not None for label in labels)
+        self.labels = [label if labelled else 0 for label in labels]
+        # the labels are class indices: the class list is their range
+        self.classes = ([str(c) for c in range(max(self.labels) + 1)] if labelled
+                        else [Path(tars[0]).parent.name])
+
+    @staticmethod
+    def _index(tar: str) -> tuple[dict, dict]:
+        """{sample key: (image member, offset, size)}, {sample key: class index}."""
+        images, classes = {}, {}
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), label
-        except Exception as e:
-            raise DataError(f"cannot decode image {path}: {e}") from None
+            with tarfile.open(tar) as archive:
+                for member in archive:
+                    folder, _, file_name = member.name.rpartition("/")
+                    stem, dot, ext = file_name.partition(".")
+                    if not member.isfile() or not dot:
+                        continue
+                    key = f"{folder}/{stem}"
+                    if ext in WEBDATASET_IMAGE_EXTS and key not in images:
+                        images[key] = (member.name, member.offset_data, member.size)
+                    elif ext == "cls":
+                        text = archive.extractfile(member).read().strip()
+                        try:
+                            classes[key] = int(text)
+                        except ValueError:
+                            raise DataError(f"{tar}: {member.name} holds {text[:20]!r}, not a "
+                                            "class index") from None
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"cannot read WebDataset shard {tar}: {e}") from None
+        return images, classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def name(self, i: int) -> str:
+        tar, member, _, _ = self.samples[i]
+        return f"{tar}:{member}"
+
+    def read(self, i: int, limit: int | None = None) -> bytes:
+        """Sample i's image bytes (the first `limit` of them)."""
+        tar, _, offset, size = self.samples[i]
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            return f.read(size if limit is None else min(size, limit))
+
+    def __getitem__(self, i: int):
+        return decode_rgb(io.BytesIO(self.read(i)), self.name(i)), self.labels[i]
+
+
+def patch_shard(shards: WebDatasetShards, tar: str, bad: set[int], folder: Path) -> str:
+    """A copy of shard `tar` in `folder` in which the image of each of its samples in `bad`
+    (indices into `shards`) holds the bytes of the nearest readable image of the shard (of
+    any shard, when none is left in it). Member names and order stay, so a reader sees the
+    same samples. Written to a temporary name, then renamed; returns the copy's path."""
+    mine = [i for i, sample in enumerate(shards.samples) if sample[0] == tar]
+    good = [i for i in mine if i not in bad] or [i for i in range(len(shards)) if i not in bad]
+    if not good:
+        raise DataError(f"no decodable image left in the shards of {tar}")
+    replacement = {}
+    for i in mine:
+        if i in bad:  # the last readable one before it, else the first after it
+            near = max((g for g in good if g < i), default=good[0])
+            replacement[shards.samples[i][1]] = shards.read(near)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / Path(tar).name
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with tarfile.open(tar) as source, tarfile.open(tmp, "w") as copy:
+        for member in source:
+            data = replacement.get(member.name) if member.isfile() else None
+            if data is None:
+                copy.addfile(member, source.extractfile(member) if member.isfile() else None)
+            else:
+                member.size = len(data)
+                copy.addfile(member, io.BytesIO(data))
+    os.replace(tmp, out)
+    return str(out)
 
 
 def fashion_mnist_root(path: str) -> Path | None:
@@ -110,6 +233,9 @@ def fashion_mnist_root(path: str) -> Path | None:
 
 
 def open_images(path: str, split: str = "train"):
-    """Fashion-MNIST (see `fashion_mnist_root`) or a folder of images."""
+    """Fashion-MNIST (see `fashion_mnist_root`), WebDataset shards or a folder of images."""
     root = fashion_mnist_root(path)
-    return FashionMNIST(split, root) if root is not None else ImageFiles(path)
+    if root is not None:
+        return FashionMNIST(split, root)
+    tars = webdataset_shards(path)
+    return WebDatasetShards(tars) if tars else ImageFiles(path)

@@ -6,7 +6,7 @@
     dinofuse linear --checkpoint CKPT --train DIR --val DIR [--epochs 100] [--cached-features] [--output-dir D] [--precision P]
     dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6] [--arch A]
     dinofuse export --checkpoint CKPT|STEP_DIR|RUN_DIR --out teacher.safetensors|teacher.pth
-    dinofuse data check DIR        (exit status 1 when some image cannot be decoded)
+    dinofuse data check DIR|SHARDS (exit status 1 when some image cannot be decoded)
     dinofuse bench train [--arch vit_small --patch 16 --batch 64 --baseline --ablation ...]
 
 Bad input ends with one line naming what is wrong (exit status 2), not a traceback.
@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     check = data_sub.add_parser("check", help="decode every image; list the unreadable ones")
-    check.add_argument("dir")
+    check.add_argument("dir", help="an image folder, or WebDataset shards (a .tar or a folder of them)")
     check.set_defaults(fn=_data_check)
 
     export = sub.add_parser("export", help="the teacher backbone as timm-loadable weights")

@@ -45,6 +45,9 @@ class DataConfig:
     # torchvision (PIL, the official code); Fashion-MNIST's IDX files: tensor (batched crops
     # on the training device) | torchvision | dali | tensor
     skip_bad_images: bool = False  # report undecodable files and go on (else: stop, naming them)
+    screen_images: bool = True  # DALI: read each image's header with PIL before DALI reads the
+    # file (~35 us per image, each rank its share, at start): DALI 2.4 was seen to crash the
+    # process (segfault) on some malformed files after reporting them; these are found first
     global_crop_size: int = 224
     local_crop_size: int = 96
     global_crops_scale: tuple[float, float] = (0.4, 1.0)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dinofuse.dataloading.dali_multicrop import available as dali_available
-from dinofuse.dataloading.readers import open_images
+from dinofuse.dataloading.readers import WebDatasetShards, open_images, webdataset_shards
 from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.tensor_multicrop import TensorMultiCrop
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
@@ -36,19 +36,6 @@ def multicrop_spec(d) -> MultiCropSpec:
                          local_crops_scale=d.local_crops_scale,
                          local_crops_number=d.local_crops_number, blur_sigma=d.blur_radius,
                          dali_color=d.dali_color)
-
-
-def webdataset_shards(path: str) -> list[str]:
-    """The .tar shards named by `path` (one .tar, or a folder holding .tar files and no
-    images), else []."""
-    p = Path(path)
-    if p.suffix == ".tar" and p.is_file():
-        return [str(p)]
-    if p.is_dir():
-        tars = sorted(str(t) for t in p.glob("*.tar"))
-        if tars and not any(c.is_dir() for c in p.iterdir()):
-            return tars
-    return []
 
 
 def synthetic_crops(spec: MultiCropSpec, batch: int, in_chans: int, device: torch.device,
@@ -103,9 +90,10 @@ class TrainingInput:
         if d.backend not in BACKENDS:
             raise ValueError(f"data.backend must be one of {', '.join(BACKENDS)}; got {d.backend!r}")
         self.ncrops = 2 + d.local_crops_number
-        self.dataset = self.sampler = self.dali = self.synthetic = None
+        self.dataset = self.sampler = self.dali = self.synthetic = self.shards = None
         self.backend = "synthetic"
         self.dali_samples: list = []  # the files DALI reads, in its order (image folders)
+        self.patched: dict[int, str] = {}  # shards: bad sample index -> reason (patched)
         tars = webdataset_shards(d.path)
         if d.path == "synthetic":
             self.synthetic = synthetic_crops(multicrop_spec(d), o.batch_size_per_device,
@@ -116,7 +104,8 @@ class TrainingInput:
                 raise ValueError(f"{d.path} holds WebDataset shards: they need DALI "
                                  "(data.backend=\"dali\" or \"auto\", nvidia-dali installed)")
             self.backend = "dali"
-            self.dali = self._dali_loader(tars=tars)
+            self.shards = WebDatasetShards(tars)  # indexed: the screen's and recovery's view
+            self.dali = self._dali_loader(tars=self._screened_shards())
             self.iters_per_epoch = len(self.dali)
         else:
             images = open_images(d.path, "train")
@@ -125,7 +114,7 @@ class TrainingInput:
                                     f"of {o.batch_size_per_device} x {self.world} processes")
             self.backend = d.backend if d.backend != "auto" else self._auto_backend(images)
             if self.backend == "dali":
-                self.dali = self._dali_loader(images=images)
+                self.dali = self._dali_loader(samples=self._screened_files(images))
             if self.backend == "tensor":
                 self._hold_on_device(images)
             self.dataset = SeededMultiCrop(images, MultiCropAugmentation(multicrop_spec(d)),
@@ -162,16 +151,11 @@ class TrainingInput:
         self.labels = torch.from_numpy(images.labels).to(self.device)
         self.multicrop = TensorMultiCrop(multicrop_spec(self.cfg.data))
 
-    def _dali_loader(self, images=None, tars=(), samples=None):
+    def _dali_loader(self, samples=(), tars=()):
         """The DALI graph over a folder's files or WebDataset shards, this rank's share of
         them (decoding on the GPU when training there)."""
         from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
 
-        if samples is None:
-            samples = getattr(images, "samples", None) if images is not None else []
-        if samples is None:
-            raise ValueError("data.backend=\"dali\" reads image files: point data.path at an "
-                             "image folder, or use data.backend=\"torchvision\"")
         self.dali_samples = list(samples)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
@@ -245,40 +229,109 @@ class TrainingInput:
                     yield batch
                 return
             except RuntimeError as e:
-                if "decoders.image" not in str(e) or not self.dali_samples:
+                if "decoders.image" not in str(e) or not (self.dali_samples or self.shards):
                     raise
-                self._replace_undecodable_images()  # or stop, naming them
+                self._recover_from_decode_error()  # or stop, naming them
 
-    def _replace_undecodable_images(self) -> None:
-        """DALI does not say which file failed: decode this rank's share again with PIL to
-        find out, then stop naming them (data.skip_bad_images=false), or put a readable
-        neighbour in each one's place and rebuild the graph. Replacing rather than removing
-        keeps every rank's share, and so the steps per epoch, unchanged."""
+    def _share(self, n: int) -> range:
+        """The samples of n that DALI's reader gives this rank (contiguous shards)."""
+        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def _screened_files(self, images) -> list:
+        """The folder's (path, label) samples for DALI, after the header screen of this
+        rank's share (data.screen_images): a bad file stops the run, naming it, or is
+        replaced (data.skip_bad_images) before DALI ever reads it."""
         from dinofuse.dataloading.check import check_files
 
-        n = len(self.dali_samples)
-        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world  # DALI's shard
-        threads = max(1, self.cfg.data.num_workers)
-        _, bad = check_files([p for p, _ in self.dali_samples[lo:hi]], threads)
-        if not bad:  # not in this rank's share after all: look everywhere
-            _, bad = check_files([p for p, _ in self.dali_samples], threads)
-        if not bad:
-            raise TrainingError(f"DALI failed to decode an image in {self.cfg.data.path}, but "
-                                "every file decodes with PIL; see DALI's message above")
-        listed = "; ".join(f"{p} ({why})" for p, why in bad)
+        samples = getattr(images, "samples", None)
+        if samples is None:
+            raise ValueError("data.backend=\"dali\" reads image files: point data.path at an "
+                             "image folder, or use data.backend=\"torchvision\"")
+        if not self.cfg.data.screen_images:
+            return samples
+        mine = [samples[i][0] for i in self._share(len(samples))]
+        _, bad = check_files(mine, self.threads, decode=False)
+        return self._with_neighbours(samples, bad, save=False) if bad else samples
+
+    def _screened_shards(self) -> list[str]:
+        """The shards for DALI after the header screen of this rank's share of their samples
+        (data.screen_images): patched copies where a bad image was replaced."""
+        from dinofuse.dataloading.check import check_shards
+
+        if not self.cfg.data.screen_images:
+            return list(self.shards.tars)
+        _, bad = check_shards(self.shards, self.threads, self._share(len(self.shards)),
+                              decode=False)
+        return self._patched_shards(bad, save=False)
+
+    @property
+    def threads(self) -> int:
+        return max(1, self.cfg.data.num_workers)
+
+    def _stop_or_report(self, bad: list[tuple[object, str]], save: bool) -> None:
+        """Stop the run naming the bad images [(name, reason)] (data.skip_bad_images=false;
+        after saving the progress when `save`, on one process), or report each one skipped."""
+        listed = "; ".join(f"{name} ({why})" for name, why in bad)
         if not self.cfg.data.skip_bad_images:
-            if self.world == 1:
+            if save and self.world == 1:
                 self.save_progress()  # keep the progress made so far
             raise TrainingError(f"undecodable image(s) in {self.cfg.data.path}: {listed}. Set "
                                 "data.skip_bad_images=true to skip them, or remove them "
-                                "(`dinofuse data check DIR` lists every one); the run can "
-                                "go on with --resume")
+                                "(`dinofuse data check DIR` lists every one)"
+                                + ("; the run can go on with --resume" if save else ""))
+        for name, why in bad:
+            print(f"dinofuse: skipping undecodable image {name} ({why})", file=sys.stderr,
+                  flush=True)
+
+    def _with_neighbours(self, samples: list, bad: list, save: bool) -> list:
+        """`samples` with a readable neighbour in each bad file's place (or a stop). Replacing
+        rather than removing keeps every rank's share, and so the steps per epoch."""
+        self._stop_or_report(bad, save)
         bad_paths = {str(p) for p, _ in bad}
-        good = [s for s in self.dali_samples if str(s[0]) not in bad_paths]
+        good = [s for s in samples if str(s[0]) not in bad_paths]
         if not good:
             raise TrainingError(f"no decodable image left in {self.cfg.data.path}")
-        samples = [s if str(s[0]) not in bad_paths else good[i % len(good)]
-                   for i, s in enumerate(self.dali_samples)]
-        for p, why in bad:
-            print(f"dinofuse: skipping undecodable image {p} ({why})", file=sys.stderr, flush=True)
-        self.dali = self._dali_loader(samples=samples)
+        return [s if str(s[0]) not in bad_paths else good[i % len(good)]
+                for i, s in enumerate(samples)]
+
+    def _patched_shards(self, bad: list[tuple[int, str]], save: bool) -> list[str]:
+        """The shards with each bad sample's image (and every one patched before) replaced
+        by a readable image of the same shard: copies of the affected shards under
+        OUTPUT_DIR/patched_shards/rank<r>/ (the data itself is never written), the rest as
+        they are. Member names stay, so DALI sees the same samples in the same order."""
+        from dinofuse.dataloading.readers import patch_shard
+
+        if bad:
+            self._stop_or_report([(self.shards.name(i), why) for i, why in bad], save)
+            self.patched.update(bad)
+        if not self.patched:
+            return list(self.shards.tars)
+        folder = Path(self.cfg.run.output_dir) / "patched_shards" / f"rank{self.rank}"
+        affected = {self.shards.samples[i][0] for i in self.patched}
+        return [patch_shard(self.shards, tar, set(self.patched), folder) if tar in affected
+                else tar for tar in self.shards.tars]
+
+    def _recover_from_decode_error(self) -> None:
+        """DALI does not say which image failed: decode this rank's share again with PIL to
+        find out (then everything), then stop naming them (data.skip_bad_images=false), or
+        put a readable image in each one's place and rebuild the graph."""
+        from dinofuse.dataloading.check import check_files, check_shards
+
+        if self.shards is not None:
+            n = len(self.shards)
+            _, bad = check_shards(self.shards, self.threads, self._share(n))
+            if not bad:  # not in this rank's share after all: look everywhere
+                _, bad = check_shards(self.shards, self.threads)
+        else:
+            n = len(self.dali_samples)
+            _, bad = check_files([self.dali_samples[i][0] for i in self._share(n)], self.threads)
+            if not bad:
+                _, bad = check_files([p for p, _ in self.dali_samples], self.threads)
+        if not bad:
+            raise TrainingError(f"DALI failed to decode an image in {self.cfg.data.path}, but "
+                                "every image decodes with PIL; see DALI's message above")
+        if self.shards is not None:
+            self.dali = self._dali_loader(tars=self._patched_shards(bad, save=True))
+        else:
+            self.dali = self._dali_loader(samples=self._with_neighbours(self.dali_samples, bad,
+                                                                        save=True))

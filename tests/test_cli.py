@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dinofuse.dataloading.readers import open_images
 from dinofuse.engine.cli import main
 from dinofuse.engine.eval.knn import extract_features
 from test_train import TINY
@@ -161,6 +162,23 @@ def test_data_check_lists_every_unreadable_file(tmp_path, capsys):
         (root / "a" / name).unlink()
     assert main(["data", "check", str(root)]) == 0
     assert main(["data", "check", str(tmp_path / "nothing")]) == 2
+
+
+def test_data_check_reads_webdataset_shards(tmp_path, capsys):
+    """Shards are checked member by member, each bad image named shard.tar:member."""
+    from test_readers import encoded, write_shard
+
+    good = encoded(1)
+    write_shard(tmp_path / "a.tar", [("0.jpg", good), ("0.cls", b"0"), ("1.jpg", good[:40]),
+                                     ("2.png", b""), ("3.jpg", encoded(2))])
+    write_shard(tmp_path / "b.tar", [("4.jpg", b"not a jpeg")])
+    assert main(["data", "check", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "2 images readable, 3 unreadable" in out
+    for name in ("a.tar:1.jpg: ", "a.tar:2.png: empty file", "b.tar:4.jpg: "):
+        assert name in out
+    assert main(["data", "check", str(tmp_path / "a.tar")]) == 1
+    assert "2 images readable, 2 unreadable" in capsys.readouterr().out
 
 
 def test_bad_images_can_be_skipped_with_the_file_named(tmp_path, capsys):
@@ -465,6 +483,48 @@ def test_knn_repeats_the_report_after_training(trained, folder, tmp_path, capsys
     expected, _ = extract_features(teacher, open_images(folder, "train"),
                                    eval_transform(16, 256 / 224), "cpu", mode="cls")
     torch.testing.assert_close(official, expected, rtol=0, atol=1e-6)
+
+
+def shards_of(folder, out):
+    """The labelled image folder as WebDataset shards (two; .cls = the class index)."""
+    from test_readers import write_shard
+
+    images = open_images(str(folder))
+    out.mkdir()
+    for shard in range(2):
+        members = []
+        for i in range(shard, len(images), 2):
+            path, label = images.samples[i]
+            key = f"{images.classes[label]}_{path.stem}"
+            members += [(f"{key}{path.suffix}", path.read_bytes()), (f"{key}.cls", b"%d" % label)]
+        write_shard(out / f"{shard}.tar", members)
+    return out
+
+
+def test_knn_and_the_report_read_webdataset_shards(trained, folder, tmp_path, capsys):
+    """The same images as shards give the k-NN the folder gives (figures do not depend on the
+    order); shards and an ImageFolder are not compared (index against name); the report
+    after training on shards evaluates instead of being skipped."""
+    shards = shards_of(folder, tmp_path / "shards")
+
+    def knn(memory, queries):
+        return main(["knn", "--checkpoint", str(trained / "checkpoint.pth"), "--train",
+                     str(memory), "--val", str(queries), "--k", "3", "5", "--workers", "0"])
+
+    assert knn(folder, folder) == 0
+    from_folder = capsys.readouterr().out
+    assert knn(shards, shards) == 0
+    assert capsys.readouterr().out == from_folder
+    assert knn(shards, folder) == 2
+    assert "the two image sets have different classes (2: ['0', '1']" in capsys.readouterr().err
+    pytest.importorskip("nvidia.dali")  # training reads shards through DALI
+    overrides = [o for o in TINY if not o.startswith(("run.knn_after_training", "data.backend"))]
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(shards), "--output-dir", str(out), "--quiet",
+                 "--max-steps", "2", f'run.knn_val="{shards}"', "run.knn_k=3", *overrides]) == 0
+    assert "k-NN (k=3" in capsys.readouterr().out
+    assert set(json.loads((out / "knn.json").read_text())) == {"trained teacher", "random init",
+                                                               "raw pixels"}
 
 
 def test_export_prints_the_timm_call_that_loads_it(trained, tmp_path, capsys):

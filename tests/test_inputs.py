@@ -11,7 +11,8 @@ from dinofuse.dataloading.dali_multicrop import available as dali_available
 from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.engine.config import load_config
-from dinofuse.engine.inputs import EpochSampler, TrainingInput, webdataset_shards
+from dinofuse.dataloading.readers import webdataset_shards
+from dinofuse.engine.inputs import EpochSampler, TrainingInput
 
 
 def epoch_order(seed, epoch, rank=0, world=1, batch=3, n=23, start_batch=0):

@@ -1,13 +1,23 @@
-"""Image sources: Fashion-MNIST's IDX files wherever they are, and image folders."""
+"""Image sources: Fashion-MNIST's IDX files wherever they are, image folders and WebDataset
+shards."""
 
 import gzip
+import io
 import struct
+import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dinofuse.dataloading.readers import DataError, FashionMNIST, ImageFiles, open_images, read_idx
+from dinofuse.dataloading.readers import (
+    DataError,
+    FashionMNIST,
+    ImageFiles,
+    WebDatasetShards,
+    open_images,
+    read_idx,
+)
 from dinofuse.engine.config import load_config
 from dinofuse.engine.eval.report import knn_datasets
 from fashion_mnist_files import write_fashion_mnist, write_idx
@@ -64,3 +74,81 @@ def test_image_folders_find_nested_files_and_any_suffix_case(tmp_path):
     for name in ("x.PNG", "y.jpg"):
         Image.new("RGB", (4, 4)).save(tmp_path / "flat" / name, format="PNG")
     assert [p.name for p, _ in ImageFiles(tmp_path / "flat").samples] == ["x.PNG", "y.jpg"]
+
+
+def write_shard(path, members):
+    """A .tar of (member name, bytes), in that order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def encoded(seed, fmt="JPEG"):
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((12, 10 + seed, 3)) * 255).astype(np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_webdataset_shards_hold_the_samples_dalis_reader_reads(tmp_path):
+    """Members group into samples by their name up to the first dot of the file name; a
+    sample's first image is its image; samples without one, other extensions (".seg.jpg")
+    and upper-case ones (DALI's are case-sensitive) are left out: the same samples, in the
+    same order, as the training's DALI reader yields."""
+    members = [("x/0001.jpg", encoded(1)), ("x/0001.cls", b"1"), ("0002.cls", b"2"),
+               ("0003.seg.jpg", encoded(3)), ("0004.JPG", encoded(4)),
+               ("0005.png", encoded(5, "PNG")), ("y.z/0006.webp", encoded(6, "WEBP")),
+               ("0007.jpeg", encoded(7)), ("0007.png", encoded(8, "PNG"))]
+    tar = write_shard(tmp_path / "edge.tar", members)
+    shards = WebDatasetShards([tar])
+    expected = ["x/0001.jpg", "0005.png", "y.z/0006.webp", "0007.jpeg"]
+    assert [shards.name(i) for i in range(len(shards))] == [f"{tar}:{n}" for n in expected]
+    by_name = dict(members)
+    for i, name in enumerate(expected):
+        assert shards.read(i) == by_name[name]
+        image, label = shards[i]
+        assert image.mode == "RGB" and image.size == Image.open(io.BytesIO(by_name[name])).size
+        assert label == 0  # not every sample has a .cls: unlabelled
+    assert shards.classes == [tmp_path.name]
+    try:
+        from nvidia.dali import fn, pipeline_def
+    except ImportError:
+        return
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def reader():
+        return fn.readers.webdataset(paths=[tar], ext=["jpg;jpeg;png;webp"], name="r",
+                                     missing_component_behavior="skip")
+
+    pipe = reader()
+    pipe.build()
+    read = [np.asarray(pipe.run()[0][0]).tobytes() for _ in range(pipe.epoch_size("r"))]
+    assert read == [shards.read(i) for i in range(len(shards))]
+
+
+def test_webdataset_labels_are_the_cls_class_indices(tmp_path):
+    tars = [write_shard(tmp_path / f"s{k}.tar", [m for i in range(3) for m in (
+        (f"{k}{i}.jpg", encoded(i)), (f"{k}{i}.cls", f" {2 * i + k}\n".encode()))])
+        for k in range(2)]
+    shards = open_images(str(tmp_path))
+    assert isinstance(shards, WebDatasetShards)
+    assert [shards[i][1] for i in range(6)] == [0, 2, 4, 1, 3, 5]
+    assert shards.classes == [str(c) for c in range(6)]
+    assert len(open_images(tars[1])) == 3  # one .tar alone
+
+
+@pytest.mark.parametrize("members,message", [
+    ([("a.jpg", b"x"), ("a.cls", b"cat")], r"s.tar: a.cls holds b'cat', not a class index"),
+    ([("a.cls", b"1"), ("b.txt", b"x")], r"no images \(jpg, jpeg, png, webp\) in the WebDataset shards .*s.tar"),
+    (None, r"cannot read WebDataset shard .*s.tar"),
+])
+def test_broken_shards_are_named(tmp_path, members, message):
+    if members is None:
+        (tmp_path / "s.tar").write_text("not a tar archive " * 40)
+    else:
+        write_shard(tmp_path / "s.tar", members)
+    with pytest.raises(DataError, match=message):
+        open_images(str(tmp_path / "s.tar"))
