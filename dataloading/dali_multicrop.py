@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dinofuse.dataloading.readers import WEBDATASET_IMAGE_EXTS
+from dinofuse.dataloading.readers import WEBDATASET_IMAGE_EXTS, fresh_dali_index
 from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
 
 IMAGENET_MEAN_255 = [255 * m for m in IMAGENET_MEAN]
@@ -164,6 +164,12 @@ def _one_crop(image, crop: CropSpec, spec: MultiCropSpec, device: str):
 WEBDATASET_IMAGE_EXT = ";".join(WEBDATASET_IMAGE_EXTS)  # the shard reader's set, one output
 
 
+def shard_indexes(tars: Sequence[str]) -> dict:
+    """DALI's `index_paths` argument when every shard has its index beside it, else none."""
+    indexes = [fresh_dali_index(tar) for tar in tars]
+    return {"index_paths": [str(i) for i in indexes]} if all(indexes) else {}
+
+
 def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropSpec, *,
                    batch_size: int, device_id: int | None = None, num_threads: int = 2,
                    seed: int = 0, shard_id: int = 0, num_shards: int = 1,
@@ -172,7 +178,9 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
 
     Images come from `files` (with `labels`) or, when `tars` is given, from WebDataset
     shards (one image per sample key, any of jpg/jpeg/png/webp; labels are 0: DINO trains
-    without them). Each of `num_shards` ranks reads its own part, every epoch reshuffled.
+    without them), with their DALI indexes (NAME.idx) when every shard has one (else DALI
+    walks every shard at the start, on every rank). Each of `num_shards` ranks reads its
+    own part, every epoch reshuffled.
     `hw_decoder_load`: on a GPU, the share of JPEGs given to its hardware decoder (A100,
     H100), the rest to nvJPEG's CUDA decoder; None keeps DALI's default (0.65).
     """
@@ -191,7 +199,8 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
     def multicrop():
         if tars:
             encoded = fn.readers.webdataset(paths=list(tars), ext=[WEBDATASET_IMAGE_EXT],
-                                            missing_component_behavior="skip", **common)
+                                            missing_component_behavior="skip",
+                                            **shard_indexes(tars), **common)
             label = fn.cast(encoded.shape()[0] * 0, dtype=types.INT32)
         else:
             encoded, label = fn.readers.file(files=list(files), labels=list(labels), **common)

@@ -124,56 +124,109 @@ def webdataset_shards(path: str | Path) -> list[str]:
     return []
 
 
+def dali_index(tar: str | Path) -> Path:
+    """Where DALI's index of a shard is looked for: NAME.idx beside NAME.tar (`wds2idx
+    NAME.tar NAME.idx`, a tool that comes with DALI)."""
+    return Path(tar).with_suffix(".idx")
+
+
+def fresh_dali_index(tar: str | Path) -> Path | None:
+    """The shard's DALI index when there is one; a DataError when it is older than the
+    shard (it would point DALI at the wrong bytes)."""
+    index = dali_index(tar)
+    if not index.is_file():
+        return None
+    if index.stat().st_mtime < Path(tar).stat().st_mtime:
+        raise DataError(f"{index} is older than {tar}: make it again (wds2idx {tar} {index}) "
+                        "or delete it")
+    return index
+
+
 class WebDatasetShards:
     """The images of WebDataset .tar shards, as the training reads them: members grouped
     into samples by their name up to the first dot of the file name, one image per sample
     (WEBDATASET_IMAGE_EXTS); samples without one are left out, as DALI's reader skips them.
     Labels: each sample's `.cls` (a class index, as in ImageNet shards) when every sample has
-    one, else 0 (unlabelled, like a flat folder). The shards' headers are read once; an image
-    is then read at its offset."""
+    one, else 0 (unlabelled, like a flat folder); read when first asked for. The members'
+    places come from DALI's index beside a shard (NAME.idx) when there is one, else from one
+    walk over the shard's headers; an image is then read at its offset."""
 
     def __init__(self, tars: list[str]):
         self.tars = list(tars)
         self.samples: list[tuple[str, str, int, int]] = []  # shard, member, offset, size
-        labels: list[int | None] = []
+        self._labels_at: list[tuple[str, int, int] | None] = []  # shard, offset, size of .cls
         for tar in tars:
-            images, classes = self._index(tar)
+            index = fresh_dali_index(tar)
+            members = self._read_dali_index(index) if index else self._walk(tar)
+            images, classes = {}, {}
+            for name, offset, size in members:
+                folder, _, file_name = name.rpartition("/")
+                stem, dot, ext = file_name.partition(".")
+                key = f"{folder}/{stem}"
+                if ext in WEBDATASET_IMAGE_EXTS and key not in images:
+                    images[key] = (name, offset, size)
+                elif ext == "cls":
+                    classes[key] = (tar, offset, size)
             for key, (name, offset, size) in images.items():
                 self.samples.append((tar, name, offset, size))
-                labels.append(classes.get(key))
+                self._labels_at.append(classes.get(key))
         if not self.samples:
             raise DataError(f"no images ({', '.join(WEBDATASET_IMAGE_EXTS)}) in the WebDataset "
                             f"shards {tars[0]}{f' and {len(tars) - 1} more' if len(tars) > 1 else ''}")
-        labelled = all(label is not None for label in labels)
-        self.labels = [label if labelled else 0 for label in labels]
-        # the labels are class indices: the class list is their range
-        self.classes = ([str(c) for c in range(max(self.labels) + 1)] if labelled
-                        else [Path(tars[0]).parent.name])
+        self._labels: list[int] | None = None
 
     @staticmethod
-    def _index(tar: str) -> tuple[dict, dict]:
-        """{sample key: (image member, offset, size)}, {sample key: class index}."""
-        images, classes = {}, {}
+    def _walk(tar: str) -> list[tuple[str, int, int]]:
+        """(name, offset, size) of the shard's files, from its headers."""
         try:
             with tarfile.open(tar) as archive:
-                for member in archive:
-                    folder, _, file_name = member.name.rpartition("/")
-                    stem, dot, ext = file_name.partition(".")
-                    if not member.isfile() or not dot:
-                        continue
-                    key = f"{folder}/{stem}"
-                    if ext in WEBDATASET_IMAGE_EXTS and key not in images:
-                        images[key] = (member.name, member.offset_data, member.size)
-                    elif ext == "cls":
-                        text = archive.extractfile(member).read().strip()
-                        try:
-                            classes[key] = int(text)
-                        except ValueError:
-                            raise DataError(f"{tar}: {member.name} holds {text[:20]!r}, not a "
-                                            "class index") from None
+                return [(m.name, m.offset_data, m.size) for m in archive if m.isfile()]
         except (tarfile.TarError, OSError) as e:
             raise DataError(f"cannot read WebDataset shard {tar}: {e}") from None
-        return images, classes
+
+    @staticmethod
+    def _read_dali_index(index: Path) -> list[tuple[str, int, int]]:
+        """(name, offset, size) of the files DALI's index lists: after a "v1.x N" line, one
+        line per sample of "ext offset size name" groups."""
+        lines = index.read_text().splitlines()
+        if not lines or not lines[0].startswith("v1."):
+            raise DataError(f"{index} is not a DALI WebDataset index (wds2idx)")
+        members = []
+        for line in lines[1:]:
+            fields = line.split()
+            if len(fields) % 4:
+                raise DataError(f"{index}: cannot read the line {line[:80]!r}")
+            for k in range(0, len(fields), 4):
+                members.append((fields[k + 3], int(fields[k + 1]), int(fields[k + 2])))
+        return members
+
+    @property
+    def labels(self) -> list[int]:
+        if self._labels is None:
+            if any(at is None for at in self._labels_at):
+                self._labels = [0] * len(self.samples)
+            else:
+                self._labels = [self._read_label(i, at) for i, at in enumerate(self._labels_at)]
+        return self._labels
+
+    @property
+    def classes(self) -> list[str]:
+        """The labels are class indices: the class list is their range (unlabelled: one
+        class, named after the shards' folder)."""
+        if any(at is None for at in self._labels_at):
+            return [Path(self.tars[0]).parent.name]
+        return [str(c) for c in range(max(self.labels) + 1)]
+
+    def _read_label(self, i: int, at: tuple[str, int, int]) -> int:
+        tar, offset, size = at
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            text = f.read(size).strip()
+        try:
+            return int(text)
+        except ValueError:
+            raise DataError(f"{tar}: the .cls beside {self.samples[i][1]} holds {text[:20]!r}, "
+                            "not a class index") from None
 
     def __len__(self) -> int:
         return len(self.samples)

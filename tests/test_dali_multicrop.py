@@ -1,5 +1,8 @@
 """The DALI multi-crop graph on the CPU (device_id=None): shapes, values, crop counts, shards."""
 
+import tarfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +102,26 @@ def test_webdataset_shards(tmp_path):
     for crops, labels in batches:
         assert [c.shape for c in crops] == [(5, 3, 32, 32)] * 2 + [(5, 3, 16, 16)] * 2
         assert labels.tolist() == [0] * 5
+
+
+def test_dali_reads_shards_through_their_indexes(tmp_path):
+    """With NAME.idx beside every shard, DALI takes the indexes (it would trust one that
+    lists only some samples: that is how this test sees it); with one missing, none."""
+    from dinofuse.dataloading.dali_multicrop import shard_indexes
+    from test_readers import encoded, write_shard
+
+    tars = [write_shard(tmp_path / f"{k}.tar", [(f"{k}{i}.jpg", encoded(i)) for i in range(4)])
+            for k in range(2)]
+    assert shard_indexes(tars) == {}
+    for tar in tars:  # each index lists the first 2 of the shard's 4 samples
+        Path(tar).with_suffix(".idx").write_text("v1.2 2\n" + "".join(
+            f"jpg {m.offset_data} {m.size} {m.name}\n"
+            for m in list(tarfile.open(tar))[:2]))
+    assert shard_indexes(tars) == {"index_paths": [str(Path(t).with_suffix(".idx")) for t in tars]}
+    spec = MultiCropSpec(global_crop_size=32, local_crop_size=16, local_crops_number=0)
+    assert len(DALIMultiCropLoader(build_pipeline([], [], spec, batch_size=2, tars=tars), 2)) == 2
+    Path(tars[1]).with_suffix(".idx").unlink()
+    assert len(DALIMultiCropLoader(build_pipeline([], [], spec, batch_size=2, tars=tars), 2)) == 4
 
 
 def test_bf16_crops_are_the_float32_crops_rounded(jpegs):

@@ -3,6 +3,7 @@ shards."""
 
 import gzip
 import io
+from pathlib import Path
 import struct
 import tarfile
 
@@ -141,7 +142,8 @@ def test_webdataset_labels_are_the_cls_class_indices(tmp_path):
 
 
 @pytest.mark.parametrize("members,message", [
-    ([("a.jpg", b"x"), ("a.cls", b"cat")], r"s.tar: a.cls holds b'cat', not a class index"),
+    ([("a.jpg", b"x"), ("a.cls", b"cat")], r"s.tar: the .cls beside a.jpg holds b'cat', not a "
+                                           "class index"),
     ([("a.cls", b"1"), ("b.txt", b"x")], r"no images \(jpg, jpeg, png, webp\) in the WebDataset shards .*s.tar"),
     (None, r"cannot read WebDataset shard .*s.tar"),
 ])
@@ -151,4 +153,31 @@ def test_broken_shards_are_named(tmp_path, members, message):
     else:
         write_shard(tmp_path / "s.tar", members)
     with pytest.raises(DataError, match=message):
-        open_images(str(tmp_path / "s.tar"))
+        open_images(str(tmp_path / "s.tar")).labels  # labels: read when first asked for
+
+
+def test_dalis_index_beside_a_shard_gives_the_same_samples(tmp_path):
+    """NAME.idx (wds2idx, DALI's tool) replaces the walk over the shard's headers: the same
+    samples, offsets and labels. An index older than its shard, or not an index, is named."""
+    import os
+    import subprocess
+    import sys
+
+    wds2idx = Path(sys.executable).parent / "wds2idx"
+    if not wds2idx.is_file():
+        pytest.skip("needs DALI's wds2idx")
+    members = [("x/0001.jpg", encoded(1)), ("x/0001.cls", b"1"), ("0002.cls", b"2"),
+               ("0003.seg.jpg", encoded(3)), ("y.z/0006.png", encoded(6, "PNG")),
+               ("y.z/0006.cls", b"0"), ("0007.jpeg", encoded(7)), ("0007.cls", b"4")]
+    tar = write_shard(tmp_path / "s.tar", members)
+    walked = WebDatasetShards([tar])
+    subprocess.run([str(wds2idx), tar, str(tmp_path / "s.idx")], check=True, capture_output=True)
+    indexed = WebDatasetShards([tar])
+    assert indexed.samples == walked.samples and len(indexed) == 3
+    assert indexed.labels == walked.labels == [1, 0, 4]
+    os.utime(tmp_path / "s.idx", (0, 0))  # older than the shard
+    with pytest.raises(DataError, match=r"s.idx is older than .*s.tar: make it again"):
+        WebDatasetShards([tar])
+    (tmp_path / "s.idx").write_text("not an index\n")
+    with pytest.raises(DataError, match=r"s.idx is not a DALI WebDataset index"):
+        WebDatasetShards([tar])
