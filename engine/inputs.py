@@ -317,13 +317,16 @@ class TrainingInput:
         put a readable image in each one's place and rebuild the graph."""
         from dinofuse.dataloading.check import check_files, check_shards
 
-        if self.shards is not None:
-            n = len(self.shards)
-            _, bad = check_shards(self.shards, self.threads, self._share(n))
+        if self.shards is not None:  # the samples patched before are in the copies already
+            def unpatched(indices):
+                found = check_shards(self.shards, self.threads, indices)[1]
+                return [(i, why) for i, why in found if i not in self.patched]
+
+            bad = unpatched(self._share(len(self.shards)))
             if not bad:  # not in this rank's share after all: look everywhere
-                _, bad = check_shards(self.shards, self.threads)
+                bad = unpatched(None)
         else:
-            n = len(self.dali_samples)
+            n = len(self.dali_samples)  # bad files replaced before are gone from these
             _, bad = check_files([self.dali_samples[i][0] for i in self._share(n)], self.threads)
             if not bad:
                 _, bad = check_files([p for p, _ in self.dali_samples], self.threads)

@@ -606,6 +606,10 @@ def test_a_bad_image_in_webdataset_shards_is_named_and_patched_or_stops_the_run(
     assert [copy.name(i).split(":")[1] for i in range(len(copy))] == [n for n, _ in images[4:]]
     assert copy.read(3) == images[6][1]  # the nearest readable image before it
     assert [copy.read(i) for i in range(3)] == [data for _, data in images[4:7]]
+    # a later DALI failure is not blamed on the image patched already (that would rebuild
+    # the same graph over and over)
+    with pytest.raises(TrainingError, match="every image decodes with PIL"):
+        trainer.input._recover_from_decode_error()
 
 
 def test_the_time_limit_stops_at_an_agreed_step_with_a_checkpoint(image_folder, tmp_path,
