@@ -124,16 +124,11 @@ def webdataset_shards(path: str | Path) -> list[str]:
     return []
 
 
-def dali_index(tar: str | Path) -> Path:
-    """Where DALI's index of a shard is looked for: NAME.idx beside NAME.tar (`wds2idx
-    NAME.tar NAME.idx`, a tool that comes with DALI)."""
-    return Path(tar).with_suffix(".idx")
-
-
 def fresh_dali_index(tar: str | Path) -> Path | None:
-    """The shard's DALI index when there is one; a DataError when it is older than the
-    shard (it would point DALI at the wrong bytes)."""
-    index = dali_index(tar)
+    """The shard's DALI index, NAME.idx beside NAME.tar (`wds2idx NAME.tar NAME.idx`, a tool
+    that comes with DALI), when there is one; a DataError when it is older than the shard
+    (it would point DALI at the wrong bytes)."""
+    index = Path(tar).with_suffix(".idx")
     if not index.is_file():
         return None
     if index.stat().st_mtime < Path(tar).stat().st_mtime:

@@ -11,11 +11,13 @@ operations; "synthetic" crops are made once on the device.
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dinofuse.dataloading.dali_multicrop import available as dali_available
 from dinofuse.dataloading.readers import WebDatasetShards, open_images, webdataset_shards
@@ -26,6 +28,7 @@ from dinofuse.engine.config import Config
 from dinofuse.engine.errors import TrainingError
 
 BACKENDS = ("auto", "torchvision", "dali", "tensor")
+DALI_ONLY = "DALI cannot decode it; PIL can"  # the reason for an image only DALI fails on
 SYNTHETIC_STEPS_PER_EPOCH = 100  # data.path="synthetic": the schedules' epoch length
 
 
@@ -93,7 +96,9 @@ class TrainingInput:
         self.dataset = self.sampler = self.dali = self.synthetic = self.shards = None
         self.backend = "synthetic"
         self.dali_samples: list = []  # the files DALI reads, in its order (image folders)
+        self.dali_tars: list = []  # the shards DALI reads (some maybe patched copies)
         self.patched: dict[int, str] = {}  # shards: bad sample index -> reason (patched)
+        self.patch_rounds = 0
         tars = webdataset_shards(d.path)
         if d.path == "synthetic":
             self.synthetic = synthetic_crops(multicrop_spec(d), o.batch_size_per_device,
@@ -156,7 +161,7 @@ class TrainingInput:
         them (decoding on the GPU when training there)."""
         from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
 
-        self.dali_samples = list(samples)
+        self.dali_samples, self.dali_tars = list(samples), list(tars)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
                               multicrop_spec(self.cfg.data),
@@ -231,16 +236,24 @@ class TrainingInput:
             except RuntimeError as e:
                 if "decoders.image" not in str(e) or not (self.dali_samples or self.shards):
                     raise
-                self._recover_from_decode_error()  # or stop, naming them
+                self._recover_from_decode_error(e)  # or stop, naming them
 
-    def _share(self, n: int) -> range:
-        """The samples of n that DALI's reader gives this rank (contiguous shards)."""
-        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+    def _screened(self, items: list, check) -> list:
+        """[(item, reason)] for the items `check` ([item] -> [(item, reason)]) finds bad,
+        the same list on every rank. Each rank checks a world-th of them and the lists are
+        gathered: with DALI every rank reads every image over the epochs (its reader moves
+        to the next shard each epoch), so each must know all of them."""
+        bad = check(items[self.rank::self.world])
+        if self.world > 1 and dist.is_available() and dist.is_initialized():
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, bad)
+            bad = sorted(itertools.chain.from_iterable(gathered), key=lambda b: str(b[0]))
+        return bad
 
     def _screened_files(self, images) -> list:
-        """The folder's (path, label) samples for DALI, after the header screen of this
-        rank's share (data.screen_images): a bad file stops the run, naming it, or is
-        replaced (data.skip_bad_images) before DALI ever reads it."""
+        """The folder's (path, label) samples for DALI after the header screen
+        (data.screen_images): a bad file stops the run, naming it, or is replaced
+        (data.skip_bad_images) before DALI ever reads it."""
         from dinofuse.dataloading.check import check_files
 
         samples = getattr(images, "samples", None)
@@ -249,19 +262,19 @@ class TrainingInput:
                              "image folder, or use data.backend=\"torchvision\"")
         if not self.cfg.data.screen_images:
             return samples
-        mine = [samples[i][0] for i in self._share(len(samples))]
-        _, bad = check_files(mine, self.threads, decode=False)
+        bad = self._screened([p for p, _ in samples],
+                             lambda paths: check_files(paths, self.threads, decode=False)[1])
         return self._with_neighbours(samples, bad, save=False) if bad else samples
 
     def _screened_shards(self) -> list[str]:
-        """The shards for DALI after the header screen of this rank's share of their samples
+        """The shards for DALI after the header screen of their samples
         (data.screen_images): patched copies where a bad image was replaced."""
         from dinofuse.dataloading.check import check_shards
 
         if not self.cfg.data.screen_images:
             return list(self.shards.tars)
-        _, bad = check_shards(self.shards, self.threads, self._share(len(self.shards)),
-                              decode=False)
+        bad = self._screened(list(range(len(self.shards))), lambda indices: check_shards(
+            self.shards, self.threads, indices, decode=False)[1])
         return self._patched_shards(bad, save=False)
 
     @property
@@ -279,7 +292,7 @@ class TrainingInput:
                                 "data.skip_bad_images=true to skip them, or remove them "
                                 "(`dinofuse data check DIR` lists every one)"
                                 + ("; the run can go on with --resume" if save else ""))
-        for name, why in bad:
+        for name, why in bad if save or self.rank == 0 else ():  # the screen's: one list
             print(f"dinofuse: skipping undecodable image {name} ({why})", file=sys.stderr,
                   flush=True)
 
@@ -306,30 +319,42 @@ class TrainingInput:
             self.patched.update(bad)
         if not self.patched:
             return list(self.shards.tars)
-        folder = Path(self.cfg.run.output_dir) / "patched_shards" / f"rank{self.rank}"
+        # a new folder each time: DALI keeps a file it read mapped by its path, so a copy
+        # written over an earlier one's path would still be read as the earlier one
+        self.patch_rounds += 1
+        folder = (Path(self.cfg.run.output_dir) / "patched_shards" / f"rank{self.rank}"
+                  / f"round{self.patch_rounds}")
         affected = {self.shards.samples[i][0] for i in self.patched}
         return [patch_shard(self.shards, tar, set(self.patched), folder) if tar in affected
                 else tar for tar in self.shards.tars]
 
-    def _recover_from_decode_error(self) -> None:
-        """DALI does not say which image failed: decode this rank's share again with PIL to
-        find out (then everything), then stop naming them (data.skip_bad_images=false), or
-        put a readable image in each one's place and rebuild the graph."""
-        from dinofuse.dataloading.check import check_files, check_shards
+    def _recover_from_decode_error(self, error: RuntimeError) -> None:
+        """Stop naming the image DALI failed on (data.skip_bad_images=false), or put a
+        readable image in its place and rebuild the graph. DALI 2.4 names it ("Failed to
+        decode sample #N : SOURCE"); otherwise every image is decoded again with PIL to
+        find it. Images patched or replaced before are not blamed again."""
+        from dinofuse.dataloading.check import check_files, check_shards, image_problem
 
-        if self.shards is not None:  # the samples patched before are in the copies already
-            def unpatched(indices):
-                found = check_shards(self.shards, self.threads, indices)[1]
-                return [(i, why) for i, why in found if i not in self.patched]
-
-            bad = unpatched(self._share(len(self.shards)))
-            if not bad:  # not in this rank's share after all: look everywhere
-                bad = unpatched(None)
+        named = re.findall(r"Failed to decode sample #\d+ : (.+)", str(error))
+        if self.shards is not None:
+            # DALI's source is "shard.tar:offset:member", the shard maybe a patched copy
+            where = {(tar, member): i for i, (tar, member, _, _) in enumerate(self.shards.samples)}
+            original = dict(zip(self.dali_tars, self.shards.tars))
+            found = [where.get((original.get(m[1], m[1]), m[3])) for m in
+                     (re.fullmatch(r"(.*):(\d+):(.*)", source.strip()) for source in named) if m]
+            if found and None not in found:
+                bad = [(i, image_problem(self.shards.read(i)) or DALI_ONLY) for i in found]
+            else:
+                bad = check_shards(self.shards, self.threads)[1]
+            bad = [(i, why) for i, why in bad if i not in self.patched]
         else:
-            n = len(self.dali_samples)  # bad files replaced before are gone from these
-            _, bad = check_files([self.dali_samples[i][0] for i in self._share(n)], self.threads)
-            if not bad:
-                _, bad = check_files([p for p, _ in self.dali_samples], self.threads)
+            paths = {str(p) for p, _ in self.dali_samples}
+            named = [source.strip() for source in named]
+            if named and all(source in paths for source in named):
+                bad = [(Path(source), image_problem(Path(source)) or DALI_ONLY)
+                       for source in dict.fromkeys(named)]
+            else:  # the bad files replaced before are gone from these
+                bad = check_files([p for p, _ in self.dali_samples], self.threads)[1]
         if not bad:
             raise TrainingError(f"DALI failed to decode an image in {self.cfg.data.path}, but "
                                 "every image decodes with PIL; see DALI's message above")

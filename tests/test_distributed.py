@@ -648,6 +648,32 @@ def _torchrun(args, nproc=WORLD, check=True):
     return done.stdout
 
 
+def test_every_rank_skips_the_bad_headers_found_by_any_rank(tmp_path):
+    """DALI's reader moves each rank to the next shard every epoch, so every rank reads
+    every file: the header screen is split between the ranks and its finds gathered, so no
+    rank's DALI ever reads the bad file (DALI 2.4 can crash on it). Two epochs under
+    torchrun; the skip is reported once."""
+    pytest.importorskip("nvidia.dali")
+    import numpy as np
+    from PIL import Image
+
+    from test_train import TINY
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(15):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(root / f"{i:02d}.jpg")
+    (root / "07b.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"not a JPEG after its first marker" * 3)
+    overrides = [o for o in TINY if not o.startswith("data.backend")]
+    done = _torchrun(["train", "--data", str(root), "--output-dir", str(tmp_path / "run"),
+                      "--quiet", *overrides, 'data.backend="dali"', "data.num_workers=1",
+                      "data.skip_bad_images=true"], check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("skipping undecodable image") == 1, done.stderr[-3000:]
+    assert "07b.jpg" in done.stderr
+
+
 def test_knn_and_linear_commands_under_torchrun_give_one_process_figures(tmp_path, capsys):
     """`dinofuse knn` and `dinofuse linear` launched by torchrun: rank 0 alone prints, with
     the figures of one process (the linear one with the same global batch), and the linear

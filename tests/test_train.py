@@ -577,7 +577,7 @@ def test_a_bad_image_in_webdataset_shards_is_named_and_patched_or_stops_the_run(
         tmp_path, kind, skip, capsys):
     """The same in shards, named shard.tar:member. The shard cannot lose a sample (DALI's
     reader would shift every later one), so skipping reads a patched copy of the shard
-    (OUTPUT_DIR/patched_shards/rank0/) where the bad member holds a readable neighbour's
+    (OUTPUT_DIR/patched_shards/rank0/round1/) where the bad member holds a readable neighbour's
     bytes; the shard itself is never written."""
     pytest.importorskip("nvidia.dali")
     from dinofuse.dataloading.readers import WebDatasetShards
@@ -600,7 +600,7 @@ def test_a_bad_image_in_webdataset_shards_is_named_and_patched_or_stops_the_run(
     logs = trainer.fit(progress=False)
     assert len(logs) == trainer.total_steps == 2 * 2
     assert "skipping undecodable image " + str(shards / "b.tar:broken.jpg") in capsys.readouterr().err
-    patched = tmp_path / "run" / "patched_shards" / "rank0" / "b.tar"
+    patched = tmp_path / "run" / "patched_shards" / "rank0" / "round1" / "b.tar"
     assert Path(bad_shard).read_bytes() == before
     copy = WebDatasetShards([str(patched)])
     assert [copy.name(i).split(":")[1] for i in range(len(copy))] == [n for n, _ in images[4:]]
@@ -609,7 +609,41 @@ def test_a_bad_image_in_webdataset_shards_is_named_and_patched_or_stops_the_run(
     # a later DALI failure is not blamed on the image patched already (that would rebuild
     # the same graph over and over)
     with pytest.raises(TrainingError, match="every image decodes with PIL"):
-        trainer.input._recover_from_decode_error()
+        trainer.input._recover_from_decode_error(RuntimeError("decoders.image failed"))
+
+
+def test_dalis_named_image_is_skipped_without_decoding_everything_again(tmp_path, capsys,
+                                                                       monkeypatch):
+    """DALI 2.4 names the image it failed on (a shard's as shard.tar:offset:member, here in
+    the patched copy the screen made of the same shard): that one is replaced, and no image
+    is decoded again to find it (on ImageNet that would take hours)."""
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.dataloading import check
+    from dinofuse.dataloading.readers import WebDatasetShards
+    from test_readers import write_shard
+
+    images = images_with_a_bad_one(tmp_path, "body")  # 7 good, then a body cut short
+    header_bad = ("header.jpg", BAD_IMAGES["header"](images[0][1]))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "a.tar", images[:4])
+    write_shard(shards / "b.tar", [images[4], header_bad, images[5], images[7]])
+    full_decodes = []
+    real = check.image_problem
+    monkeypatch.setattr(check, "image_problem", lambda source, decode=True: (
+        full_decodes.append(decode and isinstance(source, bytes)) or real(source, decode)))
+    trainer = Trainer(dali_cfg(shards, tmp_path, skip=True))
+    logs = trainer.fit(progress=False)
+    assert len(logs) == trainer.total_steps == 2 * 2
+    err = capsys.readouterr().err
+    for name in ("header.jpg (", "broken.jpg ("):
+        assert err.count(f"b.tar:{name}") == 1
+    assert sum(full_decodes) == 1  # the named image alone, for PIL's reason
+    # patched twice (the screen, then DALI): a new copy each time, since DALI keeps the
+    # earlier one mapped by its path
+    copy = WebDatasetShards([str(tmp_path / "run" / "patched_shards" / "rank0" / "round2" /
+                                 "b.tar")])
+    assert [copy.read(i) for i in range(4)] == [images[4][1]] * 2 + [images[5][1]] * 2
 
 
 def test_the_time_limit_stops_at_an_agreed_step_with_a_checkpoint(image_folder, tmp_path,
