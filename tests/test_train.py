@@ -543,7 +543,7 @@ def test_a_bad_image_is_named_and_skipped_or_stops_the_run(tmp_path, kind, skip,
     to save); a bad body by DALI mid-epoch (the progress is saved first). Skipped, each is
     replaced by a readable image: no step lost."""
     pytest.importorskip("nvidia.dali")
-    from dinofuse.dataloading import dali_multicrop
+    from dinofuse.dataloading import check, dali_multicrop
 
     root = tmp_path / "imgs"
     root.mkdir()
@@ -553,6 +553,9 @@ def test_a_bad_image_is_named_and_skipped_or_stops_the_run(tmp_path, kind, skip,
     build = dali_multicrop.build_pipeline
     monkeypatch.setattr(dali_multicrop, "build_pipeline",
                         lambda files, *a, **k: built.append(list(files)) or build(files, *a, **k))
+    scans, check_files = [], check.check_files  # DALI names the file: no scan decodes all
+    monkeypatch.setattr(check, "check_files", lambda paths, threads=1, decode=True: (
+        scans.append(decode) or check_files(paths, threads, decode)))
     cfg = dali_cfg(root, tmp_path, skip)
     if not skip:
         with pytest.raises(TrainingError, match=r"undecodable image.*broken\.jpg.*skip_bad_images") as e:
@@ -560,6 +563,7 @@ def test_a_bad_image_is_named_and_skipped_or_stops_the_run(tmp_path, kind, skip,
         assert ("--resume" in str(e.value)) == (kind == "body")
         assert (tmp_path / "run" / "checkpoint.pth").is_file() == (kind == "body")  # progress
         assert len(built) == (kind == "body")  # the bad header never reached DALI
+        assert scans == [False]  # the screen's
         return
     trainer = Trainer(cfg)
     logs = trainer.fit(progress=False)
@@ -569,6 +573,7 @@ def test_a_bad_image_is_named_and_skipped_or_stops_the_run(tmp_path, kind, skip,
     assert len(trainer.input.dali_samples) == 8
     assert [any("broken.jpg" in f for f in files) for files in built] == (
         [True, False] if kind == "body" else [False])
+    assert scans == [False]
 
 
 @pytest.mark.parametrize("skip", [False, True])
