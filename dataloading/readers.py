@@ -168,7 +168,7 @@ class WebDatasetShards:
         if not self.samples:
             raise DataError(f"no images ({', '.join(WEBDATASET_IMAGE_EXTS)}) in the WebDataset "
                             f"shards {tars[0]}{f' and {len(tars) - 1} more' if len(tars) > 1 else ''}")
-        self._labels: list[int] | None = None
+        self.labelled = all(at is not None for at in self._labels_at)
 
     @staticmethod
     def _walk(tar: str) -> list[tuple[str, int, int]]:
@@ -197,23 +197,22 @@ class WebDatasetShards:
 
     @property
     def labels(self) -> list[int]:
-        if self._labels is None:
-            if any(at is None for at in self._labels_at):
-                self._labels = [0] * len(self.samples)
-            else:
-                self._labels = [self._read_label(i, at) for i, at in enumerate(self._labels_at)]
-        return self._labels
+        """Every sample's label (reads every .cls: for the class list; a sample's own label
+        is read with its image)."""
+        return [self.label(i) for i in range(len(self.samples))]
 
     @property
     def classes(self) -> list[str]:
         """The labels are class indices: the class list is their range (unlabelled: one
         class, named after the shards' folder)."""
-        if any(at is None for at in self._labels_at):
+        if not self.labelled:
             return [Path(self.tars[0]).parent.name]
         return [str(c) for c in range(max(self.labels) + 1)]
 
-    def _read_label(self, i: int, at: tuple[str, int, int]) -> int:
-        tar, offset, size = at
+    def label(self, i: int) -> int:
+        if not self.labelled:
+            return 0
+        tar, offset, size = self._labels_at[i]
         with open(tar, "rb") as f:
             f.seek(offset)
             text = f.read(size).strip()
@@ -238,7 +237,7 @@ class WebDatasetShards:
             return f.read(size if limit is None else min(size, limit))
 
     def __getitem__(self, i: int):
-        return decode_rgb(io.BytesIO(self.read(i)), self.name(i)), self.labels[i]
+        return decode_rgb(io.BytesIO(self.read(i)), self.name(i)), self.label(i)
 
 
 def patch_shard(shards: WebDatasetShards, tar: str, bad: set[int], folder: Path) -> str:

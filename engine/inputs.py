@@ -104,10 +104,12 @@ class TrainingInput:
             self.synthetic = synthetic_crops(multicrop_spec(d), o.batch_size_per_device,
                                              cfg.model.in_chans, self.device, cfg.run.seed + self.rank)
             self.iters_per_epoch = SYNTHETIC_STEPS_PER_EPOCH
-        elif tars:  # WebDataset shards: DALI reads them, the epoch length is its reader's
-            if d.backend == "torchvision" or not dali_available():
-                raise ValueError(f"{d.path} holds WebDataset shards: they need DALI "
-                                 "(data.backend=\"dali\" or \"auto\", nvidia-dali installed)")
+        elif tars and (d.backend == "dali" or d.backend == "auto" and dali_available()):
+            # WebDataset shards through DALI: the epoch length is its reader's. (Otherwise
+            # they are a dataset like a folder: PIL reads each image at its offset.)
+            if not dali_available():
+                raise ValueError("data.backend=\"dali\" needs nvidia-dali installed; "
+                                 "data.backend=\"torchvision\" reads shards with PIL")
             self.backend = "dali"
             self.shards = WebDatasetShards(tars)  # indexed: the screen's and recovery's view
             self.dali = self._dali_loader(tars=self._screened_shards())

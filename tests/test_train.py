@@ -396,8 +396,28 @@ def test_trains_from_webdataset_shards(tmp_path, reference_path):
     assert trainer.iters_per_epoch == 6  # 24 samples, batch 4
     logs = trainer.fit(progress=False)
     assert len(logs) == 12 and all(np.isfinite(log.loss) for log in logs)
-    with pytest.raises(ValueError, match="WebDataset shards: they need DALI"):
-        Trainer(load_config("default", TINY + [f'data.path="{shards}"', f'run.output_dir="{tmp_path}"']))
+
+
+def test_shards_train_through_pil_as_the_same_images_in_a_folder(tmp_path):
+    """data.backend="torchvision" (or no DALI installed): shards are a dataset like a folder,
+    each image read at its offset, so a run on them is the run on the same images in a
+    folder, loss for loss (and resumes exactly, as that backend does)."""
+    from test_readers import encoded, write_shard
+
+    folder, shards = tmp_path / "folder", tmp_path / "shards"
+    folder.mkdir()
+    shards.mkdir()
+    for shard in range(2):
+        members = [(f"{shard}{i:04d}.jpg", encoded(shard * 12 + i)) for i in range(12)]
+        write_shard(shards / f"train-{shard}.tar", members)
+        for name, data in members:
+            (folder / name).write_bytes(data)  # sorted, the folder's order is the shards'
+
+    def losses(path, run):
+        cfg = load_config("default", TINY + [f'data.path="{path}"', f'run.output_dir="{run}"'])
+        return [log.loss for log in Trainer(cfg).fit(progress=False)]
+
+    assert losses(shards, tmp_path / "a") == losses(folder, tmp_path / "b")
 
 
 def _synthetic_run(tmp_path, *extra, steps=3):
