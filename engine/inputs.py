@@ -335,28 +335,8 @@ class TrainingInput:
         readable image in its place and rebuild the graph. DALI 2.4 names it ("Failed to
         decode sample #N : SOURCE"); otherwise every image is decoded again with PIL to
         find it. Images patched or replaced before are not blamed again."""
-        from dinofuse.dataloading.check import check_files, check_shards, image_problem
-
-        named = re.findall(r"Failed to decode sample #\d+ : (.+)", str(error))
-        if self.shards is not None:
-            # DALI's source is "shard.tar:offset:member", the shard maybe a patched copy
-            where = {(tar, member): i for i, (tar, member, _, _) in enumerate(self.shards.samples)}
-            original = dict(zip(self.dali_tars, self.shards.tars))
-            found = [where.get((original.get(m[1], m[1]), m[3])) for m in
-                     (re.fullmatch(r"(.*):(\d+):(.*)", source.strip()) for source in named) if m]
-            if found and None not in found:
-                bad = [(i, image_problem(self.shards.read(i)) or DALI_ONLY) for i in found]
-            else:
-                bad = check_shards(self.shards, self.threads)[1]
-            bad = [(i, why) for i, why in bad if i not in self.patched]
-        else:
-            paths = {str(p) for p, _ in self.dali_samples}
-            named = [source.strip() for source in named]
-            if named and all(source in paths for source in named):
-                bad = [(Path(source), image_problem(Path(source)) or DALI_ONLY)
-                       for source in dict.fromkeys(named)]
-            else:  # the bad files replaced before are gone from these
-                bad = check_files([p for p, _ in self.dali_samples], self.threads)[1]
+        named = [m.strip() for m in re.findall(r"Failed to decode sample #\d+ : (.+)", str(error))]
+        bad = self._bad_shard_samples(named) if self.shards is not None else self._bad_files(named)
         if not bad:
             raise TrainingError(f"DALI failed to decode an image in {self.cfg.data.path}, but "
                                 "every image decodes with PIL; see DALI's message above")
@@ -365,3 +345,30 @@ class TrainingInput:
         else:
             self.dali = self._dali_loader(samples=self._with_neighbours(self.dali_samples, bad,
                                                                         save=True))
+
+    def _bad_shard_samples(self, named: list[str]) -> list[tuple[int, str]]:
+        """[(sample index, reason)] of the shard images DALI named, else of every image PIL
+        cannot decode; those patched before left out."""
+        from dinofuse.dataloading.check import check_shards, image_problem
+
+        # DALI's source is "shard.tar:offset:member", the shard maybe a patched copy
+        where = {(tar, member): i for i, (tar, member, _, _) in enumerate(self.shards.samples)}
+        original = dict(zip(self.dali_tars, self.shards.tars))
+        found = [where.get((original.get(m[1], m[1]), m[3])) for m in
+                 (re.fullmatch(r"(.*):(\d+):(.*)", source) for source in named) if m]
+        if found and None not in found:
+            bad = [(i, image_problem(self.shards.read(i)) or DALI_ONLY) for i in found]
+        else:
+            bad = check_shards(self.shards, self.threads)[1]
+        return [(i, why) for i, why in bad if i not in self.patched]
+
+    def _bad_files(self, named: list[str]) -> list[tuple[Path, str]]:
+        """[(path, reason)] of the files DALI named, else of every file PIL cannot decode
+        (the bad files replaced before are gone from the samples)."""
+        from dinofuse.dataloading.check import check_files, image_problem
+
+        paths = {str(p) for p, _ in self.dali_samples}
+        if named and all(source in paths for source in named):
+            return [(Path(source), image_problem(Path(source)) or DALI_ONLY)
+                    for source in dict.fromkeys(named)]
+        return check_files([p for p, _ in self.dali_samples], self.threads)[1]
