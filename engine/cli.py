@@ -109,8 +109,8 @@ def _report_after_training(cfg: Config, trainer: Trainer, rank: int, world: int)
     the reason (the training is done and saved) when there is nothing to compare."""
     from dinofuse.engine.eval.report import format_report, knn_datasets, knn_report
 
-    try:
-        datasets = knn_datasets(cfg)
+    try:  # those of run.knn_every_epochs, opened at the start, else opened now
+        datasets = trainer.knn_sets or knn_datasets(cfg)
     except DataError as e:
         datasets, reason = None, str(e)
     else:

@@ -228,12 +228,12 @@ class Trainer:
         self._pending_save = None  # (future, folder) of a background sharded save
         self._checkpoint_group = None
         self._saved_step = None
-        self._knn_datasets = None  # run.knn_every_epochs: (memory, queries), opened once
+        self.knn_sets = None  # run.knn_every_epochs: (memory, queries), opened once
         if cfg.run.knn_every_epochs:  # checked now, not at the end of the first epoch
             from dinofuse.engine.eval.report import knn_datasets
 
-            self._knn_datasets = knn_datasets(cfg)
-            if self._knn_datasets is None:
+            self.knn_sets = knn_datasets(cfg)
+            if self.knn_sets is None:
                 raise TrainingError("run.knn_every_epochs needs query images: set "
                                     "run.knn_val=DIR (Fashion-MNIST brings its test split)")
         if resume == "auto":
@@ -501,7 +501,7 @@ class Trainer:
         states = (torch.get_rng_state(), random.getstate(),
                   torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         try:
-            acc = network_knn(self.cfg, backbone, self._knn_datasets, self.device,
+            acc = network_knn(self.cfg, backbone, self.knn_sets, self.device,
                               distributed=self.world > 1)
         finally:
             backbone.train(mode)

@@ -1106,6 +1106,10 @@ BUGS = [
         'return decode_rgb(io.BytesIO(self.read(i)), self.name(i)), self.label(i)',
         'return decode_rgb(io.BytesIO(self.read(i)), self.name(i)), 0',
         ['test_readers.py', 'test_cli.py::test_knn_and_the_report_read_webdataset_shards']),
+    Bug('engine/cli.py',
+        'datasets = trainer.knn_sets or knn_datasets(cfg)',
+        'datasets = knn_datasets(cfg)',
+        ['test_cli.py::test_the_report_reuses_the_datasets_opened_for_knn_every_epochs']),
 ]
 
 

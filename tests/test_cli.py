@@ -527,6 +527,21 @@ def test_knn_and_the_report_read_webdataset_shards(trained, folder, tmp_path, ca
                                                                "raw pixels"}
 
 
+def test_the_report_reuses_the_datasets_opened_for_knn_every_epochs(folder, tmp_path, capsys,
+                                                                    monkeypatch):
+    """With run.knn_every_epochs the memory and queries are opened (an ImageNet folder
+    scanned) once per run, not again for the report after training."""
+    from dinofuse.engine.eval import report
+
+    opened, real = [], report.knn_datasets
+    monkeypatch.setattr(report, "knn_datasets", lambda cfg: opened.append(1) or real(cfg))
+    overrides = [o for o in TINY if not o.startswith("run.knn_after_training")]
+    assert main(["train", "--data", str(folder), "--output-dir", str(tmp_path / "run"), "--quiet",
+                 f'run.knn_val="{folder}"', "run.knn_k=3", "run.knn_every_epochs=1",
+                 *overrides]) == 0
+    assert "k-NN (k=3" in capsys.readouterr().out and len(opened) == 1
+
+
 def test_export_prints_the_timm_call_that_loads_it(trained, tmp_path, capsys):
     """A run's own small ViT (width 32, depth 2, patch 4, 16 px) is no timm model by name:
     the printed call names the nearest one and passes the sizes that differ; run as
