@@ -7,6 +7,7 @@ raises an error naming it.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -137,6 +138,13 @@ def fresh_dali_index(tar: str | Path) -> Path | None:
     return index
 
 
+def read_at(path: str, offset: int, size: int) -> bytes:
+    """`size` bytes of the file at `offset` (a member of a shard)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
 class WebDatasetShards:
     """The images of WebDataset .tar shards, as the training reads them: members grouped
     into samples by their name up to the first dot of the file name, one image per sample
@@ -201,10 +209,10 @@ class WebDatasetShards:
         is read with its image)."""
         return [self.label(i) for i in range(len(self.samples))]
 
-    @property
+    @functools.cached_property
     def classes(self) -> list[str]:
         """The labels are class indices: the class list is their range (unlabelled: one
-        class, named after the shards' folder)."""
+        class, named after the shards' folder). Reads every .cls, once."""
         if not self.labelled:
             return [Path(self.tars[0]).parent.name]
         return [str(c) for c in range(max(self.labels) + 1)]
@@ -213,9 +221,7 @@ class WebDatasetShards:
         if not self.labelled:
             return 0
         tar, offset, size = self._labels_at[i]
-        with open(tar, "rb") as f:
-            f.seek(offset)
-            text = f.read(size).strip()
+        text = read_at(tar, offset, size).strip()
         try:
             return int(text)
         except ValueError:
@@ -232,9 +238,7 @@ class WebDatasetShards:
     def read(self, i: int, limit: int | None = None) -> bytes:
         """Sample i's image bytes (the first `limit` of them)."""
         tar, _, offset, size = self.samples[i]
-        with open(tar, "rb") as f:
-            f.seek(offset)
-            return f.read(size if limit is None else min(size, limit))
+        return read_at(tar, offset, size if limit is None else min(size, limit))
 
     def __getitem__(self, i: int):
         return decode_rgb(io.BytesIO(self.read(i)), self.name(i)), self.label(i)
