@@ -510,8 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
         command = args.command
+    finished = False
     try:
-        return args.fn(args) or 0
+        code = args.fn(args) or 0
+        finished = True
+        return code
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"dinofuse {command}: error: {message}", file=sys.stderr)
@@ -520,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if finished:  # every rank is here: gloo's teardown was seen to abort a rank
+                dist.barrier()  # ("terminate called without an active exception") that left first
             dist.destroy_process_group()
 
 
