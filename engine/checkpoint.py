@@ -174,11 +174,9 @@ def timm_call(model: ModelConfig, file: str | Path) -> str:
     sizes = {k: getattr(model, k) or v for k, v in ARCHS[model.arch].items()}
     wanted = dict(sizes, patch_size=model.patch_size, img_size=model.img_size,
                   in_chans=model.in_chans)
-    name = f"{model.arch}_patch{model.patch_size}_224"
-    if not timm.is_model(name):
-        name = f"{model.arch}_patch16_224"
-    named = dict(ARCHS[model.arch], patch_size=int(name.split("patch")[1].split("_")[0]),
-                 img_size=224, in_chans=3)
+    patch = model.patch_size if timm.is_model(f"{model.arch}_patch{model.patch_size}_224") else 16
+    name = f"{model.arch}_patch{patch}_224"
+    named = dict(ARCHS[model.arch], patch_size=patch, img_size=224, in_chans=3)
     changed = "".join(f", {k}={v}" for k, v in wanted.items() if named[k] != v)
     return (f'timm.create_model("{name}", pretrained=True, num_classes=0, '
             f'pretrained_cfg_overlay=dict(file="{file}"){changed})')

@@ -97,7 +97,7 @@ class TrainingInput:
         self.backend = "synthetic"
         self.dali_samples: list = []  # the files DALI reads, in its order (image folders)
         self.dali_tars: list = []  # the shards DALI reads (some maybe patched copies)
-        self.patched: dict[int, str] = {}  # shards: bad sample index -> reason (patched)
+        self.patched: set[int] = set()  # shards: the bad samples patched in copies
         self.patch_rounds = 0
         tars = webdataset_shards(d.path)
         if d.path == "synthetic":
@@ -318,7 +318,7 @@ class TrainingInput:
 
         if bad:
             self._stop_or_report([(self.shards.name(i), why) for i, why in bad], save)
-            self.patched.update(bad)
+            self.patched.update(i for i, _ in bad)
         if not self.patched:
             return list(self.shards.tars)
         # a new folder each time: DALI keeps a file it read mapped by its path, so a copy
@@ -327,7 +327,7 @@ class TrainingInput:
         folder = (Path(self.cfg.run.output_dir) / "patched_shards" / f"rank{self.rank}"
                   / f"round{self.patch_rounds}")
         affected = {self.shards.samples[i][0] for i in self.patched}
-        return [patch_shard(self.shards, tar, set(self.patched), folder) if tar in affected
+        return [patch_shard(self.shards, tar, self.patched, folder) if tar in affected
                 else tar for tar in self.shards.tars]
 
     def _recover_from_decode_error(self, error: RuntimeError) -> None:
