@@ -22,17 +22,25 @@ from dinofuse.dataloading.readers import (
 # the metadata segments (EXIF, ICC profiles) are larger, and then it reads the whole member
 HEADER_BYTES = 1 << 16
 
+# the formats DALI 2.4's decoder (nvImageCodec) reads, as PIL names them (PPM: any netpbm;
+# MPO: a camera's multi-picture JPEG). PIL opens more (GIF, ICO, TGA, ...) under any file
+# name; DALI fails on those with a message that names no image ("nvImageCodec failure")
+DALI_FORMATS = frozenset({"JPEG", "MPO", "JPEG2000", "PNG", "TIFF", "BMP", "PPM", "WEBP"})
 
-def image_problem(source, decode: bool = True) -> str | None:
+
+def image_problem(source, decode: bool = True, formats: frozenset | None = None) -> str | None:
     """Why `source` (a path, or an image's bytes) cannot be read as an RGB image (None: it
     can). decode=True decodes every pixel: a truncated JPEG only fails there. decode=False
     reads the header alone (format and size): the screen, which finds what DALI 2.4's CPU
     decoder was seen to crash the process on after reporting it (a text file named .jpg,
-    bytes that are no JPEG after its first marker), at ~35 us per image here."""
+    bytes that are no JPEG after its first marker), at ~35 us per image here. `formats`:
+    the formats the reader decodes (DALI_FORMATS), any other is a problem too."""
     try:
         if (len(source) if isinstance(source, bytes) else source.stat().st_size) == 0:
             return "empty file"
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if formats is not None and img.format not in formats:
+                return f"a {img.format} image: DALI cannot decode it, data.backend=\"torchvision\" can"
             if decode:
                 img.load()
                 img.convert("RGB")
@@ -49,15 +57,16 @@ def find_problems(items, problem, threads: int) -> list[tuple[object, str]]:
     return [(item, why) for item, why in zip(items, reasons) if why is not None]
 
 
-def check_files(paths, threads: int = 1, decode: bool = True) -> tuple[int, list[tuple[Path, str]]]:
+def check_files(paths, threads: int = 1, decode: bool = True,
+                formats: frozenset | None = None) -> tuple[int, list[tuple[Path, str]]]:
     """(number readable, [(path, reason)] for the unreadable ones)."""
     paths = [Path(p) for p in paths]
-    bad = find_problems(paths, lambda p: image_problem(p, decode), threads)
+    bad = find_problems(paths, lambda p: image_problem(p, decode, formats), threads)
     return len(paths) - len(bad), bad
 
 
-def check_shards(shards: WebDatasetShards, threads: int, indices=None,
-                 decode: bool = True) -> tuple[int, list[tuple[int, str]]]:
+def check_shards(shards: WebDatasetShards, threads: int, indices=None, decode: bool = True,
+                 formats: frozenset | None = None) -> tuple[int, list[tuple[int, str]]]:
     """check_files for samples of WebDataset shards (all, or `indices`): (number readable,
     [(sample index, reason)]). decode=False screens headers, reading a member's first
     HEADER_BYTES only (all of it when its header is longer)."""
@@ -66,11 +75,11 @@ def check_shards(shards: WebDatasetShards, threads: int, indices=None,
     def problem(i):
         try:
             if decode:
-                return image_problem(shards.read(i))
+                return image_problem(shards.read(i), formats=formats)
             head = shards.read(i, HEADER_BYTES)
-            why = image_problem(head, decode=False)
+            why = image_problem(head, False, formats)
             if why is not None and len(head) == HEADER_BYTES:  # the header may go on
-                why = image_problem(shards.read(i), decode=False)
+                why = image_problem(shards.read(i), False, formats)
             return why
         except OSError as e:
             return str(e)
@@ -83,17 +92,18 @@ def check_images(root: str | Path, threads: int = 0) -> tuple[int, list[tuple[Pa
     """(number of readable images, [(path, reason)] for the unreadable ones) in a folder, or
     in WebDataset shards (a .tar, or a folder of them; named shard.tar:member).
 
-    Every image is fully decoded, so this reads the whole dataset once.
+    Every image is fully decoded, so this reads the whole dataset once. An image in a format
+    that PIL reads and DALI does not (GIF, ICO, ...) is listed too: DALI is the default reader.
     """
     threads = threads or os.cpu_count() or 1
     tars = webdataset_shards(root)
     if tars:
         shards = WebDatasetShards(tars)
-        good, bad = check_shards(shards, threads)
+        good, bad = check_shards(shards, threads, formats=DALI_FORMATS)
         return good, [(shards.name(i), why) for i, why in bad]
     root = image_folder(root)
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    good, bad = check_files(paths, threads)
+    good, bad = check_files(paths, threads, formats=DALI_FORMATS)
     if good == 0 and not bad:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
     return good, bad

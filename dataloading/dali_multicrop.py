@@ -170,6 +170,17 @@ def shard_indexes(tars: Sequence[str]) -> dict:
     return {"index_paths": [str(i) for i in indexes]} if all(indexes) else {}
 
 
+def decode_rgb(encoded, gpu: bool, hw_decoder_load: float | None = None):
+    """The images in `encoded` as RGB, as PIL's convert("RGB") gives them (the official
+    loader): the EXIF orientation is not applied (DALI's default would turn them)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    hw = {} if hw_decoder_load is None or not gpu else dict(hw_decoder_load=hw_decoder_load)
+    return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                             adjust_orientation=False, **hw)
+
+
 def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropSpec, *,
                    batch_size: int, device_id: int | None = None, num_threads: int = 2,
                    seed: int = 0, shard_id: int = 0, num_shards: int = 1,
@@ -204,9 +215,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
             label = fn.cast(encoded.shape()[0] * 0, dtype=types.INT32)
         else:
             encoded, label = fn.readers.file(files=list(files), labels=list(labels), **common)
-        decode = {} if hw_decoder_load is None or not gpu else dict(hw_decoder_load=hw_decoder_load)
-        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                  **decode)
+        image = decode_rgb(encoded, gpu, hw_decoder_load)
         crops = [_one_crop(image, c, spec, "gpu" if gpu else "cpu") for c in spec.crops()]
         return (*crops, label)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dinofuse.dataloading.check import DALI_FORMATS
 from dinofuse.dataloading.dali_multicrop import available as dali_available
 from dinofuse.dataloading.readers import WebDatasetShards, open_images, webdataset_shards
 from dinofuse.dataloading.spec import MultiCropSpec
@@ -80,6 +81,15 @@ def data_worker_died(error: RuntimeError, out: Path | None = None) -> TrainingEr
     where = f" from the last checkpoint in {out}" if out is not None else ""
     return TrainingError(f"a data worker died ({first}): lower data.num_workers or the memory "
                          f"it needs, then go on with --resume{where}")
+
+
+def dali_said(error: Exception) -> str:
+    """The cause in a DALI pipeline error: what follows "encountered:" (before that, the
+    pipeline definition's traceback), without its closing boilerplate."""
+    text = str(error).split("encountered:")[-1]
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and "pipeline object is no longer valid" not in line]
+    return " ".join(lines) or type(error).__name__
 
 
 class TrainingInput:
@@ -265,7 +275,7 @@ class TrainingInput:
         if not self.cfg.data.screen_images:
             return samples
         bad = self._screened([p for p, _ in samples],
-                             lambda paths: check_files(paths, self.threads, decode=False)[1])
+                             lambda paths: check_files(paths, self.threads, False, DALI_FORMATS)[1])
         return self._with_neighbours(samples, bad, save=False) if bad else samples
 
     def _screened_shards(self) -> list[str]:
@@ -276,7 +286,7 @@ class TrainingInput:
         if not self.cfg.data.screen_images:
             return list(self.shards.tars)
         bad = self._screened(list(range(len(self.shards))), lambda indices: check_shards(
-            self.shards, self.threads, indices, decode=False)[1])
+            self.shards, self.threads, indices, False, DALI_FORMATS)[1])
         return self._patched_shards(bad, save=False)
 
     @property
@@ -339,7 +349,8 @@ class TrainingInput:
         bad = self._bad_shard_samples(named) if self.shards is not None else self._bad_files(named)
         if not bad:
             raise TrainingError(f"DALI failed to decode an image in {self.cfg.data.path}, but "
-                                "every image decodes with PIL; see DALI's message above")
+                                "every image decodes with PIL, in a format DALI reads; DALI "
+                                f"said: {dali_said(error)}")
         if self.shards is not None:
             self.dali = self._dali_loader(tars=self._patched_shards(bad, save=True))
         else:
@@ -357,9 +368,10 @@ class TrainingInput:
         found = [where.get((original.get(m[1], m[1]), m[3])) for m in
                  (re.fullmatch(r"(.*):(\d+):(.*)", source) for source in named) if m]
         if found and None not in found:
-            bad = [(i, image_problem(self.shards.read(i)) or DALI_ONLY) for i in found]
+            bad = [(i, image_problem(self.shards.read(i), formats=DALI_FORMATS) or DALI_ONLY)
+                   for i in found]
         else:
-            bad = check_shards(self.shards, self.threads)[1]
+            bad = check_shards(self.shards, self.threads, formats=DALI_FORMATS)[1]
         return [(i, why) for i, why in bad if i not in self.patched]
 
     def _bad_files(self, named: list[str]) -> list[tuple[Path, str]]:
@@ -369,6 +381,7 @@ class TrainingInput:
 
         paths = {str(p) for p, _ in self.dali_samples}
         if named and all(source in paths for source in named):
-            return [(Path(source), image_problem(Path(source)) or DALI_ONLY)
+            return [(Path(source), image_problem(Path(source), formats=DALI_FORMATS) or DALI_ONLY)
                     for source in dict.fromkeys(named)]
-        return check_files([p for p, _ in self.dali_samples], self.threads)[1]
+        return check_files([p for p, _ in self.dali_samples], self.threads,
+                           formats=DALI_FORMATS)[1]

@@ -1,5 +1,6 @@
 """The DALI multi-crop graph on the CPU (device_id=None): shapes, values, crop counts, shards."""
 
+import io
 import tarfile
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from dinofuse.dataloading.dali_multicrop import (  # noqa: E402
     DALIMultiCropLoader,
     MultiCropSpec,
     build_pipeline,
+    decode_rgb,
 )
 from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -61,6 +63,45 @@ def test_two_shards_cover_every_file_once(jpegs):
                               shard_id=shard, num_shards=2)
         seen += [label for _, labels in DALIMultiCropLoader(pipe, 2) for label in labels.tolist()]
     assert sorted(seen) == list(range(12))
+
+
+def dali_decoded(data: bytes) -> np.ndarray:
+    """`data` through the graph's decoder, on the CPU."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        encoded = fn.external_source(source=[[np.frombuffer(data, np.uint8)]], cycle=True)
+        return decode_rgb(encoded, gpu=False)
+
+    (images,) = decode().run()
+    return np.asarray(images[0])
+
+
+def test_dali_decodes_what_pil_decodes_in_the_formats_the_screen_lets_through():
+    """The screen's DALI_FORMATS against DALI itself: each passes to PIL's pixels (the
+    official loader's), each other format PIL opens fails."""
+    from test_check import FOR_DALI, NOT_FOR_DALI
+
+    for fmt, data in FOR_DALI.items():
+        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert np.array_equal(dali_decoded(data), expected), fmt
+    for fmt, data in NOT_FOR_DALI.items():
+        with pytest.raises(RuntimeError, match="decoders.image"):
+            dali_decoded(data)
+
+
+def test_the_exif_orientation_is_left_as_pil_leaves_it():
+    """The official loader (PIL's convert) does not turn a photo by its EXIF orientation;
+    DALI's decoder would by default, giving another image than the torchvision path."""
+    pixels = (np.random.default_rng(2).random((24, 40, 3)) * 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    expected = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    assert expected.shape == (24, 40, 3)
+    assert np.array_equal(dali_decoded(buf.getvalue()), expected)
 
 
 def test_empty_file_list_is_rejected():

@@ -532,9 +532,17 @@ def test_gradient_clipping_matches_the_official_and_torch_versions(mode):
 # Two kinds of bad image. A body cut short keeps its header: DALI reports it while decoding
 # and the trainer traces it to its file. Bytes that are no JPEG after the first marker (or a
 # text file named .jpg) DALI 2.4's CPU decoder reports, then often crashes the process on
-# (3 runs in 4 here): the header screen finds those before DALI reads them.
+# (3 runs in 4 here): the header screen finds those before DALI reads them. So it does a
+# format PIL decodes and DALI does not (a GIF named .jpg), where DALI's message names no image.
 BAD_IMAGES = {"body": lambda good: good[: len(good) * 7 // 10],
-              "header": lambda good: b"\xff\xd8\xff\xe0" + b"not a JPEG after its first marker" * 3}
+              "header": lambda good: b"\xff\xd8\xff\xe0" + b"not a JPEG after its first marker" * 3,
+              "format": lambda good: gif(good)}
+
+
+def gif(jpeg: bytes) -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(buf, "GIF")
+    return buf.getvalue()
 
 
 def images_with_a_bad_one(root, kind):
@@ -556,7 +564,7 @@ def dali_cfg(data, tmp_path, skip):
 
 
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("kind", ["body", "header"])
+@pytest.mark.parametrize("kind", ["body", "header", "format"])
 def test_a_bad_image_is_named_and_skipped_or_stops_the_run(tmp_path, kind, skip, capsys,
                                                             monkeypatch):
     """A bad header is found by the screen before DALI reads any file (at the start: nothing
@@ -574,8 +582,8 @@ def test_a_bad_image_is_named_and_skipped_or_stops_the_run(tmp_path, kind, skip,
     monkeypatch.setattr(dali_multicrop, "build_pipeline",
                         lambda files, *a, **k: built.append(list(files)) or build(files, *a, **k))
     scans, check_files = [], check.check_files  # DALI names the file: no scan decodes all
-    monkeypatch.setattr(check, "check_files", lambda paths, threads=1, decode=True: (
-        scans.append(decode) or check_files(paths, threads, decode)))
+    monkeypatch.setattr(check, "check_files", lambda paths, threads=1, decode=True, formats=None: (
+        scans.append(decode) or check_files(paths, threads, decode, formats)))
     cfg = dali_cfg(root, tmp_path, skip)
     if not skip:
         with pytest.raises(TrainingError, match=r"undecodable image.*broken\.jpg.*skip_bad_images") as e:
@@ -597,7 +605,7 @@ def test_a_bad_image_is_named_and_skipped_or_stops_the_run(tmp_path, kind, skip,
 
 
 @pytest.mark.parametrize("skip", [False, True])
-@pytest.mark.parametrize("kind", ["body", "header"])
+@pytest.mark.parametrize("kind", ["body", "header", "format"])
 def test_a_bad_image_in_webdataset_shards_is_named_and_patched_or_stops_the_run(
         tmp_path, kind, skip, capsys):
     """The same in shards, named shard.tar:member. The shard cannot lose a sample (DALI's
@@ -633,8 +641,36 @@ def test_a_bad_image_in_webdataset_shards_is_named_and_patched_or_stops_the_run(
     assert [copy.read(i) for i in range(3)] == [data for _, data in images[4:7]]
     # a later DALI failure is not blamed on the image patched already (that would rebuild
     # the same graph over and over)
-    with pytest.raises(TrainingError, match="every image decodes with PIL"):
-        trainer.input._recover_from_decode_error(RuntimeError("decoders.image failed"))
+    with pytest.raises(TrainingError, match="every image decodes with PIL.*DALI said: "
+                                            "nvImageCodec failure: '#4'$"):
+        trainer.input._recover_from_decode_error(RuntimeError(DALI_UNNAMED))
+
+
+# DALI 2.4's words for an image in a format it does not decode: no image named
+DALI_UNNAMED = """Critical error in pipeline:
+Error in CPU operator `nvidia.dali.fn.decoders.image`,
+which was used in the pipeline definition with the following traceback:
+
+  File "dali_multicrop.py", line 193, in multicrop
+
+encountered:
+
+nvImageCodec failure: '#4'
+Current pipeline object is no longer valid."""
+
+
+def test_a_format_dali_cannot_decode_is_found_when_dali_names_no_image(tmp_path):
+    """Without the screen, DALI fails on a GIF named .jpg naming no image: the files are
+    checked again, with DALI's formats, and the GIF named, with its format."""
+    pytest.importorskip("nvidia.dali")
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for name, data in images_with_a_bad_one(root, "format"):
+        (root / name).write_bytes(data)
+    cfg = dali_cfg(root, tmp_path, skip=False)
+    cfg.data.screen_images = False
+    with pytest.raises(TrainingError, match=r"broken\.jpg \(a GIF image: DALI cannot decode"):
+        Trainer(cfg).fit(progress=False)
 
 
 def test_dalis_named_image_is_skipped_without_decoding_everything_again(tmp_path, capsys,
@@ -655,8 +691,8 @@ def test_dalis_named_image_is_skipped_without_decoding_everything_again(tmp_path
     write_shard(shards / "b.tar", [images[4], header_bad, images[5], images[7]])
     full_decodes = []
     real = check.image_problem
-    monkeypatch.setattr(check, "image_problem", lambda source, decode=True: (
-        full_decodes.append(decode and isinstance(source, bytes)) or real(source, decode)))
+    monkeypatch.setattr(check, "image_problem", lambda source, decode=True, formats=None: (
+        full_decodes.append(decode and isinstance(source, bytes)) or real(source, decode, formats)))
     trainer = Trainer(dali_cfg(shards, tmp_path, skip=True))
     logs = trainer.fit(progress=False)
     assert len(logs) == trainer.total_steps == 2 * 2
