@@ -194,9 +194,9 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
     extracted (under torchrun each process a share), or read from --load-features."""
     from dinofuse.dataloading.readers import open_images
     from dinofuse.engine.eval.knn import (
+        comparable_labels,
         dump_features,
         extract_features,
-        labels_problem,
         load_features,
     )
     from dinofuse.engine.eval.report import eval_transform
@@ -219,9 +219,7 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
     device = pick_device(args.device, "--device")
     sets = {split: open_images(folder, split)
             for split, folder in (("train", args.train), ("test", args.val))}
-    problem = labels_problem(sets["train"], sets["test"])
-    if problem is not None:
-        raise DataError(f"--train {args.train} and --val {args.val}: {problem}")
+    comparable_labels(sets["train"], sets["test"], f"--train {args.train} and --val {args.val}")
     backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
     crop = args.crop or cfg.data.global_crop_size
     _knn_protocol(args, cfg.run)
@@ -472,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     maps = sub.add_parser("attention-maps", help="CLS self-attention of each head, as PNGs")
     maps.add_argument("--checkpoint", required=True)
     maps.add_argument("--image", required=True)
-    maps.add_argument("--out", default="attention-maps")
+    maps.add_argument("--out", "--output-dir", dest="out", default="attention-maps",
+                      help="the folder for the PNGs (default: ./attention-maps)")
     maps.add_argument("--size", type=COUNT_ARG, default=0, help="resize the short side (default: global crop)")
     maps.add_argument("--threshold", type=MASS_FRACTION, default=None, help="keep this fraction of the mass")
     maps.add_argument("--device", default="auto")

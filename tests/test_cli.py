@@ -269,7 +269,8 @@ def test_official_weights_evaluate_without_a_dinofuse_config(folder, tmp_path, c
         assert main(["knn", "--checkpoint", str(tmp_path / name), "--which", which, *knn]) == 0
         assert "3-NN: top-1" in capsys.readouterr().out
     assert main(["attention-maps", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--image",
-                 str(folder / "c0" / "0.png"), "--out", str(tmp_path / "maps"), "--size", "32"]) == 0
+                 str(folder / "c0" / "0.png"), "--output-dir", str(tmp_path / "maps"),  # as train's
+                 "--size", "32"]) == 0
     assert len(list((tmp_path / "maps").glob("attn-head*.png"))) == 3  # vit_tiny: 3 heads
     capsys.readouterr()
     assert main(["knn", "--checkpoint", str(tmp_path / "dino_tiny_pretrain.pth"), *knn,
@@ -515,8 +516,18 @@ def test_knn_and_the_report_read_webdataset_shards(trained, folder, tmp_path, ca
     from_folder = capsys.readouterr().out
     assert knn(shards, shards) == 0
     assert capsys.readouterr().out == from_folder
-    assert knn(shards, folder) == 2
-    assert "the two image sets have different classes (2: ['0', '1']" in capsys.readouterr().err
+    # class indices against names: by the names' sorted order (ImageNet's shards against its
+    # val folder), said first
+    assert knn(shards, folder) == 0
+    note = "labels: class index i of the shards is taken as the i-th of the 2 class names in "\
+           "sorted order (c0, c1, ...)\n"
+    assert capsys.readouterr().out == note + from_folder
+    three = tmp_path / "three"
+    shutil.copytree(folder, three)
+    shutil.copytree(folder / "c1", three / "c2")
+    assert knn(shards, three) == 2
+    assert ("one set labels by class index (.cls), the other by class name, and they count 2 "
+            "and 3 classes") in capsys.readouterr().err
     pytest.importorskip("nvidia.dali")  # training reads shards through DALI
     overrides = [o for o in TINY if not o.startswith(("run.knn_after_training", "data.backend"))]
     out = tmp_path / "run"

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dinofuse.dataloading.readers import DataError
 from dinofuse.engine.eval.knn import knn_classify
 
 
@@ -183,3 +184,37 @@ def test_more_processes_than_images_is_named(monkeypatch):
     with pytest.raises(DataError, match="under 3 processes need at least 3 images; this set has 2"):
         knn.extract_features(backbone, _noise_images(2), eval_transform(32, 1.0), "cpu",
                              distributed=True)
+
+
+def test_class_indices_compare_as_indices_and_against_names_by_sorted_order(tmp_path):
+    """Shards label by class index (.cls): two such sets compare index to index, a query
+    set may lack the last classes (a subset) but not hold more; against a folder's names,
+    the i-th sorted name when both count as many classes, which is said."""
+    from dinofuse.dataloading.readers import ImageFiles, WebDatasetShards
+    from dinofuse.engine.eval.knn import comparable_labels, labels_note, labels_problem
+    from test_readers import encoded, write_shard
+
+    def shards(name, labels):
+        members = [m for i, label in enumerate(labels)
+                   for m in ((f"{i}.jpg", encoded(i)), (f"{i}.cls", b"%d" % label))]
+        return WebDatasetShards([write_shard(tmp_path / f"{name}.tar", members)])
+
+    def folder(name, classes):
+        for c in classes:
+            (tmp_path / name / c).mkdir(parents=True)
+            (tmp_path / name / c / "0.jpg").write_bytes(encoded(0))
+        return ImageFiles(tmp_path / name)
+
+    three, two = shards("three", [0, 1, 2, 2]), shards("two", [1, 0])
+    assert labels_problem(three, two) is None and labels_note(three, two) is None
+    assert labels_problem(two, three) == "the queries' class indices go up to 2, the memory's only to 1"
+    names = folder("names", ["b", "a", "c"])
+    for memory, queries in ((three, names), (names, three)):
+        assert labels_problem(memory, queries) is None
+        assert labels_note(memory, queries) == ("labels: class index i of the shards is taken as "
+                                                "the i-th of the 3 class names in sorted order "
+                                                "(a, b, ...)")
+    assert "count 2 and 3 classes" in labels_problem(two, names)
+    assert "different classes" in labels_problem(names, folder("other", ["a", "b", "d"]))
+    with pytest.raises(DataError, match="^--val: the queries' class indices"):
+        comparable_labels(two, three, "--val")

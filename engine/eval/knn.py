@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinofuse.dataloading.readers import DataError
+from dinofuse.dataloading.readers import DataError, WebDatasetShards
 from dinofuse.engine.checkpoint import save_atomic
 from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
 
@@ -37,18 +37,57 @@ def forward_precision(device, precision: str):
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
+def by_class_index(images) -> bool:
+    """Whether the labels are class indices with no names (WebDataset shards' .cls), rather
+    than class names (folders, Fashion-MNIST)."""
+    return isinstance(images, WebDatasetShards) and images.labelled
+
+
 def labels_problem(memory, queries) -> str | None:
     """Why labels of these two sets (memory and queries, or training and validation images)
-    cannot be compared, or None: different class lists (the same index would name other
-    classes), or fewer than two classes (a flat folder of images holds one)."""
+    cannot be compared, or None. Named classes must be the same list (the same index would
+    name other classes). Class indices compare as they are, the queries' within the
+    memory's range (a subset may lack the last classes). An index against a name goes by
+    the names' sorted order (as ImageNet's shards number its folders), when both count as
+    many classes (see `labels_note`). Fewer than two classes (a flat folder holds one) is
+    no labelling."""
     train, val = getattr(memory, "classes", None), getattr(queries, "classes", None)
-    if train is not None and val is not None and list(train) != list(val):
-        return (f"the two image sets have different classes ({len(train)}: {list(train)[:5]}... "
-                f"and {len(val)}: {list(val)[:5]}...): their labels would not mean the same class")
+    if train is not None and val is not None:
+        indexed = by_class_index(memory), by_class_index(queries)
+        if all(indexed) and len(val) > len(train):
+            return (f"the queries' class indices go up to {len(val) - 1}, the memory's only to "
+                    f"{len(train) - 1}")
+        if any(indexed) and not all(indexed) and len(train) != len(val):
+            return (f"one set labels by class index (.cls), the other by class name, and they "
+                    f"count {len(train)} and {len(val)} classes: the indices cannot be matched "
+                    "to the names")
+        if not any(indexed) and list(train) != list(val):
+            return (f"the two image sets have different classes ({len(train)}: {list(train)[:5]}... "
+                    f"and {len(val)}: {list(val)[:5]}...): their labels would not mean the same class")
     if train is None or len(train) < 2:
         return ("labelled images are needed: at least two classes (an ImageFolder layout, one "
                 "subfolder per class)")
     return None
+
+
+def labels_note(memory, queries) -> str | None:
+    """How the labels are matched, when one set has class indices and the other names."""
+    if by_class_index(memory) == by_class_index(queries):
+        return None
+    named = queries if by_class_index(memory) else memory
+    return (f"labels: class index i of the shards is taken as the i-th of the {len(named.classes)} "
+            f"class names in sorted order ({named.classes[0]}, {named.classes[1]}, ...)")
+
+
+def comparable_labels(memory, queries, context: str) -> None:
+    """A DataError (after `context`) when the labels of the two sets cannot be compared;
+    else how they are matched, printed on rank 0 when it needs saying."""
+    problem = labels_problem(memory, queries)
+    if problem is not None:
+        raise DataError(f"{context}: {problem}")
+    note = labels_note(memory, queries)
+    if note is not None and rank_and_world()[0] == 0:
+        print(note, flush=True)
 
 
 @torch.no_grad()

@@ -39,8 +39,8 @@ from dinofuse.engine.checkpoint import CheckpointError, load_file, save_atomic
 from dinofuse.engine.eval.knn import (
     EVAL_PRECISIONS,
     Transformed,
+    comparable_labels,
     forward_precision,
-    labels_problem,
 )
 from dinofuse.engine.eval.report import eval_transform
 from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
@@ -126,9 +126,7 @@ def train_transform(crop: int):
 
 def class_names(train_images, val_images) -> list:
     """The classes both sets share, by index; an error when their labels cannot be compared."""
-    problem = labels_problem(train_images, val_images)
-    if problem is not None:
-        raise DataError(f"linear evaluation: {problem}")
+    comparable_labels(train_images, val_images, "linear evaluation")
     return list(train_images.classes)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
-from dinofuse.dataloading.readers import DataError, fashion_mnist_root, open_images
+from dinofuse.dataloading.readers import fashion_mnist_root, open_images
 from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD
 from dinofuse.engine.config import Config
-from dinofuse.engine.eval.knn import extract_features, knn_classify, labels_problem
+from dinofuse.engine.eval.knn import comparable_labels, extract_features, knn_classify
 
 
 def eval_transform(crop: int, resize_ratio: float, normalize: bool = True):
@@ -28,9 +28,7 @@ def knn_datasets(cfg: Config):
         sets = open_images(cfg.data.path, "train"), open_images(cfg.data.path, "test")
     else:
         return None
-    problem = labels_problem(*sets)
-    if problem is not None:
-        raise DataError(f"k-NN of data.path against run.knn_val: {problem}")
+    comparable_labels(*sets, "k-NN of data.path against run.knn_val")
     return sets
 
 
