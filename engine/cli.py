@@ -502,12 +502,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The parsed command line, where train's section.field=value overrides may also come
+    after its options (`--max-steps 2 run.seed=1`): argparse collects a positional list
+    only once, and would call a second run of them unrecognized."""
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "train":
+        args.overrides += [a for a in extra if not a.startswith("-")]
+        extra = [a for a in extra if a.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "train"]:  # its own parser takes every option that follows
         command, args = "bench train", argparse.Namespace(fn=_bench_train, bench_args=argv[2:])
     else:
-        args = build_parser().parse_args(argv)
+        args = parse_args(build_parser(), argv)
         command = args.command
     finished = False
     try:

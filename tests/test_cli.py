@@ -621,3 +621,21 @@ def test_the_report_after_training_is_skipped_with_the_reason_when_labels_differ
     assert ("k-NN skipped: k-NN of data.path against run.knn_val: the two image sets have "
             "different classes") in printed
     assert not (tmp_path / "run" / "knn.json").exists()
+
+
+def test_train_overrides_may_come_after_its_options(capsys):
+    """`dinofuse train --max-steps 2 run.seed=3`: a second run of overrides is collected
+    too (argparse alone calls it unrecognized); an unknown option still is."""
+    from dinofuse.engine.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["train", "optim.epochs=2", "--max-steps", "2",
+                                       "run.seed=3", "--quiet", "data.path=\"x\""])
+    assert args.overrides == ["optim.epochs=2", "run.seed=3", 'data.path="x"']
+    assert args.max_steps == 2 and args.quiet
+    for argv in (["train", "--max-steps", "2", "--colour", "run.seed=3"],
+                 ["knn", "--checkpoint", "c.pth", "run.seed=3"]):
+        with pytest.raises(SystemExit) as e:
+            parse_args(build_parser(), argv)
+        assert e.value.code == 2
+        assert f"unrecognized arguments: {argv[-2] if argv[0] == 'train' else argv[-1]}" in \
+            capsys.readouterr().err
