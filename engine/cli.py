@@ -100,6 +100,9 @@ def _train(args) -> None:
     if logs and rank == 0:
         print(f"trained {len(logs)} steps to step {trainer.step}; loss {logs[0].loss:.4f} -> "
               f"{logs[-1].loss:.4f}; checkpoint {trainer.last_save()}")
+    elif rank == 0 and trainer.step >= trainer.total_steps:  # a resume of a finished run
+        print(f"nothing to train: {trainer.last_save()} is at step {trainer.step}, the end of "
+              f"its {cfg.optim.epochs} epochs (raise optim.epochs to train on)")
     if cfg.run.knn_after_training:
         _report_after_training(cfg, trainer, rank, world)
 

@@ -213,9 +213,9 @@ class Trainer:
             teacher_params, student_params = list(self.teacher.parameters()), list(self.student.parameters())
             self.ema = lambda m: ema_reference_(teacher_params, student_params, m)
 
-        total_batch = o.batch_size_per_device * self.world
+        self.global_batch = o.batch_size_per_device * self.world  # the images of one step
         n = self.iters_per_epoch
-        self.lr_schedule = cosine_schedule(o.lr * total_batch / 256, o.min_lr, o.epochs, n, o.warmup_epochs)
+        self.lr_schedule = cosine_schedule(o.lr * self.global_batch / 256, o.min_lr, o.epochs, n, o.warmup_epochs)
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, n)
         self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, o.epochs, n)
         self.total_steps = o.epochs * n
@@ -439,6 +439,7 @@ class Trainer:
             save_config(cfg, self.out / "config.toml")
         logs: list[StepLog] = []
         started, last_time, last_step = time.perf_counter(), time.perf_counter(), self.step
+        first_step = self.step
         stop_at = self.total_steps if not max_steps else min(self.total_steps, self.step + max_steps)
         bar = _progress(stop_at, self.step, progress and main)
         board = _tensorboard(self.out / "tensorboard") if main else None
@@ -452,8 +453,8 @@ class Trainer:
                     logs.append(log)
                     now = time.perf_counter()
                     if self.step % cfg.run.log_every_steps == 0 or self.step == stop_at:
-                        log.images_per_s = ((self.step - last_step) * cfg.optim.batch_size_per_device
-                                            / (now - last_time))
+                        log.images_per_s = ((self.step - last_step) * self.global_batch
+                                            / (now - last_time))  # every process's
                         last_time, last_step = now, self.step
                         if log_file is not None:
                             log_file.write(json.dumps(log.as_dict()) + "\n")
@@ -475,7 +476,8 @@ class Trainer:
         bar.close()
         if board is not None:
             board.close()
-        self.save()
+        if self.step != first_step or self.last_save() is None:  # (a finished run resumed:
+            self.save()  # its checkpoint holds this state already; a big one is not rewritten)
         self.finish_pending_save()
         if self.stopping == "signal":
             by = self._signal_name or "a signal to another rank"

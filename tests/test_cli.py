@@ -639,3 +639,17 @@ def test_train_overrides_may_come_after_its_options(capsys):
         assert e.value.code == 2
         assert f"unrecognized arguments: {argv[-2] if argv[0] == 'train' else argv[-1]}" in \
             capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(trained, folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / "checkpoint.pth").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--data", str(folder), "--output-dir", str(run), "--quiet",
+                 "--auto-resume", *TINY]) == 0
+    epochs = next(o for o in TINY if o.startswith("optim.epochs=")).split("=")[1]
+    assert capsys.readouterr().out == (f"nothing to train: {run / 'checkpoint.pth'} is at step "
+                                       f"{torch.load(run / 'checkpoint.pth')['step']}, the end of "
+                                       f"its {epochs} epochs (raise optim.epochs to train on)\n")
+    assert (run / "checkpoint.pth").read_bytes() == before

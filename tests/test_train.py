@@ -93,7 +93,8 @@ def test_resume_continues_the_same_loss_sequence(image_folder, tmp_path, referen
 
 def test_logged_images_per_second_count_the_steps_since_the_last_log(tmp_path, monkeypatch):
     """A clock that moves one second per reading (the fit reads it once per step): each
-    log covers 2 steps of 4 images in 2 s, however far the run has gone."""
+    log covers 2 steps of 4 images in 2 s, however far the run has gone; of every process
+    (under torchrun: the global batch)."""
     import json
 
     from dinofuse.engine import train as train_module
@@ -106,6 +107,11 @@ def test_logged_images_per_second_count_the_steps_since_the_last_log(tmp_path, m
     logged = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
     # (a log names its step from 0)
     assert [(r["step"], r["images_per_s"]) for r in logged] == [(1, 4.0), (3, 4.0), (5, 4.0)]
+    assert trainer.global_batch == 4 * trainer.world
+    trainer.global_batch = 12  # as 3 processes of 4 would see it
+    trainer.fit(max_steps=2, progress=False)
+    logged = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["images_per_s"]) for r in logged[3:]] == [(7, 12.0)]
 
 
 def test_resume_restores_the_random_states_of_the_save(tmp_path):
