@@ -170,9 +170,10 @@ def shard_indexes(tars: Sequence[str]) -> dict:
     return {"index_paths": [str(i) for i in indexes]} if all(indexes) else {}
 
 
-def decode_rgb(encoded, gpu: bool, hw_decoder_load: float | None = None):
-    """The images in `encoded` as RGB, as PIL's convert("RGB") gives them (the official
-    loader): the EXIF orientation is not applied (DALI's default would turn them)."""
+def decode_images(encoded, gpu: bool, hw_decoder_load: float | None = None):
+    """The images in `encoded` as RGB, as `readers.decode_rgb` gives them (the official
+    loader, PIL's convert("RGB")): the EXIF orientation is not applied (DALI's default would
+    turn them)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
@@ -215,7 +216,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
             label = fn.cast(encoded.shape()[0] * 0, dtype=types.INT32)
         else:
             encoded, label = fn.readers.file(files=list(files), labels=list(labels), **common)
-        image = decode_rgb(encoded, gpu, hw_decoder_load)
+        image = decode_images(encoded, gpu, hw_decoder_load)
         crops = [_one_crop(image, c, spec, "gpu" if gpu else "cpu") for c in spec.crops()]
         return (*crops, label)
 

@@ -102,11 +102,20 @@ class ImageFiles:
         return decode_rgb(path, path), label
 
 
+# PIL's modes of a 16-bit grayscale image (a 16-bit PNG, TIFF or PGM)
+SIXTEEN_BIT_GRAY = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
 def decode_rgb(source, name) -> Image.Image:
-    """The RGB image in `source` (a path or a file object); a DataError naming `name` if it
-    cannot be decoded."""
+    """The RGB image in `source` (a path or a file object), as the official loader's
+    convert("RGB") gives it, except for 16-bit grayscale: convert clips its values at 255
+    (a white image); it is scaled to 8 bits here (value / 257, rounded) as DALI decodes it.
+    A DataError naming `name` if it cannot be decoded."""
     try:
         with Image.open(source) as img:
+            if img.mode in SIXTEEN_BIT_GRAY:
+                eight_bits = np.round(np.asarray(img, dtype=np.float64) / 257).astype(np.uint8)
+                return Image.fromarray(eight_bits).convert("RGB")
             return img.convert("RGB")
     except Exception as e:
         raise DataError(f"cannot decode image {name}: {e}") from None

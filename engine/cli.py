@@ -324,8 +324,7 @@ def _linear(args) -> None:
 
 
 def _attention_maps(args) -> None:
-    from PIL import Image
-
+    from dinofuse.dataloading.readers import decode_rgb
     from dinofuse.engine.eval.attention_maps import cls_attention, save_attention_maps
 
     backbone, cfg = _load_backbone(args.checkpoint, pick_device(args.device, "--device"),
@@ -333,10 +332,7 @@ def _attention_maps(args) -> None:
     path = Path(args.image)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
-    try:
-        image = Image.open(path).convert("RGB")
-    except Exception as e:
-        raise DataError(f"cannot decode image {path}: {e}") from None
+    image = decode_rgb(path, path)
     img, attn, masks = cls_attention(backbone, image, args.size or cfg.data.global_crop_size,
                                      args.threshold)
     written = save_attention_maps(img, attn, masks, args.out)

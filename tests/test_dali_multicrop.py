@@ -15,7 +15,7 @@ from dinofuse.dataloading.dali_multicrop import (  # noqa: E402
     DALIMultiCropLoader,
     MultiCropSpec,
     build_pipeline,
-    decode_rgb,
+    decode_images,
 )
 from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -72,19 +72,22 @@ def dali_decoded(data: bytes) -> np.ndarray:
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def decode():
         encoded = fn.external_source(source=[[np.frombuffer(data, np.uint8)]], cycle=True)
-        return decode_rgb(encoded, gpu=False)
+        return decode_images(encoded, gpu=False)
 
     (images,) = decode().run()
     return np.asarray(images[0])
 
 
 def test_dali_decodes_what_pil_decodes_in_the_formats_the_screen_lets_through():
-    """The screen's DALI_FORMATS against DALI itself: each passes to PIL's pixels (the
-    official loader's), each other format PIL opens fails."""
+    """The screen's DALI_FORMATS against DALI itself: each gives the pixels of our PIL
+    reader (the official loader's, but for 16-bit grayscale), each other format PIL opens
+    fails."""
+    from dinofuse.dataloading.readers import decode_rgb
     from test_check import FOR_DALI, NOT_FOR_DALI
+    from test_readers import sixteen_bit_gray_png
 
-    for fmt, data in FOR_DALI.items():
-        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    for fmt, data in {**FOR_DALI, "16-bit PNG": sixteen_bit_gray_png()[0]}.items():
+        expected = np.asarray(decode_rgb(io.BytesIO(data), fmt))
         assert np.array_equal(dali_decoded(data), expected), fmt
     for fmt, data in NOT_FOR_DALI.items():
         with pytest.raises(RuntimeError, match="decoders.image"):

@@ -181,3 +181,32 @@ def test_dalis_index_beside_a_shard_gives_the_same_samples(tmp_path):
     (tmp_path / "s.idx").write_text("not an index\n")
     with pytest.raises(DataError, match=r"s.idx is not a DALI WebDataset index"):
         WebDatasetShards([tar])
+
+
+def sixteen_bit_gray_png() -> tuple[bytes, np.ndarray]:
+    """A 16-bit grayscale PNG over the whole range, and its values."""
+    values = (np.random.default_rng(4).random((9, 13)) * 65535).astype(np.uint16)
+    values[0, :3] = [0, 128, 65535]  # the ends, and a value that rounds to 0
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, "PNG")
+    return buf.getvalue(), values
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits_not_clipped():
+    """PIL's convert("RGB") (the official loader's) clips a 16-bit gray at 255: nearly all
+    white. Our reader scales it (value / 257, rounded) as DALI does; 8-bit images are
+    convert's."""
+    from dinofuse.dataloading.readers import decode_rgb
+
+    data, values = sixteen_bit_gray_png()
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    assert (np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) == 255).mean() > 0.9
+    rgb = np.asarray(decode_rgb(io.BytesIO(data), "x.png"))
+    assert rgb.shape == (9, 13, 3) and rgb.dtype == np.uint8
+    expected = np.floor(values / 257 + 0.5).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[:, :, c], expected)
+    assert list(rgb[0, :3, 0]) == [0, 0, 255]
+    eight = encoded(2, "PNG")
+    assert np.array_equal(np.asarray(decode_rgb(io.BytesIO(eight), "y.png")),
+                          np.asarray(Image.open(io.BytesIO(eight)).convert("RGB")))
