@@ -15,6 +15,7 @@ from dinofuse.dataloading.readers import (
     DataError,
     WebDatasetShards,
     image_folder,
+    images_under,
     webdataset_shards,
 )
 
@@ -102,7 +103,7 @@ def check_images(root: str | Path, threads: int = 0) -> tuple[int, list[tuple[Pa
         good, bad = check_shards(shards, threads, formats=DALI_FORMATS)
         return good, [(shards.name(i), why) for i, why in bad]
     root = image_folder(root)
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = images_under(root)
     good, bad = check_files(paths, threads, formats=DALI_FORMATS)
     if good == 0 and not bad:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")

@@ -79,6 +79,13 @@ def image_folder(root: str | Path) -> Path:
     raise DataError(f"image folder not found: {root}")
 
 
+def images_under(folder: Path) -> list[Path]:
+    """The image files in `folder` and below, in torchvision ImageFolder's order (folder by
+    folder in sorted order, then the names in each), following links to folders as it does."""
+    return [Path(where) / name for where, _, names in sorted(os.walk(folder, followlinks=True))
+            for name in sorted(names) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+
+
 class ImageFiles:
     """An ImageFolder layout (one subfolder per class) or a flat folder (label 0)."""
 
@@ -87,7 +94,7 @@ class ImageFiles:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if classes:
             self.samples = [(p, label) for label, c in enumerate(classes)
-                            for p in sorted((root / c).rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+                            for p in images_under(root / c)]
         else:
             self.samples = [(p, 0) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
         if not self.samples:

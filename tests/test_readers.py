@@ -77,6 +77,25 @@ def test_image_folders_find_nested_files_and_any_suffix_case(tmp_path):
     assert [p.name for p, _ in ImageFiles(tmp_path / "flat").samples] == ["x.PNG", "y.jpg"]
 
 
+def test_image_folders_list_what_torchvisions_image_folder_lists_in_its_order(tmp_path):
+    """The official loader's samples, in its order (a folder's own files before its
+    subfolders'), links to folders followed: a subset made of links to the real folders."""
+    from torchvision.datasets import ImageFolder
+
+    for rel in ("real/x/1.jpg", "real/x/0.jpg", "set/c0/z.jpg", "set/c0/a/1.jpg", "set/c0/a/b/0.PNG",
+                "set/c0/0_.tif", "set/c2/notes.txt", "set/c2/k.webp"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")  # listed, not read
+    (tmp_path / "set" / "c0" / "linked").symlink_to(tmp_path / "real" / "x")
+    (tmp_path / "set" / "c1").symlink_to(tmp_path / "real" / "x")
+    ours = ImageFiles(tmp_path / "set")
+    official = ImageFolder(str(tmp_path / "set"), loader=lambda path: path)
+    assert [(str(p), label) for p, label in ours.samples] == official.samples
+    assert ours.classes == official.classes == ["c0", "c1", "c2"]
+    assert [p.relative_to(tmp_path / "set").as_posix() for p, _ in ours.samples[:6]] == \
+        ["c0/0_.tif", "c0/z.jpg", "c0/a/1.jpg", "c0/a/b/0.PNG", "c0/linked/0.jpg", "c0/linked/1.jpg"]
+
+
 def write_shard(path, members):
     """A .tar of (member name, bytes), in that order."""
     with tarfile.open(path, "w") as tar:
