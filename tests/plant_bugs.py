@@ -1171,6 +1171,21 @@ BUGS = [
         'if self.step != first_step or self.last_save() is None:',
         'if True:',
         ['test_cli.py::test_resuming_a_finished_run_says_there_is_nothing_to_train']),
+    Bug('dataloading/readers.py',
+        'if img.mode in SIXTEEN_BIT_GRAY:',
+        'if False:',
+        ['test_readers.py::test_sixteen_bit_grayscale_is_scaled_to_eight_bits_not_clipped',
+         'test_dali_multicrop.py::test_dali_decodes_what_pil_decodes_in_the_formats_the_screen_lets_through']),
+    Bug('dataloading/readers.py',
+        'for where, _, names in sorted(os.walk(folder, followlinks=True))',
+        'for where, _, names in sorted(os.walk(folder))',
+        ['test_readers.py::test_image_folders_list_what_torchvisions_image_folder_lists_in_its_order']),
+    Bug('dataloading/readers.py',
+        '''            self.samples = [(p, label) for label, c in enumerate(classes)
+                            for p in images_under(root / c)]''',
+        '''            self.samples = [(p, label) for label, c in enumerate(classes)
+                            for p in sorted(images_under(root / c))]''',
+        ['test_readers.py::test_image_folders_list_what_torchvisions_image_folder_lists_in_its_order']),
 ]
 
 

@@ -91,9 +91,11 @@ def test_the_screen_flags_formats_dali_cannot_decode(tmp_path):
         assert check_files(paths, 2, decode) == (3, [])
         good, bad = check_files(paths, 2, decode, DALI_FORMATS)
         assert good == 1 and [p.name for p, _ in bad] == ["a.png", "c.jpg"]
+    good, bad = check_images(tmp_path)  # `dinofuse data check`: DALI is the default reader
+    assert good == 1 and [p.name for p, _ in bad] == ["a.png", "c.jpg"]
     tar = write_shard(tmp_path / "s.tar", [(f"{i}.jpg", data) for i, data in enumerate(names.values())])
     for decode in (False, True):
         good, bad = check_shards(WebDatasetShards([tar]), 2, decode=decode, formats=DALI_FORMATS)
         assert good == 1 and [i for i, _ in bad] == [0, 2]
-    good, bad = check_images(tmp_path / "s.tar")  # `dinofuse data check`: DALI is the default
+    good, bad = check_images(tmp_path / "s.tar")
     assert good == 1 and [name.split(":")[1] for name, _ in bad] == ["0.jpg", "2.jpg"]
