@@ -1186,6 +1186,28 @@ BUGS = [
         '''            self.samples = [(p, label) for label, c in enumerate(classes)
                             for p in sorted(images_under(root / c))]''',
         ['test_readers.py::test_image_folders_list_what_torchvisions_image_folder_lists_in_its_order']),
+    Bug('engine/time_budget.py',
+        'while epochs > 1 and (epochs * per_epoch + knn_s * knn_evaluations(epochs, knn_every, report_after)',
+        'while epochs > 1 and (epochs * per_epoch + 0 * knn_evaluations(epochs, knn_every, report_after)',
+        ['test_time_budget.py']),
+    Bug('engine/time_budget.py',
+        'return epochs // every - (report_after and epochs % every == 0)',
+        'return epochs // every',
+        ['test_time_budget.py']),
+    Bug('engine/time_budget.py',
+        'knn_s = _knn_seconds(trial) if trial.knn_sets is not None else 0.0',
+        'knn_s = 0.0',
+        ['test_time_budget.py::test_the_trial_times_the_knn_only_when_asked']),
+    Bug('engine/time_budget.py',
+        'return elapsed * sum(len(images) for images in memory_and_queries) / len(timed)',
+        'return elapsed * len(memory) / len(timed)',
+        ['test_time_budget.py']),
+    Bug('engine/time_budget.py',
+        '''    epochs = fitted_epochs(minutes, cfg.optim.epochs, iters, step_s, save_s, knn_s,
+                           r.knn_every_epochs, r.knn_after_training)''',
+        '''    epochs = fitted_epochs(minutes, cfg.optim.epochs, iters, step_s, save_s, knn_s,
+                           r.knn_every_epochs)''',
+        ['test_time_budget.py']),
 ]
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from dinofuse.engine.cli import main
 from dinofuse.engine.config import load_config
-from dinofuse.engine.time_budget import fitted_epochs, shrink_schedule
+from dinofuse.engine.time_budget import fitted_epochs, knn_evaluations, shrink_schedule
 from test_cli import folder  # noqa: F401  (the image-folder fixture)
 from test_train import TINY
 
@@ -19,6 +19,70 @@ def test_fitted_epochs_count_each_epochs_steps_and_its_save():
     assert fitted_epochs(59.9 / 60, 100, 10, 0.5, 5.0) == 5  # whole epochs only
     assert fitted_epochs(1.0, 4, 10, 0.5, 5.0) == 4  # never more than planned
     assert fitted_epochs(0.01, 4, 10, 0.5, 5.0) == 1  # at least one
+
+
+def test_fitted_epochs_count_the_between_epoch_knn():
+    """run.knn_every_epochs: each evaluation's time counts, but not after the last epoch
+    when the report after training follows (the trainer skips that one)."""
+    assert [knn_evaluations(e, 2, True) for e in (1, 2, 3, 4, 5)] == [0, 0, 1, 1, 2]
+    assert [knn_evaluations(e, 2, False) for e in (1, 2, 3, 4, 5)] == [0, 1, 1, 2, 2]
+    assert knn_evaluations(7, 0, False) == 0
+    # 10 steps of 0.5 s and no save: 5 s an epoch; an 8 s k-NN after each
+    assert fitted_epochs(1.0, 100, 10, 0.5, 0.0, 8.0, 1, report_after=True) == 5  # 65 - 8 s
+    assert fitted_epochs(1.0, 100, 10, 0.5, 0.0, 8.0, 1, report_after=False) == 4  # 52 s
+    assert fitted_epochs(1.0, 100, 10, 0.5, 0.0, 8.0, 0) == 12  # none asked for
+    assert fitted_epochs(0.01, 100, 10, 0.5, 0.0, 8.0, 1) == 1  # at least one
+
+
+def test_the_fit_takes_the_knn_estimate_and_says_it(monkeypatch):
+    from dinofuse.engine import time_budget
+
+    monkeypatch.setattr(time_budget, "measure", lambda cfg: (0.5, 0.0, 10, 8.0))
+    for every, after, epochs in ((1, "true", 5), (1, "false", 4), (0, "true", 12)):
+        cfg = load_config("default", ["optim.epochs=100", f"run.knn_every_epochs={every}",
+                                      f"run.knn_after_training={after}"])
+        fitted, fit = time_budget.fit_to_minutes(cfg, 1.0)
+        assert fitted.optim.epochs == fit.epochs == epochs
+    assert fit.describe(1.0).endswith("5.0 s per epoch, measured)")
+    fit.knn_every = 2
+    assert fit.describe(1.0).endswith("5.0 s per epoch, measured; a 8.0 s k-NN every 2 epoch(s), "
+                                      "estimated)")
+
+
+def test_the_knn_estimate_scales_its_timed_images_to_memory_and_queries(folder, tmp_path,  # noqa: F811
+                                                                         monkeypatch):
+    """A clock that moves 10 ms per image extracted: the estimate is 10 ms per image of the
+    memory and the queries, whatever share of them was timed."""
+    from dinofuse.engine import time_budget
+    from dinofuse.engine.eval import knn
+    from dinofuse.engine.train import Trainer
+
+    trial = Trainer(load_config("default", TINY + [f'data.path="{folder}"', "run.knn_every_epochs=1",
+                                                   f'run.knn_val="{folder}"',
+                                                   f'run.output_dir="{tmp_path}"']))
+    clock, timed = [0.0], []
+
+    def extract(backbone, images, *args, **kwargs):
+        timed.append(len(images))
+        clock[0] += 0.01 * len(images)
+
+    monkeypatch.setattr(knn, "extract_features", extract)
+    monkeypatch.setattr(time_budget.time, "perf_counter", lambda: clock[0])
+    memory, queries = trial.knn_sets
+    monkeypatch.setattr(time_budget, "KNN_TIMED_IMAGES", len(memory) // 2)
+    assert time_budget._knn_seconds(trial) == pytest.approx(0.01 * (len(memory) + len(queries)))
+    assert timed == [len(memory) // 2]
+
+
+def test_the_trial_times_the_knn_only_when_asked(folder, tmp_path, reference_path):  # noqa: F811
+    from dinofuse.engine.time_budget import measure
+
+    cfg = load_config("default", TINY + [f'data.path="{folder}"', "run.knn_every_epochs=1",
+                                         f'run.knn_val="{folder}"', f'run.output_dir="{tmp_path}"'])
+    step_s, save_s, iters, knn_s = measure(cfg)
+    assert step_s > 0 and save_s > 0 and iters == 4 and knn_s > 0
+    cfg.run.knn_every_epochs = 0
+    assert measure(cfg)[3] == 0.0
 
 
 def test_a_shorter_run_keeps_the_planned_runs_shape():
