@@ -519,8 +519,8 @@ def test_knn_and_the_report_read_webdataset_shards(trained, folder, tmp_path, ca
     # class indices against names: by the names' sorted order (ImageNet's shards against its
     # val folder), said first
     assert knn(shards, folder) == 0
-    note = "labels: class index i of the shards is taken as the i-th of the 2 class names in "\
-           "sorted order (c0, c1, ...)\n"
+    note = "labels: the shards' class index i is taken as the other set's i-th class, of 2 "\
+           "(c0, c1, ...; a folder's in sorted order)\n"
     assert capsys.readouterr().out == note + from_folder
     three = tmp_path / "three"
     shutil.copytree(folder, three)

@@ -211,9 +211,9 @@ def test_class_indices_compare_as_indices_and_against_names_by_sorted_order(tmp_
     names = folder("names", ["b", "a", "c"])
     for memory, queries in ((three, names), (names, three)):
         assert labels_problem(memory, queries) is None
-        assert labels_note(memory, queries) == ("labels: class index i of the shards is taken as "
-                                                "the i-th of the 3 class names in sorted order "
-                                                "(a, b, ...)")
+        assert labels_note(memory, queries) == ("labels: the shards' class index i is taken as "
+                                                "the other set's i-th class, of 3 (a, b, ...; a "
+                                                "folder's in sorted order)")
     assert "count 2 and 3 classes" in labels_problem(two, names)
     assert "different classes" in labels_problem(names, folder("other", ["a", "b", "d"]))
     with pytest.raises(DataError, match="^--val: the queries' class indices"):

@@ -75,8 +75,9 @@ def labels_note(memory, queries) -> str | None:
     if by_class_index(memory) == by_class_index(queries):
         return None
     named = queries if by_class_index(memory) else memory
-    return (f"labels: class index i of the shards is taken as the i-th of the {len(named.classes)} "
-            f"class names in sorted order ({named.classes[0]}, {named.classes[1]}, ...)")
+    return (f"labels: the shards' class index i is taken as the other set's i-th class, of "
+            f"{len(named.classes)} ({named.classes[0]}, {named.classes[1]}, ...; a folder's in "
+            "sorted order)")
 
 
 def comparable_labels(memory, queries, context: str) -> None:
