@@ -41,10 +41,11 @@ test-compat: data
 	[ -x $(COMPAT_VENV)/bin/python ] || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install -q torch==2.11.0 torchvision==0.26.0 triton==3.6.0 numpy==2.3.5 \
 	  timm==1.0.31 nvidia-dali-cuda130==2.4.0 nvidia-ml-py==13.615.71 safetensors==0.8.0 \
-	  tensorboard==2.21.0 tqdm==4.70.1 matplotlib==3.11.2 pytest==9.2.0 pytest-benchmark==5.3.1
+	  tensorboard==2.21.0 tqdm==4.70.1 matplotlib==3.11.2 pytest==9.2.0 pytest-benchmark==5.3.1 \
+	  pytest-xdist==3.8.0
 	$(COMPAT_VENV)/bin/pip install -q --no-deps xformers==0.0.35
 	$(COMPAT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
-	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 # The kernel benchmark (GPU if present, else the CPU rows).
 bench: install
