@@ -142,10 +142,58 @@ def load_backbone(model: torch.nn.Module, path: str | Path, which: str = "teache
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: str | Path) -> None:
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # "size mismatch for blocks.0...": torch lists every tensor
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line),
+                     str(e).splitlines()[0])
+        raise CheckpointError(f"{source}: weights do not fit this model; {first}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{source}: weights do not fit this model; missing "
                               f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def head_state(obj: dict) -> dict:
+    """The DINO head's weights in an official or dinofuse checkpoint (its teacher's), keyed
+    as DINOHead's; empty for a bare backbone."""
+    if "teacher" in obj and isinstance(obj["teacher"], dict):
+        obj = obj["teacher"]
+    state = strip_prefixes(obj)
+    return {k.removeprefix("head."): v for k, v in state.items()
+            if k.startswith("head.") and torch.is_tensor(v)}
+
+
+def fit_position_embedding(state: dict, model: torch.nn.Module) -> None:
+    """state's position embedding resampled (bicubic, as the official ViT's forward does) to
+    the grid `model` stores, when the weights were stored at another size."""
+    from timm.layers import resample_abs_pos_embed
+
+    ours = model.pos_embed
+    if "pos_embed" not in state or state["pos_embed"].shape == ours.shape:
+        return
+    grid = math.isqrt(ours.shape[1] - 1)
+    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [grid, grid],
+                                                num_prefix_tokens=1)
+
+
+def init_weights(student: torch.nn.Module, teacher: torch.nn.Module, path: str | Path) -> str:
+    """Start the student and the teacher (DINO wrappers: .backbone, .head) from the weights
+    in the file `path`: its teacher's backbone (official DINO checkpoints, ours, released
+    backbones, timm exports), and its teacher's head when it has one of this shape; returns
+    what was loaded, in words."""
+    contents = load_file(path)
+    backbone = backbone_state(contents, "teacher")
+    fit_position_embedding(backbone, student.backbone)
+    head, ours = head_state(contents), student.head.state_dict()
+    same_head = head.keys() == ours.keys() and all(head[k].shape == ours[k].shape for k in ours)
+    for model in (student, teacher):
+        load_weights(model.backbone, backbone, path)
+        if same_head:
+            model.head.load_state_dict(head)
+    if same_head:
+        return "backbone and head"
+    return ("backbone; the head starts new (" + ("none there" if not head else
+            "another shape there") + ")")
 
 
 def export_backbone(state: dict, out: str | Path) -> Path:

@@ -115,6 +115,9 @@ class ImplConfig:
 class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
+    # a fresh run's starting weights (a file: an official DINO checkpoint or backbone, ours,
+    # a timm export): its teacher's backbone, and head when of this shape, in both networks
+    init_from: str = ""
     device: str = "auto"
     cpu_threads: int = 0  # training threads on a CPU; 0 = the cores less one per data worker
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit

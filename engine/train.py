@@ -35,6 +35,7 @@ from dinofuse.engine.checkpoint import (
     CheckpointError,
     checkpoint_step,
     dcp_errors,
+    init_weights,
     latest_complete,
     load_file,
     mark_complete,
@@ -187,7 +188,16 @@ class Trainer:
                                    save_progress=self.save)
         self.ncrops, self.iters_per_epoch = self.input.ncrops, self.input.iters_per_epoch
 
+        if resume == "auto":
+            resume = run_has_checkpoint(self.out)
         self.student, self.teacher = build_student_teacher(cfg)
+        if cfg.run.init_from and not resume:  # (a resume's weights are its checkpoint's)
+            try:
+                loaded = init_weights(self.student, self.teacher, cfg.run.init_from)
+            except CheckpointError as e:
+                raise CheckpointError(f"run.init_from: {e}") from None
+            if self.rank == 0:
+                print(f"run.init_from: {loaded} from {cfg.run.init_from}", flush=True)
         self.student.to(self.device)
         self.teacher.to(self.device)
         self.sharded = self.world > 1 or cfg.impl.fsdp == "always"
@@ -236,8 +246,6 @@ class Trainer:
             if self.knn_sets is None:
                 raise TrainingError("run.knn_every_epochs needs query images: set "
                                     "run.knn_val=DIR (Fashion-MNIST brings its test split)")
-        if resume == "auto":
-            resume = run_has_checkpoint(self.out)
         if resume:
             self._resume()
         else:

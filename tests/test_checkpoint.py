@@ -341,3 +341,62 @@ def test_the_model_config_comes_from_the_weights_and_the_official_args():
         model_config_for(odd, {})
     with pytest.raises(CheckpointError, match="no ViT backbone"):
         model_config_for({"fc.weight": torch.zeros(2, 2)}, {})
+
+
+def test_a_run_starts_from_other_weights_and_a_resume_ignores_them(tmp_path, capsys):
+    """run.init_from: an official training checkpoint gives both networks its teacher's
+    backbone, and its head when this config's head has that shape; a bare backbone leaves
+    the head as a fresh run has it; one stored at another grid gets its position embedding
+    resampled; other widths are one line naming the field; a resume takes its own weights."""
+    from timm.layers import resample_abs_pos_embed
+
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.train import Trainer
+    from test_train import TINY
+
+    def trainer(name, *extra, resume=False):
+        return Trainer(load_config("default", TINY + ['data.path="synthetic"', *extra,
+                                                      f'run.output_dir="{tmp_path / name}"']),
+                       resume=resume)
+
+    fresh = trainer("fresh")
+    backbone = {k: v + 0.5 for k, v in fresh.teacher.backbone.state_dict().items()}
+    head = {k: v + 0.25 for k, v in fresh.teacher.head.state_dict().items()}
+    official = {"student": {f"module.backbone.{k}": v + 1 for k, v in backbone.items()},
+                "teacher": {**{f"backbone.{k}": v for k, v in backbone.items()},
+                            **{f"head.{k}": v for k, v in head.items()}},
+                "args": argparse.Namespace(arch="vit_tiny")}
+    torch.save(official, tmp_path / "official.pth")
+    capsys.readouterr()
+    started = trainer("a", f'run.init_from="{tmp_path / "official.pth"}"')
+    assert capsys.readouterr().out == f"run.init_from: backbone and head from {tmp_path / 'official.pth'}\n"
+    for net in (started.student, started.teacher):
+        for got, want in ((net.backbone, backbone), (net.head, head)):
+            assert all(torch.equal(v, want[k]) for k, v in got.state_dict().items())
+    export_backbone(backbone, tmp_path / "backbone.safetensors")
+    wider = dict(official["teacher"], **{"head.last_layer.weight_v": torch.zeros(65, 16),
+                                         "head.last_layer.weight_g": torch.ones(65, 1)})
+    torch.save(dict(official, teacher=wider), tmp_path / "wider_head.pth")
+    for name, said in (("backbone.safetensors", "none there"), ("wider_head.pth", "another shape there")):
+        bare = trainer(name, f'run.init_from="{tmp_path / name}"')
+        assert f"backbone; the head starts new ({said})" in capsys.readouterr().out
+        assert all(torch.equal(v, backbone[k]) for k, v in bare.teacher.backbone.state_dict().items())
+        assert all(torch.equal(a, b) for a, b in zip(bare.student.head.state_dict().values(),
+                                                      fresh.student.head.state_dict().values()))
+    grid = int((backbone["pos_embed"].shape[1] - 1) ** 0.5)
+    finer = dict(backbone, pos_embed=resample_abs_pos_embed(backbone["pos_embed"], [2 * grid] * 2,
+                                                            num_prefix_tokens=1))
+    torch.save(finer, tmp_path / "finer.pth")
+    resampled = trainer("c", f'run.init_from="{tmp_path / "finer.pth"}"')
+    assert torch.equal(resampled.student.backbone.pos_embed,
+                       resample_abs_pos_embed(finer["pos_embed"], [grid] * 2, num_prefix_tokens=1))
+    torch.save({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k == "cls_token" else v
+                for k, v in backbone.items()}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"^run.init_from: .*other.pth: weights do not fit "
+                                              r"this model; size mismatch for cls_token"):
+        trainer("d", f'run.init_from="{tmp_path / "other.pth"}"')
+    started.fit(max_steps=1, progress=False)
+    resumed = trainer("a", f'run.init_from="{tmp_path / "gone.pth"}"', resume=True)
+    assert resumed.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(resumed.student.state_dict().values(),
+                                                  started.student.state_dict().values()))
