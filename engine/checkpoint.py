@@ -164,16 +164,15 @@ def head_state(obj: dict) -> dict:
 
 
 def fit_position_embedding(state: dict, model: torch.nn.Module) -> None:
-    """state's position embedding resampled (bicubic, as the official ViT's forward does) to
-    the grid `model` stores, when the weights were stored at another size."""
-    from timm.layers import resample_abs_pos_embed
+    """state's position embedding resized to the grid `model` stores, when the weights were
+    stored at another size: as the official ViT's forward would resize it for that grid."""
+    from dinofuse.engine.models.vit import resize_pos_embed
 
     ours = model.pos_embed
     if "pos_embed" not in state or state["pos_embed"].shape == ours.shape:
         return
     grid = math.isqrt(ours.shape[1] - 1)
-    state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], [grid, grid],
-                                                num_prefix_tokens=1)
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], grid, grid)
 
 
 def init_weights(student: torch.nn.Module, teacher: torch.nn.Module, path: str | Path) -> str:

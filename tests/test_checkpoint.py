@@ -351,6 +351,7 @@ def test_a_run_starts_from_other_weights_and_a_resume_ignores_them(tmp_path, cap
     from timm.layers import resample_abs_pos_embed
 
     from dinofuse.engine.config import load_config
+    from dinofuse.engine.models.vit import resize_pos_embed
     from dinofuse.engine.train import Trainer
     from test_train import TINY
 
@@ -388,8 +389,14 @@ def test_a_run_starts_from_other_weights_and_a_resume_ignores_them(tmp_path, cap
                                                             num_prefix_tokens=1))
     torch.save(finer, tmp_path / "finer.pth")
     resampled = trainer("c", f'run.init_from="{tmp_path / "finer.pth"}"')
+    # as the official forward resizes it at that grid (F.interpolate's bicubic, by hand below)
     assert torch.equal(resampled.student.backbone.pos_embed,
-                       resample_abs_pos_embed(finer["pos_embed"], [grid] * 2, num_prefix_tokens=1))
+                       resize_pos_embed(finer["pos_embed"], grid, grid))
+    patches = finer["pos_embed"][:, 1:].reshape(1, 2 * grid, 2 * grid, -1).permute(0, 3, 1, 2)
+    by_hand = torch.nn.functional.interpolate(patches, scale_factor=(grid + 0.1) / (2 * grid),
+                                              mode="bicubic")
+    torch.testing.assert_close(resampled.student.backbone.pos_embed[0, 1:],
+                               by_hand.permute(0, 2, 3, 1).reshape(grid * grid, -1), rtol=0, atol=1e-6)
     torch.save({k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k == "cls_token" else v
                 for k, v in backbone.items()}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"^run.init_from: .*other.pth: weights do not fit "

@@ -321,20 +321,10 @@ class VisionTransformer(nn.Module):
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embedding for an image of height x width pixels (official formula)."""
-        n_stored = self.pos_embed.shape[1] - 1
         rows, cols = height // self.patch_size, width // self.patch_size
-        if rows * cols == n_stored and rows == cols:
+        if rows * cols == self.pos_embed.shape[1] - 1 and rows == cols:
             return self.pos_embed
-        side = int(math.sqrt(n_stored))
-        grid = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        # +0.1 keeps floor(side * factor) from rounding below the wanted count
-        grid = F.interpolate(grid.float(), scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
-                             mode="bicubic")
-        if grid.shape[-2:] != (rows, cols):
-            raise RuntimeError(f"position-embedding resize gave {tuple(grid.shape[-2:])}, "
-                               f"wanted {(rows, cols)}")
-        grid = grid.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
-        return torch.cat((self.pos_embed[:, :1], grid), dim=1)
+        return resize_pos_embed(self.pos_embed, rows, cols)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, 1 + patches, D) with CLS and position."""
@@ -404,6 +394,21 @@ class VisionTransformer(nn.Module):
             tokens, _ = block(tokens)
         _, attn = self.blocks[-1](tokens, return_attention=True)
         return attn
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A (1, 1 + side^2, D) position embedding (CLS first) resized to a rows x cols patch
+    grid as the official ViT's forward does: bicubic, scale factors (count + 0.1) / side."""
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    # +0.1 keeps floor(side * factor) from rounding below the wanted count
+    grid = F.interpolate(grid.float(), scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
+                         mode="bicubic")
+    if grid.shape[-2:] != (rows, cols):
+        raise RuntimeError(f"position-embedding resize gave {tuple(grid.shape[-2:])}, "
+                           f"wanted {(rows, cols)}")
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
+    return torch.cat((pos_embed[:, :1], grid), dim=1)
 
 
 def _init_weights(m: nn.Module) -> None:
