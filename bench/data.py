@@ -70,16 +70,22 @@ def _images_per_s(loader) -> float:
 
 
 def time_dali(files: list[str], spec: MultiCropSpec, batch: int, threads: int,
-              repeat: int = 1, hw_decoder_load: float | None = None) -> float:
+              repeat: int = 1, hw_decoder_load: float | None = None,
+              fancy_upsampling: bool = True) -> float:
     from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
 
     files = files * repeat  # each listed file is read and decoded again: a longer epoch
     device_id = 0 if torch.cuda.is_available() else None
     loader = DALIMultiCropLoader(build_pipeline(files, [0] * len(files), spec, batch_size=batch,
                                                 device_id=device_id, num_threads=threads,
-                                                hw_decoder_load=hw_decoder_load),
+                                                hw_decoder_load=hw_decoder_load,
+                                                fancy_upsampling=fancy_upsampling),
                                  2 + spec.local_crops_number)
     return _images_per_s(loader)
+
+
+# a breakdown row on a GPU: the full graph with nvJPEG's own chroma upsampling
+NVJPEG_CHROMA = "all crops, nvJPEG's own chroma upsampling (data.jpeg_fancy_upsampling=false)"
 
 
 def breakdown_specs(spec: MultiCropSpec) -> dict[str, MultiCropSpec]:
@@ -128,6 +134,9 @@ def main(argv=None):
             results["dali_breakdown_images_per_s"] = {
                 name: round(time_dali(files, lighter, args.batch, args.threads, args.repeat), 1)
                 for name, lighter in breakdown_specs(spec).items()}
+            if torch.cuda.is_available():  # the default interpolates chroma as PIL does
+                results["dali_breakdown_images_per_s"][NVJPEG_CHROMA] = round(time_dali(
+                    files, spec, args.batch, args.threads, args.repeat, fancy_upsampling=False), 1)
         if args.hw_decoder_load and not torch.cuda.is_available():
             results["dali_hw_decoder_load_images_per_s"] = "skipped: no GPU (mixed decoding only)"
         elif args.hw_decoder_load:

@@ -170,22 +170,29 @@ def shard_indexes(tars: Sequence[str]) -> dict:
     return {"index_paths": [str(i) for i in indexes]} if all(indexes) else {}
 
 
-def decode_images(encoded, gpu: bool, hw_decoder_load: float | None = None):
+def decode_images(encoded, gpu: bool, hw_decoder_load: float | None = None,
+                  fancy_upsampling: bool = True):
     """The images in `encoded` as RGB, as `readers.decode_rgb` gives them (the official
     loader, PIL's convert("RGB")): the EXIF orientation is not applied (DALI's default would
-    turn them)."""
+    turn them). On a GPU, `fancy_upsampling` has nvJPEG interpolate a JPEG's subsampled
+    chroma as libjpeg-turbo does (PIL, DALI's CPU decoder); off, nvJPEG's default."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    hw = {} if hw_decoder_load is None or not gpu else dict(hw_decoder_load=hw_decoder_load)
+    gpu_only = {}
+    if gpu:
+        gpu_only["jpeg_fancy_upsampling"] = fancy_upsampling
+        if hw_decoder_load is not None:
+            gpu_only["hw_decoder_load"] = hw_decoder_load
     return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                             adjust_orientation=False, **hw)
+                             adjust_orientation=False, **gpu_only)
 
 
 def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropSpec, *,
                    batch_size: int, device_id: int | None = None, num_threads: int = 2,
                    seed: int = 0, shard_id: int = 0, num_shards: int = 1,
-                   tars: Sequence[str] = (), hw_decoder_load: float | None = None):
+                   tars: Sequence[str] = (), hw_decoder_load: float | None = None,
+                   fancy_upsampling: bool = True):
     """A DALI pipeline yielding (crop_0, ..., crop_{2+N-1}, labels) per batch.
 
     Images come from `files` (with `labels`) or, when `tars` is given, from WebDataset
@@ -195,6 +202,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
     own part, every epoch reshuffled.
     `hw_decoder_load`: on a GPU, the share of JPEGs given to its hardware decoder (A100,
     H100), the rest to nvJPEG's CUDA decoder; None keeps DALI's default (0.65).
+    `fancy_upsampling`: see `decode_images` (GPU only).
     """
     from nvidia.dali import pipeline_def
     import nvidia.dali.fn as fn
@@ -216,7 +224,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
             label = fn.cast(encoded.shape()[0] * 0, dtype=types.INT32)
         else:
             encoded, label = fn.readers.file(files=list(files), labels=list(labels), **common)
-        image = decode_images(encoded, gpu, hw_decoder_load)
+        image = decode_images(encoded, gpu, hw_decoder_load, fancy_upsampling)
         crops = [_one_crop(image, c, spec, "gpu" if gpu else "cpu") for c in spec.crops()]
         return (*crops, label)
 

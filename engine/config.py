@@ -58,6 +58,8 @@ class DataConfig:
     # and hue, a random order per image) | dali (color_twist's own: contrast towards 128, hue
     # in YIQ, one fixed order; faster on a CPU)
     num_workers: int = 2
+    jpeg_fancy_upsampling: bool = True  # DALI on a GPU: nvJPEG interpolates a JPEG's chroma
+    # as libjpeg-turbo does (PIL: the official loader; DALI's CPU decoder); false: nvJPEG's own
 
 
 @dataclass

@@ -25,7 +25,8 @@ def test_data_benchmark_smoke(tmp_path):
 
 
 def test_the_hardware_decoder_share_reaches_the_decoder(monkeypatch):
-    """On a GPU the share goes to decoders.image; on the CPU decoder it is left out."""
+    """On a GPU the share goes to decoders.image, and the chroma upsampling (libjpeg-turbo's
+    by default, as PIL decodes); on the CPU decoder both are left out."""
     import nvidia.dali.fn as fn
     import nvidia.dali.pipeline
 
@@ -37,15 +38,16 @@ def test_the_hardware_decoder_share_reaches_the_decoder(monkeypatch):
 
     @nvidia.dali.pipeline.do_not_convert
     def recording(*args, **kwargs):
-        seen.append((kwargs["device"], kwargs.get("hw_decoder_load")))
+        seen.append((kwargs["device"], kwargs.get("hw_decoder_load"),
+                     kwargs.get("jpeg_fancy_upsampling")))
         return decode(*args, **kwargs)
 
     monkeypatch.setattr(fn.decoders, "image", recording)
     spec = MultiCropSpec(local_crops_number=0)
     for device_id in (None, 0):  # a GPU graph is only defined here, never built
         build_pipeline(["a.jpg"], [0], spec, batch_size=1, device_id=device_id, hw_decoder_load=0.9)
-    build_pipeline(["a.jpg"], [0], spec, batch_size=1, device_id=0)
-    assert seen == [("cpu", None), ("mixed", 0.9), ("mixed", None)]
+    build_pipeline(["a.jpg"], [0], spec, batch_size=1, device_id=0, fancy_upsampling=False)
+    assert seen == [("cpu", None, None), ("mixed", 0.9, True), ("mixed", None, False)]
 
 
 def test_breakdown_graphs_switch_off_one_part_each():

@@ -104,3 +104,16 @@ def test_a_folder_of_tar_shards_and_class_folders_is_an_image_folder(tmp_path):
     assert webdataset_shards(str(tmp_path / "a.tar")) == [str(tmp_path / "a.tar")]
     (tmp_path / "class0").mkdir()
     assert webdataset_shards(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("fancy", [True, False])
+def test_dalis_chroma_upsampling_comes_from_the_config(image_folder, monkeypatch, fancy):
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.dataloading import dali_multicrop
+
+    asked, build = [], dali_multicrop.build_pipeline
+    monkeypatch.setattr(dali_multicrop, "build_pipeline", lambda *a, **k: (
+        asked.append(k["fancy_upsampling"]) or build(*a, **k)))
+    training_input(image_folder, 'data.backend="dali"',
+                   f"data.jpeg_fancy_upsampling={str(fancy).lower()}")
+    assert asked == [fancy]
