@@ -284,6 +284,44 @@ def test_dali_mixed_decoding_gives_crops_on_the_gpu(tmp_path):
         assert all(c.is_cuda and c.dtype == torch.bfloat16 and torch.isfinite(c).all() for c in crops)
 
 
+def test_dali_mixed_decodes_jpegs_near_pils_pixels():
+    """nvJPEG with libjpeg-turbo's chroma upsampling (data.jpeg_fancy_upsampling, default)
+    against PIL's decode (the official loader): closer than nvJPEG's own upsampling, within
+    IDCT rounding on average; the EXIF orientation left as PIL leaves it. (Calibrated on no
+    GPU yet: the figures are in the message either way.)"""
+    pytest.importorskip("nvidia.dali")
+    import io
+
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+    from PIL import Image
+
+    from dinofuse.dataloading.dali_multicrop import decode_images
+
+    blocks = np.random.default_rng(0).random((12, 16, 3)) * 255  # sharp chroma edges
+    pixels = np.kron(blocks, np.ones((8, 8, 1))).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, exif=exif.tobytes())  # 4:2:0
+    data = buf.getvalue()
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+
+    def decoded(fancy: bool) -> np.ndarray:
+        @pipeline_def(batch_size=1, num_threads=1, device_id=0)
+        def decode():
+            encoded = fn.external_source(source=[[np.frombuffer(data, np.uint8)]], cycle=True)
+            return decode_images(encoded, gpu=True, fancy_upsampling=fancy)
+
+        (images,) = decode().run()
+        return np.asarray(images.as_cpu()[0]).astype(int)
+
+    fancy, plain = decoded(True), decoded(False)
+    assert fancy.shape == plain.shape == expected.shape == (96, 128, 3)
+    errors = [float(np.abs(d - expected).mean()) for d in (fancy, plain)]
+    assert errors[0] <= errors[1] and errors[0] < 1.0, f"mean |DALI - PIL|: fancy, plain = {errors}"
+
+
 def test_in_memory_data_is_cut_into_crops_on_the_gpu_without_host_waits(tmp_path):
     """Fashion-MNIST-shaped IDX files: `auto` picks the batched tensor crops on a GPU; they
     arrive in bf16 on the device, and neither cutting them nor the step makes the host wait."""
