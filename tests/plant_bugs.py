@@ -1234,6 +1234,14 @@ BUGS = [
         'first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line),',
         'first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line and False),',
         ['test_checkpoint.py::test_a_run_starts_from_other_weights_and_a_resume_ignores_them']),
+    Bug('dataloading/dali_multicrop.py',
+        'gpu_only["jpeg_fancy_upsampling"] = fancy_upsampling',
+        'gpu_only["jpeg_fancy_upsampling"] = True',
+        ['test_bench_data.py']),
+    Bug('engine/inputs.py',
+        'tars=tars, fancy_upsampling=self.cfg.data.jpeg_fancy_upsampling)',
+        'tars=tars)',
+        ['test_inputs.py::test_dalis_chroma_upsampling_comes_from_the_config']),
 ]
 
 
