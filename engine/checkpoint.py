@@ -191,8 +191,7 @@ def init_weights(student: torch.nn.Module, teacher: torch.nn.Module, path: str |
             model.head.load_state_dict(head)
     if same_head:
         return "backbone and head"
-    return ("backbone; the head starts new (" + ("none there" if not head else
-            "another shape there") + ")")
+    return f"backbone; the head starts new ({'another shape there' if head else 'none there'})"
 
 
 def export_backbone(state: dict, out: str | Path) -> Path:

@@ -3,10 +3,11 @@
 A trial trainer (same config, a scratch folder) times real training steps and one checkpoint
 save on this machine, and, with `run.knn_every_epochs`, the teacher's features of a few
 hundred k-NN images (the between-epoch k-NN's cost, scaled to its images); the run then gets
-as many whole epochs as fit in M minutes, never more than the config's. The schedules stay whole (warm-up, cosine to the end), where
-`run.max_minutes` would cut them short. The epoch-counted lengths (LR warm-up, teacher
-temperature warm-up, last-layer freeze) shrink in proportion, so that a shorter run keeps the
-planned run's shape. The resolved config saved beside the run holds the fitted values.
+as many whole epochs as fit in M minutes, never more than the config's. The schedules stay
+whole (warm-up, cosine to the end), where `run.max_minutes` would cut them short. The
+epoch-counted lengths (LR warm-up, teacher temperature warm-up, last-layer freeze) shrink in
+proportion, so that a shorter run keeps the planned run's shape. The resolved config saved
+beside the run holds the fitted values.
 Under several processes every rank runs the trial and takes the slowest rank's times, so all
 fit the same epochs.
 """
@@ -148,8 +149,7 @@ def _knn_seconds(trial: Trainer) -> float:
     from dinofuse.engine.eval.knn import extract_features
     from dinofuse.engine.eval.report import eval_transform
 
-    r, memory_and_queries = trial.cfg.run, trial.knn_sets
-    memory = memory_and_queries[0]
+    r, (memory, queries) = trial.cfg.run, trial.knn_sets
     timed = torch.utils.data.Subset(memory, range(min(KNN_TIMED_IMAGES, len(memory))))
     backbone = trial.eval_backbone()
     transform = eval_transform(trial.cfg.data.global_crop_size, r.knn_resize_ratio)
@@ -157,7 +157,7 @@ def _knn_seconds(trial: Trainer) -> float:
     extract_features(backbone, timed, transform, trial.device, mode=r.knn_features,
                      distributed=trial.world > 1)
     elapsed = time.perf_counter() - started
-    return elapsed * sum(len(images) for images in memory_and_queries) / len(timed)
+    return elapsed * (len(memory) + len(queries)) / len(timed)
 
 
 def _steps(trainer, batches, count: int) -> None:
