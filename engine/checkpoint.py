@@ -175,18 +175,18 @@ def fit_position_embedding(state: dict, model: torch.nn.Module) -> None:
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], grid, grid)
 
 
-def init_weights(student: torch.nn.Module, teacher: torch.nn.Module, path: str | Path) -> str:
-    """Start the student and the teacher (DINO wrappers: .backbone, .head) from the weights
-    in the file `path`: its teacher's backbone (official DINO checkpoints, ours, released
-    backbones, timm exports), and its teacher's head when it has one of this shape; returns
-    what was loaded, in words."""
-    contents = load_file(path)
+def init_weights(student: torch.nn.Module, teacher: torch.nn.Module, contents: dict,
+                 source: str | Path) -> str:
+    """Start the student and the teacher (DINO wrappers: .backbone, .head) from a
+    checkpoint's `contents` (official DINO checkpoints, ours, released backbones, timm
+    exports): its teacher's backbone, and its teacher's head when it has one of this shape;
+    returns what was loaded, in words."""
     backbone = backbone_state(contents, "teacher")
     fit_position_embedding(backbone, student.backbone)
     head, ours = head_state(contents), student.head.state_dict()
     same_head = head.keys() == ours.keys() and all(head[k].shape == ours[k].shape for k in ours)
     for model in (student, teacher):
-        load_weights(model.backbone, backbone, path)
+        load_weights(model.backbone, backbone, source)
         if same_head:
             model.head.load_state_dict(head)
     if same_head:

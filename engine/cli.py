@@ -25,16 +25,11 @@ import torch
 
 from dinofuse.dataloading.readers import DataError
 from dinofuse.engine.checkpoint import (
-    EXTRA,
     CheckpointError,
     backbone_state,
     export_backbone,
-    is_sharded_checkpoint,
-    latest_complete,
-    load_file,
     load_weights,
     model_config_for,
-    read_sharded,
     run_has_checkpoint,
     timm_call,
 )
@@ -57,6 +52,7 @@ from dinofuse.engine.train import (
     build_backbone,
     check_fresh_start,
     pick_device,
+    read_checkpoint,
 )
 
 USER_ERRORS = (DataError, CheckpointError, TrainingError, ValueError, FileNotFoundError,
@@ -154,34 +150,11 @@ def _fit_to_minutes(cfg, minutes: float, resume, rank: int):
     return cfg
 
 
-def _read_checkpoint(checkpoint: str, which: str = "teacher") -> dict:
-    """A checkpoint's contents: a file (ours, official, or bare weights), a sharded step
-    folder (checkpoints/step_N), or a run folder (its newest complete checkpoint). Sharded
-    ones are consolidated on this CPU process: no GPU or process group needed."""
-    path = Path(checkpoint)
-    if path.is_dir() and not is_sharded_checkpoint(path):
-        newest = latest_complete(path / "checkpoints")
-        if newest is None and (path / "checkpoint.pth").is_file():
-            return load_file(path / "checkpoint.pth")
-        if newest is None:
-            raise CheckpointError(f"{path}: no checkpoint.pth and no complete checkpoints/step_*/")
-        path = newest
-    if not is_sharded_checkpoint(path):
-        return load_file(path)
-    from dinofuse.engine.train import build_student_teacher
-
-    extra = load_file(path / EXTRA)
-    cfg = config_from_toml(extra["config"])
-    student, teacher = build_student_teacher(cfg)
-    template = {which: (teacher if which == "teacher" else student).state_dict()}
-    return {**read_sharded(path, template), "config": extra["config"]}
-
-
 def _load_backbone(checkpoint: str, device, arch: str | None = None, which: str = "teacher"):
     """The teacher's (or student's) backbone. Our checkpoints rebuild their own model; other
     weights (official DINO checkpoints, released backbones) get the ViT their shapes describe
     (`model_config_for`), evaluated at the official 224-pixel crop."""
-    contents = _read_checkpoint(checkpoint, which)
+    contents = read_checkpoint(checkpoint, which)
     weights = backbone_state(contents, which)
     if "config" in contents:
         cfg = config_from_toml(contents["config"])
@@ -340,7 +313,7 @@ def _attention_maps(args) -> None:
 
 
 def _export(args) -> None:
-    contents = _read_checkpoint(args.checkpoint, args.which)
+    contents = read_checkpoint(args.checkpoint, args.which)
     state = backbone_state(contents, args.which)
     out = export_backbone(state, args.out)
     print(f"wrote {out} ({len(state)} tensors)")

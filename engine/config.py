@@ -117,8 +117,9 @@ class ImplConfig:
 class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
-    # a fresh run's starting weights (a file: an official DINO checkpoint or backbone, ours,
-    # a timm export): its teacher's backbone, and head when of this shape, in both networks
+    # a fresh run's starting weights (an official DINO checkpoint or backbone, a timm export,
+    # or ours, as `dinofuse knn --checkpoint` reads them): its teacher's backbone, and head
+    # when of this shape, in both networks
     init_from: str = ""
     device: str = "auto"
     cpu_threads: int = 0  # training threads on a CPU; 0 = the cores less one per data worker

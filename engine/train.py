@@ -36,11 +36,13 @@ from dinofuse.engine.checkpoint import (
     checkpoint_step,
     dcp_errors,
     init_weights,
+    is_sharded_checkpoint,
     latest_complete,
     load_file,
     mark_complete,
     open_sharded,
     prune_checkpoints,
+    read_sharded,
     run_has_checkpoint,
     safe_planner,
     save_atomic,
@@ -127,6 +129,27 @@ def build_student_teacher(cfg: Config) -> tuple[MultiCropWrapper, MultiCropWrapp
     return student, teacher
 
 
+def read_checkpoint(checkpoint: str, which: str = "teacher") -> dict:
+    """A checkpoint's contents: a file (ours, official, or bare weights), a sharded step
+    folder (checkpoints/step_N), or a run folder (its newest complete checkpoint). Sharded
+    ones are consolidated on this CPU process: no GPU or process group needed."""
+    path = Path(checkpoint)
+    if path.is_dir() and not is_sharded_checkpoint(path):
+        newest = latest_complete(path / "checkpoints")
+        if newest is None and (path / "checkpoint.pth").is_file():
+            return load_file(path / "checkpoint.pth")
+        if newest is None:
+            raise CheckpointError(f"{path}: no checkpoint.pth and no complete checkpoints/step_*/")
+        path = newest
+    if not is_sharded_checkpoint(path):
+        return load_file(path)
+    extra = load_file(path / EXTRA)
+    cfg = config_from_toml(extra["config"])
+    student, teacher = build_student_teacher(cfg)
+    template = {which: (teacher if which == "teacher" else student).state_dict()}
+    return {**read_sharded(path, template), "config": extra["config"]}
+
+
 def param_groups(model: nn.Module) -> list[dict]:
     """Official groups: weight decay on weights only; biases and 1-D parameters get none."""
     decay, no_decay = [], []
@@ -193,7 +216,8 @@ class Trainer:
         self.student, self.teacher = build_student_teacher(cfg)
         if cfg.run.init_from and not resume:  # (a resume's weights are its checkpoint's)
             try:
-                loaded = init_weights(self.student, self.teacher, cfg.run.init_from)
+                loaded = init_weights(self.student, self.teacher,
+                                      read_checkpoint(cfg.run.init_from), cfg.run.init_from)
             except CheckpointError as e:
                 raise CheckpointError(f"run.init_from: {e}") from None
             if self.rank == 0:

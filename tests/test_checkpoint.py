@@ -402,6 +402,13 @@ def test_a_run_starts_from_other_weights_and_a_resume_ignores_them(tmp_path, cap
     with pytest.raises(CheckpointError, match=r"^run.init_from: .*other.pth: weights do not fit "
                                               r"this model; size mismatch for cls_token"):
         trainer("d", f'run.init_from="{tmp_path / "other.pth"}"')
+    # a run folder whose checkpoints are sharded (DCP), consolidated here on the CPU
+    _, sharded = _sharded_run(tmp_path / "sharded", steps=2)
+    from_run = trainer("e", f'run.init_from="{tmp_path / "sharded"}"')
+    assert "backbone and head from" in capsys.readouterr().out
+    for net in (from_run.student, from_run.teacher):
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                      sharded.teacher.state_dict().values()))
     started.fit(max_steps=1, progress=False)
     resumed = trainer("a", f'run.init_from="{tmp_path / "gone.pth"}"', resume=True)
     assert resumed.step == 1
