@@ -149,9 +149,38 @@ def fresh_dali_index(tar: str | Path) -> Path | None:
     if not index.is_file():
         return None
     if index.stat().st_mtime < Path(tar).stat().st_mtime:
-        raise DataError(f"{index} is older than {tar}: make it again (wds2idx {tar} {index}) "
-                        "or delete it")
+        raise DataError(f"{index} is older than {tar}: make it again (`dinofuse data index "
+                        f"{Path(tar).parent}`) or delete it")
     return index
+
+
+def write_dali_indexes(tars: list[str], threads: int = 1) -> tuple[int, int]:
+    """NAME.idx beside each shard without a fresh one, made by DALI's own `wds2idx` (its
+    reader's format and sample grouping), each written whole then renamed: (written, already
+    fresh). With them, neither DALI nor our reader walks the shards at each start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wds2idx import IndexCreator  # installed with DALI
+
+    def stale(tar: str) -> bool:
+        index = Path(tar).with_suffix(".idx")
+        return not index.is_file() or index.stat().st_mtime < Path(tar).stat().st_mtime
+
+    def write(tar: str) -> None:
+        index = Path(tar).with_suffix(".idx")
+        tmp = index.with_name(f".{index.name}.tmp-{os.getpid()}")
+        try:
+            with IndexCreator(str(tar), str(tmp), verbose=False) as creator:
+                creator.create_index()
+            os.replace(tmp, index)
+        except (OSError, ValueError) as e:  # ValueError: "Webdataset Tar File empty"
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"cannot index WebDataset shard {tar}: {e}") from None
+
+    todo = [tar for tar in tars if stale(tar)]
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # each wds2idx runs GNU tar twice
+        list(pool.map(write, todo))
+    return len(todo), len(tars) - len(todo)
 
 
 def read_at(path: str, offset: int, size: int) -> bytes:

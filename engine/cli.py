@@ -1,12 +1,13 @@
-"""The `dinofuse` command: train, knn, linear, attention-maps, export, data check.
+"""The `dinofuse` command: train, knn, linear, attention-maps, export, data check, data index.
 
     dinofuse train [--config NAME|FILE] [--data DIR] [--resume] [--fit-minutes M] [section.field=value ...]
     dinofuse knn --checkpoint CKPT --train DIR --val DIR [--k 10 20 100 200] [--arch A] [--which W] [--precision P] [--dump-features D]
     dinofuse knn --load-features D [--k 10 20 100 200] [--temperature T]
     dinofuse linear --checkpoint CKPT --train DIR --val DIR [--epochs 100] [--cached-features] [--output-dir D] [--precision P]
-    dinofuse attention-maps --checkpoint CKPT --image FILE [--out DIR] [--threshold 0.6] [--arch A]
+    dinofuse attention-maps --checkpoint CKPT --image FILE [--output-dir DIR] [--threshold 0.6] [--arch A]
     dinofuse export --checkpoint CKPT|STEP_DIR|RUN_DIR --out teacher.safetensors|teacher.pth
     dinofuse data check DIR|SHARDS (exit status 1 when some image cannot be decoded)
+    dinofuse data index SHARDS (DALI's NAME.idx beside each WebDataset shard without one)
     dinofuse bench train [--arch vit_small --patch 16 --batch 64 --baseline --ablation ...]
 
 Bad input ends with one line naming what is wrong (exit status 2), not a traceback.
@@ -336,6 +337,17 @@ def _data_check(args) -> int:
     return 1 if bad else 0
 
 
+def _data_index(args) -> None:
+    from dinofuse.dataloading.readers import webdataset_shards, write_dali_indexes
+
+    tars = webdataset_shards(args.dir)
+    if not tars:
+        raise DataError(f"no WebDataset shards in {args.dir} (a .tar, or a folder holding "
+                        ".tar files and no folders)")
+    written, fresh = write_dali_indexes(tars, args.threads)
+    print(f"wrote {written} index(es) beside the shards in {args.dir}; {fresh} already fresh")
+
+
 def _bench_train(args) -> None:
     from dinofuse.bench.train import main as bench_train
 
@@ -456,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_sub.add_parser("check", help="decode every image; list the unreadable ones")
     check.add_argument("dir", help="an image folder, or WebDataset shards (a .tar or a folder of them)")
     check.set_defaults(fn=_data_check)
+    index = data_sub.add_parser("index", help="write DALI's index beside each WebDataset shard")
+    index.add_argument("dir", help="WebDataset shards: a .tar or a folder of them")
+    index.add_argument("--threads", type=POSITIVE_INT_ARG, default=os.cpu_count() or 1)
+    index.set_defaults(fn=_data_index)
 
     export = sub.add_parser("export", help="the teacher backbone as timm-loadable weights")
     export.add_argument("--checkpoint", required=True,

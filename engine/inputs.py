@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dinofuse.dataloading.check import DALI_FORMATS
-from dinofuse.dataloading.dali_multicrop import available as dali_available
+from dinofuse.dataloading.dali_multicrop import available as dali_available, shard_indexes
 from dinofuse.dataloading.readers import WebDatasetShards, open_images, webdataset_shards
 from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.tensor_multicrop import TensorMultiCrop
@@ -122,6 +122,10 @@ class TrainingInput:
                                  "data.backend=\"torchvision\" reads shards with PIL")
             self.backend = "dali"
             self.shards = WebDatasetShards(tars)  # indexed: the screen's and recovery's view
+            if rank == 0 and not shard_indexes(tars):
+                print(f"dinofuse: the shards in {d.path} have no DALI index (NAME.idx): DALI "
+                      "and the screen walk every shard on every rank at each start; "
+                      f"`dinofuse data index {d.path}` writes them once", file=sys.stderr)
             self.dali = self._dali_loader(tars=self._screened_shards())
             self.iters_per_epoch = len(self.dali)
         else:

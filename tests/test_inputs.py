@@ -117,3 +117,17 @@ def test_dalis_chroma_upsampling_comes_from_the_config(image_folder, monkeypatch
     training_input(image_folder, 'data.backend="dali"',
                    f"data.jpeg_fancy_upsampling={str(fancy).lower()}")
     assert asked == [fancy]
+
+
+def test_shards_without_dalis_indexes_say_how_to_make_them(tmp_path, capsys):
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.dataloading.readers import write_dali_indexes
+    from test_readers import encoded, write_shard
+
+    tars = [write_shard(tmp_path / f"{n}.tar", [(f"{n}{i}.jpg", encoded(i)) for i in range(8)])
+            for n in "ab"]
+    training_input(tmp_path, 'data.backend="dali"')
+    assert f"`dinofuse data index {tmp_path}` writes them once" in capsys.readouterr().err
+    write_dali_indexes(tars)
+    training_input(tmp_path, 'data.backend="dali"')
+    assert "DALI index" not in capsys.readouterr().err

@@ -18,6 +18,7 @@ from dinofuse.dataloading.readers import (
     WebDatasetShards,
     open_images,
     read_idx,
+    write_dali_indexes,
 )
 from dinofuse.engine.config import load_config
 from dinofuse.engine.eval.report import knn_datasets
@@ -200,6 +201,42 @@ def test_dalis_index_beside_a_shard_gives_the_same_samples(tmp_path):
     (tmp_path / "s.idx").write_text("not an index\n")
     with pytest.raises(DataError, match=r"s.idx is not a DALI WebDataset index"):
         WebDatasetShards([tar])
+
+
+def test_dinofuse_data_index_writes_dalis_indexes_once(tmp_path, capsys):
+    """`dinofuse data index DIR`: wds2idx's own index beside each shard without a fresh one
+    (the bytes its command writes), read back as the same samples; fresh ones are left, a
+    stale one is made again, an empty shard is named and leaves no partial file."""
+    import os
+    import subprocess
+    import sys
+
+    from dinofuse.engine.cli import main
+
+    wds2idx = Path(sys.executable).parent / "wds2idx"
+    if not wds2idx.is_file():
+        pytest.skip("needs DALI's wds2idx")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    tars = [write_shard(shards / f"{n}.tar", [m for i in (1, 2) for m in
+                                              ((f"{n}{i}.jpg", encoded(i)), (f"{n}{i}.cls", b"%d" % i))])
+            for n in "ab"]
+    walked = WebDatasetShards(tars)
+    assert main(["data", "index", str(shards)]) == 0
+    assert capsys.readouterr().out == f"wrote 2 index(es) beside the shards in {shards}; 0 already fresh\n"
+    for tar in tars:
+        subprocess.run([str(wds2idx), tar, str(tmp_path / "by_hand.idx")], check=True, capture_output=True)
+        assert Path(tar).with_suffix(".idx").read_bytes() == (tmp_path / "by_hand.idx").read_bytes()
+    assert WebDatasetShards(tars).samples == walked.samples
+    os.utime(shards / "b.idx", (0, 0))  # older than its shard
+    assert write_dali_indexes(tars) == (1, 1)
+    assert WebDatasetShards(tars).samples == walked.samples
+    empty = write_shard(tmp_path / "empty.tar", [])
+    with pytest.raises(DataError, match=r"cannot index WebDataset shard .*empty.tar"):
+        write_dali_indexes([empty])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["by_hand.idx", "empty.tar", "shards"]
+    assert main(["data", "index", str(tmp_path / "shards" / "a.idx")]) == 2
+    assert "no WebDataset shards in" in capsys.readouterr().err
 
 
 def sixteen_bit_gray_png() -> tuple[bytes, np.ndarray]:
