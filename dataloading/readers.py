@@ -160,7 +160,10 @@ def write_dali_indexes(tars: list[str], threads: int = 1) -> tuple[int, int]:
     fresh). With them, neither DALI nor our reader walks the shards at each start."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from wds2idx import IndexCreator  # installed with DALI
+    try:
+        from wds2idx import IndexCreator  # installed with DALI
+    except ImportError:
+        raise DataError("writing DALI's shard indexes needs nvidia-dali (its wds2idx)") from None
 
     def stale(tar: str) -> bool:
         index = Path(tar).with_suffix(".idx")
