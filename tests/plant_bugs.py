@@ -236,8 +236,10 @@ BUGS = [
         'math.cos(math.pi * (i + 1) / n)',
         ['test_schedules.py']),
     Bug('engine/time_budget.py',
-        'math.floor(60 * minutes / per_epoch)',
-        'math.ceil(60 * minutes / per_epoch)',
+        # (the first guess may be one over: the loop below takes epochs off until they fit,
+        # so an epoch that fits the budget exactly is what can go wrong)
+        '                          > 60 * minutes):',
+        '                          >= 60 * minutes):',
         ['test_time_budget.py']),
     Bug('engine/time_budget.py',
         'warmup_teacher_temp_epochs=round(o.warmup_teacher_temp_epochs * scale),',
