@@ -166,8 +166,10 @@ def write_dali_indexes(tars: list[str], threads: int = 1) -> tuple[int, int]:
         raise DataError("writing DALI's shard indexes needs nvidia-dali (its wds2idx)") from None
 
     def stale(tar: str) -> bool:
-        index = Path(tar).with_suffix(".idx")
-        return not index.is_file() or index.stat().st_mtime < Path(tar).stat().st_mtime
+        try:
+            return fresh_dali_index(tar) is None
+        except DataError:  # older than its shard
+            return True
 
     def write(tar: str) -> None:
         index = Path(tar).with_suffix(".idx")
