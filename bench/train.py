@@ -98,17 +98,17 @@ def _toml(value) -> str:
 
 def bench_config(args, settings: dict, batch: int, out_dir: str):
     """The official configuration (Config()'s defaults) at the benchmark's sizes."""
-    from dinofuse.engine.config import Config, with_overrides
+    from dinofuse.engine.config import Config, toml_value, with_overrides
 
     overrides = [
         f'model.arch="{args.arch}"', f"model.patch_size={args.patch}", "model.img_size=224",
         f"model.out_dim={args.out_dim}", f"data.global_crop_size={args.global_size}",
         f"data.local_crop_size={args.local_size}", f"data.local_crops_number={args.local_crops}",
-        f'data.path="{args.data}"', f'data.backend="{args.data_backend}"',
+        f"data.path={toml_value(args.data)}", f'data.backend="{args.data_backend}"',
         f"data.num_workers={args.workers}", f"optim.batch_size_per_device={batch}",
         # a long schedule with no warm-up, past the first epoch (last layer trained too)
         "optim.epochs=1000", "optim.warmup_epochs=0.0", "optim.freeze_last_layer=0",
-        f'run.output_dir="{out_dir}"', f'run.device="{args.device}"',
+        f"run.output_dir={toml_value(str(out_dir))}", f'run.device="{args.device}"',
         "run.knn_after_training=false",
     ]
     if args.embed_dim:

@@ -8,9 +8,11 @@ raises an error naming it.
 from __future__ import annotations
 
 import functools
+import glob
 import gzip
 import io
 import os
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -128,10 +130,55 @@ def decode_rgb(source, name) -> Image.Image:
         raise DataError(f"cannot decode image {name}: {e}") from None
 
 
+_BRACES = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"(-?\d+)\.\.(-?\d+)")
+_WILDCARDS = re.compile(r"[*?[]")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard notation, expanded in order as its `braceexpand` does: a range
+    `{000000..001281}` (zero-padded to the wider bound when either bound is), a list
+    `{train,val}`, several of either in one pattern."""
+    match = _BRACES.search(pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[:match.start()], pattern[match.end():]
+    numbers = _RANGE.fullmatch(body)
+    if numbers:
+        lo, hi = numbers.groups()
+        padded = any(len(b.lstrip("-")) > 1 and b.lstrip("-").startswith("0") for b in (lo, hi))
+        width = max(len(lo), len(hi)) if padded else 0
+        step = 1 if int(hi) >= int(lo) else -1
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:  # `{x}`: no expansion in bash either
+        return [head + "{" + body + "}" + t for t in expand_braces(tail)]
+    return [head + c + t for c in choices for t in expand_braces(tail)]
+
+
+def _shard_pattern(pattern: str) -> list[str]:
+    """The shards a pattern names (braces in order, then glob wildcards sorted), every one an
+    existing .tar file; a DataError naming the pattern otherwise."""
+    tars = []
+    for name in expand_braces(pattern):
+        tars += sorted(glob.glob(name)) if _WILDCARDS.search(name) else [name]
+    missing = [t for t in tars if not Path(t).is_file()]
+    others = [t for t in tars if Path(t).is_file() and not t.endswith(".tar")]
+    if not tars or missing or others:
+        found = (f"{len(missing)} of its {len(tars)} shards are missing, {missing[0]} the first"
+                 if missing else f"{others[0]} is no .tar file" if others else "no file matches")
+        raise DataError(f"shard pattern {pattern}: {found}")
+    return tars
+
+
 def webdataset_shards(path: str | Path) -> list[str]:
-    """The .tar shards named by `path` (one .tar, or a folder holding .tar files and no
-    folders), else []."""
+    """The .tar shards named by `path` (one .tar, a folder holding .tar files and no folders,
+    or a pattern: `train-{000000..001281}.tar` as WebDataset writes them, or wildcards as
+    `shards/*.tar`), else []. A path that exists is never read as a pattern."""
     p = Path(path)
+    if not p.exists() and (_WILDCARDS.search(str(path)) or _BRACES.search(str(path))):
+        return _shard_pattern(str(path))
     if p.suffix == ".tar" and p.is_file():
         return [str(p)]
     if p.is_dir():

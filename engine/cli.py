@@ -42,6 +42,7 @@ from dinofuse.engine.config import (
     cli_number,
     config_from_toml,
     load_config,
+    toml_value,
 )
 from dinofuse.engine.eval.knn import EVAL_PRECISIONS
 from dinofuse.engine.inputs import data_worker_died
@@ -62,10 +63,15 @@ USER_ERRORS = (DataError, CheckpointError, TrainingError, ValueError, FileNotFou
 
 def _train(args) -> None:
     overrides = list(args.overrides)
+    for item in overrides:  # `--data shards/*.tar` unquoted: the shell made it many paths
+        if "=" not in item and os.path.exists(item):
+            raise DataError(f"{item} is a path, not a section.field=value override: --data "
+                            "takes one path (a folder, a .tar, or a quoted pattern such as "
+                            "'shards/*.tar' or 'shards/train-{000000..000146}.tar')")
     if args.data:
-        overrides.append(f'data.path="{args.data}"')
+        overrides.append(f"data.path={toml_value(args.data)}")
     if args.output_dir:
-        overrides.append(f'run.output_dir="{args.output_dir}"')
+        overrides.append(f"run.output_dir={toml_value(args.output_dir)}")
     cfg = load_config(args.config, overrides)
     # joins torchrun's process group when WORLD_SIZE > 1 (impl.fsdp="always": a group of one
     # process without torchrun)
@@ -342,8 +348,8 @@ def _data_index(args) -> None:
 
     tars = webdataset_shards(args.dir)
     if not tars:
-        raise DataError(f"no WebDataset shards in {args.dir} (a .tar, or a folder holding "
-                        ".tar files and no folders)")
+        raise DataError(f"no WebDataset shards in {args.dir} (a .tar, a folder holding "
+                        ".tar files and no folders, or a pattern: 'train-{000..099}.tar')")
     written, fresh = write_dali_indexes(tars, args.threads)
     print(f"wrote {written} index(es) beside the shards in {args.dir}; {fresh} already fresh")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,13 +302,14 @@ def with_overrides(cfg: Config, overrides: list[str] = ()) -> Config:
     return apply_overrides(cfg, nested)
 
 
-def _toml_value(v) -> str:
+def toml_value(v) -> str:
+    """`v` as a TOML value (strings: JSON's escapes, which TOML reads alike, any path)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML wants DEL escaped
     return repr(v)
 
 
@@ -316,7 +318,7 @@ def config_to_toml(cfg: Config) -> str:
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         for f in dataclasses.fields(getattr(cfg, section.name)):
-            lines.append(f"{f.name} = {_toml_value(getattr(getattr(cfg, section.name), f.name))}")
+            lines.append(f"{f.name} = {toml_value(getattr(getattr(cfg, section.name), f.name))}")
         lines.append("")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -125,7 +126,7 @@ class TrainingInput:
             if rank == 0 and not shard_indexes(tars):
                 print(f"dinofuse: the shards in {d.path} have no DALI index (NAME.idx): DALI "
                       "and the screen walk every shard on every rank at each start; "
-                      f"`dinofuse data index {d.path}` writes them once", file=sys.stderr)
+                      f"`dinofuse data index {shlex.quote(d.path)}` writes them once", file=sys.stderr)
             self.dali = self._dali_loader(tars=self._screened_shards())
             self.iters_per_epoch = len(self.dali)
         else:

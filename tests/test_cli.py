@@ -641,6 +641,23 @@ def test_train_overrides_may_come_after_its_options(capsys):
             capsys.readouterr().err
 
 
+def test_an_unquoted_shard_pattern_is_explained(tmp_path, capsys):
+    """`--data shards/*.tar` unquoted: the shell passes every shard, the second lands among
+    the overrides; the error says --data takes one path and how to quote a pattern. Paths
+    with quotes, backslashes or braces reach the config as they are."""
+    for name in ("a.tar", "b.tar"):
+        (tmp_path / name).write_bytes(b"")
+    argv = ["train", "--data", str(tmp_path / "a.tar"), str(tmp_path / "b.tar"), "--max-steps", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'b.tar'} is a path, not a section.field=value override" in err
+    assert "'shards/*.tar'" in err
+    from dinofuse.engine.config import load_config, toml_value
+
+    odd = 'my "data"\\{0..1}'
+    assert load_config("default", [f"data.path={toml_value(odd)}"]).data.path == odd
+
+
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(trained, folder, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained, run)

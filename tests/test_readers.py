@@ -16,8 +16,10 @@ from dinofuse.dataloading.readers import (
     FashionMNIST,
     ImageFiles,
     WebDatasetShards,
+    expand_braces,
     open_images,
     read_idx,
+    webdataset_shards,
     write_dali_indexes,
 )
 from dinofuse.engine.config import load_config
@@ -237,6 +239,46 @@ def test_dinofuse_data_index_writes_dalis_indexes_once(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["by_hand.idx", "empty.tar", "shards"]
     assert main(["data", "index", str(tmp_path / "shards" / "a.idx")]) == 2
     assert "no WebDataset shards in" in capsys.readouterr().err
+    os.utime(shards / "a.idx", (0, 0))
+    assert main(["data", "index", f"{shards}/{{a,b}}.tar"]) == 0  # a pattern, as WebDataset's
+    assert capsys.readouterr().out.startswith("wrote 1 index(es)")
+
+
+@pytest.mark.parametrize("pattern, names", [
+    ("s-{000..003}.tar", ["s-000.tar", "s-001.tar", "s-002.tar", "s-003.tar"]),
+    ("s-{8..11}.tar", ["s-8.tar", "s-9.tar", "s-10.tar", "s-11.tar"]),  # no padding asked
+    ("s-{1..010}", [f"s-{i:03d}" for i in range(1, 11)]),  # the wider bound's width
+    ("s-{3..1}", ["s-3", "s-2", "s-1"]),
+    ("{train,val}-{0..1}.tar", ["train-0.tar", "train-1.tar", "val-0.tar", "val-1.tar"]),
+    ("a{b}c-{0..1}", ["a{b}c-0", "a{b}c-1"]),  # one word in braces stays, as in bash
+    ("plain.tar", ["plain.tar"]),
+])
+def test_expand_braces_is_webdatasets_shard_notation(pattern, names):
+    assert expand_braces(pattern) == names
+
+
+def test_shards_named_by_a_pattern(tmp_path):
+    """`train-{0000..0002}.tar` (WebDataset's notation) and `*.tar` name the shards, in the
+    braces' order, wildcards sorted; a pattern naming a missing shard, a file that is no
+    shard, or nothing is an error naming the pattern; a path that exists is taken as it is."""
+    tars = [write_shard(tmp_path / f"train-{i:04d}.tar", [("a.jpg", encoded(i))]) for i in range(3)]
+    write_shard(tmp_path / "val-0000.tar", [("a.jpg", encoded(9))])
+    assert webdataset_shards(f"{tmp_path}/train-{{0000..0002}}.tar") == tars
+    assert webdataset_shards(f"{tmp_path}/train-{{0002..0000}}.tar") == tars[::-1]
+    assert webdataset_shards(f"{tmp_path}/train-*.tar") == tars
+    assert webdataset_shards(f"{tmp_path}/{{train-000[01],val-0000}}.tar") == \
+        tars[:2] + [str(tmp_path / "val-0000.tar")]
+    assert len(open_images(f"{tmp_path}/train-{{0000..0001}}.tar")) == 2
+    with pytest.raises(DataError, match=r"train-\{0000\.\.0004\}\.tar: 2 of its 5 shards are "
+                       r"missing, .*train-0003.tar the first"):
+        webdataset_shards(f"{tmp_path}/train-{{0000..0004}}.tar")
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(DataError, match=r"notes.txt is no .tar file"):
+        webdataset_shards(f"{tmp_path}/*.t*")
+    with pytest.raises(DataError, match=r"\*\.tgz: no file matches"):
+        webdataset_shards(f"{tmp_path}/*.tgz")
+    odd = write_shard(tmp_path / "odd[1]{0..1}.tar", [("a.jpg", encoded(1))])
+    assert webdataset_shards(odd) == [odd]
 
 
 def sixteen_bit_gray_png() -> tuple[bytes, np.ndarray]:

@@ -396,7 +396,8 @@ def test_trains_from_webdataset_shards(tmp_path, reference_path):
                 info = tarfile.TarInfo(f"{shard}{i:04d}.png")
                 info.size = len(buf.getvalue())
                 tar.addfile(info, io.BytesIO(buf.getvalue()))
-    cfg = load_config("default", TINY + [f'data.path="{shards}"', f'run.output_dir="{tmp_path / "run"}"',
+    pattern = f"{shards}/train-{{0000..0001}}.tar"  # WebDataset's notation, as data.path
+    cfg = load_config("default", TINY + [f'data.path="{pattern}"', f'run.output_dir="{tmp_path / "run"}"',
                                          'data.backend="dali"'])
     trainer = Trainer(cfg)
     assert trainer.iters_per_epoch == 6  # 24 samples, batch 4
