@@ -7,16 +7,14 @@ student forward on all crops, fused DINO loss, backward, gradient clipping, last
 freeze, AdamW step, fused EMA of the teacher (`impl.cuda_graph`: that step captured once
 and replayed, `graph_step.GraphedStep`). One process or several under torchrun (FSDP2,
 applied in `parallel.parallelize`); the batches come from `inputs.TrainingInput`.
-Checkpoints are atomic and hold everything a resume needs (models, optimizer, center, step,
-RNG, data position); a non-finite loss stops the run with the step named and the last good
-checkpoint untouched.
+Checkpoints (`trainer_checkpoints.py`, mixed into the Trainer) are atomic and hold everything
+a resume needs (models, optimizer, center, step, RNG, data position); a non-finite loss stops
+the run with the step named and the last good checkpoint untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime
 import json
 import math
 import random
@@ -33,23 +31,15 @@ from torch import nn
 from dinofuse.engine.checkpoint import (
     EXTRA,
     CheckpointError,
-    checkpoint_step,
-    dcp_errors,
     init_weights,
     is_sharded_checkpoint,
     latest_complete,
     load_file,
-    mark_complete,
-    open_sharded,
-    prune_checkpoints,
     read_sharded,
     run_has_checkpoint,
-    safe_planner,
-    save_atomic,
-    step_dir,
 )
 from dinofuse.engine.clipping import clip_gradients, clip_gradients_official
-from dinofuse.engine.config import Config, check_ranges, config_from_toml, config_to_toml, save_config
+from dinofuse.engine.config import Config, check_ranges, config_from_toml, save_config
 from dinofuse.engine.errors import TrainingError
 from dinofuse.engine.graph_step import GraphedStep
 from dinofuse.engine.inputs import TrainingInput
@@ -63,6 +53,7 @@ from dinofuse.engine.models.vit import PATCH_EMBEDDINGS, RESIDUAL_DTYPES
 from dinofuse.engine.parallel import DeviceValue, parallelize, world
 from dinofuse.engine.run_lock import RunLock
 from dinofuse.engine.schedules import cosine_schedule
+from dinofuse.engine.trainer_checkpoints import TrainerCheckpoints
 from dinofuse.kernels import DINOLoss, EMAPlan
 from dinofuse.kernels.dino_loss import CenteredDINOLoss
 from dinofuse.kernels.reference import OfficialDINOLoss, ema_reference_
@@ -187,7 +178,7 @@ class StepLog:
                     grad_norm=self.grad_norm, images_per_s=self.images_per_s)
 
 
-class Trainer:
+class Trainer(TrainerCheckpoints):
     def __init__(self, cfg: Config, resume: bool | str = False):
         """resume: True (a checkpoint must exist), "auto" (if one exists), False."""
         self.cfg = cfg
@@ -554,50 +545,7 @@ class Trainer:
         print(f"epoch {epoch}: k-NN (k={r.knn_k}) of the teacher: top-1 {acc['top1']:.2f}%, "
               f"top-5 {acc['top5']:.2f}%", file=sys.stderr, flush=True)
 
-    # ------------------------------------------------------------------ checkpoints
-    # Two formats. "file": OUTPUT_DIR/checkpoint.pth, one file with full tensors (gathered on
-    # rank 0 when sharded). "sharded": OUTPUT_DIR/checkpoints/step_N/, written by every rank
-    # with torch.distributed.checkpoint (in the background when run.async_checkpoint), marked
-    # COMPLETE only after all ranks finished; it loads on any number of processes.
-    # run.checkpoint_format="auto" picks sharded when the models are sharded.
-
-    def last_save(self) -> Path | None:
-        """This run's newest complete save, in the format it saves in: checkpoint.pth or a
-        sharded step folder."""
-        if self._sharded_saves():
-            return latest_complete(self.out / "checkpoints")
-        path = self.out / "checkpoint.pth"
-        return path if path.is_file() else None
-
-    def _sharded_saves(self) -> bool:
-        fmt = self.cfg.run.checkpoint_format  # one of these three (engine/config.py's rules)
-        return fmt == "sharded" or (fmt == "auto" and self.sharded)
-
-    def _extra_state(self) -> dict:
-        """Everything but the models and optimizer: small, the same on every rank."""
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"dino_loss": self.loss_fn.state_dict(),
-                "step": self.step, "iters_per_epoch": self.iters_per_epoch, "world": self.world,
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "rng": rng, "config": config_to_toml(self.cfg)}
-
-    def state(self) -> dict:
-        """Everything a resume needs, as full (unsharded) tensors: rank 0 holds them when
-        the models are sharded, so a checkpoint loads with any number of processes."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
-
-        if self.sharded:
-            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            models = {"student": get_model_state_dict(self.student, options=full),
-                      "teacher": get_model_state_dict(self.teacher, options=full),
-                      "optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=full)}
-        else:  # one process: the optimizer keyed by parameter name, so that several can resume
-            models = {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                      "optimizer": get_optimizer_state_dict(self.student, self.optimizer)}
-        return {**models, **self._extra_state()}
+    # ------------------------------------------------------------------ evaluation
 
     def eval_backbone(self) -> nn.Module:
         """The teacher's backbone for evaluation on this rank alone: itself, or, when FSDP2
@@ -612,204 +560,6 @@ class Trainer:
         backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in full.items()
                                   if k.startswith("backbone.")})
         return backbone.to(self.device).eval()
-
-    def _sharded_state(self) -> dict:
-        """Models and optimizer as this rank's shards, keyed by parameter name (the optimizer
-        too), so that DCP can load them into another number of processes."""
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict, get_optimizer_state_dict)
-
-        return {"student": get_model_state_dict(self.student),
-                "teacher": get_model_state_dict(self.teacher),
-                "optimizer": get_optimizer_state_dict(self.student, self.optimizer)}
-
-    def save(self) -> Path:
-        self.check_finite()  # never save the weights of a step whose loss was not finite
-        if self._sharded_saves():
-            return self._save_sharded()
-        path = self.out / "checkpoint.pth"
-        state = self.state()  # a collective under FSDP: every rank takes part
-        error = None
-        if self.rank == 0:
-            try:
-                save_atomic(state, path)
-            except CheckpointError as e:
-                error = str(e)
-        if dist.is_initialized():  # on disk before anyone goes on, and a failed write stops
-            box = [error]  # every rank now, not the others at the next collective's timeout
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error is not None:
-            raise CheckpointError(error)
-        return path
-
-    def _save_sharded(self) -> Path:
-        import torch.distributed.checkpoint as dcp
-
-        self.finish_pending_save()
-        folder = step_dir(self.out / "checkpoints", self.step)
-        if self._saved_step == self.step:  # an epoch's end, then the run's: one save
-            return folder  # (decided from memory: every rank decides alike)
-        self._saved_step = self.step
-        extra = self._extra_state()  # before the models: it settles the pending center
-        if self.rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_atomic(extra, folder / EXTRA)
-        state = self._sharded_state()
-        if self.cfg.run.async_checkpoint and dist.is_initialized():
-            # the background writer gets its own group: its collectives never meet training's
-            if self._checkpoint_group is None:
-                timeout = datetime.timedelta(seconds=self.cfg.run.collective_timeout_s)
-                self._checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
-            future = dcp.async_save(state, checkpoint_id=str(folder),
-                                    process_group=self._checkpoint_group)
-            self._pending_save = (future, folder)
-        else:
-            with self._sharded_write(folder):
-                dcp.save(state, checkpoint_id=str(folder))
-            self._mark_complete(folder)
-        return folder
-
-    def finish_pending_save(self) -> None:
-        """Wait for a background save, then mark it complete once every rank finished."""
-        if self._pending_save is None:
-            return
-        future, folder = self._pending_save
-        self._pending_save = None
-        with self._sharded_write(folder):
-            future.result()
-        self._mark_complete(folder)
-
-    @contextlib.contextmanager
-    def _sharded_write(self, folder: Path):
-        """A write that failed on any rank stops every rank with one line (the folder is
-        never marked complete), saying which checkpoint a resume would take."""
-        try:
-            with dcp_errors("write", folder):
-                yield
-        except CheckpointError as e:
-            kept = latest_complete(folder.parent)
-            kept = f"the newest complete one, {kept}, is kept" if kept else "none was complete before"
-            raise CheckpointError(f"{e}; {kept}") from None
-
-    def _mark_complete(self, folder: Path) -> None:
-        if dist.is_initialized():
-            dist.barrier()  # every rank's shards are on disk
-        if self.rank == 0:
-            mark_complete(folder, {"step": checkpoint_step(folder), "world": self.world})
-            prune_checkpoints(folder.parent, self.cfg.run.keep_checkpoints)
-
-    def _newest_checkpoint(self) -> tuple[str, Path, dict | None] | None:
-        """("sharded", folder, None) or ("file", path, its contents or None) of the newest
-        resumable checkpoint; the file is read only to compare with a sharded one (a tie goes
-        to the sharded one), and what was read is passed on rather than read again."""
-        folder = latest_complete(self.out / "checkpoints")
-        path = self.out / "checkpoint.pth"
-        if not path.is_file():
-            return None if folder is None else ("sharded", folder, None)
-        if folder is None:
-            return "file", path, None
-        state = load_file(path)
-        if int(state.get("step", -1)) > checkpoint_step(folder):
-            return "file", path, state
-        return "sharded", folder, None
-
-    def _resume(self) -> None:
-        newest = self._newest_checkpoint()
-        if newest is None:
-            raise TrainingError(f"--resume: no checkpoint in {self.out} (neither checkpoint.pth "
-                                "nor a complete checkpoints/step_*/)")
-        kind, path, state = newest
-        if kind == "sharded":
-            extra = self._load_sharded(path)
-        else:
-            extra = self._load_file(path, state)
-        self._restore_extra(extra)
-
-    def _check_config(self, saved_toml: str, path: Path) -> None:
-        saved, now = dataclasses.asdict(config_from_toml(saved_toml).model), dataclasses.asdict(self.cfg.model)
-        changed = [f"model.{k}: {saved[k]!r} there, {now[k]!r} here" for k in saved if saved[k] != now[k]]
-        if changed:
-            raise TrainingError(f"--resume: {path} was trained with another model config "
-                                f"({'; '.join(changed)})")
-
-    def _load_file(self, path: Path, state: dict | None = None) -> dict:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
-
-        state = state if state is not None else load_file(path)
-        self._check_config(state["config"], path)
-        optimizer = state["optimizer"]
-        if all(isinstance(k, int) for k in optimizer["state"]):  # torch's own format
-            if self.sharded:
-                raise TrainingError(f"--resume: {path} keeps its optimizer state in torch's "
-                                    "one-process format; resume it with one process")
-            self.student.load_state_dict(state["student"])
-            self.teacher.load_state_dict(state["teacher"])
-            self.optimizer.load_state_dict(optimizer)
-            return state
-        full = StateDictOptions(full_state_dict=True)  # full tensors keyed by name
-        set_model_state_dict(self.student, state["student"], options=full)
-        set_model_state_dict(self.teacher, state["teacher"], options=full)
-        # strict=False: parameters that never stepped yet (the frozen last layer) have no state
-        set_optimizer_state_dict(self.student, self.optimizer, optimizer,
-                                 options=StateDictOptions(full_state_dict=True, strict=False))
-        self._drop_unsaved_optimizer_state(set(optimizer["state"]))
-        return state
-
-    def _drop_unsaved_optimizer_state(self, saved_names: set[str]) -> None:
-        """Loading creates optimizer state for every parameter; one that had none when saved
-        (the frozen last layer) has none again, so its first real step counts as the first,
-        as in an uninterrupted run."""
-        for name, p in self.student.named_parameters():
-            if name not in saved_names:
-                self.optimizer.state.pop(p, None)
-
-    def _load_sharded(self, folder: Path) -> dict:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (
-            set_model_state_dict, set_optimizer_state_dict)
-
-        extra = load_file(folder / EXTRA)
-        self._check_config(extra["config"], folder)
-        state = self._sharded_state()  # templates: the optimizer's state is created for all
-        reader, saved = open_sharded(folder)
-        with dcp_errors("read", folder):
-            dcp.load(state, storage_reader=reader, planner=safe_planner(allow_partial_load=True))
-        set_model_state_dict(self.student, state["student"])
-        set_model_state_dict(self.teacher, state["teacher"])
-        set_optimizer_state_dict(self.student, self.optimizer, state["optimizer"])
-        self._drop_unsaved_optimizer_state(
-            {name for name, _ in self.student.named_parameters()
-             if f"optimizer.state.{name}.step" in saved})
-        return extra
-
-    def _restore_extra(self, extra: dict) -> None:
-        self.loss_fn.load_state_dict(extra["dino_loss"])
-        if self.scaler and extra.get("scaler"):
-            self.scaler.load_state_dict(extra["scaler"])
-        self.step = self._resumed_step(int(extra["step"]), extra.get("iters_per_epoch"))
-        torch.set_rng_state(extra["rng"]["torch"])
-        random.setstate(extra["rng"]["python"])
-        if "cuda" in extra["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
-        # the EMA plan points at the parameters, which the loads updated in place
-
-
-    def _resumed_step(self, step: int, saved_per_epoch: int | None) -> int:
-        """The step to continue from. With another global batch (another number of
-        processes, say) an epoch has another number of steps: the epoch and the fraction of
-        it done are kept (the official code, which counts epochs, keeps the epoch), so the
-        schedules continue where they were, not at the same step count."""
-        if not saved_per_epoch or saved_per_epoch == self.iters_per_epoch:
-            return step
-        epoch, within = divmod(step, saved_per_epoch)
-        resumed = epoch * self.iters_per_epoch + round(within * self.iters_per_epoch / saved_per_epoch)
-        if self.rank == 0:
-            print(f"resuming with {self.iters_per_epoch} steps per epoch where the checkpoint "
-                  f"had {saved_per_epoch} (another global batch): its step {step} (epoch "
-                  f"{epoch}, {within} steps in) continues as step {resumed}", flush=True)
-        return resumed
 
 
 def _tensorboard(path: Path):

@@ -400,15 +400,16 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
 def _file_save_failing_on_rank_0(rank, folder, out, result):
     import time
 
-    import dinofuse.engine.train as train
+    import dinofuse.engine.trainer_checkpoints as saves
     from dinofuse.engine.checkpoint import CheckpointError
+    from dinofuse.engine.train import Trainer
 
-    trainer = train.Trainer(_cfg(folder, out, 2, 'run.checkpoint_format="file"'))
+    trainer = Trainer(_cfg(folder, out, 2, 'run.checkpoint_format="file"'))
     if rank == 0:  # only rank 0 writes the file: its disk is full
         def disk_full(obj, path):
             raise CheckpointError(f"cannot write checkpoint {path}: No space left on device")
 
-        train.save_atomic = disk_full
+        saves.save_atomic = disk_full
     started = time.perf_counter()
     try:
         trainer.save()
