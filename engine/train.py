@@ -69,10 +69,12 @@ IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
 
 
 def pick_device(name: str, field: str = "run.device") -> torch.device:
-    """The device `name` says ("auto": CUDA when there is one); a name that is no device, or
-    a CUDA device this machine lacks, is an error naming `field`."""
+    """The device `name` says ("auto": CUDA when there is one), with its index: "cuda" is
+    this process's current device (torchrun's processes each set their own, LOCAL_RANK), so
+    what needs an index (DALI's device_id, NVML, memory statistics) gets that GPU, not GPU 0.
+    A name that is no device, or a CUDA device this machine lacks, is an error naming `field`."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -80,6 +82,8 @@ def pick_device(name: str, field: str = "run.device") -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"{field}={name!r}, but torch sees {torch.cuda.device_count()} CUDA "
                          f"device(s) here; use \"auto\" or \"cpu\"")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

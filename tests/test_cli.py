@@ -77,6 +77,19 @@ def test_knn_attention_maps_and_export(trained, folder, tmp_path, capsys):
                  "--out", str(tmp_path / "teacher.safetensors")]) == 0
 
 
+def test_cuda_means_this_processs_gpu_with_its_index(monkeypatch):
+    """Under torchrun each process sets its GPU (LOCAL_RANK); "auto" and "cuda" name that
+    one by index, so DALI (device_id), NVML and the memory statistics use it, not GPU 0."""
+    from dinofuse.engine.train import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert pick_device("auto") == pick_device("cuda") == torch.device("cuda", 3)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    assert pick_device("cpu") == torch.device("cpu")
+
+
 @pytest.mark.parametrize("make_args,message", [
     (lambda d, t: ["train", "--data", str(t / "empty"), "--output-dir", str(t / "o")], "no images"),
     (lambda d, t: ["train", "--data", str(t / "broken"), "--output-dir", str(t / "o"), *TINY],
