@@ -1275,6 +1275,10 @@ BUGS = [
         'if "=" not in item and os.path.exists(item):',
         'if "=" not in item and os.path.isdir(item):',
         ['test_cli.py::test_an_unquoted_shard_pattern_is_explained']),
+    Bug('engine/train.py',
+        'if device.type == "cuda" and device.index is None:',
+        'if device.type == "cuda" and device.index == 0:',
+        ['test_cli.py::test_cuda_means_this_processs_gpu_with_its_index']),
 ]
 
 
