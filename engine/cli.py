@@ -53,6 +53,7 @@ from dinofuse.engine.train import (
     Trainer,
     build_backbone,
     check_fresh_start,
+    make_output_dir,
     pick_device,
     read_checkpoint,
 )
@@ -78,7 +79,8 @@ def _train(args) -> None:
     rank, world = init_distributed(timeout_s=cfg.run.collective_timeout_s,
                                    force=cfg.impl.fsdp == "always")
     resume = "auto" if args.auto_resume else args.resume
-    if not resume:  # before a --fit-minutes trial, not after it
+    make_output_dir(Path(cfg.run.output_dir))  # these, before a --fit-minutes trial
+    if not resume:
         check_fresh_start(Path(cfg.run.output_dir))
     if args.fit_minutes is not None:
         cfg = _fit_to_minutes(cfg, args.fit_minutes, resume, rank)
@@ -198,6 +200,8 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
     missing = [f"--{name}" for name in sources if name not in given]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or --load-features DIR)")
+    if args.dump_features:  # now, not after the extraction
+        make_output_dir(Path(args.dump_features), "--dump-features")
     rank, _ = init_distributed()  # under torchrun: each process extracts a share
     device = pick_device(args.device, "--device")
     sets = {split: open_images(folder, split)
@@ -272,6 +276,8 @@ def _linear(args) -> None:
         raise ValueError("--resume needs the --output-dir that holds linear.pth")
     if args.output_dir and saved.is_file() and not (args.resume or args.evaluate):
         raise ValueError(f"{saved} exists: pass --resume to continue it, or another --output-dir")
+    if args.output_dir:  # now, not after the training
+        make_output_dir(Path(args.output_dir), "--output-dir")
     rank, _ = init_distributed()  # under torchrun: each process a share of every batch
     device = pick_device(args.device, "--device")
     backbone, cfg = _load_backbone(args.checkpoint, device, args.arch, args.which)
@@ -307,11 +313,12 @@ def _attention_maps(args) -> None:
     from dinofuse.dataloading.readers import decode_rgb
     from dinofuse.engine.eval.attention_maps import cls_attention, save_attention_maps
 
-    backbone, cfg = _load_backbone(args.checkpoint, pick_device(args.device, "--device"),
-                                   args.arch, args.which)
     path = Path(args.image)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
+    make_output_dir(Path(args.out), "--output-dir")
+    backbone, cfg = _load_backbone(args.checkpoint, pick_device(args.device, "--device"),
+                                   args.arch, args.which)
     image = decode_rgb(path, path)
     img, attn, masks = cls_attention(backbone, image, args.size or cfg.data.global_crop_size,
                                      args.threshold)

@@ -96,6 +96,55 @@ def check_fresh_start(out: Path) -> None:
                             f"run.output_dir (--output-dir)")
 
 
+def output_dir_problem(out: Path, error: OSError, field: str = "run.output_dir") -> str:
+    return f"{field} {out}: cannot write there ({error.strerror or error})"
+
+
+def make_output_dir(out: Path, field: str = "run.output_dir") -> None:
+    """An output folder made before the work whose results go there: one that cannot be (a
+    path through a file, a read-only disk) is a one-line error naming `field` first."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(output_dir_problem(out, e, field)) from None
+
+
+class JsonLines:
+    """A JSON record per line appended to `path` (when `enabled`: one rank writes). A write
+    that fails (a full disk) is said once and the run goes on without this log: a full disk
+    stops a run at its next checkpoint save, which every rank takes part in, with the last
+    checkpoint kept; a failure here alone would stop one rank and leave the others waiting."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.file = path, None
+        if enabled:
+            self._attempt(lambda: setattr(self, "file", open(path, "a")))
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self._attempt(lambda: (self.file.write(json.dumps(record) + "\n"), self.file.flush()))
+
+    def _attempt(self, action) -> None:
+        try:
+            action()
+        except OSError as e:
+            print(f"dinofuse: cannot write {self.path} ({e.strerror or e}); training goes on "
+                  "without it", file=sys.stderr, flush=True)
+            self.close()
+
+    def close(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            with contextlib.suppress(OSError):  # what it still buffered is lost with the disk
+                file.close()
+
+    def __enter__(self) -> JsonLines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def build_backbone(cfg: Config, drop_path_rate: float) -> nn.Module:
     m = cfg.model
     sizes = {k: v for k, v in (("embed_dim", m.embed_dim), ("depth", m.depth),
@@ -445,25 +494,33 @@ class Trainer(TrainerCheckpoints):
             lock.release()
 
     def _lock_output_folder(self) -> RunLock:
-        """Rank 0 takes the folder's lock; every rank stops together when another run holds it."""
+        """Rank 0 takes the folder's lock and writes the resolved config there; every rank
+        stops together, in one line, when another run holds it or the folder is unwritable."""
         lock = RunLock(self.out)
-        holder = lock.acquire() if self.rank == 0 else None
+        problem = None
+        if self.rank == 0:
+            try:
+                holder = lock.acquire()
+                if holder is None:
+                    save_config(self.cfg, self.out / "config.toml")
+                else:
+                    problem = (f"{self.out} is in use by another training run ({holder}): wait "
+                               f"for it to end or stop it, or choose another run.output_dir "
+                               f"(--output-dir)")
+            except OSError as e:
+                lock.release()
+                problem = output_dir_problem(self.out, e)
         if dist.is_initialized():
-            box = [holder]
+            box = [problem]
             dist.broadcast_object_list(box, src=0)
-            holder = box[0]
-        if holder is not None:
-            raise TrainingError(f"{self.out} is in use by another training run ({holder}): "
-                                f"wait for it to end or stop it, or choose another "
-                                f"run.output_dir (--output-dir)")
+            problem = box[0]
+        if problem is not None:
+            raise TrainingError(problem)
         return lock
 
     def _fit(self, max_steps: int, progress: bool) -> list[StepLog]:
         cfg = self.cfg
         main = self.rank == 0  # one process writes the logs
-        self.out.mkdir(parents=True, exist_ok=True)
-        if main:
-            save_config(cfg, self.out / "config.toml")
         logs: list[StepLog] = []
         started, last_time, last_step = time.perf_counter(), time.perf_counter(), self.step
         first_step = self.step
@@ -472,8 +529,7 @@ class Trainer(TrainerCheckpoints):
         board = _tensorboard(self.out / "tensorboard") if main else None
         deadline = started + 60 * cfg.run.max_minutes if cfg.run.max_minutes else math.inf
         self._clear_stop()  # each fit asks afresh
-        with open(self.out / "log.jsonl", "a") if main else contextlib.nullcontext() as log_file, \
-                self._stop_on_signals():
+        with JsonLines(self.out / "log.jsonl", main) as log_file, self._stop_on_signals():
             while self.step < stop_at and not self.stopping:
                 for crops, _ in self.input.batches(*divmod(self.step, self.iters_per_epoch)):
                     log = self.train_step(crops)
@@ -483,9 +539,7 @@ class Trainer(TrainerCheckpoints):
                         log.images_per_s = ((self.step - last_step) * self.global_batch
                                             / (now - last_time))  # every process's
                         last_time, last_step = now, self.step
-                        if log_file is not None:
-                            log_file.write(json.dumps(log.as_dict()) + "\n")
-                            log_file.flush()
+                        log_file.write(log.as_dict())
                         bar.update(self.step, log)
                         if board is not None:
                             for key, value in log.as_dict().items():
@@ -541,8 +595,8 @@ class Trainer(TrainerCheckpoints):
         if self.rank != 0:
             return
         record = {"step": self.step, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]}
-        with open(self.out / "knn_log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with JsonLines(self.out / "knn_log.jsonl") as knn_log:
+            knn_log.write(record)
         if board is not None:
             board.add_scalar("eval/knn_top1", acc["top1"], self.step)
             board.add_scalar("eval/knn_top5", acc["top5"], self.step)

@@ -880,6 +880,31 @@ def test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was(image_f
         Trainer(make_cfg(flat, tmp_path / "x", "run.knn_every_epochs=1"))
 
 
+def test_a_full_disk_under_the_logs_is_said_once_and_training_goes_on(tmp_path, capsys):
+    """log.jsonl on a full disk (/dev/full: every write fails with ENOSPC): one line says so,
+    and the run trains to its end and saves (a full disk stops a run in its checkpoint save,
+    on every rank together). An output folder that cannot be made is one line naming it."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").symlink_to("/dev/full")
+    cfg = load_config("default", TINY + ['data.path="synthetic"', f'run.output_dir="{run}"',
+                                         "run.log_every_steps=1"])
+    logs = Trainer(cfg).fit(max_steps=3, progress=False)
+    assert len(logs) == 3 and (run / "checkpoint.pth").is_file()
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1, err
+    assert f"cannot write {run / 'log.jsonl'} (No space left on device); training goes on " \
+        "without it" in err
+    (tmp_path / "a_file").write_text("")
+    cfg = load_config("default", TINY + ['data.path="synthetic"',
+                                         f'run.output_dir="{tmp_path / "a_file" / "run"}"'])
+    with pytest.raises(TrainingError, match=r"run.output_dir .*a_file/run: cannot write there "
+                                            r"\(Not a directory\)"):
+        Trainer(cfg).fit(max_steps=1, progress=False)
+
+
 def test_one_training_run_at_a_time_per_output_folder(image_folder, tmp_path, reference_path):
     """While another run trains in the folder (its flock held: here by a second open file,
     as another process would), fit stops in one line naming the holder and saves nothing;
