@@ -130,7 +130,7 @@ def test_cuda_means_this_processs_gpu_with_its_index(monkeypatch):
     (lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "o"), *TINY,
                    'run.device="gpu"'], "run.device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
     (lambda d, t: ["train", "--data", str(d), "--output-dir", str(t / "broken" / "fake.png" / "run"),
-                   *TINY], "run.output_dir .*fake.png/run: cannot write there \\(Not a directory\\)"),
+                   "--fit-minutes", "5", *TINY], "run.output_dir .*fake.png/run: cannot write there \\(Not a directory\\)"),
     (lambda d, t: ["linear", "--checkpoint", "c.pth", "--train", str(d), "--val", str(d),
                    "--output-dir", str(t / "broken" / "fake.png" / "lin")],
      "--output-dir .*fake.png/lin: cannot write there"),
@@ -158,8 +158,10 @@ def test_bad_input_gets_one_line(make_args, message, folder, tmp_path, capsys):
     (tmp_path / "broken" / "fake.png").write_text("this is not an image")
     args = make_args(folder, tmp_path)
     assert main(args[:1] + (["--quiet"] if args[0] == "train" else []) + args[1:]) == 2
-    err = capsys.readouterr().err.strip()
+    out, err = capsys.readouterr()
+    err = err.strip()
     assert len(err.splitlines()) == 1
+    assert out == ""  # refused before any work (a --fit-minutes trial says what it fitted)
     import re
     assert re.search(message, err), err
 
