@@ -22,6 +22,7 @@ class RunLock:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / LOCK_NAME
         self._fd: int | None = None
+        self.stamp: str | None = None  # what this holder wrote in the file
 
     def acquire(self) -> str | None:
         """Take the lock: None when this process holds it now, else who holds it."""
@@ -37,10 +38,19 @@ class RunLock:
             os.close(fd)
             return None
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.stamp = (f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        os.write(fd, self.stamp.encode())
         self._fd = fd
         return None
+
+    def written_by(self, stamp: str) -> bool:
+        """Whether the lock file here is the one whose holder wrote `stamp` (another process,
+        another node: whether this folder is the holder's)."""
+        try:
+            return self.path.read_text(errors="replace").strip() == stamp
+        except OSError:
+            return False
 
     def release(self) -> None:
         if self._fd is not None:

@@ -19,6 +19,7 @@ import json
 import math
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -511,12 +512,30 @@ class Trainer(TrainerCheckpoints):
                 lock.release()
                 problem = output_dir_problem(self.out, e)
         if dist.is_initialized():
-            box = [problem]
+            box = [problem, lock.stamp]
             dist.broadcast_object_list(box, src=0)
-            problem = box[0]
+            problem, stamp = box
+            if problem is None and stamp is not None:
+                problem = self._unshared_output_dir(RunLock(self.out).written_by(stamp))
         if problem is not None:
+            lock.release()
             raise TrainingError(problem)
         return lock
+
+    def _unshared_output_dir(self, sees_rank_0s: bool) -> str | None:
+        """Every rank must see one folder (rank 0 writes the checkpoint file and the sharded
+        folders' marks, every rank reads them to resume): a folder on each node's own disk is
+        refused at the start, on every rank, naming a process that does not see rank 0's."""
+        seen = [None] * self.world
+        dist.all_gather_object(seen, (sees_rank_0s, socket.gethostname()))
+        blind = [(rank, host) for rank, (sees, host) in enumerate(seen) if not sees]
+        if not blind:
+            return None
+        rank, host = blind[0]
+        more = f" (and {len(blind) - 1} more)" if len(blind) > 1 else ""
+        return (f"run.output_dir {self.out} is not one folder for every process: rank {rank} on "
+                f"{host}{more} does not see rank 0's files there; put it on storage that every "
+                f"node mounts")
 
     def _fit(self, max_steps: int, progress: bool) -> list[StepLog]:
         cfg = self.cfg

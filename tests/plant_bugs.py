@@ -939,8 +939,8 @@ BUGS = [
         '                holder = None\n',
         ['test_train.py::test_one_training_run_at_a_time_per_output_folder']),
     Bug('engine/train.py',
-        '        if dist.is_initialized():\n            box = [problem]\n            dist.broadcast_object_list(box, src=0)\n            problem = box[0]\n        if problem is not None:',
-        '        if problem is not None:',
+        '        if dist.is_initialized():\n            box = [problem, lock.stamp]\n            dist.broadcast_object_list(box, src=0)\n            problem, stamp = box\n',
+        '        if dist.is_initialized():\n            stamp = None\n',
         ['test_distributed.py::test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher']),
     Bug('engine/train.py',
         """        finally:
@@ -1304,6 +1304,14 @@ BUGS = [
         """    if False:  # now, not after the extraction
         make_output_dir(""",
         ['test_cli.py::test_bad_input_gets_one_line']),
+    Bug('engine/train.py',
+        'if problem is None and stamp is not None:',
+        'if False:',
+        ['test_distributed.py::test_an_output_folder_that_is_not_shared_is_refused_on_every_rank']),
+    Bug('engine/run_lock.py',
+        "return self.path.read_text(errors=\"replace\").strip() == stamp",
+        "return self.path.exists()",
+        ['test_distributed.py::test_an_output_folder_that_is_not_shared_is_refused_on_every_rank']),
 ]
 
 

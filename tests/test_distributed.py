@@ -397,6 +397,42 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
     assert outcomes[0][1] == [False, False]
 
 
+def _train_in_each_nodes_own_folder(rank, folder, out, result):
+    import socket
+
+    from dinofuse.engine.errors import TrainingError
+    from dinofuse.engine.train import Trainer
+
+    trainer = Trainer(_cfg(folder, out / f"node{rank}", 2))  # one path, each node its own disk
+    try:
+        trainer.fit(max_steps=1, progress=False)
+        outcome = "trained"
+    except TrainingError as e:
+        outcome = str(e)
+    outcomes = [None] * WORLD
+    dist.all_gather_object(outcomes, (outcome, socket.gethostname()))
+    if rank == 0:
+        torch.save(outcomes, result)
+
+
+def test_an_output_folder_that_is_not_shared_is_refused_on_every_rank(tmp_path):
+    """Multi-node with run.output_dir on each node's own disk: rank 0 would write the
+    checkpoint where the others cannot read it back. Every rank stops at the start, naming
+    a rank that does not see rank 0's files; nothing is trained or saved."""
+    import functools
+
+    result = tmp_path / "outcomes.pt"
+    (tmp_path / "run" / "node1").mkdir(parents=True)  # rank 1's disk: a lock file of its own
+    (tmp_path / "run" / "node1" / ".dinofuse.lock").write_text("pid 7 on node1, since 2026-11-01")
+    _spawn(functools.partial(_train_in_each_nodes_own_folder, folder=_image_folder(tmp_path / "imgs"),
+                             out=tmp_path / "run", result=result))
+    outcomes = torch.load(result, weights_only=True)
+    for outcome, host in outcomes:
+        assert f"is not one folder for every process: rank 1 on {host} does not see rank 0's " \
+            "files there" in outcome, outcome
+    assert not list((tmp_path / "run").rglob("checkpoint*"))
+
+
 def _file_save_failing_on_rank_0(rank, folder, out, result):
     import time
 
