@@ -55,9 +55,7 @@ def load_file(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file as load_safetensors
-
-        return load_safetensors(str(path))
+        return _load_safetensors(path)
     try:
         # the official training checkpoints keep their command line as 'args', an
         # argparse.Namespace: a plain attribute bag, allowed by name (its load runs no code)
@@ -68,6 +66,25 @@ def load_file(path: str | Path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return obj
+
+
+# an export's safetensors metadata: the config of the run it came from (timm ignores it)
+SAFETENSORS_CONFIG = "dinofuse_config"
+
+
+def _load_safetensors(path: Path) -> dict:
+    """The tensors, and the run's config as "config" when the export kept it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            contents = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors' own errors: a truncated or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if SAFETENSORS_CONFIG in metadata:
+        contents["config"] = metadata[SAFETENSORS_CONFIG]
+    return contents
 
 
 def _load_problem(e: Exception) -> str:
@@ -194,8 +211,10 @@ def init_weights(student: torch.nn.Module, teacher: torch.nn.Module, contents: d
     return f"backbone; the head starts new ({'another shape there' if head else 'none there'})"
 
 
-def export_backbone(state: dict, out: str | Path) -> Path:
-    """Write a backbone state dict for timm: `.safetensors` or a torch `.pth` of tensors."""
+def export_backbone(state: dict, out: str | Path, config: str | None = None) -> Path:
+    """Write a backbone state dict for timm: `.safetensors` or a torch `.pth` of tensors.
+    A `.safetensors` keeps `config` (the run's, TOML) in its metadata: our commands then
+    rebuild the very ViT (its heads, which no weight's shape tells); timm ignores it."""
     out = Path(out)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if out.suffix == ".safetensors":
@@ -203,7 +222,7 @@ def export_backbone(state: dict, out: str | Path) -> Path:
 
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        save_file(state, str(tmp))
+        save_file(state, str(tmp), metadata={SAFETENSORS_CONFIG: config} if config else None)
         os.replace(tmp, out)
         return out
     return save_atomic(state, out)

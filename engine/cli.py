@@ -43,6 +43,7 @@ from dinofuse.engine.config import (
     config_from_toml,
     load_config,
     toml_value,
+    weights_config,
 )
 from dinofuse.engine.eval.knn import EVAL_PRECISIONS
 from dinofuse.engine.inputs import data_worker_died
@@ -329,7 +330,8 @@ def _attention_maps(args) -> None:
 def _export(args) -> None:
     contents = read_checkpoint(args.checkpoint, args.which)
     state = backbone_state(contents, args.which)
-    out = export_backbone(state, args.out)
+    config = contents.get("config")
+    out = export_backbone(state, args.out, weights_config(config) if isinstance(config, str) else None)
     print(f"wrote {out} ({len(state)} tensors)")
     try:  # how to load it: the ViT of our config, or the one official weights describe
         model = (config_from_toml(contents["config"]).model if "config" in contents

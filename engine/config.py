@@ -327,6 +327,22 @@ def config_from_toml(text: str) -> Config:
     return apply_overrides(Config(), tomllib.loads(text))
 
 
+# how a run's features are evaluated: what an export of its weights keeps of its config
+EVALUATION_FIELDS = {"data": ("global_crop_size",),
+                     "run": ("knn_k", "knn_temperature", "knn_features", "knn_resize_ratio")}
+
+
+def weights_config(text: str) -> str:
+    """What an exported backbone keeps of its run's config (TOML): the model, and how its
+    features are evaluated; no paths or settings of the machine it trained on."""
+    cfg, kept = config_from_toml(text), Config()
+    kept.model = cfg.model
+    for section, names in EVALUATION_FIELDS.items():
+        for name in names:
+            setattr(getattr(kept, section), name, getattr(getattr(cfg, section), name))
+    return config_to_toml(kept)
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_to_toml(cfg))

@@ -1312,6 +1312,18 @@ BUGS = [
         "return self.path.read_text(errors=\"replace\").strip() == stamp",
         "return self.path.exists()",
         ['test_distributed.py::test_an_output_folder_that_is_not_shared_is_refused_on_every_rank']),
+    Bug('engine/checkpoint.py',
+        'metadata={SAFETENSORS_CONFIG: config} if config else None',
+        'metadata=None',
+        ['test_cli.py::test_export_prints_the_timm_call_that_loads_it']),
+    Bug('engine/config.py',
+        '            setattr(getattr(kept, section), name, getattr(getattr(cfg, section), name))',
+        '            pass',
+        ['test_cli.py::test_export_prints_the_timm_call_that_loads_it']),
+    Bug('engine/config.py',
+        '    cfg, kept = config_from_toml(text), Config()',
+        '    cfg = kept = config_from_toml(text)',
+        ['test_cli.py::test_export_prints_the_timm_call_that_loads_it']),
 ]
 
 

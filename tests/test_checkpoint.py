@@ -79,6 +79,10 @@ def test_wrong_architecture_and_bad_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"cut.pth: not a PyTorch checkpoint, or a "
                                               r"truncated one \(RuntimeError: [^\n]*\)$"):
         load_file(tmp_path / "cut.pth")
+    whole = export_backbone(vit_tiny(depth=2).state_dict(), tmp_path / "w.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(whole.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*cut.safetensors: "):
+        load_file(tmp_path / "cut.safetensors")
 
 
 def test_code_in_a_pickle_is_refused(tmp_path):

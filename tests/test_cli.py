@@ -585,7 +585,9 @@ def test_export_prints_the_timm_call_that_loads_it(trained, tmp_path, capsys):
     printed, it loads the file and computes what our teacher computes."""
     import timm
 
+    from dinofuse.engine.checkpoint import load_file
     from dinofuse.engine.cli import _load_backbone
+    from dinofuse.engine.config import config_from_toml
 
     out = tmp_path / "teacher.safetensors"
     assert main(["export", "--checkpoint", str(trained), "--out", str(out)]) == 0
@@ -599,6 +601,17 @@ def test_export_prints_the_timm_call_that_loads_it(trained, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(x)[:, 0], teacher(x), rtol=1e-5,
                                    atol=1e-5)
+    # the file keeps the run's model and evaluation settings (no paths): our commands rebuild
+    # this ViT from it (2 heads: no weight's shape tells), with the run's k-NN protocol
+    exported, cfg = _load_backbone(str(out), "cpu")
+    assert cfg.model == config_from_toml((trained / "config.toml").read_text()).model
+    assert (cfg.run.knn_k, cfg.run.knn_temperature, cfg.data.global_crop_size) == (3, 0.5, 16)
+    assert str(trained) not in load_file(out)["config"]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), teacher(x), rtol=0, atol=0)
+    assert main(["export", "--checkpoint", str(trained), "--out", str(tmp_path / "t.pth")]) == 0
+    assert set(map(type, torch.load(tmp_path / "t.pth", weights_only=True).values())) == \
+        {torch.Tensor}  # a .pth export stays a plain state dict: timm loads it strictly
 
 
 def test_fsdp_always_trains_on_one_process_from_the_command_line(folder, tmp_path, capsys):
