@@ -49,6 +49,22 @@ def save_atomic(obj, path: str | Path) -> Path:
     return path
 
 
+def keep_copy(path: Path, kept: Path) -> None:
+    """`kept` holding what `path` holds now: a hard link (no second write; the next atomic
+    save of `path` makes a new file and leaves this one), else a copy, each renamed in."""
+    import shutil
+
+    tmp = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, kept)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_file(path: str | Path) -> dict:
     """A checkpoint's contents, read without unpickling code (weights_only=True)."""
     path = Path(path)
@@ -256,6 +272,7 @@ def timm_call(model: ModelConfig, file: str | Path) -> str:
 
 COMPLETE = "COMPLETE"
 EXTRA = "extra.pt"
+KEEP = "KEEP"  # a sharded checkpoint kept for good (run.saveckp_freq): pruning leaves it
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -300,8 +317,8 @@ def mark_complete(folder: Path, info: dict) -> None:
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and unfinished folders
-    older than the newest complete one (never the one being written)."""
+    """Keep the newest `keep` complete checkpoints and those marked KEEP; drop older ones and
+    unfinished folders older than the newest complete one (never the one being written)."""
     import shutil
 
     entries = sharded_checkpoints(root)
@@ -310,7 +327,8 @@ def prune_checkpoints(root: str | Path, keep: int) -> None:
         return
     newest = complete[-1][0]
     for s, d in complete[:-keep]:
-        shutil.rmtree(d, ignore_errors=True)
+        if not (d / KEEP).is_file():
+            shutil.rmtree(d, ignore_errors=True)
     for s, d, done in entries:
         if not done and s < newest:
             shutil.rmtree(d, ignore_errors=True)

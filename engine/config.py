@@ -129,6 +129,8 @@ class RunConfig:
     checkpoint_format: str = "auto"  # auto (sharded when the models are) | sharded | file
     async_checkpoint: bool = True  # sharded: write in the background (DCP async_save)
     keep_checkpoints: int = 2  # sharded: complete checkpoints kept (older ones deleted)
+    saveckp_freq: int = 20  # the official --saveckp_freq: also keep the checkpoint of epochs
+    # 0, N, 2N, ... (counted from 0, as checkpoint{epoch:04}.pth; sharded: never pruned); 0 = none
     collective_timeout_s: float = 600.0  # a dead or stuck rank ends the job after this
     log_every_steps: int = 10
     knn_after_training: bool = True
@@ -199,6 +201,7 @@ _RULES = {
                                     "a block count >= 0, or -1 for every block")),
     "run": dict(cpu_threads=NON_NEGATIVE, max_minutes=NON_NEGATIVE,
                 save_every_steps=NON_NEGATIVE, keep_checkpoints=AT_LEAST_1,
+                saveckp_freq=NON_NEGATIVE,
                 collective_timeout_s=POSITIVE, log_every_steps=AT_LEAST_1, knn_k=AT_LEAST_1,
                 knn_every_epochs=NON_NEGATIVE, knn_features=one_of("cls", "cls+avgpool"),
                 checkpoint_format=one_of("auto", "sharded", "file"),

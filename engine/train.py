@@ -571,7 +571,7 @@ class Trainer(TrainerCheckpoints):
                     if self.step >= stop_at or self.stopping:
                         break
                 if self.step % self.iters_per_epoch == 0:
-                    self.save()  # an epoch ended
+                    self.keep_epoch_checkpoint(self.save())  # an epoch ended
                     self._knn_between_epochs(board)
         bar.close()
         if board is not None:

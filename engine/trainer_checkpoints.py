@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -21,9 +22,11 @@ import torch.distributed as dist
 
 from dinofuse.engine.checkpoint import (
     EXTRA,
+    KEEP,
     CheckpointError,
     checkpoint_step,
     dcp_errors,
+    keep_copy,
     latest_complete,
     load_file,
     mark_complete,
@@ -48,6 +51,24 @@ class TrainerCheckpoints:
             return latest_complete(self.out / "checkpoints")
         path = self.out / "checkpoint.pth"
         return path if path.is_file() else None
+
+    def keep_epoch_checkpoint(self, saved: Path) -> None:
+        """run.saveckp_freq, as the official --saveckp_freq: after epochs 0, N, 2N, ...
+        (counted from 0) the save just made is kept for good, as checkpoint{epoch:04}.pth
+        beside checkpoint.pth, or, sharded, its step folder marked KEEP (pruning leaves it).
+        Rank 0 alone; a failure is said and the run goes on (its checkpoint is saved)."""
+        freq, epoch = self.cfg.run.saveckp_freq, self.step // self.iters_per_epoch - 1
+        if not freq or epoch % freq or self.rank != 0:
+            return
+        kept = saved / KEEP if saved.is_dir() else saved.with_name(f"checkpoint{epoch:04}.pth")
+        try:
+            if saved.is_dir():
+                kept.write_text(f"epoch {epoch}\n")
+            else:
+                keep_copy(saved, kept)
+        except OSError as e:
+            print(f"dinofuse: cannot keep {kept} ({e.strerror or e}); {saved} is saved",
+                  file=sys.stderr, flush=True)
 
     def _sharded_saves(self) -> bool:
         fmt = self.cfg.run.checkpoint_format  # one of these three (engine/config.py's rules)

@@ -1324,6 +1324,18 @@ BUGS = [
         '    cfg, kept = config_from_toml(text), Config()',
         '    cfg = kept = config_from_toml(text)',
         ['test_cli.py::test_export_prints_the_timm_call_that_loads_it']),
+    Bug('engine/trainer_checkpoints.py',
+        'if not freq or epoch % freq or self.rank != 0:',
+        'if not freq or (epoch + 1) % freq or self.rank != 0:',
+        ['test_train.py::test_the_checkpoints_of_every_saveckp_freq_epochs_are_kept']),
+    Bug('engine/checkpoint.py',
+        "        if not (d / KEEP).is_file():\n",
+        "        if True:\n",
+        ['test_train.py::test_the_checkpoints_of_every_saveckp_freq_epochs_are_kept']),
+    Bug('engine/checkpoint.py',
+        'os.link(path, tmp)',
+        'os.symlink(path.resolve(), tmp)',
+        ['test_train.py::test_the_checkpoints_of_every_saveckp_freq_epochs_are_kept']),
 ]
 
 

@@ -905,6 +905,27 @@ def test_a_full_disk_under_the_logs_is_said_once_and_training_goes_on(tmp_path, 
         Trainer(cfg).fit(max_steps=1, progress=False)
 
 
+def test_the_checkpoints_of_every_saveckp_freq_epochs_are_kept(image_folder, tmp_path):
+    """run.saveckp_freq=2 over 4 epochs of 5 steps, as the official --saveckp_freq: the saves
+    after epochs 0 and 2 (counted from 0) are kept for good, checkpoint0000.pth and
+    checkpoint0002.pth beside checkpoint.pth, each its epoch's end (a link to the save, left
+    as it was by the later ones); sharded, their step folders outlive the pruning."""
+    from dinofuse.engine.checkpoint import load_file, sharded_checkpoints
+
+    five_steps = ["optim.epochs=4", "optim.batch_size_per_device=8", "run.saveckp_freq=2"]
+    Trainer(make_cfg(image_folder, tmp_path, *five_steps)).fit(progress=False)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("checkpoint*.pth")) == [
+        "checkpoint.pth", "checkpoint0000.pth", "checkpoint0002.pth"]
+    assert [load_file(run / name)["step"] for name in
+            ("checkpoint0000.pth", "checkpoint0002.pth", "checkpoint.pth")] == [5, 15, 20]
+    sharded = make_cfg(image_folder, tmp_path / "s", *five_steps, "run.keep_checkpoints=1",
+                       'run.checkpoint_format="sharded"')
+    Trainer(sharded).fit(progress=False)
+    assert [step for step, _, done in sharded_checkpoints(tmp_path / "s" / "run" / "checkpoints")
+            if done] == [5, 15, 20]
+
+
 def test_one_training_run_at_a_time_per_output_folder(image_folder, tmp_path, reference_path):
     """While another run trains in the folder (its flock held: here by a second open file,
     as another process would), fit stops in one line naming the holder and saves nothing;
