@@ -58,3 +58,15 @@ def official_vit_forward(sd, x, *, patch, heads, return_all=False, last_blocks=0
         return intermediate
     t = final_norm(t)
     return t if return_all else t[:, 0]
+
+
+def official_pretrained_weights(path, checkpoint_key=None):
+    """What the official evaluation scripts (`--pretrained_weights PATH --checkpoint_key
+    teacher`) load from a file, as their `load_pretrained_weights` does: torch.load (with
+    torch's default now, weights_only), the key's entry when the file has it, then every
+    `module.` and `backbone.` taken out of the names; they load it with strict=False."""
+    state = torch.load(path, map_location="cpu")
+    if checkpoint_key is not None and checkpoint_key in state:
+        state = state[checkpoint_key]
+    state = {k.replace("module.", ""): v for k, v in state.items()}
+    return {k.replace("backbone.", ""): v for k, v in state.items()}

@@ -614,6 +614,27 @@ def test_export_prints_the_timm_call_that_loads_it(trained, tmp_path, capsys):
         {torch.Tensor}  # a .pth export stays a plain state dict: timm loads it strictly
 
 
+def test_the_official_evaluation_scripts_load_our_checkpoints(trained, tmp_path):
+    """`eval_knn.py --pretrained_weights runs/x/checkpoint.pth --checkpoint_key teacher` (and
+    eval_linear, visualize_attention): their loader finds every backbone weight of our
+    checkpoint and of a .pth export under the official names, and the official forward on
+    them computes what our teacher computes (a name it missed would load nothing: strict=False)."""
+    from dinofuse.engine.cli import _load_backbone
+    from official_vit import official_pretrained_weights, official_vit_forward
+
+    teacher, _ = _load_backbone(str(trained), "cpu")
+    x = torch.randn(2, 3, 16, 16)
+    assert main(["export", "--checkpoint", str(trained), "--out", str(tmp_path / "t.pth")]) == 0
+    for path, key in ((trained / "checkpoint.pth", "teacher"), (tmp_path / "t.pth", "teacher"),
+                      (trained / "checkpoint.pth", "student")):
+        state = official_pretrained_weights(path, key)
+        assert set(teacher.state_dict()) <= set(state), path
+        if key == "teacher":
+            with torch.no_grad():
+                torch.testing.assert_close(official_vit_forward(state, x, patch=4, heads=2),
+                                           teacher(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fsdp_always_trains_on_one_process_from_the_command_line(folder, tmp_path, capsys):
     """impl.fsdp="always" without torchrun: the command makes its one-process group (the
     trainer alone asks for one), trains sharded, saves a sharded checkpoint and ends with
