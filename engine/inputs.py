@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,13 @@ class EpochSampler(torch.utils.data.Sampler):
         order = torch.randperm(self.n, generator=g)[: self.batches() * self.batch_size * self.world]
         mine = order.view(self.batches(), self.world, self.batch_size)[:, self.rank]
         return iter(mine[self.start_batch:].reshape(-1).tolist())
+
+
+def leave_ctrl_c_to_training(worker_id: int) -> None:
+    """A data worker ignores Ctrl-C (the terminal sends SIGINT to every process of the job):
+    the training process stops at the next step with a checkpoint, and needs its workers
+    until then; they end with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def data_worker_died(error: RuntimeError, out: Path | None = None) -> TrainingError | None:
@@ -208,7 +216,7 @@ class TrainingInput:
             self.dataset, batch_size=self.cfg.optim.batch_size_per_device, sampler=self.sampler,
             num_workers=self.cfg.data.num_workers, drop_last=True,
             pin_memory=self.device.type == "cuda", generator=torch.Generator(),
-            persistent_workers=False))
+            persistent_workers=False, worker_init_fn=leave_ctrl_c_to_training))
 
     def _tensor_batches(self, epoch: int, start_batch: int):
         """The epoch's batches cut on the device. The draws of a batch depend only on (seed,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import socket
@@ -60,7 +61,7 @@ from dinofuse.kernels.dino_loss import CenteredDINOLoss
 from dinofuse.kernels.reference import OfficialDINOLoss, ema_reference_
 
 STOP_REASONS = ("time", "signal")  # why a run may stop early, in the order they are voted
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
 
 IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
                 "clip": ("fused", "official"), "fsdp": ("auto", "always"),
@@ -451,9 +452,10 @@ class Trainer(TrainerCheckpoints):
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
-        """SIGTERM (torchrun's and SLURM's stop, preemption) and SIGUSR1 (SLURM's advance
-        notice, `--signal=USR1@120`) ask for a stop at the next agreed step. A second signal
-        meets the handler that was there before (by default: the process ends at once)."""
+        """SIGTERM (torchrun's and SLURM's stop, preemption), SIGUSR1 (SLURM's advance
+        notice, `--signal=USR1@120`) and SIGINT (Ctrl-C) ask for a stop at the next agreed
+        step, with a checkpoint. A second signal meets the handler that was there before (by
+        default: the process ends at once; Ctrl-C's KeyboardInterrupt)."""
         if threading.current_thread() is not threading.main_thread():
             yield  # signal handlers can only be set from the main thread
             return
@@ -463,6 +465,10 @@ class Trainer(TrainerCheckpoints):
             self._signal_name = signal.Signals(signum).name
             signal.signal(signum, previous[signum])
             self.ask_to_stop("signal")
+            if signum == signal.SIGINT and self.rank == 0:  # a person waits: say what comes
+                # (os.write: a print could meet the progress bar's own write to stderr)
+                os.write(2, b"\ndinofuse: Ctrl-C: stopping in a step or two, with a "
+                            b"checkpoint; Ctrl-C again to quit at once\n")
 
         for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, handler)

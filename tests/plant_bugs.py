@@ -1336,6 +1336,18 @@ BUGS = [
         'os.link(path, tmp)',
         'os.symlink(path.resolve(), tmp)',
         ['test_train.py::test_the_checkpoints_of_every_saveckp_freq_epochs_are_kept']),
+    Bug('engine/inputs.py',
+        'persistent_workers=False, worker_init_fn=leave_ctrl_c_to_training))',
+        'persistent_workers=False))',
+        ['test_inputs.py::test_data_workers_leave_ctrl_c_to_the_training_process']),
+    Bug('engine/train.py',
+        'STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)',
+        'STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)',
+        ['test_cli.py::test_ctrl_c_stops_with_a_checkpoint_and_the_data_workers_wait']),
+    Bug('engine/inputs.py',
+        '    signal.signal(signal.SIGINT, signal.SIG_IGN)',
+        '    signal.signal(signal.SIGINT, signal.default_int_handler)',
+        ['test_inputs.py::test_data_workers_leave_ctrl_c_to_the_training_process']),
 ]
 
 

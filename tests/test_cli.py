@@ -635,6 +635,40 @@ def test_the_official_evaluation_scripts_load_our_checkpoints(trained, tmp_path)
                                            teacher(x), rtol=1e-5, atol=1e-5)
 
 
+def test_ctrl_c_stops_with_a_checkpoint_and_the_data_workers_wait(folder, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to every process of the job, data workers too: the
+    run stops at an agreed step with a checkpoint (the workers ignore it and serve until
+    then), says so, and exits 2; before, the workers and the training process died at once
+    and the epoch's steps were lost."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dinofuse.engine.checkpoint import load_file
+
+    out = tmp_path / "run"
+    overrides = [o for o in TINY if not o.startswith("data.num_workers")]
+    job = subprocess.Popen([sys.executable, "-m", "dinofuse.engine.cli", "train", "--data",
+                            str(folder), "--output-dir", str(out), "--quiet", *overrides,
+                            "optim.epochs=50", "data.num_workers=2"],
+                           start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    started = time.time()
+    while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 2):
+        assert time.time() - started < 120 and job.poll() is None, job.communicate()
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGINT)  # the terminal's Ctrl-C: the whole process group
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 2, err
+    assert "Ctrl-C: stopping in a step or two, with a checkpoint" in err
+    stopped = re.search(r"stopped at step (\d+) by SIGINT; checkpoint saved in .*run: relaunch "
+                        r"with --resume", err)
+    assert stopped, err
+    assert load_file(out / "checkpoint.pth")["step"] == int(stopped.group(1)) >= 3
+
+
 def test_fsdp_always_trains_on_one_process_from_the_command_line(folder, tmp_path, capsys):
     """impl.fsdp="always" without torchrun: the command makes its one-process group (the
     trainer alone asks for one), trains sharded, saves a sharded checkpoint and ends with

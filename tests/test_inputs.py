@@ -131,3 +131,27 @@ def test_shards_without_dalis_indexes_say_how_to_make_them(tmp_path, capsys):
     write_dali_indexes(tars)
     training_input(tmp_path, 'data.backend="dali"')
     assert "DALI index" not in capsys.readouterr().err
+
+
+def test_data_workers_leave_ctrl_c_to_the_training_process(image_folder, monkeypatch):
+    """Ctrl-C reaches the data workers too (one process group): each worker starts by
+    ignoring SIGINT, so the batches until the agreed stop still come (the worker in the
+    middle of a batch would otherwise die with it)."""
+    import signal
+
+    seen = {}
+    real = torch.utils.data.DataLoader
+
+    def recording(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", recording)
+    source = training_input(image_folder, 'data.backend="torchvision"')
+    assert len(next(iter(source.batches(0, 0)))[0]) == 4
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        seen["worker_init_fn"](0)  # what each worker runs first
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
