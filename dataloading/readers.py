@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dinofuse.dataloading import file_lists
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # a WebDataset sample's image: the extensions DALI's reader is given (case-sensitive, its default)
@@ -81,27 +83,47 @@ def image_folder(root: str | Path) -> Path:
     raise DataError(f"image folder not found: {root}")
 
 
-def images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path, listing: dict | None = None) -> list[Path]:
     """The image files in `folder` and below, in torchvision ImageFolder's order (folder by
-    folder in sorted order, then the names in each), following links to folders as it does."""
-    return [Path(where) / name for where, _, names in sorted(os.walk(folder, followlinks=True))
+    folder in sorted order, then the names in each), following links to folders as it does.
+    `listing`: a file_lists entry that notes each directory walked."""
+    walk = sorted(os.walk(folder, followlinks=True))
+    if listing is not None:
+        for where, _, _ in walk:
+            file_lists.walked(listing, where)
+    return [Path(where) / name for where, _, names in walk
             for name in sorted(names) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
 
 
 class ImageFiles:
-    """An ImageFolder layout (one subfolder per class) or a flat folder (label 0)."""
+    """An ImageFolder layout (one subfolder per class) or a flat folder (label 0), listed
+    once: the listing is kept (`file_lists`) and used again while the folder is unchanged."""
 
     def __init__(self, root: str | Path):
-        root = image_folder(root)
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if classes:
-            self.samples = [(p, label) for label, c in enumerate(classes)
-                            for p in images_under(root / c)]
-        else:
-            self.samples = [(p, 0) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        self.root = root = image_folder(root)
+        self.listing = file_lists.load(root)
+        if self.listing is None:
+            self.listing = self._list(root)
+            file_lists.save(root, self.listing)
+        classes = self.listing["classes"]
+        self.samples = [(root / rel, label) for rel, label in self.listing["files"]]
         if not self.samples:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
         self.classes = classes or [root.name]
+
+    @staticmethod
+    def _list(root: Path) -> dict:
+        listing = file_lists.new_entry(root)
+        file_lists.walked(listing, str(root))  # its classes
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if classes:
+            samples = [(p, label) for label, c in enumerate(classes)
+                       for p in images_under(root / c, listing)]
+        else:
+            samples = [(p, 0) for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        listing["classes"] = classes
+        listing["files"] = [(str(p.relative_to(root)), label) for p, label in samples]
+        return listing
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -23,7 +23,13 @@ import torch.distributed as dist
 
 from dinofuse.dataloading.check import DALI_FORMATS
 from dinofuse.dataloading.dali_multicrop import available as dali_available, shard_indexes
-from dinofuse.dataloading.readers import WebDatasetShards, open_images, webdataset_shards
+from dinofuse.dataloading import file_lists
+from dinofuse.dataloading.readers import (
+    DataError,
+    WebDatasetShards,
+    open_images,
+    webdataset_shards,
+)
 from dinofuse.dataloading.spec import MultiCropSpec
 from dinofuse.dataloading.tensor_multicrop import TensorMultiCrop
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
@@ -138,7 +144,7 @@ class TrainingInput:
             self.dali = self._dali_loader(tars=self._screened_shards())
             self.iters_per_epoch = len(self.dali)
         else:
-            images = open_images(d.path, "train")
+            images = self._open_images(d.path)
             if len(images) < o.batch_size_per_device * self.world:
                 raise TrainingError(f"{d.path} has {len(images)} images, fewer than one batch "
                                     f"of {o.batch_size_per_device} x {self.world} processes")
@@ -154,6 +160,25 @@ class TrainingInput:
             self.iters_per_epoch = self.sampler.batches()
         if self.iters_per_epoch == 0:
             raise TrainingError(f"{d.path}: not one full batch of {o.batch_size_per_device} per epoch")
+
+    def _open_images(self, path: str):
+        """The training images, listed once: rank 0 lists an image folder (and keeps the
+        listing, `file_lists`), then the other ranks read that; an error is every rank's."""
+        if not (self.world > 1 and dist.is_available() and dist.is_initialized()):
+            return open_images(path, "train")
+        images, error = None, None
+        if self.rank == 0:
+            try:
+                images = open_images(path, "train")
+            except Exception as e:  # the others must not wait for a listing that never comes
+                error = e
+        box = [None if error is None else str(error)]
+        dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        if box[0] is not None:
+            raise DataError(box[0])
+        return images if images is not None else open_images(path, "train")
 
     @staticmethod
     def _auto_backend(images) -> str:
@@ -287,8 +312,16 @@ class TrainingInput:
                              "image folder, or use data.backend=\"torchvision\"")
         if not self.cfg.data.screen_images:
             return samples
-        bad = self._screened([p for p, _ in samples],
-                             lambda paths: check_files(paths, self.threads, False, DALI_FORMATS)[1])
+        listing = getattr(images, "listing", None)
+        if listing is not None and listing.get("screen") is not None:  # screened at a start before
+            bad = [(samples[i][0], why) for i, why in listing["screen"]]
+        else:
+            bad = self._screened([p for p, _ in samples], lambda paths: check_files(
+                paths, self.threads, False, DALI_FORMATS)[1])
+            if listing is not None and self.rank == 0:  # kept with the listing
+                index = {path: i for i, (path, _) in enumerate(samples)}
+                listing["screen"] = [(index[path], why) for path, why in bad]
+                file_lists.save(images.root, listing)
         return self._with_neighbours(samples, bad, save=False) if bad else samples
 
     def _screened_shards(self) -> list[str]:

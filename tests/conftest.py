@@ -9,6 +9,15 @@ import importlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# image folders' listings are kept in a cache folder (dataloading/file_lists.py): the tests'
+# own, never the user's ~/.cache, removed at the end (subprocesses inherit it)
+if "DINOFUSE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DINOFUSE_CACHE"] = tempfile.mkdtemp(prefix="dinofuse-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["DINOFUSE_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

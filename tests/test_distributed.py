@@ -10,6 +10,7 @@ import datetime
 import gc
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -395,6 +396,47 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
     outcomes = torch.load(result, weights_only=True)
     assert outcomes[0] == outcomes[1] and outcomes[0][0].startswith("loss is nan at step 1 ")
     assert outcomes[0][1] == [False, False]
+
+
+def _open_training_images(rank, folder, out, result):
+    from dinofuse.dataloading import readers
+    from dinofuse.engine.inputs import TrainingInput
+
+    walks, real = [], os.walk
+    readers.os.walk = lambda *a, **k: walks.append(a[0]) or real(*a, **k)
+    outcome = "opened"
+    try:
+        TrainingInput(_cfg(folder, out, 2), torch.device("cpu"), rank, WORLD, None, lambda: None)
+    except ValueError as e:
+        outcome = str(e)
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, (len(walks), outcome))
+    if rank == 0:
+        torch.save(gathered, result)
+
+
+def test_the_training_images_are_listed_once_for_every_rank(tmp_path):
+    """Rank 0 lists the folder and keeps the listing; the other ranks read it (with 96
+    ranks on a network file system, 96 walks of ImageNet at each start were the cost). A
+    folder rank 0 cannot open is the same one-line error on every rank, not a hang."""
+    import functools
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for c in ("c0", "c1"):
+        _image_folder(folder / c, 8)
+    hour_ago = time.time_ns() - 3600 * 10**9  # a dataset at rest: its listing is kept
+    for where in (folder, folder / "c0", folder / "c1"):
+        os.utime(where, ns=(hour_ago, hour_ago))
+    result = tmp_path / "walks.pt"
+    _spawn(functools.partial(_open_training_images, folder=folder, out=tmp_path / "run", result=result))
+    (rank_0, opened_0), (rank_1, opened_1) = torch.load(result, weights_only=True)
+    assert (rank_0, rank_1, opened_0, opened_1) == (2, 0, "opened", "opened")
+    (tmp_path / "empty").mkdir()
+    _spawn(functools.partial(_open_training_images, folder=tmp_path / "empty", out=tmp_path / "run",
+                             result=result))
+    (_, first), (_, second) = torch.load(result, weights_only=True)
+    assert first == second and first.startswith("no images ("), first
 
 
 def _train_in_each_nodes_own_folder(rank, folder, out, result):

@@ -1,0 +1,110 @@
+"""Image folders listed once (dataloading/file_lists.py): the kept listing is the one a walk
+gives, is used again while no directory changed, and is dropped when one did."""
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinofuse.dataloading import file_lists, readers
+from dinofuse.dataloading.readers import ImageFiles
+from test_inputs import training_input
+
+
+def image(path: Path, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(path)
+
+
+def at_rest(root: Path) -> None:
+    """Every directory under `root` dated an hour back, as a dataset that nobody writes."""
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for where, _, _ in os.walk(root, followlinks=True):
+        os.utime(where, ns=(hour_ago, hour_ago))
+
+
+def walked(monkeypatch) -> list:
+    """Records each walk the reader makes."""
+    walks, real = [], os.walk
+    monkeypatch.setattr(readers.os, "walk", lambda *a, **k: walks.append(a[0]) or real(*a, **k))
+    return walks
+
+
+def test_a_folder_is_listed_once_until_a_directory_changes(tmp_path, monkeypatch):
+    root = tmp_path / "images"
+    for i, rel in enumerate(["b/1.png", "b/deep/2.png", "a/3.jpg", "a/0.png"]):
+        image(root / rel, i)
+    (tmp_path / "elsewhere").mkdir()
+    image(tmp_path / "elsewhere" / "9.png", 9)
+    (root / "b" / "linked").symlink_to(tmp_path / "elsewhere")
+    at_rest(root)
+    at_rest(tmp_path / "elsewhere")
+    walks = walked(monkeypatch)
+    first = ImageFiles(root)
+    assert walks and [p.relative_to(root).as_posix() for p, _ in first.samples] == [
+        "a/0.png", "a/3.jpg", "b/1.png", "b/deep/2.png", "b/linked/9.png"]
+    walks.clear()
+    again = ImageFiles(root)  # from the kept listing: no walk
+    assert walks == [] and again.samples == first.samples and again.classes == ["a", "b"]
+
+    def listed_afresh():
+        monkeypatch.setenv("DINOFUSE_CACHE", "")
+        try:
+            return ImageFiles(root).samples
+        finally:
+            monkeypatch.setenv("DINOFUSE_CACHE", str(file_lists.cache_folder()))
+
+    # a file added deep down, in a linked folder, a class added: each is seen
+    for change in (lambda: image(root / "b" / "deep" / "5.png", 5),
+                   lambda: image(tmp_path / "elsewhere" / "8.png", 8),
+                   lambda: image(root / "c" / "7.png", 7)):
+        at_rest(root)
+        at_rest(tmp_path / "elsewhere")
+        change()
+        walks.clear()
+        changed = ImageFiles(root)
+        assert walks and changed.samples == listed_afresh()
+    assert [label for _, label in changed.samples][-1] == 2
+    # changed moments ago: walked, and not kept (a change in the same clock tick would not show)
+    assert file_lists.load(root) is None
+    walks.clear()
+    ImageFiles(root)
+    assert walks
+
+
+def test_without_a_usable_cache_folders_are_listed_each_time(tmp_path, monkeypatch):
+    root = tmp_path / "images"
+    image(root / "c" / "0.png")
+    at_rest(root)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    walks = walked(monkeypatch)
+    for setting in ("", str(blocked / "cache")):  # none asked for; one that cannot be made
+        monkeypatch.setenv("DINOFUSE_CACHE", setting)
+        assert [p.name for p, _ in ImageFiles(root).samples] == ["0.png"]
+        assert [p.name for p, _ in ImageFiles(root).samples] == ["0.png"]
+    assert len(walks) == 4
+
+
+def test_the_header_screen_is_kept_with_the_listing(tmp_path, monkeypatch, capsys):
+    """DALI's header screen opens every file at each start; its verdict is kept with the
+    listing: the next start replaces the same bad file without opening any."""
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.dataloading import check
+
+    root = tmp_path / "images"
+    for i in range(12):
+        image(root / f"{i:02d}.png", i)
+    (root / "05.png").write_bytes(b"not an image")
+    at_rest(root)
+    first = training_input(root, 'data.backend="dali"', "data.skip_bad_images=true")
+    assert capsys.readouterr().err.count("skipping undecodable image") == 1
+    monkeypatch.setattr(check, "check_files", lambda *a, **k: pytest.fail("screened again"))
+    again = training_input(root, 'data.backend="dali"', "data.skip_bad_images=true")
+    assert again.dali_samples == first.dali_samples
+    assert str(root / "05.png") not in {str(p) for p, _ in again.dali_samples}
+    assert "skipping undecodable image" in capsys.readouterr().err
