@@ -1,5 +1,7 @@
 """Image folders listed once: the listing, and the header screen's verdict on its files, kept
-in a cache file and used again while no directory of the folder has changed.
+in a cache file and used again while no directory of the folder has changed. WebDataset
+shards: the header screen's verdict on their samples, kept while every shard keeps its size
+and time.
 
 Listing ImageNet (1.28M files in 1000 folders) costs seconds on a local disk and minutes on
 a network file system, at every start, on every rank; the header screen opens every file. A
@@ -79,13 +81,17 @@ def save(root: Path, entry: dict) -> None:
         return
     if not entry["dirs"] or max(m for _, m in entry["dirs"]) > entry["listed_ns"] - RACY_S * 1e9:
         return
+    _write(path, entry)
+
+
+def _write(path: Path, entry: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(tmp, "wt") as f:
             json.dump(entry, f)
         os.replace(tmp, path)
-    except OSError:  # a cache folder that cannot be written: the next start lists again
+    except OSError:  # a cache folder that cannot be written: the next start does the work again
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
 
@@ -101,3 +107,45 @@ def walked(entry: dict, where: str) -> None:
     mtime = _mtime_ns(Path(where))
     if mtime is not None:
         entry["dirs"].append((os.path.abspath(where), mtime))
+
+
+def _shards_entry_path(tars: list[str]) -> Path | None:
+    folder = cache_folder()
+    if folder is None:
+        return None
+    key = hashlib.sha256("\n".join(str(Path(t).resolve()) for t in tars).encode()).hexdigest()[:24]
+    return folder / "shard-screens" / f"{key}.json.gz"
+
+
+def _shard_stamps(tars: list[str]) -> list | None:
+    try:
+        return [(os.stat(t).st_size, os.stat(t).st_mtime_ns) for t in tars]
+    except OSError:
+        return None
+
+
+def shard_screen(tars: list[str]) -> list | None:
+    """The screen's verdict [(sample, reason)] on these shards, kept from an earlier start,
+    if every shard still has the size and time it had then."""
+    path = _shards_entry_path(tars)
+    if path is None or not path.is_file():
+        return None
+    try:
+        with gzip.open(path, "rt") as f:
+            entry = json.load(f)
+    except (OSError, ValueError, EOFError):
+        return None
+    stamps = _shard_stamps(tars)
+    if entry.get("format") != FORMAT or stamps is None or \
+            [tuple(s) for s in entry["stamps"]] != stamps:
+        return None
+    return [(int(i), why) for i, why in entry["bad"]]
+
+
+def keep_shard_screen(tars: list[str], bad: list, started_ns: int) -> None:
+    """Keep the verdict of a screen that started at `started_ns` (shards written within
+    RACY_S seconds before it are not trusted: not kept)."""
+    path, stamps = _shards_entry_path(tars), _shard_stamps(tars)
+    if path is None or not stamps or max(m for _, m in stamps) > started_ns - RACY_S * 1e9:
+        return
+    _write(path, {"format": FORMAT, "stamps": stamps, "bad": [(int(i), why) for i, why in bad]})

@@ -15,6 +15,7 @@ import re
 import shlex
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -331,8 +332,14 @@ class TrainingInput:
 
         if not self.cfg.data.screen_images:
             return list(self.shards.tars)
-        bad = self._screened(list(range(len(self.shards))), lambda indices: check_shards(
-            self.shards, self.threads, indices, False, DALI_FORMATS)[1])
+        tars = list(self.shards.tars)
+        bad = file_lists.shard_screen(tars)  # screened at a start before
+        if bad is None:
+            started = time.time_ns()
+            bad = self._screened(list(range(len(self.shards))), lambda indices: check_shards(
+                self.shards, self.threads, indices, False, DALI_FORMATS)[1])
+            if self.rank == 0:
+                file_lists.keep_shard_screen(tars, bad, started)
         return self._patched_shards(bad, save=False)
 
     @property

@@ -1366,6 +1366,14 @@ BUGS = [
         'if not (self.world > 1 and dist.is_available() and dist.is_initialized()):\n            return open_images(path, "train")',
         'if True:\n            return open_images(path, "train")',
         ['test_distributed.py::test_the_training_images_are_listed_once_for_every_rank']),
+    Bug('engine/inputs.py',
+        'bad = file_lists.shard_screen(tars)  # screened at a start before',
+        'bad = None  # screened at a start before',
+        ['test_file_lists.py::test_the_shard_screen_is_kept_while_the_shards_are_unchanged']),
+    Bug('dataloading/file_lists.py',
+        '[tuple(s) for s in entry["stamps"]] != stamps',
+        '[tuple(s) for s in entry["stamps"]] is None',
+        ['test_file_lists.py::test_the_shard_screen_is_kept_while_the_shards_are_unchanged']),
 ]
 
 

@@ -64,8 +64,11 @@ def test_a_folder_is_listed_once_until_a_directory_changes(tmp_path, monkeypatch
                    lambda: image(root / "c" / "7.png", 7)):
         at_rest(root)
         at_rest(tmp_path / "elsewhere")
-        change()
+        ImageFiles(root)  # listed and kept
         walks.clear()
+        ImageFiles(root)
+        assert walks == []
+        change()
         changed = ImageFiles(root)
         assert walks and changed.samples == listed_afresh()
     assert [label for _, label in changed.samples][-1] == 2
@@ -108,3 +111,40 @@ def test_the_header_screen_is_kept_with_the_listing(tmp_path, monkeypatch, capsy
     assert again.dali_samples == first.dali_samples
     assert str(root / "05.png") not in {str(p) for p, _ in again.dali_samples}
     assert "skipping undecodable image" in capsys.readouterr().err
+
+
+def test_the_shard_screen_is_kept_while_the_shards_are_unchanged(tmp_path, monkeypatch, capsys):
+    """WebDataset shards: the screen's verdict is kept while every shard has its size and
+    time; the next start patches the same bad sample without reading a header, and a shard
+    written again is screened again."""
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.dataloading import check
+    from test_readers import encoded, write_shard
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    members = [[(f"{s}{i:02d}.jpg", encoded(10 * s + i)) for i in range(8)] for s in range(2)]
+    members[1][3] = ("103.jpg", b"not an image")
+    hour_ago = time.time_ns() - 3600 * 10**9
+
+    def write(s, when=hour_ago):
+        os.utime(write_shard(shards / f"{s}.tar", members[s]), ns=(when, when))
+
+    for s in range(2):
+        write(s)
+    first = training_input(shards, 'data.backend="dali"', "data.skip_bad_images=true",
+                           'run.output_dir="' + str(tmp_path / "run") + '"')
+    assert capsys.readouterr().err.count("skipping undecodable image") == 1
+    real = check.check_shards
+    monkeypatch.setattr(check, "check_shards", lambda *a, **k: pytest.fail("screened again"))
+    again = training_input(shards, 'data.backend="dali"', "data.skip_bad_images=true",
+                           'run.output_dir="' + str(tmp_path / "run") + '"')
+    assert again.patched == first.patched == {11}
+    assert "1.tar:103.jpg" in capsys.readouterr().err
+    members[0][5] = ("005.jpg", b"no image here")  # shard 0 written again (tar pads it to
+    write(0, hour_ago + 10**9)  # the same size: its time tells)
+    screened = []
+    monkeypatch.setattr(check, "check_shards", lambda *a, **k: screened.append(1) or real(*a, **k))
+    assert training_input(shards, 'data.backend="dali"', "data.skip_bad_images=true",
+                          'run.output_dir="' + str(tmp_path / "run") + '"').patched == {5, 11}
+    assert screened
