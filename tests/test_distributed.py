@@ -403,7 +403,13 @@ def _open_training_images(rank, folder, out, result):
     from dinofuse.engine.inputs import TrainingInput
 
     walks, real = [], os.walk
-    readers.os.walk = lambda *a, **k: walks.append(a[0]) or real(*a, **k)
+
+    def walk(*args, **kwargs):  # rank 0's walk slow, as on a network file system: a rank
+        walks.append(args[0])  # that does not wait for it walks too
+        time.sleep(1.5 if rank == 0 else 0)
+        return real(*args, **kwargs)
+
+    readers.os.walk = walk
     outcome = "opened"
     try:
         TrainingInput(_cfg(folder, out, 2), torch.device("cpu"), rank, WORLD, None, lambda: None)
