@@ -101,15 +101,22 @@ class ImageFiles:
 
     def __init__(self, root: str | Path):
         self.root = root = image_folder(root)
-        self.listing = file_lists.load(root)
-        if self.listing is None:
-            self.listing = self._list(root)
-            file_lists.save(root, self.listing)
-        classes = self.listing["classes"]
-        self.samples = [(root / rel, label) for rel, label in self.listing["files"]]
+        listing = file_lists.load(root)
+        if listing is None:
+            listing = self._list(root)
+            file_lists.save(root, listing)
+        self.samples = [(root / rel, label) for rel, label in listing.pop("files")]
+        self.listing = listing  # less its files (ImageNet's: ~150 MB more in every process)
         if not self.samples:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
-        self.classes = classes or [root.name]
+        self.classes = listing["classes"] or [root.name]
+
+    def keep_screen(self, bad: list[tuple[Path, str]]) -> None:
+        """Keep the header screen's verdict [(path, reason)] with the listing."""
+        index = {path: i for i, (path, _) in enumerate(self.samples)}
+        self.listing["screen"] = [(index[path], why) for path, why in bad]
+        files = [(str(p.relative_to(self.root)), label) for p, label in self.samples]
+        file_lists.save(self.root, {**self.listing, "files": files})
 
     @staticmethod
     def _list(root: Path) -> dict:

@@ -320,9 +320,7 @@ class TrainingInput:
             bad = self._screened([p for p, _ in samples], lambda paths: check_files(
                 paths, self.threads, False, DALI_FORMATS)[1])
             if listing is not None and self.rank == 0:  # kept with the listing
-                index = {path: i for i, (path, _) in enumerate(samples)}
-                listing["screen"] = [(index[path], why) for path, why in bad]
-                file_lists.save(images.root, listing)
+                images.keep_screen(bad)
         return self._with_neighbours(samples, bad, save=False) if bad else samples
 
     def _screened_shards(self) -> list[str]:
