@@ -40,12 +40,17 @@ def cache_folder() -> Path | None:
     return Path(base) / "dinofuse"
 
 
-def _entry_path(root: Path) -> Path | None:
+def _kept(kind: str, paths: list[Path]) -> Path | None:
+    """The cache file of an entry of `kind` about these paths (by their resolved names)."""
     folder = cache_folder()
     if folder is None:
         return None
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:24]
-    return folder / "image-folders" / f"{key}.json.gz"
+    key = hashlib.sha256("\n".join(str(Path(p).resolve()) for p in paths).encode())
+    return folder / kind / f"{key.hexdigest()[:24]}.json.gz"
+
+
+def _entry_path(root: Path) -> Path | None:
+    return _kept("image-folders", [root])
 
 
 def _mtime_ns(path: Path) -> int | None:
@@ -55,9 +60,8 @@ def _mtime_ns(path: Path) -> int | None:
         return None
 
 
-def load(root: Path) -> dict | None:
-    """The folder's entry, if there is one and no directory it walked has changed since."""
-    path = _entry_path(root)
+def _read(path: Path | None) -> dict | None:
+    """A kept entry of this format, or None (none kept, unreadable, another format)."""
     if path is None or not path.is_file():
         return None
     try:
@@ -65,7 +69,13 @@ def load(root: Path) -> dict | None:
             entry = json.load(f)
     except (OSError, ValueError, EOFError):
         return None
-    if entry.get("format") != FORMAT or entry.get("root") != str(root.resolve()):
+    return entry if isinstance(entry, dict) and entry.get("format") == FORMAT else None
+
+
+def load(root: Path) -> dict | None:
+    """The folder's entry, if there is one and no directory it walked has changed since."""
+    entry = _read(_entry_path(root))
+    if entry is None or entry.get("root") != str(root.resolve()):
         return None
     for where, mtime in entry["dirs"]:
         if _mtime_ns(Path(where)) != mtime:
@@ -110,11 +120,7 @@ def walked(entry: dict, where: str) -> None:
 
 
 def _shards_entry_path(tars: list[str]) -> Path | None:
-    folder = cache_folder()
-    if folder is None:
-        return None
-    key = hashlib.sha256("\n".join(str(Path(t).resolve()) for t in tars).encode()).hexdigest()[:24]
-    return folder / "shard-screens" / f"{key}.json.gz"
+    return _kept("shard-screens", tars)
 
 
 def _shard_stamps(tars: list[str]) -> list | None:
@@ -127,17 +133,8 @@ def _shard_stamps(tars: list[str]) -> list | None:
 def shard_screen(tars: list[str]) -> list | None:
     """The screen's verdict [(sample, reason)] on these shards, kept from an earlier start,
     if every shard still has the size and time it had then."""
-    path = _shards_entry_path(tars)
-    if path is None or not path.is_file():
-        return None
-    try:
-        with gzip.open(path, "rt") as f:
-            entry = json.load(f)
-    except (OSError, ValueError, EOFError):
-        return None
-    stamps = _shard_stamps(tars)
-    if entry.get("format") != FORMAT or stamps is None or \
-            [tuple(s) for s in entry["stamps"]] != stamps:
+    entry, stamps = _read(_shards_entry_path(tars)), _shard_stamps(tars)
+    if entry is None or stamps is None or [tuple(s) for s in entry["stamps"]] != stamps:
         return None
     return [(int(i), why) for i, why in entry["bad"]]
 
