@@ -534,6 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"dinofuse {command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one in any other command
+        print(f"\ndinofuse {command}: interrupted (Ctrl-C); what was saved before is kept",
+              file=sys.stderr)
+        return 130  # the shell's code for a stop by SIGINT
     finally:
         import torch.distributed as dist
 

@@ -1374,6 +1374,10 @@ BUGS = [
         '[tuple(s) for s in entry["stamps"]] != stamps',
         '[tuple(s) for s in entry["stamps"]] is None',
         ['test_file_lists.py::test_the_shard_screen_is_kept_while_the_shards_are_unchanged']),
+    Bug('engine/cli.py',
+        '    except KeyboardInterrupt:  # a second Ctrl-C in training, or one in any other command',
+        '    except SystemExit:  # a second Ctrl-C in training, or one in any other command',
+        ['test_cli.py::test_ctrl_c_outside_training_is_one_line']),
 ]
 
 

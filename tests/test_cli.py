@@ -669,6 +669,20 @@ def test_ctrl_c_stops_with_a_checkpoint_and_the_data_workers_wait(folder, tmp_pa
     assert load_file(out / "checkpoint.pth")["step"] == int(stopped.group(1)) >= 3
 
 
+def test_ctrl_c_outside_training_is_one_line(monkeypatch, capsys):
+    """Ctrl-C in `knn`, `linear` (or a second one in training): one line and the shell's
+    code for SIGINT, not a traceback."""
+    from dinofuse.engine import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_knn", interrupted)
+    assert main(["knn", "--load-features", "x"]) == 130
+    assert capsys.readouterr().err.strip() == \
+        "dinofuse knn: interrupted (Ctrl-C); what was saved before is kept"
+
+
 def test_fsdp_always_trains_on_one_process_from_the_command_line(folder, tmp_path, capsys):
     """impl.fsdp="always" without torchrun: the command makes its one-process group (the
     trainer alone asks for one), trains sharded, saves a sharded checkpoint and ends with
