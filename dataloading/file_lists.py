@@ -125,9 +125,10 @@ def _shards_entry_path(tars: list[str]) -> Path | None:
 
 def _shard_stamps(tars: list[str]) -> list | None:
     try:
-        return [(os.stat(t).st_size, os.stat(t).st_mtime_ns) for t in tars]
+        stats = [os.stat(t) for t in tars]
     except OSError:
         return None
+    return [(st.st_size, st.st_mtime_ns) for st in stats]
 
 
 def shard_screen(tars: list[str]) -> list | None:
