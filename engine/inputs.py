@@ -315,7 +315,11 @@ class TrainingInput:
             return samples
         listing = getattr(images, "listing", None)
         if listing is not None and listing.get("screen") is not None:  # screened at a start before
-            bad = [(samples[i][0], why) for i, why in listing["screen"]]
+            # the files it found bad are read again: one mended in place changes no directory
+            kept = [samples[i][0] for i, _ in listing["screen"]]
+            bad = check_files(kept, self.threads, False, DALI_FORMATS)[1] if kept else []
+            if len(bad) != len(kept) and self.rank == 0:
+                images.keep_screen(bad)
         else:
             bad = self._screened([p for p, _ in samples], lambda paths: check_files(
                 paths, self.threads, False, DALI_FORMATS)[1])

@@ -106,11 +106,21 @@ def test_the_header_screen_is_kept_with_the_listing(tmp_path, monkeypatch, capsy
     at_rest(root)
     first = training_input(root, 'data.backend="dali"', "data.skip_bad_images=true")
     assert capsys.readouterr().err.count("skipping undecodable image") == 1
-    monkeypatch.setattr(check, "check_files", lambda *a, **k: pytest.fail("screened again"))
+    checked, real = [], check.check_files
+    monkeypatch.setattr(check, "check_files",
+                        lambda paths, *a, **k: checked.append(list(paths)) or real(paths, *a, **k))
     again = training_input(root, 'data.backend="dali"', "data.skip_bad_images=true")
+    assert checked == [[root / "05.png"]]  # the bad file alone is read again
     assert again.dali_samples == first.dali_samples
     assert str(root / "05.png") not in {str(p) for p, _ in again.dali_samples}
     assert "skipping undecodable image" in capsys.readouterr().err
+    image(root / "05.png", 5)  # mended in place (no rename: the folder's time stays)
+    mended = training_input(root, 'data.backend="dali"', "data.skip_bad_images=true")
+    assert str(root / "05.png") in {str(p) for p, _ in mended.dali_samples}
+    assert "skipping" not in capsys.readouterr().err
+    checked.clear()
+    training_input(root, 'data.backend="dali"', "data.skip_bad_images=true")
+    assert checked == []  # the verdict kept is now "none bad"
 
 
 def test_the_shard_screen_is_kept_while_the_shards_are_unchanged(tmp_path, monkeypatch, capsys):
