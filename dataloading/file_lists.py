@@ -19,13 +19,14 @@ DINOFUSE_CACHE="" keeps nothing. A cache that cannot be read or written is passe
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
+
+from dinofuse.dataloading.atomic_files import renamed_into_place
 
 FORMAT = 1
 RACY_S = 2.0
@@ -95,15 +96,12 @@ def save(root: Path, entry: dict) -> None:
 
 
 def _write(path: Path, entry: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(tmp, "wt") as f:
+        with renamed_into_place(path) as tmp, gzip.open(tmp, "wt") as f:
             json.dump(entry, f)
-        os.replace(tmp, path)
     except OSError:  # a cache folder that cannot be written: the next start does the work again
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        pass
 
 
 def new_entry(root: Path) -> dict:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dinofuse.dataloading import file_lists
+from dinofuse.dataloading.atomic_files import renamed_into_place
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -248,14 +249,11 @@ def write_dali_indexes(tars: list[str], threads: int = 1) -> tuple[int, int]:
             return True
 
     def write(tar: str) -> None:
-        index = Path(tar).with_suffix(".idx")
-        tmp = index.with_name(f".{index.name}.tmp-{os.getpid()}")
         try:
-            with IndexCreator(str(tar), str(tmp), verbose=False) as creator:
+            with renamed_into_place(Path(tar).with_suffix(".idx")) as tmp, \
+                    IndexCreator(str(tar), str(tmp), verbose=False) as creator:
                 creator.create_index()
-            os.replace(tmp, index)
         except (OSError, ValueError) as e:  # ValueError: "Webdataset Tar File empty"
-            tmp.unlink(missing_ok=True)
             raise DataError(f"cannot index WebDataset shard {tar}: {e}") from None
 
     todo = [tar for tar in tars if stale(tar)]
@@ -386,8 +384,7 @@ def patch_shard(shards: WebDatasetShards, tar: str, bad: set[int], folder: Path)
             replacement[shards.samples[i][1]] = shards.read(near)
     folder.mkdir(parents=True, exist_ok=True)
     out = folder / Path(tar).name
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with tarfile.open(tar) as source, tarfile.open(tmp, "w") as copy:
+    with renamed_into_place(out) as tmp, tarfile.open(tar) as source, tarfile.open(tmp, "w") as copy:
         for member in source:
             data = replacement.get(member.name) if member.isfile() else None
             if data is None:
@@ -395,7 +392,6 @@ def patch_shard(shards: WebDatasetShards, tar: str, bad: set[int], folder: Path)
             else:
                 member.size = len(data)
                 copy.addfile(member, io.BytesIO(data))
-    os.replace(tmp, out)
     return str(out)
 
 

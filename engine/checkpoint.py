@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dinofuse.dataloading.atomic_files import renamed_into_place
 from dinofuse.engine.config import ModelConfig
 
 OFFICIAL_PREFIXES = ("module.", "backbone.")
@@ -32,20 +33,15 @@ class CheckpointError(RuntimeError):
 
 def save_atomic(obj, path: str | Path) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with renamed_into_place(path) as tmp, open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:  # a full disk, a read-only folder, ...
         kept = "the previous one is kept" if path.is_file() else "none was written before"
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} ({kept})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -54,15 +50,11 @@ def keep_copy(path: Path, kept: Path) -> None:
     save of `path` makes a new file and leaves this one), else a copy, each renamed in."""
     import shutil
 
-    tmp = kept.with_name(f".{kept.name}.tmp-{os.getpid()}")
-    try:
+    with renamed_into_place(kept) as tmp:
         try:
             os.link(path, tmp)
         except OSError:  # a file system without hard links
             shutil.copyfile(path, tmp)
-        os.replace(tmp, kept)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_file(path: str | Path) -> dict:
@@ -237,9 +229,8 @@ def export_backbone(state: dict, out: str | Path, config: str | None = None) -> 
         from safetensors.torch import save_file
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        save_file(state, str(tmp), metadata={SAFETENSORS_CONFIG: config} if config else None)
-        os.replace(tmp, out)
+        with renamed_into_place(out) as tmp:
+            save_file(state, str(tmp), metadata={SAFETENSORS_CONFIG: config} if config else None)
         return out
     return save_atomic(state, out)
 
@@ -311,9 +302,8 @@ def run_has_checkpoint(run_dir: str | Path) -> bool:
 def mark_complete(folder: Path, info: dict) -> None:
     import json
 
-    tmp = folder / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, folder / COMPLETE)
+    with renamed_into_place(folder / COMPLETE) as tmp:
+        tmp.write_text(json.dumps(info) + "\n")
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:
