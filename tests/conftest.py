@@ -81,3 +81,35 @@ def image_folder(tmp_path_factory):
             rgb = np.stack([base, blob, 1 - base], -1) * 255 * rng.uniform(0.6, 1.0)
             Image.fromarray(rgb.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+# A test that writes into the checkout (a cache or output folder with a wrong path) fails the
+# run: such files were committed once unseen (a folder named "None"). Checked by the process
+# that collects the results (not the xdist workers), from `git status` before and after.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _checkout_status():
+    import subprocess
+
+    if not os.path.isdir(os.path.join(REPO, ".git")):
+        return None
+    done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
+                          capture_output=True, text=True)
+    return set(done.stdout.splitlines()) if done.returncode == 0 else None
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):
+        session.config._checkout_before = _checkout_status()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, "_checkout_before", None)
+    after = _checkout_status() if before is not None else None
+    if after is None or after <= before:
+        return
+    written = "\n  ".join(sorted(after - before))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    reporter.write_line(f"the tests changed the checkout {REPO}:\n  {written}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -52,11 +52,12 @@ def test_a_folder_is_listed_once_until_a_directory_changes(tmp_path, monkeypatch
     assert walks == [] and again.samples == first.samples and again.classes == ["a", "b"]
 
     def listed_afresh():
+        kept_in = str(file_lists.cache_folder())  # read before it is switched off
         monkeypatch.setenv("DINOFUSE_CACHE", "")
         try:
             return ImageFiles(root).samples
         finally:
-            monkeypatch.setenv("DINOFUSE_CACHE", str(file_lists.cache_folder()))
+            monkeypatch.setenv("DINOFUSE_CACHE", kept_in)
 
     # a file added deep down, in a linked folder, a class added: each is seen
     for change in (lambda: image(root / "b" / "deep" / "5.png", 5),
