@@ -384,8 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train DINO (default: a small run on Fashion-MNIST)")
     train.add_argument("--config", default="default", help="preset name or .toml path")
-    train.add_argument("--data", help="image folder (ImageFolder layout or flat), fashion-mnist, "
-                       "or a folder of Fashion-MNIST's IDX files")
+    train.add_argument("--data", help="image folder (ImageFolder layout or flat), WebDataset "
+                       "shards (a .tar, a folder of them, or a quoted pattern such as "
+                       "'train-{000000..001281}.tar'), fashion-mnist, or a folder of "
+                       "Fashion-MNIST's IDX files")
     train.add_argument("--output-dir")
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint in OUTPUT_DIR")

@@ -40,6 +40,10 @@ from dinofuse.engine.config import config_from_toml, config_to_toml
 from dinofuse.engine.errors import TrainingError
 
 
+# the run's folder itself, which a resume reads from wherever it was moved
+RESUME_MAY_MOVE = {("run", "output_dir")}
+
+
 class TrainerCheckpoints:
     """What a resume needs, saved atomically in either format, and loaded back into another
     number of processes (the epoch and its fraction kept when the global batch changed)."""
@@ -214,11 +218,21 @@ class TrainerCheckpoints:
         self._restore_extra(extra)
 
     def _check_config(self, saved_toml: str, path: Path) -> None:
-        saved, now = dataclasses.asdict(config_from_toml(saved_toml).model), dataclasses.asdict(self.cfg.model)
-        changed = [f"model.{k}: {saved[k]!r} there, {now[k]!r} here" for k in saved if saved[k] != now[k]]
-        if changed:
+        """Another model is refused. Other settings follow the command line, as the official
+        code's arguments do; each that differs from the checkpoint's is named (a resume that
+        left out `--data` would otherwise train on the default dataset unsaid)."""
+        saved = dataclasses.asdict(config_from_toml(saved_toml))
+        now = dataclasses.asdict(self.cfg)
+        changed = {f"{section}.{k}": f"{saved[section][k]!r} there, {now[section][k]!r} here"
+                   for section in saved for k in saved[section]
+                   if saved[section][k] != now[section][k] and (section, k) not in RESUME_MAY_MOVE}
+        model = [f"{name}: {what}" for name, what in changed.items() if name.startswith("model.")]
+        if model:
             raise TrainingError(f"--resume: {path} was trained with another model config "
-                                f"({'; '.join(changed)})")
+                                f"({'; '.join(model)})")
+        if changed and self.rank == 0:
+            print(f"--resume: settings other than those of {path} (the command line's are "
+                  f"used): {'; '.join(f'{n}: {w}' for n, w in changed.items())}", flush=True)
 
     def _load_file(self, path: Path, state: dict | None = None) -> dict:
         from torch.distributed.checkpoint.state_dict import (
@@ -294,6 +308,6 @@ class TrainerCheckpoints:
         resumed = epoch * self.iters_per_epoch + round(within * self.iters_per_epoch / saved_per_epoch)
         if self.rank == 0:
             print(f"resuming with {self.iters_per_epoch} steps per epoch where the checkpoint "
-                  f"had {saved_per_epoch} (another global batch): its step {step} (epoch "
+                  f"had {saved_per_epoch} (another global batch or number of images): its step {step} (epoch "
                   f"{epoch}, {within} steps in) continues as step {resumed}", flush=True)
         return resumed

@@ -466,7 +466,7 @@ BUGS = [
         '',
         ['test_train.py', 'test_checkpoint.py']),
     Bug('engine/trainer_checkpoints.py',
-        '        if changed:\n            raise TrainingError(f"--resume:',
+        '        if model:\n            raise TrainingError(f"--resume:',
         '        if False:\n            raise TrainingError(f"--resume:',
         ['test_train.py', 'test_checkpoint.py', 'test_cli.py']),
     Bug('engine/trainer_checkpoints.py',
@@ -1390,6 +1390,14 @@ BUGS = [
         '        os.replace(tmp, path)',
         '        os.link(tmp, path) if not path.exists() else None',
         ['test_checkpoint.py::test_atomic_save_replaces_whole_files']),
+    Bug('engine/trainer_checkpoints.py',
+        'if changed and self.rank == 0:',
+        'if False:',
+        ['test_train.py']),
+    Bug('engine/trainer_checkpoints.py',
+        'RESUME_MAY_MOVE = {("run", "output_dir")}',
+        'RESUME_MAY_MOVE = set()',
+        ['test_train.py']),
 ]
 
 

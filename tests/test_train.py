@@ -143,6 +143,28 @@ def test_resume_with_another_model_names_what_changed_and_keeps_the_checkpoint(i
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == digest
 
 
+def test_resume_names_each_setting_other_than_the_checkpoints(image_folder, tmp_path,
+                                                              reference_path, capsys):
+    """The command line's settings are used, as the official code's arguments are, and each
+    that differs from the checkpoint's is named: a resume that left out --data trains on
+    another dataset. A run folder moved elsewhere is not a difference."""
+    import shutil
+
+    Trainer(make_cfg(image_folder, tmp_path, "optim.epochs=2")).fit(max_steps=2, progress=False)
+    shutil.copytree(tmp_path / "run", tmp_path / "moved")
+    capsys.readouterr()
+    moved = load_config("default", TINY + [f'data.path="{image_folder}"', "optim.epochs=2",
+                                           f'run.output_dir="{tmp_path / "moved"}"'])
+    assert Trainer(moved, resume=True).step == 2 and capsys.readouterr().out == ""
+    other = tmp_path / "other"
+    shutil.copytree(image_folder, other)
+    Trainer(make_cfg(other, tmp_path, "optim.epochs=3"), resume=True)
+    assert capsys.readouterr().out.startswith(
+        f"--resume: settings other than those of {tmp_path}/run/checkpoint.pth (the command "
+        f"line's are used): data.path: '{image_folder}' there, '{other}' here; optim.epochs: "
+        f"2 there, 3 here\n")
+
+
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(image_folder, tmp_path):
     trainer = Trainer(make_cfg(image_folder, tmp_path))
     trainer.fit(max_steps=2, progress=False)
@@ -835,9 +857,12 @@ def test_resume_with_another_global_batch_keeps_the_epoch_and_its_fraction(
     if batch == 4:
         assert printed == ""
     else:
+        assert printed.startswith(f"--resume: settings other than those of {tmp_path}/run/"
+                                  f"checkpoint.pth (the command line's are used): "
+                                  f"optim.batch_size_per_device: 4 there, {batch} here\n")
         assert (f"resuming with {40 // batch} steps per epoch where the checkpoint had 10 "
-                f"(another global batch): its step 12 (epoch 1, 2 steps in) continues as "
-                f"step {expected}") in printed
+                f"(another global batch or number of images): its step 12 (epoch 1, 2 steps "
+                f"in) continues as step {expected}") in printed
     log = resumed.fit(max_steps=1, progress=False)[0]
     assert (log.step, log.epoch) == (expected, 1)
 
