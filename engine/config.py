@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -258,10 +259,18 @@ def _check_range(section: str, name: str, value) -> None:
 
 def check_ranges(cfg: Config) -> None:
     """The range rules over a whole config, for one built in Python (fields set directly, not
-    through `apply_overrides`)."""
+    through `apply_overrides`), and the warmups within the run."""
     for section, rules in _RULES.items():
         for name in rules:
             _check_range(section, name, getattr(getattr(cfg, section), name))
+    o = cfg.optim
+    for name in ("warmup_epochs", "warmup_teacher_temp_epochs"):
+        # the official schedules fail on these (a negative length); run as they are, the LR or
+        # the teacher temperature would stop short of its value (a preset's 10-epoch warmup
+        # left in a 5-epoch try)
+        if getattr(o, name) > o.epochs:
+            raise ValueError(f"optim.{name}={getattr(o, name):g} is longer than the run "
+                             f"(optim.epochs={o.epochs}); set it to at most {o.epochs}")
 
 
 def apply_overrides(cfg: Config, values: dict) -> Config:
@@ -273,7 +282,9 @@ def apply_overrides(cfg: Config, values: dict) -> Config:
         target = getattr(cfg, section)
         for name, value in fields.items():
             if not hasattr(target, name):
-                raise ValueError(f"unknown config field {section}.{name}")
+                near = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(target)])
+                raise ValueError(f"unknown config field {section}.{name}"
+                                 + (f"; did you mean {section}.{near[0]}?" if near else ""))
             setattr(target, name, _coerce(section, name, value, getattr(target, name)))
     return cfg
 

@@ -1398,6 +1398,18 @@ BUGS = [
         'RESUME_MAY_MOVE = {("run", "output_dir")}',
         'RESUME_MAY_MOVE = set()',
         ['test_train.py']),
+    Bug('engine/config.py',
+        'if getattr(o, name) > o.epochs:',
+        'if getattr(o, name) > 2 * o.epochs:',
+        ['test_config.py']),
+    Bug('engine/config.py',
+        'if getattr(o, name) > o.epochs:',
+        'if getattr(o, name) >= o.epochs:',
+        ['test_config.py']),
+    Bug('engine/config.py',
+        '+ (f"; did you mean {section}.{near[0]}?" if near else ""))',
+        ')',
+        ['test_config.py']),
 ]
 
 
