@@ -18,6 +18,7 @@ from dinofuse.dataloading.readers import (
     images_under,
     webdataset_shards,
 )
+from dinofuse.dataloading.spec import SHUFFLE_BUFFER
 
 # what the screen reads of a shard's member first; PIL's header parse needs more only when
 # the metadata segments (EXIF, ICC profiles) are larger, and then it reads the whole member
@@ -108,3 +109,35 @@ def check_images(root: str | Path, threads: int = 0) -> tuple[int, list[tuple[Pa
     if good == 0 and not bad:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
     return good, bad
+
+
+def class_order_note(path: str | Path, window: int = SHUFFLE_BUFFER) -> str | None:
+    """A note when labelled WebDataset shards hold their samples class by class, else None.
+    DALI's reader shuffles the shards' order and draws samples from a window of the next
+    `window` read: shards written from a sorted listing then give batches of few classes
+    (the official sampler's batches span the whole data set). Measured as the classes that
+    `window` samples in a row span, against the same labels in a shuffled order."""
+    import random
+
+    tars = webdataset_shards(path)
+    if not tars:
+        return None
+    shards = WebDatasetShards(tars)
+    if not shards.labelled or len(shards) <= window:
+        return None
+    labels = shards.labels
+    mixed = labels[:]
+    random.Random(0).shuffle(mixed)
+
+    def classes_per_window(order: list[int]) -> float:
+        spans = [len(set(order[i:i + window])) for i in range(0, len(order) - window + 1, window)]
+        return sum(spans) / len(spans)
+
+    stored, shuffled = classes_per_window(labels), classes_per_window(mixed)
+    if stored >= shuffled / 2:
+        return None
+    return (f"note: the shards hold their samples class by class: {window} samples in a row "
+            f"span {stored:.1f} classes on average ({shuffled:.1f} in a shuffled order). The "
+            f"DALI reader shuffles the shards' order and draws from a window of "
+            f"data.shuffle_buffer={window} samples, so batches would span few classes: write "
+            f"the shards from a shuffled list, or raise data.shuffle_buffer")

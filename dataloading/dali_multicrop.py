@@ -18,7 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dinofuse.dataloading.readers import WEBDATASET_IMAGE_EXTS, fresh_dali_index
-from dinofuse.dataloading.spec import IMAGENET_MEAN, IMAGENET_STD, CropSpec, MultiCropSpec
+from dinofuse.dataloading.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SHUFFLE_BUFFER,
+    CropSpec,
+    MultiCropSpec,
+)
 
 IMAGENET_MEAN_255 = [255 * m for m in IMAGENET_MEAN]
 IMAGENET_STD_255 = [255 * s for s in IMAGENET_STD]
@@ -192,14 +198,16 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
                    batch_size: int, device_id: int | None = None, num_threads: int = 2,
                    seed: int = 0, shard_id: int = 0, num_shards: int = 1,
                    tars: Sequence[str] = (), hw_decoder_load: float | None = None,
-                   fancy_upsampling: bool = True):
+                   fancy_upsampling: bool = True, shuffle_buffer: int = SHUFFLE_BUFFER):
     """A DALI pipeline yielding (crop_0, ..., crop_{2+N-1}, labels) per batch.
 
     Images come from `files` (with `labels`) or, when `tars` is given, from WebDataset
     shards (one image per sample key, any of jpg/jpeg/png/webp; labels are 0: DINO trains
     without them), with their DALI indexes (NAME.idx) when every shard has one (else DALI
-    walks every shard at the start, on every rank). Each of `num_shards` ranks reads its
-    own part, every epoch reshuffled.
+    walks every shard at the start, on every rank). Each epoch is a new permutation of the
+    whole, split among the `num_shards` ranks, as the official DistributedSampler's: of the
+    files, or of the shards' order, the samples then drawn at random from the next
+    `shuffle_buffer` read.
     `hw_decoder_load`: on a GPU, the share of JPEGs given to its hardware decoder (A100,
     H100), the rest to nvJPEG's CUDA decoder; None keeps DALI's default (0.65).
     `fancy_upsampling`: see `decode_images` (GPU only).
@@ -211,8 +219,12 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
     if not files and not tars:
         raise ValueError("the DALI pipeline got no files")
     gpu = device_id is not None
-    common = dict(random_shuffle=True, shard_id=shard_id, num_shards=num_shards,
-                  pad_last_batch=True, seed=seed, name="reader")
+    # (random_shuffle alone draws from a window over a list shuffled once with a fixed seed,
+    # and reads shards one after another in their order: shards written class by class gave
+    # batches of one class, and a folder's rank saw the same neighbours every epoch)
+    common = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed & 0x7FFF_FFFF,
+                  shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, seed=seed,
+                  name="reader")
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                   seed=seed, enable_conditionals=True, exec_dynamic=True)
@@ -220,6 +232,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
         if tars:
             encoded = fn.readers.webdataset(paths=list(tars), ext=[WEBDATASET_IMAGE_EXT],
                                             missing_component_behavior="skip",
+                                            random_shuffle=True, initial_fill=shuffle_buffer,
                                             **shard_indexes(tars), **common)
             label = fn.cast(encoded.shape()[0] * 0, dtype=types.INT32)
         else:

@@ -17,6 +17,11 @@ class CropSpec:
     solarize_p: float = 0.0
 
 
+# DALI's WebDataset reader draws samples at random from this many read ahead (its initial_fill
+# default; data.shuffle_buffer)
+SHUFFLE_BUFFER = 1024
+
+
 @dataclass(frozen=True)
 class MultiCropSpec:
     """The official DataAugmentationDINO, every probability and size a field."""

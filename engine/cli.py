@@ -343,12 +343,15 @@ def _export(args) -> None:
 
 
 def _data_check(args) -> int:
-    from dinofuse.dataloading.check import check_images
+    from dinofuse.dataloading.check import check_images, class_order_note
 
     good, bad = check_images(args.dir)
     for path, reason in bad:
         print(f"{path}: {reason}")
     print(f"{good} images readable, {len(bad)} unreadable in {args.dir}")
+    note = class_order_note(args.dir)
+    if note:
+        print(note)
     return 1 if bad else 0
 
 

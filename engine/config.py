@@ -60,6 +60,9 @@ class DataConfig:
     # and hue, a random order per image) | dali (color_twist's own: contrast towards 128, hue
     # in YIQ, one fixed order; faster on a CPU)
     num_workers: int = 2
+    shuffle_buffer: int = 1024  # DALI on WebDataset shards: after the shards' order is shuffled
+    # (each epoch), samples are drawn at random from the next this many (encoded, in host
+    # memory); raise it for shards written class by class
     jpeg_fancy_upsampling: bool = True  # DALI on a GPU: nvJPEG interpolates a JPEG's chroma
     # as libjpeg-turbo does (PIL: the official loader; DALI's CPU decoder); false: nvJPEG's own
 
@@ -189,7 +192,7 @@ _RULES = {
     "data": dict(global_crop_size=AT_LEAST_1, local_crop_size=AT_LEAST_1,
                  global_crops_scale=CROP_SCALE, local_crops_scale=CROP_SCALE,
                  local_crops_number=NON_NEGATIVE, blur_radius=RADIUS_RANGE,
-                 num_workers=NON_NEGATIVE),
+                 num_workers=NON_NEGATIVE, shuffle_buffer=AT_LEAST_1),
     "optim": dict(batch_size_per_device=AT_LEAST_1, epochs=AT_LEAST_1, lr=NON_NEGATIVE,
                   min_lr=NON_NEGATIVE, warmup_epochs=NON_NEGATIVE, weight_decay=NON_NEGATIVE,
                   weight_decay_end=NON_NEGATIVE, momentum_teacher=FRACTION,

@@ -219,7 +219,8 @@ class TrainingInput:
                               batch_size=self.cfg.optim.batch_size_per_device,
                               device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
                               seed=self.cfg.run.seed, shard_id=self.rank, num_shards=self.world,
-                              tars=tars, fancy_upsampling=self.cfg.data.jpeg_fancy_upsampling)
+                              tars=tars, fancy_upsampling=self.cfg.data.jpeg_fancy_upsampling,
+                              shuffle_buffer=self.cfg.data.shuffle_buffer)
         return DALIMultiCropLoader(pipe, self.ncrops, dtype=self.crop_dtype)
 
     @property

@@ -207,6 +207,42 @@ def test_data_check_reads_webdataset_shards(tmp_path, capsys):
     assert "2 images readable, 2 unreadable" in capsys.readouterr().out
 
 
+def test_data_check_notes_shards_written_class_by_class(tmp_path, capsys, monkeypatch):
+    """DALI draws a batch from a window over the shards (data.shuffle_buffer samples): shards
+    written from a sorted listing give batches of few classes. Said (not an error); shards
+    written shuffled, or unlabelled, get no note. (A window of 8 here, 1024 in a run.)"""
+    import functools
+    import random
+
+    from dinofuse.dataloading import check
+    from test_readers import encoded, write_shard
+
+    monkeypatch.setattr(check, "class_order_note", functools.partial(check.class_order_note,
+                                                                     window=8))
+    image = encoded(1)
+    samples = [(i, i // 4) for i in range(64)]  # 16 classes of 4, in class order
+
+    def shards(folder, order, labelled=True):
+        folder.mkdir()
+        for k in range(2):
+            write_shard(folder / f"{k}.tar", [m for i, c in order[32 * k:32 * (k + 1)] for m in (
+                (f"{i:03d}.jpg", image), *([(f"{i:03d}.cls", str(c).encode())] if labelled else []))])
+        return folder
+
+    assert main(["data", "check", str(shards(tmp_path / "sorted", samples))]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"64 images readable, 0 unreadable in {tmp_path / 'sorted'}"
+    assert out.splitlines()[1].startswith(
+        "note: the shards hold their samples class by class: 8 samples in a row span 2.0 "
+        "classes on average (")
+    assert "raise data.shuffle_buffer" in out
+    random.Random(2).shuffle(samples)
+    for folder, labelled in (("shuffled", True), ("unlabelled", False)):
+        order = samples if labelled else sorted(samples)
+        assert main(["data", "check", str(shards(tmp_path / folder, order, labelled))]) == 0
+        assert capsys.readouterr().out == f"64 images readable, 0 unreadable in {tmp_path / folder}\n"
+
+
 def test_bad_images_can_be_skipped_with_the_file_named(tmp_path, capsys):
     root = tmp_path / "imgs"
     root.mkdir()

@@ -216,3 +216,77 @@ def test_without_contrast_no_batch_split_is_left_around_it(jpegs):
 
     ncrops = 3
     assert merges(contrast=0.0) == merges() - 2 * ncrops
+
+
+def epochs_of(pipe, ncrops: int, epochs: int) -> list[list[list]]:
+    """Per epoch, per batch: the labels (DALI's loader restarts itself at each epoch's end)."""
+    loader = DALIMultiCropLoader(pipe, ncrops)
+    return [[labels.tolist() for _, labels in loader] for _ in range(epochs)]
+
+
+def test_each_epoch_is_a_new_permutation_split_among_the_ranks(jpegs):
+    """The official DistributedSampler's order: each epoch a new permutation of every file,
+    cut among the ranks. (DALI's random_shuffle alone moved each rank to the next rank's part
+    of one fixed order: rank 0's second epoch was rank 1's first.)"""
+    spec = MultiCropSpec(global_crop_size=16, local_crop_size=8, local_crops_number=0)
+    parts = [[sorted(sum(batches, [])) for batches in epochs_of(build_pipeline(
+        jpegs, list(range(12)), spec, batch_size=3, seed=5, shard_id=rank, num_shards=2), 2, 3)]
+        for rank in range(2)]
+    for epoch in range(3):
+        assert sorted(parts[0][epoch] + parts[1][epoch]) == list(range(12))
+    assert len({tuple(part) for rank in parts for part in rank}) == 6  # no part seen twice
+    orders = [sum(batches, []) for batches in epochs_of(build_pipeline(
+        jpegs, list(range(12)), spec, batch_size=4, seed=5), 2, 2)]
+    assert orders[0] != orders[1] and orders[0] != sorted(orders[0])
+    again = epochs_of(build_pipeline(jpegs, list(range(12)), spec, batch_size=4, seed=5), 2, 2)
+    other = epochs_of(build_pipeline(jpegs, list(range(12)), spec, batch_size=4, seed=6), 2, 2)
+    assert [sum(b, []) for b in again] == orders and [sum(b, []) for b in other] != orders
+
+
+def gray_shards(tmp_path, shards: int, per_shard: int) -> list[str]:
+    """Shards whose images are one flat gray each, 30 levels apart shard to shard: a crop's
+    value names its shard (as a class, a shard written class by class)."""
+    tars = []
+    for k in range(shards):
+        members = []
+        for i in range(per_shard):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((20, 20, 3), 30 + 30 * k, np.uint8)).save(buf, "PNG")
+            members.append((f"{k}{i:03d}.png", buf.getvalue()))
+        path = tmp_path / f"train-{k:06d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        tars.append(str(path))
+    return tars
+
+
+def shards_of_batches(pipe, epochs: int) -> list[list[list[int]]]:
+    """Per epoch, per batch: the shard of each sample, read off its crop's gray."""
+    loader = DALIMultiCropLoader(pipe, 2)
+    mean, std = IMAGENET_MEAN[0] * 255, IMAGENET_STD[0] * 255
+    return [[[round(((c[0, 0, 0].item() * std + mean) - 30) / 30) for c in crops[0]]
+             for crops, _ in loader] for _ in range(epochs)]
+
+
+def test_shards_are_read_in_a_new_order_each_epoch(tmp_path):
+    """Shards written class by class (here: one gray each) were read in their order each
+    epoch, mixed only within DALI's 1024-sample window: batches of one class. The shards'
+    order is now drawn each epoch, and data.shuffle_buffer sets the window."""
+    tars = gray_shards(tmp_path, 4, 4)
+    spec = MultiCropSpec(global_crop_size=8, local_crop_size=8, local_crops_number=0,
+                         color_jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0),
+                         solarize_p=0.0)
+    read = shards_of_batches(build_pipeline([], [], spec, batch_size=4, tars=tars, seed=1,
+                                            shuffle_buffer=1), 4)
+    orders = [[batch[0] for batch in epoch] for epoch in read]
+    for epoch, order in zip(read, orders):  # a window of one: a shard after another
+        assert [batch == [k] * 4 for batch, k in zip(epoch, order)] == [True] * 4
+        assert sorted(order) == [0, 1, 2, 3]
+    assert len({tuple(o) for o in orders}) > 1 and orders[0] != [0, 1, 2, 3], orders
+    mixed = shards_of_batches(build_pipeline([], [], spec, batch_size=4, tars=tars, seed=1,
+                                             shuffle_buffer=16), 1)[0]
+    assert sorted(sum(mixed, [])) == sorted(list(range(4)) * 4)
+    assert any(len(set(batch)) > 1 for batch in mixed)

@@ -106,17 +106,19 @@ def test_a_folder_of_tar_shards_and_class_folders_is_an_image_folder(tmp_path):
     assert webdataset_shards(str(tmp_path)) == []
 
 
-@pytest.mark.parametrize("fancy", [True, False])
-def test_dalis_chroma_upsampling_comes_from_the_config(image_folder, monkeypatch, fancy):
+@pytest.mark.parametrize("fancy,buffer", [(True, 7), (False, 1024)])
+def test_dalis_chroma_upsampling_and_shuffle_buffer_come_from_the_config(image_folder,
+                                                                         monkeypatch, fancy,
+                                                                         buffer):
     pytest.importorskip("nvidia.dali")
     from dinofuse.dataloading import dali_multicrop
 
     asked, build = [], dali_multicrop.build_pipeline
     monkeypatch.setattr(dali_multicrop, "build_pipeline", lambda *a, **k: (
-        asked.append(k["fancy_upsampling"]) or build(*a, **k)))
-    training_input(image_folder, 'data.backend="dali"',
+        asked.append((k["fancy_upsampling"], k["shuffle_buffer"])) or build(*a, **k)))
+    training_input(image_folder, 'data.backend="dali"', f"data.shuffle_buffer={buffer}",
                    f"data.jpeg_fancy_upsampling={str(fancy).lower()}")
-    assert asked == [fancy]
+    assert asked == [(fancy, buffer)]
 
 
 def test_shards_without_dalis_indexes_say_how_to_make_them(tmp_path, capsys):
