@@ -83,9 +83,10 @@ def image_folder(tmp_path_factory):
     return root
 
 
-# A test that writes into the checkout (a cache or output folder with a wrong path) fails the
-# run: such files were committed once unseen (a folder named "None"). Checked by the process
-# that collects the results (not the xdist workers), from `git status` before and after.
+# A test that leaves new files in the checkout (a cache or output folder with a wrong path)
+# fails the run: such files were committed once unseen (a folder named "None"). Checked by the
+# process that collects the results (not the xdist workers), from `git status` before and
+# after; untracked files only (a tracked file edited while the suite runs is not the tests').
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -96,7 +97,9 @@ def _checkout_status():
         return None
     done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO,
                           capture_output=True, text=True)
-    return set(done.stdout.splitlines()) if done.returncode == 0 else None
+    if done.returncode != 0:
+        return None
+    return {line for line in done.stdout.splitlines() if line.startswith("??")}
 
 
 def pytest_sessionstart(session):

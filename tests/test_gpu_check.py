@@ -48,7 +48,8 @@ def test_the_default_runs_gpu_preset_stage_trains_evaluates_and_reports(tmp_path
     write_fashion_mnist(data, train=16, test=6, classes=3, seed=1)
     tiny = ("model.embed_dim=32 model.depth=1 model.num_heads=2 model.out_dim=64 "
             "model.head_hidden_dim=32 data.num_workers=0 data.local_crops_number=2 "
-            "optim.batch_size_per_device=8 optim.epochs=1 optim.warmup_epochs=0 run.device=\"cpu\"")
+            "optim.batch_size_per_device=8 optim.epochs=1 optim.warmup_epochs=0 "
+            "optim.warmup_teacher_temp_epochs=0 run.device=\"cpu\"")
     # twice, as a retry on a warm machine would: the second run starts afresh
     out = _run_gpu_check(tmp_path, "train_default_gpu train_default_gpu", FASHION_MNIST=str(data),
                          PRESET_OVERRIDES=tiny)
