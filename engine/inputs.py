@@ -125,6 +125,10 @@ class TrainingInput:
         self.dali_tars: list = []  # the shards DALI reads (some maybe patched copies)
         self.patched: set[int] = set()  # shards: the bad samples patched in copies
         self.patch_rounds = 0
+        # DALI draws each epoch's order and crops from its seed, one epoch after another: the
+        # graph's first epoch stands for training epoch `dali_first_epoch`, its next for
+        # `dali_next_epoch`
+        self.dali_first_epoch = self.dali_next_epoch = 0
         tars = webdataset_shards(d.path)
         if d.path == "synthetic":
             self.synthetic = synthetic_crops(multicrop_spec(d), o.batch_size_per_device,
@@ -214,11 +218,13 @@ class TrainingInput:
 
         self.dali_samples, self.dali_tars = list(samples), list(tars)
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        seed, first = self.cfg.run.seed, self.dali_first_epoch
+        seed = seed if first == 0 else hash((seed, first)) & 0x7FFF_FFFF
         pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
                               multicrop_spec(self.cfg.data),
                               batch_size=self.cfg.optim.batch_size_per_device,
                               device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
-                              seed=self.cfg.run.seed, shard_id=self.rank, num_shards=self.world,
+                              seed=seed, shard_id=self.rank, num_shards=self.world,
                               tars=tars, fancy_upsampling=self.cfg.data.jpeg_fancy_upsampling,
                               shuffle_buffer=self.cfg.data.shuffle_buffer)
         return DALIMultiCropLoader(pipe, self.ncrops, dtype=self.crop_dtype)
@@ -234,7 +240,7 @@ class TrainingInput:
         if self.synthetic is not None:
             return itertools.repeat((self.synthetic, None), self.iters_per_epoch - start_batch)
         if self.dali is not None:
-            return self._dali_batches(start_batch)
+            return self._dali_batches(epoch, start_batch)
         self.dataset.epoch = epoch
         self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
         if self.backend == "tensor":
@@ -274,20 +280,30 @@ class TrainingInput:
                 self.save_progress()
             raise died from None
 
-    def _dali_batches(self, start_batch: int):
-        """DALI's batches from `start_batch` on. DALI shuffles per epoch from its own seed: a
-        resume mid-epoch skips the batches already seen (the same count, not the same
-        images: exact resume is torchvision's). A failed decode is traced to its file(s)."""
+    def _dali_batches(self, epoch: int, start_batch: int):
+        """DALI's batches of `epoch` from `start_batch` on (the ones before are run and
+        dropped). A resume at a later epoch than the graph's next seeds a new graph from that
+        epoch: started afresh from the run's seed, a run resumed each epoch (a preemptible
+        job) trained on the first epoch's images and crops again and again. Resumed within
+        the first epoch, the rest of that epoch is the same; later, another permutation and
+        other crops (exact resumes are torchvision's). A failed decode is traced to its
+        file(s)."""
+        if epoch != self.dali_next_epoch:
+            self.dali_first_epoch = self.dali_next_epoch = epoch
+            self.dali = self._dali_loader(samples=self.dali_samples, tars=self.dali_tars)
         done = start_batch
         while True:
             try:
                 for batch in itertools.islice(iter(self.dali), done, None):
                     done += 1
                     yield batch
+                self.dali_next_epoch = epoch + 1
                 return
             except RuntimeError as e:
                 if "decoders.image" not in str(e) or not (self.dali_samples or self.shards):
                     raise
+                # the new graph's first epoch stands for this one (not the run's first again)
+                self.dali_first_epoch = self.dali_next_epoch = epoch
                 self._recover_from_decode_error(e)  # or stop, naming them
 
     def _screened(self, items: list, check) -> list:

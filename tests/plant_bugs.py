@@ -1438,6 +1438,18 @@ BUGS = [
         '    if note:\n        print(note)',
         '    if False:\n        print(note)',
         ['test_cli.py']),
+    Bug('engine/inputs.py',
+        '        if epoch != self.dali_next_epoch:\n',
+        '        if False:\n',
+        ['test_inputs.py']),
+    Bug('engine/inputs.py',
+        'seed = seed if first == 0 else hash((seed, first)) & 0x7FFF_FFFF',
+        'seed = seed',
+        ['test_inputs.py']),
+    Bug('engine/inputs.py',
+        '                self.dali_next_epoch = epoch + 1\n',
+        '',
+        ['test_inputs.py']),
 ]
 
 

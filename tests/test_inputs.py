@@ -89,7 +89,7 @@ def test_data_workers_are_the_backends_that_keep_cores_busy(image_folder):
 
 def test_dali_resume_skips_the_batches_already_trained(image_folder):
     """40 images, batch 8: 5 steps an epoch; resumed at batch 2, the epoch gives the 3 left
-    (DALI shuffles by its own seed: the count is kept, not the images)."""
+    (which ones: the test below)."""
     pytest.importorskip("nvidia.dali")
     source = training_input(image_folder, 'data.backend="dali"')
     assert source.iters_per_epoch == 5
@@ -157,3 +157,27 @@ def test_data_workers_leave_ctrl_c_to_the_training_process(image_folder, monkeyp
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_dali_resume_at_a_later_epoch_does_not_replay_the_first(image_folder):
+    """DALI draws each epoch's order and crops from its seed, one epoch after another: a run
+    resumed at epoch 2 started them afresh and trained on epoch 0's images and crops again
+    (every resumed part of a preemptible run alike). Resumed within epoch 0, the rest of the
+    epoch is the uninterrupted one's."""
+    pytest.importorskip("nvidia.dali")
+
+    def crops(epoch, start, source=None):
+        source = source or training_input(image_folder, 'data.backend="dali"')
+        return [c[0] for c, _ in source.batches(epoch, start)]
+
+    first = crops(0, 0)
+    assert len(first) == 5 and all(torch.equal(a, b) for a, b in zip(crops(0, 0), first))
+    rest = crops(0, 2)
+    assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(rest, first[2:]))
+    later = crops(2, 0)
+    assert len(later) == 5 and not any(torch.equal(a, b) for a, b in zip(later, first))
+    going_on = training_input(image_folder, 'data.backend="dali"')  # epochs in a row: one graph
+    crops(0, 0, going_on)
+    graph = going_on.dali
+    second = crops(1, 0, going_on)
+    assert going_on.dali is graph and not any(torch.equal(a, b) for a, b in zip(second, first))
