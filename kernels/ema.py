@@ -55,15 +55,26 @@ def _ema_kernel(
         tl.store(teacher + offs, t * m + s * (1.0 - m), mask=ok)
 
 
+def _local_tensors(params, role: str) -> list[torch.Tensor]:
+    """The local tensors of `params`: tensors (DTensors: their shards), or a module's
+    parameters, in `parameters()` order as the official EMA loop zips them."""
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    elif isinstance(params, torch.Tensor):  # iterating it would give its rows
+        raise TypeError(f"ema_update_: {role} must be a sequence of tensors (or a module); "
+                        f"got one tensor of shape {tuple(params.shape)}: wrap it in a list")
+    return [local_shard(p) for p in params]
+
+
 class EMAPlan:
     """A validated EMA over fixed tensors: the launch tables are built once, and each call
     only launches (one kernel per student dtype). `ema_update_` caches these by address;
     a trainer may hold one directly to skip even the per-call lookup."""
 
-    def __init__(self, teacher_params: Sequence[torch.Tensor],
-                 student_params: Sequence[torch.Tensor]):
-        teacher = [local_shard(t) for t in teacher_params]
-        student = [local_shard(s) for s in student_params]
+    def __init__(self, teacher_params: Sequence[torch.Tensor] | torch.nn.Module,
+                 student_params: Sequence[torch.Tensor] | torch.nn.Module):
+        teacher = _local_tensors(teacher_params, "teacher_params")
+        student = _local_tensors(student_params, "student_params")
         _validate(teacher, student)
         self.device = teacher[0].device if teacher else None
         self.fused = bool(teacher) and runs_triton(teacher[0])
@@ -131,19 +142,20 @@ def _check_momentum(momentum, device) -> None:
 
 
 def ema_update_(
-    teacher_params: Sequence[torch.Tensor],
-    student_params: Sequence[torch.Tensor],
+    teacher_params: Sequence[torch.Tensor] | torch.nn.Module,
+    student_params: Sequence[torch.Tensor] | torch.nn.Module,
     momentum: float | torch.Tensor,
 ) -> None:
     """In place: teacher <- momentum * teacher + (1 - momentum) * student, for each pair.
 
     Teachers are float32; students float32, bfloat16 or float16, same shapes. DTensor
-    parameters (FSDP2) are updated shard by shard on each rank's local data.
+    parameters (FSDP2) are updated shard by shard on each rank's local data. A module stands
+    for its parameters (buffers are left alone, as in the official EMA).
     `momentum` is a float or a 0-d float tensor on the tensors' device.
     The validated launch plan is cached by the tensors' addresses, lengths and dtypes.
     """
-    teacher = [local_shard(t) for t in teacher_params]
-    student = [local_shard(s) for s in student_params]
+    teacher = _local_tensors(teacher_params, "teacher_params")
+    student = _local_tensors(student_params, "student_params")
     if not teacher and not student:
         return
     key = (LAUNCH["chunk"], runs_triton(teacher[0]) if teacher else False,

@@ -115,6 +115,15 @@ def test_prepared_plan_and_parameter_iterators():
         assert_ema_exact(before, list(student_mod.parameters()),
                          [t.detach() for t in teacher_mod.parameters()], float(m))
     ema_update_(teacher_mod.parameters(), student_mod.parameters(), 0.5)  # iterators too
+    # the modules themselves: their parameters (a BatchNorm's buffers left as they are)
+    teacher_mod, student_mod = (torch.nn.Sequential(torch.nn.Linear(300, 7), torch.nn.BatchNorm1d(7))
+                                for _ in range(2))
+    student_mod[1].running_mean.fill_(3.0)
+    before = [t.detach().clone() for t in teacher_mod.parameters()]
+    ema_update_(teacher_mod, student_mod, 0.25)
+    assert_ema_exact(before, list(student_mod.parameters()),
+                     [t.detach() for t in teacher_mod.parameters()], 0.25)
+    assert torch.equal(teacher_mod[1].running_mean, torch.zeros(7))
 
 
 def test_reference_path(reference_path):
@@ -134,6 +143,9 @@ def test_reference_path(reference_path):
     ([torch.randn(3)], [torch.randn(3)], 1.5, r"momentum must be in \[0, 1\]"),
     ([torch.randn(3)], [torch.randn(3)], torch.ones(2), "1-element float tensor"),
     ([torch.randn(3)], [torch.randn(3)], torch.tensor(1), "1-element float tensor"),
+    (torch.randn(3, 2), [torch.randn(2)] * 3, 0.9,
+     r"teacher_params must be a sequence of tensors \(or a module\); got one tensor of shape"),
+    ([torch.randn(2)] * 3, torch.randn(3, 2), 0.9, "student_params must be a sequence"),
 ])
 def test_bad_input_is_rejected(teacher, student, momentum, message):
     with pytest.raises((ValueError, TypeError), match=message):
