@@ -100,24 +100,32 @@ class ImageFiles:
     """An ImageFolder layout (one subfolder per class) or a flat folder (label 0), listed
     once: the listing is kept (`file_lists`) and used again while the folder is unchanged."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, listing: dict | None = None):
+        """listing: another process's (`shared_listing`; under torchrun rank 0 lists for
+        every rank), else the kept one, else a new one, kept."""
         self.root = root = image_folder(root)
-        listing = file_lists.load(root)
         if listing is None:
-            listing = self._list(root)
-            file_lists.save(root, listing)
+            listing = file_lists.load(root)
+            if listing is None:
+                listing = self._list(root)
+                file_lists.save(root, listing)
+        listing = dict(listing)
         self.samples = [(root / rel, label) for rel, label in listing.pop("files")]
         self.listing = listing  # less its files (ImageNet's: ~150 MB more in every process)
         if not self.samples:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {root}")
         self.classes = listing["classes"] or [root.name]
 
+    def shared_listing(self) -> dict:
+        """The listing with its files, for `ImageFiles(root, listing)` elsewhere."""
+        cut = len(str(self.root).rstrip(os.sep)) + 1  # each path is root / its relative path
+        return {**self.listing, "files": [(str(p)[cut:], label) for p, label in self.samples]}
+
     def keep_screen(self, bad: list[tuple[Path, str]]) -> None:
         """Keep the header screen's verdict [(path, reason)] with the listing."""
         index = {path: i for i, (path, _) in enumerate(self.samples)}
         self.listing["screen"] = [(index[path], why) for path, why in bad]
-        files = [(str(p.relative_to(self.root)), label) for p, label in self.samples]
-        file_lists.save(self.root, {**self.listing, "files": files})
+        file_lists.save(self.root, self.shared_listing())
 
     @staticmethod
     def _list(root: Path) -> dict:

@@ -27,6 +27,7 @@ from dinofuse.dataloading.dali_multicrop import available as dali_available, sha
 from dinofuse.dataloading import file_lists
 from dinofuse.dataloading.readers import (
     DataError,
+    ImageFiles,
     WebDatasetShards,
     open_images,
     webdataset_shards,
@@ -168,7 +169,9 @@ class TrainingInput:
 
     def _open_images(self, path: str):
         """The training images, listed once: rank 0 lists an image folder (and keeps the
-        listing, `file_lists`), then the other ranks read that; an error is every rank's."""
+        listing, `file_lists`) and sends it to the other ranks, which walk nothing: every
+        rank has the same files in the same order (DALI cuts each epoch among them by
+        position), whether or not the nodes share a cache folder. An error is every rank's."""
         if not (self.world > 1 and dist.is_available() and dist.is_initialized()):
             return open_images(path, "train")
         images, error = None, None
@@ -177,13 +180,16 @@ class TrainingInput:
                 images = open_images(path, "train")
             except Exception as e:  # the others must not wait for a listing that never comes
                 error = e
-        box = [None if error is None else str(error)]
+        box = [None if error is None else str(error),
+               images.shared_listing() if isinstance(images, ImageFiles) else None]
         dist.broadcast_object_list(box, src=0)
         if error is not None:
             raise error
         if box[0] is not None:
             raise DataError(box[0])
-        return images if images is not None else open_images(path, "train")
+        if images is not None:
+            return images
+        return ImageFiles(path, box[1]) if box[1] is not None else open_images(path, "train")
 
     @staticmethod
     def _auto_backend(images) -> str:

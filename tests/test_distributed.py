@@ -398,9 +398,12 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_the_same_step(tmp_pat
     assert outcomes[0][1] == [False, False]
 
 
-def _open_training_images(rank, folder, out, result):
+def _open_training_images(rank, folder, out, result, own_caches=False):
     from dinofuse.dataloading import readers
     from dinofuse.engine.inputs import TrainingInput
+
+    if own_caches:  # each node its own home: no cache folder in common
+        os.environ["DINOFUSE_CACHE"] = str(out / f"cache{rank}")
 
     walks, real = [], os.walk
 
@@ -410,20 +413,24 @@ def _open_training_images(rank, folder, out, result):
         return real(*args, **kwargs)
 
     readers.os.walk = walk
-    outcome = "opened"
+    outcome, files = "opened", None
     try:
-        TrainingInput(_cfg(folder, out, 2), torch.device("cpu"), rank, WORLD, None, lambda: None)
+        source = TrainingInput(_cfg(folder, out, 2), torch.device("cpu"), rank, WORLD, None,
+                               lambda: None)
+        files = [(str(p), label) for p, label in source.dataset.images.samples]
     except ValueError as e:
         outcome = str(e)
     gathered = [None] * WORLD
-    dist.all_gather_object(gathered, (len(walks), outcome))
+    dist.all_gather_object(gathered, (len(walks), outcome, files))
     if rank == 0:
         torch.save(gathered, result)
 
 
-def test_the_training_images_are_listed_once_for_every_rank(tmp_path):
-    """Rank 0 lists the folder and keeps the listing; the other ranks read it (with 96
-    ranks on a network file system, 96 walks of ImageNet at each start were the cost). A
+@pytest.mark.parametrize("own_caches", [False, True])
+def test_the_training_images_are_listed_once_for_every_rank(tmp_path, own_caches):
+    """Rank 0 lists the folder, keeps the listing and sends it to the other ranks, which walk
+    nothing (with 96 ranks on a network file system, 96 walks of ImageNet at each start were
+    the cost), also where the nodes share no cache folder: every rank has rank 0's files. A
     folder rank 0 cannot open is the same one-line error on every rank, not a hang."""
     import functools
 
@@ -435,13 +442,15 @@ def test_the_training_images_are_listed_once_for_every_rank(tmp_path):
     for where in (folder, folder / "c0", folder / "c1"):
         os.utime(where, ns=(hour_ago, hour_ago))
     result = tmp_path / "walks.pt"
-    _spawn(functools.partial(_open_training_images, folder=folder, out=tmp_path / "run", result=result))
-    (rank_0, opened_0), (rank_1, opened_1) = torch.load(result, weights_only=True)
+    _spawn(functools.partial(_open_training_images, folder=folder, out=tmp_path / "run",
+                             result=result, own_caches=own_caches))
+    (rank_0, opened_0, files_0), (rank_1, opened_1, files_1) = torch.load(result, weights_only=True)
     assert (rank_0, rank_1, opened_0, opened_1) == (2, 0, "opened", "opened")
+    assert len(files_0) == 16 and files_1 == files_0
     (tmp_path / "empty").mkdir()
     _spawn(functools.partial(_open_training_images, folder=tmp_path / "empty", out=tmp_path / "run",
-                             result=result))
-    (_, first), (_, second) = torch.load(result, weights_only=True)
+                             result=result, own_caches=own_caches))
+    (_, first, _), (_, second, _) = torch.load(result, weights_only=True)
     assert first == second and first.startswith("no images ("), first
 
 
