@@ -15,6 +15,7 @@ the run with the step named and the last good checkpoint untouched.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -655,24 +656,33 @@ def _tensorboard(path: Path):
 
 
 class _progress:
-    """A one-line progress display with loss, lr and images/s (tqdm when installed)."""
+    """A one-line progress display with loss, lr and images/s (tqdm) on a terminal; where
+    stderr is a file (a SLURM log, `2> log`), a plain line per logged step instead of a bar
+    redrawn with carriage returns into one endless line."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar = None
-        if enabled:
+        self.bar, self.lines = None, False
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
             except ImportError:
                 pass
-        self.last = initial
+        self.lines = enabled and self.bar is None
+        self.total, self.first, self.last = total, initial, initial
+        self.started = time.perf_counter()
 
     def update(self, step: int, log: StepLog) -> None:
         if self.bar is not None:
             self.bar.update(step - self.last)
             self.bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}",
                                  img_s=f"{log.images_per_s:.0f}")
+        elif self.lines:
+            per_step = (time.perf_counter() - self.started) / max(1, step - self.first)
+            left = datetime.timedelta(seconds=round(per_step * (self.total - step)))
+            print(f"step {step}/{self.total}: loss {log.loss:.4f}, lr {log.lr:.2e}, "
+                  f"{log.images_per_s:.0f} images/s, {left} left", file=sys.stderr, flush=True)
         self.last = step
 
     def close(self) -> None:

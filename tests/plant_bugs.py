@@ -1467,6 +1467,18 @@ BUGS = [
         'cut = len(str(self.root).rstrip(os.sep))',
         ['test_distributed.py::test_the_training_images_are_listed_once_for_every_rank',
          'test_file_lists.py']),
+    Bug('engine/train.py',
+        '        if enabled and sys.stderr.isatty():\n',
+        '        if enabled:\n',
+        ['test_train.py::test_progress_is_a_line_per_log_where_stderr_is_a_file']),
+    Bug('engine/train.py',
+        'self.lines = enabled and self.bar is None',
+        'self.lines = False',
+        ['test_train.py::test_progress_is_a_line_per_log_where_stderr_is_a_file']),
+    Bug('engine/train.py',
+        'left = datetime.timedelta(seconds=round(per_step * (self.total - step)))',
+        'left = datetime.timedelta(seconds=round(per_step * self.total))',
+        ['test_train.py::test_progress_is_a_line_per_log_where_stderr_is_a_file']),
 ]
 
 

@@ -991,3 +991,32 @@ def test_one_training_run_at_a_time_per_output_folder(image_folder, tmp_path, re
     freed = RunLock(held)
     assert freed.acquire() is None  # the kernel dropped it with the process
     freed.release()
+
+
+def test_progress_is_a_line_per_log_where_stderr_is_a_file(tmp_path, capsys, monkeypatch):
+    """In a SLURM log (stderr not a terminal) tqdm's bar was redrawn with carriage returns
+    into one endless line; there each logged step is now a line. On a terminal: tqdm."""
+    import re
+    import sys
+
+    from dinofuse.engine import train as train_module
+
+    trainer = Trainer(load_config("default", TINY + ['data.path="synthetic"', "run.log_every_steps=2",
+                                                     f'run.output_dir="{tmp_path}"']))
+    with monkeypatch.context() as clock:  # a clock that moves a second per reading
+        ticks = itertools.count()
+        clock.setattr(train_module.time, "perf_counter", lambda: float(next(ticks)))
+        trainer.fit(max_steps=4, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("step ")]
+    total = 4  # where this fit stops
+    assert [line.split(":")[0] for line in lines] == [f"step 2/{total}", f"step 4/{total}"]
+    assert re.fullmatch(rf"step 4/{total}: loss \d+\.\d{{4}}, lr \d\.\d\de-\d\d, \d+ images/s, "
+                        r"\d+:\d\d:\d\d left", lines[1]), lines[1]
+    assert lines[1].endswith(" 0:00:00 left") and not lines[0].endswith(" 0:00:00 left")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    trainer.fit(max_steps=2, progress=True)
+    err = capsys.readouterr().err
+    assert "\r" in err and " 6/6 " in err and not any(
+        line.startswith("step ") for line in err.splitlines())
