@@ -219,9 +219,9 @@ def _knn_features(args) -> dict[str, torch.Tensor] | None:
     options = dict(batch_size=args.batch_size, mode=args.features, num_workers=args.workers,
                    distributed=True, precision=args.precision)
     features = {}
-    for split, images in sets.items():
+    for (split, images), option in zip(sets.items(), ("--train", "--val")):
         features[f"{split}_features"], features[f"{split}_labels"] = extract_features(
-            backbone, images, transform, device, **options)
+            backbone, images, transform, device, progress=f"features of {option}", **options)
     if rank != 0:  # the vote needs no second copy
         return None
     if args.dump_features:

@@ -15,7 +15,6 @@ the run with the step named and the last good checkpoint untouched.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import math
 import os
@@ -54,6 +53,7 @@ from dinofuse.engine.models import (
 )
 from dinofuse.engine.models.vit import PATCH_EMBEDDINGS, RESIDUAL_DTYPES
 from dinofuse.engine.parallel import DeviceValue, parallelize, world
+from dinofuse.engine.progress import Progress
 from dinofuse.engine.run_lock import RunLock
 from dinofuse.engine.schedules import cosine_schedule
 from dinofuse.engine.trainer_checkpoints import TrainerCheckpoints
@@ -551,7 +551,7 @@ class Trainer(TrainerCheckpoints):
         started, last_time, last_step = time.perf_counter(), time.perf_counter(), self.step
         first_step = self.step
         stop_at = self.total_steps if not max_steps else min(self.total_steps, self.step + max_steps)
-        bar = _progress(stop_at, self.step, progress and main)
+        bar = Progress(stop_at, "step ", initial=self.step, unit="step", enabled=progress and main)
         board = _tensorboard(self.out / "tensorboard") if main else None
         deadline = started + 60 * cfg.run.max_minutes if cfg.run.max_minutes else math.inf
         self._clear_stop()  # each fit asks afresh
@@ -566,7 +566,8 @@ class Trainer(TrainerCheckpoints):
                                             / (now - last_time))  # every process's
                         last_time, last_step = now, self.step
                         log_file.write(log.as_dict())
-                        bar.update(self.step, log)
+                        bar.update(self.step, {"loss": f"{log.loss:.4f}", "lr": f"{log.lr:.2e}",
+                                               "images/s": f"{log.images_per_s:.0f}"})
                         if board is not None:
                             for key, value in log.as_dict().items():
                                 if key not in ("step", "epoch"):
@@ -653,41 +654,6 @@ def _tensorboard(path: Path):
     except ImportError:
         return None
     return SummaryWriter(str(path))
-
-
-class _progress:
-    """A one-line progress display with loss, lr and images/s (tqdm) on a terminal; where
-    stderr is a file (a SLURM log, `2> log`), a plain line per logged step instead of a bar
-    redrawn with carriage returns into one endless line."""
-
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.bar, self.lines = None, False
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-            except ImportError:
-                pass
-        self.lines = enabled and self.bar is None
-        self.total, self.first, self.last = total, initial, initial
-        self.started = time.perf_counter()
-
-    def update(self, step: int, log: StepLog) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.last)
-            self.bar.set_postfix(loss=f"{log.loss:.4f}", lr=f"{log.lr:.2e}",
-                                 img_s=f"{log.images_per_s:.0f}")
-        elif self.lines:
-            per_step = (time.perf_counter() - self.started) / max(1, step - self.first)
-            left = datetime.timedelta(seconds=round(per_step * (self.total - step)))
-            print(f"step {step}/{self.total}: loss {log.loss:.4f}, lr {log.lr:.2e}, "
-                  f"{log.images_per_s:.0f} images/s, {left} left", file=sys.stderr, flush=True)
-        self.last = step
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m dinofuse.engine.train [train args]

@@ -52,8 +52,11 @@ def test_knn_attention_maps_and_export(trained, folder, tmp_path, capsys):
                 "--val", str(val), "--k", "3", "5", "--resize-ratio", "1.0"]
 
     assert main([*knn(folder), "--workers", "0"]) == 0
-    in_process = capsys.readouterr().out
+    in_process, progress = capsys.readouterr()
     assert "3-NN: top-1" in in_process
+    n = len(open_images(str(folder)))  # each set's progress: its last line at least
+    assert [line.split(": done in ")[0] for line in progress.splitlines()] == [
+        f"features of --train, image {n}/{n}", f"features of --val, image {n}/{n}"]
     assert main([*knn(folder), "--workers", "2"]) == 0  # decoded in worker processes: the same
     assert capsys.readouterr().out == in_process
     # The queries are the memory, so any model scores well. Under swapped class names each

@@ -17,6 +17,7 @@ from torch import nn
 from dinofuse.dataloading.readers import DataError, WebDatasetShards
 from dinofuse.engine.checkpoint import save_atomic
 from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
+from dinofuse.engine.progress import Progress
 
 # the official eval_knn.py's --dump_features/--load_features files: one bare tensor each
 FEATURE_FILES = {"train_features": "trainfeat.pth", "test_features": "testfeat.pth",
@@ -94,7 +95,8 @@ def comparable_labels(memory, queries, context: str) -> None:
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images, transform, device, batch_size: int = 256,
                      mode: str = "cls", num_workers: int = 0, distributed: bool = False,
-                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+                     precision: str = "fp32",
+                     progress: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features, labels) of a dataset of (PIL image, label).
 
     mode "cls": the CLS token (official). "cls+avgpool": CLS and the mean of the patch
@@ -102,6 +104,8 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size:
     distributed: every rank of the process group (all must call) extracts a share, and
     each gets all the features back, in order (the official eval_knn.py's split).
     precision: the forward's autocast (`forward_precision`).
+    progress: a label to show rank 0's progress under (`Progress`: a line every 30 s in a
+    log); None shows nothing.
     """
     rank, world = rank_and_world() if distributed else (0, 1)
     if len(images) < world:  # a rank with no image would have no features to send
@@ -113,6 +117,9 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     backbone.eval()
     feats, labels = [], []
+    share = " (rank 0's share)" if world > 1 else ""
+    shown = Progress(len(dataset), f"{progress}{share}, image ", unit="image",
+                     enabled=progress is not None and rank == 0, every_s=30.0)
     for x, y in loader:
         with forward_precision(device, precision):
             tokens = backbone.forward_features(x.to(device))
@@ -125,6 +132,8 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size:
             raise ValueError(f"feature mode must be 'cls' or 'cls+avgpool'; got {mode!r}")
         feats.append(f.float())
         labels.append(y.to(device))
+        shown.update(shown.last + len(y))
+    shown.close()
     feats, labels = (gather_dealt(torch.cat(t), len(images), world) for t in (feats, labels))
     return F.normalize(feats, dim=-1), labels
 

@@ -1,0 +1,32 @@
+"""Progress shown where stderr is a file: lines, so often, with the time left."""
+
+import sys
+
+from dinofuse.engine import progress
+from dinofuse.engine.progress import Progress
+
+
+def test_lines_so_often_with_the_time_left_and_the_time_it_took(capsys, monkeypatch):
+    ticks = iter(range(0, 1000, 10))  # a clock that moves 10 s per reading
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(ticks)))
+    shown = Progress(10, "features of --val, image ", unit="image", every_s=30)
+    for done in range(1, 11):  # one reading each: at 10 s, 20 s, ... 100 s
+        shown.update(done)
+    shown.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "features of --val, image 3/10: 0:01:10 left",
+        "features of --val, image 6/10: 0:00:40 left",
+        "features of --val, image 9/10: 0:00:10 left",
+        "features of --val, image 10/10: done in 0:01:40"]
+
+
+def test_nothing_when_disabled_and_a_bar_on_a_terminal(capsys, monkeypatch):
+    shown = Progress(3, "step ", enabled=False)
+    shown.update(3, {"loss": "1.0"})
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    shown = Progress(3, "step ", initial=1, unit="step")
+    shown.update(3, {"loss": "1.0"})
+    shown.close()
+    err = capsys.readouterr().err
+    assert "\r" in err and "3/3" in err and "loss=1.0" in err and "3/3:" not in err
