@@ -110,10 +110,11 @@ def _train(args) -> None:
         print(f"nothing to train: {trainer.last_save()} is at step {trainer.step}, the end of "
               f"its {cfg.optim.epochs} epochs (raise optim.epochs to train on)")
     if cfg.run.knn_after_training:
-        _report_after_training(cfg, trainer, rank, world)
+        _report_after_training(cfg, trainer, rank, world, progress=not args.quiet)
 
 
-def _report_after_training(cfg: Config, trainer: Trainer, rank: int, world: int) -> None:
+def _report_after_training(cfg: Config, trainer: Trainer, rank: int, world: int,
+                           progress: bool) -> None:
     """The k-NN report of the trained teacher, a random network and raw pixels; skipped with
     the reason (the training is done and saved) when there is nothing to compare."""
     from dinofuse.engine.eval.report import format_report, knn_datasets, knn_report
@@ -131,7 +132,8 @@ def _report_after_training(cfg: Config, trainer: Trainer, rank: int, world: int)
     # under torchrun every rank extracts a share of the features, with its own copy of the
     # (otherwise sharded) teacher
     report = knn_report(cfg, trainer.eval_backbone(), random_backbone(cfg, trainer.device),
-                        trainer.device, distributed=world > 1, datasets=datasets)
+                        trainer.device, distributed=world > 1, datasets=datasets,
+                        progress=progress)
     if rank == 0:
         (trainer.out / "knn.json").write_text(json.dumps(report, indent=1) + "\n")
         print(format_report(report, cfg.run.knn_k, cfg.run.knn_temperature))

@@ -29,7 +29,8 @@ class Progress:
         self.lines = enabled and self.bar is None
         self.total, self.label, self.every_s = total, label, every_s
         self.first = self.last = initial
-        self.started = self.said = time.perf_counter()
+        # (the clock is read only for the lines: the training's own readings time its steps)
+        self.started = self.said = time.perf_counter() if self.lines else 0.0
 
     def update(self, done: int, fields: dict[str, str] | None = None) -> None:
         if self.bar is not None:

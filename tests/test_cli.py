@@ -36,6 +36,22 @@ def trained(folder, tmp_path_factory):
     return out
 
 
+def test_the_report_after_training_shows_its_progress(folder, tmp_path, capsys):
+    """Its six extractions (ImageNet's: minutes on a GPU after the last step) are shown,
+    as lines in a log (capsys: stderr is no terminal); --quiet shows none."""
+    overrides = [o for o in TINY if not o.startswith("run.knn_after_training")]
+    args = ["train", "--data", str(folder), f'run.knn_val="{folder}"', "run.knn_k=3", *overrides]
+    assert main([*args, "--output-dir", str(tmp_path / "a")]) == 0
+    n = len(open_images(str(folder)))
+    shown = [line.split(": done in ")[0] for line in capsys.readouterr().err.splitlines()
+             if line.startswith("k-NN of")]
+    assert shown == [f"k-NN of the {row}, {which}, image {n}/{n}"
+                     for row in ("trained teacher", "random init", "raw pixels")
+                     for which in ("memory", "queries")]
+    assert main([*args, "--output-dir", str(tmp_path / "b"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_train_writes_checkpoint_config_log_and_knn(trained):
     assert (trained / "checkpoint.pth").is_file() and (trained / "config.toml").is_file()
     assert any((trained / "tensorboard").glob("events.out.tfevents.*"))

@@ -43,36 +43,43 @@ class _Flatten:
 
 
 def knn_report(cfg: Config, teacher_backbone, random_backbone, device,
-               distributed: bool = False, datasets=None) -> dict:
+               distributed: bool = False, datasets=None, progress: bool = False) -> dict:
     """The three rows' top-1/top-5 on `datasets` (default: `knn_datasets(cfg)`); with
     `distributed`, every rank of the process group extracts a share of the features (all
-    must call, each with a backbone of its own)."""
+    must call, each with a backbone of its own). `progress`: show each extraction's."""
     datasets = datasets if datasets is not None else knn_datasets(cfg)
     if datasets is None:
         return {}
     pixels = eval_transform(cfg.data.global_crop_size, cfg.run.knn_resize_ratio, normalize=False)
-    return {"trained teacher": network_knn(cfg, teacher_backbone, datasets, device, distributed),
-            "random init": network_knn(cfg, random_backbone, datasets, device, distributed),
-            "raw pixels": knn_row(cfg, _Flatten(), pixels, "cls", datasets, device, distributed)}
+    rows = (("trained teacher", teacher_backbone), ("random init", random_backbone))
+    report = {name: network_knn(cfg, backbone, datasets, device, distributed,
+                                progress=f"k-NN of the {name}" if progress else None)
+              for name, backbone in rows}
+    report["raw pixels"] = knn_row(cfg, _Flatten(), pixels, "cls", datasets, device, distributed,
+                                   progress="k-NN of the raw pixels" if progress else None)
+    return report
 
 
 def knn_row(cfg: Config, backbone, transform, mode: str, datasets, device,
-            distributed: bool = False) -> dict:
-    """One network's top-1/top-5 on (memory, queries), with the run's k and temperature."""
-    memory, queries = datasets
-    options = dict(mode=mode, distributed=distributed)
-    train_f, train_y = extract_features(backbone, memory, transform, device, **options)
-    test_f, test_y = extract_features(backbone, queries, transform, device, **options)
-    return knn_classify(train_f, train_y, test_f, test_y, k=cfg.run.knn_k,
-                        temperature=cfg.run.knn_temperature)
+            distributed: bool = False, progress: str | None = None) -> dict:
+    """One network's top-1/top-5 on (memory, queries), with the run's k and temperature;
+    `progress`: the label to show the extractions under (None: nothing shown)."""
+    features = []
+    for images, which in zip(datasets, ("memory", "queries")):
+        features += extract_features(backbone, images, transform, device, mode=mode,
+                                     distributed=distributed,
+                                     progress=progress and f"{progress}, {which}")
+    return knn_classify(*features, k=cfg.run.knn_k, temperature=cfg.run.knn_temperature)
 
 
-def network_knn(cfg: Config, backbone, datasets, device, distributed: bool = False) -> dict:
+def network_knn(cfg: Config, backbone, datasets, device, distributed: bool = False,
+                progress: str | None = None) -> dict:
     """A network's row with the run's crops and features (the teacher's and the random
     network's; alone, what `run.knn_every_epochs` logs while training)."""
     r = cfg.run
     transform = eval_transform(cfg.data.global_crop_size, r.knn_resize_ratio)
-    return knn_row(cfg, backbone, transform, r.knn_features, datasets, device, distributed)
+    return knn_row(cfg, backbone, transform, r.knn_features, datasets, device, distributed,
+                   progress)
 
 
 def format_report(report: dict, k: int, temperature: float) -> str:
