@@ -296,7 +296,7 @@ def _linear(args) -> None:
         f"{' + mean patch token' if settings.avgpool else ''}, {settings.epochs} epochs, "
         f"{'cached features' if settings.cached_features else 'augmented crops'}")
     run = LinearEval(backbone, open_images(args.train, "train"), open_images(args.val, "test"),
-                     settings, device, output_dir=args.output_dir)
+                     settings, device, output_dir=args.output_dir, progress=True)
     if args.evaluate:
         load_linear_weights(run.classifier, args.evaluate)
         say(f"linear ({args.evaluate}): {describe_accuracy(run.evaluate(run.classifier))}")

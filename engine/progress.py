@@ -13,21 +13,23 @@ class Progress:
     """`update(done, fields)` after each unit of work (`done` counted from the start of the
     whole job, `initial` of them before this one). On a terminal the bar moves and shows the
     fields; elsewhere a line "LABEL done/total: fields, T left" is printed, at most every
-    `every_s` seconds (0: at every update), and at the last unit "..., done in T"."""
+    `every_s` seconds (0: at every update), and at the last unit "..., done in T".
+    `leave=False`: the bar goes when done, and no last line is printed (one of many, an
+    epoch's, whose own line follows)."""
 
     def __init__(self, total: int, label: str, *, initial: int = 0, unit: str = "it",
-                 enabled: bool = True, every_s: float = 0.0):
+                 enabled: bool = True, every_s: float = 0.0, leave: bool = True):
         self.bar = None
         if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True,
-                                desc=label.rstrip(" :,") or None)
+                                desc=label.rstrip(" :,") or None, leave=leave)
             except ImportError:
                 pass
         self.lines = enabled and self.bar is None
-        self.total, self.label, self.every_s = total, label, every_s
+        self.total, self.label, self.every_s, self.leave = total, label, every_s, leave
         self.first = self.last = initial
         # (the clock is read only for the lines: the training's own readings time its steps)
         self.started = self.said = time.perf_counter() if self.lines else 0.0
@@ -39,7 +41,7 @@ class Progress:
                 self.bar.set_postfix(fields)
         elif self.lines:
             now = time.perf_counter()
-            if now - self.said >= self.every_s or done >= self.total:
+            if now - self.said >= self.every_s or done >= self.total and self.leave:
                 spent = now - self.started
                 if done >= self.total:
                     when = f"done in {datetime.timedelta(seconds=round(spent))}"

@@ -1480,7 +1480,7 @@ BUGS = [
         'when = f"{datetime.timedelta(seconds=round(per_unit * self.total))} left"',
         ['test_progress.py']),
     Bug('engine/progress.py',
-        'if now - self.said >= self.every_s or done >= self.total:',
+        'if now - self.said >= self.every_s or done >= self.total and self.leave:',
         'if now - self.said >= self.every_s:',
         ['test_progress.py']),
     Bug('engine/progress.py',
@@ -1503,6 +1503,14 @@ BUGS = [
         'self.started = self.said = time.perf_counter() if self.lines else 0.0',
         'self.started = self.said = time.perf_counter()',
         ['test_train.py::test_logged_images_per_second_count_the_steps_since_the_last_log']),
+    Bug('engine/progress.py',
+        'if now - self.said >= self.every_s or done >= self.total and self.leave:',
+        'if now - self.said >= self.every_s or done >= self.total:',
+        ['test_progress.py']),
+    Bug('engine/cli.py',
+        'settings, device, output_dir=args.output_dir, progress=True)',
+        'settings, device, output_dir=args.output_dir)',
+        ['test_cli.py::test_linear_trains_resumes_and_evaluates']),
 ]
 
 

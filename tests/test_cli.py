@@ -405,8 +405,11 @@ def test_linear_trains_resumes_and_evaluates(trained, folder, tmp_path, capsys):
             "--val", str(folder), "--epochs", "2", "--workers", "0", "--resize-ratio", "1.0",
             "--output-dir", str(out)]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    printed, progress = capsys.readouterr()
     assert "CLS of the last 2 block(s), 2 epochs, augmented crops" in printed  # depth 2
+    n = len(open_images(str(folder)))  # the features kept whole are shown (an epoch's, briefer)
+    assert [line.split(": done in ")[0] for line in progress.splitlines()] == [
+        f"linear: features of --val, image {n}/{n}"]
     last = re.findall(r"epoch 2/2: .* top-1 ([0-9.]+)%", printed)
     assert last and f"linear: top-1 {last[0]}% after 2 epochs" in printed
     saved = torch.load(out / "linear.pth", weights_only=True)

@@ -30,3 +30,13 @@ def test_nothing_when_disabled_and_a_bar_on_a_terminal(capsys, monkeypatch):
     shown.close()
     err = capsys.readouterr().err
     assert "\r" in err and "3/3" in err and "loss=1.0" in err and "3/3:" not in err
+
+
+def test_a_bar_that_goes_when_done_leaves_no_last_line(capsys, monkeypatch):
+    """An epoch's progress (linear evaluation): its own line follows, so no "done in"."""
+    ticks = iter(range(0, 1000, 20))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(ticks)))
+    shown = Progress(4, "linear: epoch 1/9, image ", every_s=50, leave=False)
+    for done in range(1, 5):  # at 20, 40, 60 and 80 s
+        shown.update(done)
+    assert capsys.readouterr().err.splitlines() == ["linear: epoch 1/9, image 3/4: 0:00:20 left"]

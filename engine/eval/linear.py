@@ -44,6 +44,7 @@ from dinofuse.engine.eval.knn import (
 )
 from dinofuse.engine.eval.report import eval_transform
 from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
+from dinofuse.engine.progress import Progress
 
 OFFICIAL_PREFIX = "module."  # the official weights were saved from DistributedDataParallel
 
@@ -146,9 +147,9 @@ def epoch_steps(n: int, batch_size: int, seed: int, rank: int = 0, world: int = 
 
 @torch.no_grad()
 def compute_features(backbone, images, transform, cfg: LinearEvalConfig, device,
-                     batches: list | None = None):
+                     batches: list | None = None, progress: Progress | None = None):
     """Yields (features, labels) for each list of dataset indices in `batches` (default: the
-    dataset in order, batch_size at a time)."""
+    dataset in order, batch_size at a time); `progress` is told the images done."""
     if batches is None:
         batches = [range(s, min(s + cfg.batch_size, len(images)))
                    for s in range(0, len(images), cfg.batch_size)]
@@ -158,7 +159,11 @@ def compute_features(backbone, images, transform, cfg: LinearEvalConfig, device,
     for x, y in loader:
         with forward_precision(device, cfg.precision):
             features = linear_features(backbone, x.to(device), cfg.n_last_blocks, cfg.avgpool)
+        if progress is not None:
+            progress.update(progress.last + len(y))
         yield features, y.to(device)
+    if progress is not None:
+        progress.close()
 
 
 def cache(batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,9 +245,11 @@ class LinearEval:
     """
 
     def __init__(self, backbone: nn.Module, train_images, val_images, cfg: LinearEvalConfig,
-                 device, output_dir: str | Path | None = None):
+                 device, output_dir: str | Path | None = None, progress: bool = False):
+        """progress: show rank 0's feature extractions (`Progress`)."""
         self.backbone, self.cfg, self.device = backbone.eval(), cfg, torch.device(device)
         self.rank, self.world = rank_and_world()
+        self.progress = progress and self.rank == 0
         self.train_images = train_images
         self.classes = class_names(train_images, val_images)
         for name, images in (("training", train_images), ("validation", val_images)):
@@ -264,10 +271,20 @@ class LinearEval:
                                                                     eta_min=0)
         self.epoch, self.best_top1, self.picked, self.history = 0, 0.0, 0, []
         self.out = Path(output_dir) if output_dir else None
-        self.val = cache(compute_features(backbone, val_images,  # each rank a share
+        val_batches = self.dealt(len(val_images))  # each rank a share
+        self.val = cache(compute_features(backbone, val_images,
                                           eval_transform(cfg.crop, cfg.resize_ratio), cfg,
-                                          self.device, self.dealt(len(val_images))))
+                                          self.device, val_batches,
+                                          self.shown(val_batches, "features of --val")))
         self._train_cache = None
+
+    def shown(self, batches: list, label: str, leave: bool = True) -> Progress | None:
+        """The progress over these batches' images (a line every 30 s in a log)."""
+        if not self.progress:
+            return None
+        share = " (rank 0's share)" if self.world > 1 else ""
+        return Progress(sum(len(b) for b in batches), f"linear: {label}{share}, image ",
+                        unit="image", every_s=30.0, leave=leave)
 
     def dealt(self, n: int) -> list:
         """This rank's rows (i % world == rank) in batches."""
@@ -289,17 +306,20 @@ class LinearEval:
         if cfg.cached_features:
             if self._train_cache is None:  # every rank holds all: any row may be its share
                 n = len(self.train_images)
+                mine = self.dealt(n)
                 local = cache(compute_features(
                     self.backbone, self.train_images, eval_transform(cfg.crop, cfg.resize_ratio),
-                    cfg, self.device, self.dealt(n)))
+                    cfg, self.device, mine, self.shown(mine, "features of --train")))
                 self._train_cache = tuple(gather_dealt(t, n, self.world) for t in local)
             features, labels = self._train_cache
             steps = [(i.to(labels.device), count) for i, count in steps]
             return ((features[i], labels[i], count) for i, count in steps)
         # the crops' draws, a stream per rank (data workers take their seeds from it)
         torch.manual_seed((cfg.seed + epoch) * self.world + self.rank)
+        mine = [i.tolist() for i, _ in steps]
         batches = compute_features(self.backbone, self.train_images, train_transform(cfg.crop),
-                                   cfg, self.device, [i.tolist() for i, _ in steps])
+                                   cfg, self.device, mine,
+                                   self.shown(mine, f"epoch {epoch + 1}/{cfg.epochs}", leave=False))
         return ((f, y, count) for (f, y), (_, count) in zip(batches, steps))
 
     # -- the loop ------------------------------------------------------------------------
