@@ -54,6 +54,18 @@ class Progress:
                 self.said = now
         self.last = done
 
+    def advance(self, units: int, fields: dict[str, str] | None = None) -> None:
+        self.update(self.last + units, fields)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def extraction_progress(images: int, label: str, world: int, enabled: bool,
+                        leave: bool = True) -> Progress:
+    """A feature extraction's progress over rank 0's share of `images` (a line every 30 s in
+    a log)."""
+    share = " (rank 0's share)" if world > 1 else ""
+    return Progress(images, f"{label}{share}, image ", unit="image", enabled=enabled,
+                    every_s=30.0, leave=leave)

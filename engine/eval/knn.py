@@ -17,7 +17,7 @@ from torch import nn
 from dinofuse.dataloading.readers import DataError, WebDatasetShards
 from dinofuse.engine.checkpoint import save_atomic
 from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
-from dinofuse.engine.progress import Progress
+from dinofuse.engine.progress import extraction_progress
 
 # the official eval_knn.py's --dump_features/--load_features files: one bare tensor each
 FEATURE_FILES = {"train_features": "trainfeat.pth", "test_features": "testfeat.pth",
@@ -117,9 +117,8 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size:
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     backbone.eval()
     feats, labels = [], []
-    share = " (rank 0's share)" if world > 1 else ""
-    shown = Progress(len(dataset), f"{progress}{share}, image ", unit="image",
-                     enabled=progress is not None and rank == 0, every_s=30.0)
+    shown = extraction_progress(len(dataset), progress or "", world,
+                                enabled=progress is not None and rank == 0)
     for x, y in loader:
         with forward_precision(device, precision):
             tokens = backbone.forward_features(x.to(device))
@@ -132,7 +131,7 @@ def extract_features(backbone: nn.Module, images, transform, device, batch_size:
             raise ValueError(f"feature mode must be 'cls' or 'cls+avgpool'; got {mode!r}")
         feats.append(f.float())
         labels.append(y.to(device))
-        shown.update(shown.last + len(y))
+        shown.advance(len(y))
     shown.close()
     feats, labels = (gather_dealt(torch.cat(t), len(images), world) for t in (feats, labels))
     return F.normalize(feats, dim=-1), labels

@@ -44,7 +44,7 @@ from dinofuse.engine.eval.knn import (
 )
 from dinofuse.engine.eval.report import eval_transform
 from dinofuse.engine.eval.shares import dealt_rows, gather_dealt, rank_and_world
-from dinofuse.engine.progress import Progress
+from dinofuse.engine.progress import Progress, extraction_progress
 
 OFFICIAL_PREFIX = "module."  # the official weights were saved from DistributedDataParallel
 
@@ -160,7 +160,7 @@ def compute_features(backbone, images, transform, cfg: LinearEvalConfig, device,
         with forward_precision(device, cfg.precision):
             features = linear_features(backbone, x.to(device), cfg.n_last_blocks, cfg.avgpool)
         if progress is not None:
-            progress.update(progress.last + len(y))
+            progress.advance(len(y))
         yield features, y.to(device)
     if progress is not None:
         progress.close()
@@ -282,9 +282,8 @@ class LinearEval:
         """The progress over these batches' images (a line every 30 s in a log)."""
         if not self.progress:
             return None
-        share = " (rank 0's share)" if self.world > 1 else ""
-        return Progress(sum(len(b) for b in batches), f"linear: {label}{share}, image ",
-                        unit="image", every_s=30.0, leave=leave)
+        return extraction_progress(sum(len(b) for b in batches), f"linear: {label}", self.world,
+                                   enabled=True, leave=leave)
 
     def dealt(self, n: int) -> list:
         """This rank's rows (i % world == rank) in batches."""
