@@ -90,17 +90,19 @@ def check_shards(shards: WebDatasetShards, threads: int, indices=None, decode: b
     return len(indices) - len(bad), bad
 
 
-def check_images(root: str | Path, threads: int = 0) -> tuple[int, list[tuple[Path | str, str]]]:
+def check_images(root: str | Path, threads: int = 0, shards: WebDatasetShards | None = None
+                 ) -> tuple[int, list[tuple[Path | str, str]]]:
     """(number of readable images, [(path, reason)] for the unreadable ones) in a folder, or
-    in WebDataset shards (a .tar, or a folder of them; named shard.tar:member).
+    in WebDataset shards (a .tar, or a folder of them; named shard.tar:member; `shards`:
+    those of `root`, already opened).
 
     Every image is fully decoded, so this reads the whole dataset once. An image in a format
     that PIL reads and DALI does not (GIF, ICO, ...) is listed too: DALI is the default reader.
     """
     threads = threads or os.cpu_count() or 1
-    tars = webdataset_shards(root)
+    tars = webdataset_shards(root) if shards is None else shards.tars
     if tars:
-        shards = WebDatasetShards(tars)
+        shards = shards or WebDatasetShards(tars)
         good, bad = check_shards(shards, threads, formats=DALI_FORMATS)
         return good, [(shards.name(i), why) for i, why in bad]
     root = image_folder(root)
@@ -111,7 +113,7 @@ def check_images(root: str | Path, threads: int = 0) -> tuple[int, list[tuple[Pa
     return good, bad
 
 
-def class_order_note(path: str | Path, window: int = SHUFFLE_BUFFER) -> str | None:
+def class_order_note(shards: WebDatasetShards, window: int = SHUFFLE_BUFFER) -> str | None:
     """A note when labelled WebDataset shards hold their samples class by class, else None.
     DALI's reader shuffles the shards' order and draws samples from a window of the next
     `window` read: shards written from a sorted listing then give batches of few classes
@@ -119,10 +121,6 @@ def class_order_note(path: str | Path, window: int = SHUFFLE_BUFFER) -> str | No
     `window` samples in a row span, against the same labels in a shuffled order."""
     import random
 
-    tars = webdataset_shards(path)
-    if not tars:
-        return None
-    shards = WebDatasetShards(tars)
     if not shards.labelled or len(shards) <= window:
         return None
     labels = shards.labels

@@ -346,12 +346,15 @@ def _export(args) -> None:
 
 def _data_check(args) -> int:
     from dinofuse.dataloading.check import check_images, class_order_note
+    from dinofuse.dataloading.readers import WebDatasetShards, webdataset_shards
 
-    good, bad = check_images(args.dir)
+    tars = webdataset_shards(args.dir)
+    shards = WebDatasetShards(tars) if tars else None  # listed once for both
+    good, bad = check_images(args.dir, shards=shards)
     for path, reason in bad:
         print(f"{path}: {reason}")
     print(f"{good} images readable, {len(bad)} unreadable in {args.dir}")
-    note = class_order_note(args.dir)
+    note = class_order_note(shards) if shards is not None else None
     if note:
         print(note)
     return 1 if bad else 0

@@ -248,7 +248,13 @@ def test_data_check_notes_shards_written_class_by_class(tmp_path, capsys, monkey
                 (f"{i:03d}.jpg", image), *([(f"{i:03d}.cls", str(c).encode())] if labelled else []))])
         return folder
 
+    from dinofuse.dataloading import readers
+
+    walks, walk = [], readers.WebDatasetShards._walk
+    monkeypatch.setattr(readers.WebDatasetShards, "_walk",
+                        staticmethod(lambda tar: walks.append(tar) or walk(tar)))
     assert main(["data", "check", str(shards(tmp_path / "sorted", samples))]) == 0
+    assert len(walks) == 2  # each shard's headers walked once, for the check and the note
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"64 images readable, 0 unreadable in {tmp_path / 'sorted'}"
     assert out.splitlines()[1].startswith(
