@@ -129,6 +129,48 @@ def test_head_names_freeze_and_normalization():
     assert DINOHead(8, 10, norm_last_layer=False).last_layer.weight_g.requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_head_batch_norm_is_torchs_on_one_process(dtype):
+    """Without a process group the head's BatchNorm is nn.BatchNorm1d: outputs, gradients,
+    running statistics, in training and in evaluation."""
+    from dinofuse.engine.models.head import BatchNorm1dAcrossRanks
+
+    torch.manual_seed(0)
+    ours, torchs = BatchNorm1dAcrossRanks(7).to(dtype), torch.nn.BatchNorm1d(7).to(dtype)
+    with torch.no_grad():
+        for m in (ours, torchs):
+            m.weight.copy_(torch.linspace(0.5, 2, 7)), m.bias.copy_(torch.linspace(-1, 1, 7))
+    for step in range(3):
+        x = (torch.randn(9, 7, dtype=dtype) * 3 + step).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        g = torch.randn(9, 7, dtype=dtype)
+        (ours(x) * g).sum().backward()
+        (torchs(x2) * g).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(ours, name).grad, getattr(torchs, name).grad)
+    torch.testing.assert_close(ours.state_dict(), torchs.state_dict())
+    ours.eval(), torchs.eval()
+    x = torch.randn(4, 7, dtype=dtype)
+    torch.testing.assert_close(ours(x), torchs(x))
+
+
+def test_head_batch_norm_runs_with_bf16_parameters_and_float32_statistics():
+    """FSDP2's bf16 parameters leave the buffers in float32: torch's BatchNorm refused the
+    mix ("expected scalar type BFloat16 but found Float"); the statistics are float32."""
+    from dinofuse.engine.models.head import BatchNorm1dAcrossRanks
+
+    torch.manual_seed(0)
+    bn = BatchNorm1dAcrossRanks(6)
+    reference = torch.nn.BatchNorm1d(6)
+    bn.weight.data, bn.bias.data = bn.weight.data.bfloat16(), bn.bias.data.bfloat16()
+    x = torch.randn(10, 6) * 4 + 2
+    y = bn(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(y.float(), reference(x), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(bn.running_var, reference.running_var, rtol=2e-2, atol=1e-2)
+
+
 def test_head_init_is_the_official_one():
     """The MLP: trunc_normal(std 0.02), zero biases. The prototypes, made after that init,
     keep torch's Linear init: uniform in +-1/sqrt(256), std 1/sqrt(3 * 256)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
@@ -30,6 +31,58 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) that gradients flow through: every rank's loss depends on every
+    rank's samples through the sum, so its gradient is the ranks' gradients summed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _ranks() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class BatchNorm1dAcrossRanks(nn.BatchNorm1d):
+    """nn.BatchNorm1d (its parameters and buffers, official names) whose training statistics
+    cover the samples of every rank, as the official code's SyncBatchNorm does under several
+    processes: two ranks equal one process with the global batch. torch's SyncBatchNorm
+    refuses CPU tensors; this runs on both. The normalization is computed in float32, so it
+    also runs where FSDP2 has cast the parameters to bf16 but not the running statistics
+    (in the running statistics' dtype, float32, or the input's when wider)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        dtype = torch.promote_types(x.dtype, self.running_mean.dtype)  # float32 at least
+        xf, weight, bias = x.to(dtype), self.weight.to(dtype), self.bias.to(dtype)
+        if not self.training or _ranks() == 1:
+            if self.training:
+                self.num_batches_tracked.add_(1)
+            return F.batch_norm(xf, self.running_mean, self.running_var, weight, bias,
+                                self.training, self.momentum, self.eps).to(x.dtype)
+        # the mean first, then the spread around it: two small all-reduces, no cancellation
+        sum_and_count = _SumOverRanks.apply(
+            torch.cat([xf.sum(0), xf.new_full((1,), xf.shape[0])]))
+        n = sum_and_count[-1].detach()
+        mean = sum_and_count[:-1] / n
+        var = _SumOverRanks.apply(((xf - mean) ** 2).sum(0)) / n
+        with torch.no_grad():  # torch's update: the unbiased variance, the momentum
+            self.num_batches_tracked.add_(1)
+            unbiased = var * n / (n - 1).clamp(min=1)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        return ((xf - mean) * torch.rsqrt(var + self.eps) * weight + bias).to(x.dtype)
+
+
 class DINOHead(nn.Module):
     """in -> hidden -> ... -> bottleneck (MLP with GELU, optional BN), L2-normalize, -> K.
 
@@ -51,7 +104,7 @@ class DINOHead(nn.Module):
             for d_in, d_out in zip(dims[:-1], dims[1:]):
                 layers.append(nn.Linear(d_in, d_out))
                 if use_bn:
-                    layers.append(nn.BatchNorm1d(d_out))
+                    layers.append(BatchNorm1dAcrossRanks(d_out))
                 layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
