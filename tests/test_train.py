@@ -524,6 +524,15 @@ def test_data_choices_are_checked_whatever_the_input(tmp_path, field, value):
         _synthetic_run(tmp_path, f'data.{field}="{value}"')
 
 
+def test_knn_on_synthetic_crops_says_why_it_cannot_run(tmp_path, image_folder):
+    """Synthetic crops have no images for k-NN's memory: named at the start (it said "image
+    folder not found: synthetic")."""
+    from dinofuse.dataloading.readers import DataError
+
+    with pytest.raises(DataError, match='data.path="synthetic" has none: unset run.knn_val'):
+        _synthetic_run(tmp_path, f'run.knn_val="{image_folder}"', "run.knn_every_epochs=1")
+
+
 def test_fsdp_always_asks_for_a_process_group(tmp_path):
     with pytest.raises(TrainingError, match="needs a process group"):
         _synthetic_run(tmp_path, 'impl.fsdp="always"')

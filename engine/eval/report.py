@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
-from dinofuse.dataloading.readers import fashion_mnist_root, open_images
+from dinofuse.dataloading.readers import DataError, fashion_mnist_root, open_images
 from dinofuse.dataloading.torchvision_multicrop import IMAGENET_MEAN, IMAGENET_STD
 from dinofuse.engine.config import Config
 from dinofuse.engine.eval.knn import comparable_labels, extract_features, knn_classify
@@ -22,6 +22,9 @@ def eval_transform(crop: int, resize_ratio: float, normalize: bool = True):
 def knn_datasets(cfg: Config):
     """(memory, queries) or None when there is no query set to evaluate on; a DataError when
     their labels cannot be compared (a flat, unlabelled training folder, say)."""
+    if cfg.run.knn_val and cfg.data.path == "synthetic":
+        raise DataError("k-NN takes the training images as its memory, and data.path="
+                        "\"synthetic\" has none: unset run.knn_val (or train on images)")
     if cfg.run.knn_val:
         sets = open_images(cfg.data.path, "train"), open_images(cfg.run.knn_val, "test")
     elif fashion_mnist_root(cfg.data.path) is not None:  # its test split holds the queries
