@@ -119,11 +119,18 @@ def strip_prefixes(state: dict, prefixes=OFFICIAL_PREFIXES) -> dict:
     return out
 
 
-def backbone_state(obj: dict, which: str = "teacher") -> dict:
+def backbone_state(obj: dict, which: str = "teacher", source: str | Path = "the checkpoint") -> dict:
     """The ViT weights in an official DINO checkpoint, a dinofuse checkpoint or a bare
-    backbone state dict: `module.`/`backbone.` prefixes stripped, head weights dropped."""
+    backbone state dict: `module.`/`backbone.` prefixes stripped, head weights dropped. A
+    bare state dict holds one network, taken as the teacher (an export's); asking it for the
+    student is an error, where the official loader would silently use what is there."""
     if which in obj and isinstance(obj[which], dict):
         obj = obj[which]
+    elif which == "student" or "student" in obj:
+        held = [k for k in ("teacher", "student") if isinstance(obj.get(k), dict)]
+        raise CheckpointError(f"{source} holds no {which} weights ("
+                              + (f"only the {held[0]}'s" if held else "one bare set of weights,"
+                                 " taken as the teacher's") + f"): drop --which {which}")
     elif "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     state = strip_prefixes(obj)
@@ -163,7 +170,7 @@ def model_config_for(state: dict, checkpoint: dict, arch: str | None = None) -> 
 
 def load_backbone(model: torch.nn.Module, path: str | Path, which: str = "teacher") -> None:
     """Load official or dinofuse weights into our ViT; missing or extra keys are an error."""
-    load_weights(model, backbone_state(load_file(path), which), path)
+    load_weights(model, backbone_state(load_file(path), which, path), path)
 
 
 def load_weights(model: torch.nn.Module, state: dict, source: str | Path) -> None:

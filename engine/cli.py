@@ -167,7 +167,7 @@ def _load_backbone(checkpoint: str, device, arch: str | None = None, which: str 
     weights (official DINO checkpoints, released backbones) get the ViT their shapes describe
     (`model_config_for`), evaluated at the official 224-pixel crop."""
     contents = read_checkpoint(checkpoint, which)
-    weights = backbone_state(contents, which)
+    weights = backbone_state(contents, which, checkpoint)
     if "config" in contents:
         cfg = config_from_toml(contents["config"])
     else:
@@ -331,7 +331,7 @@ def _attention_maps(args) -> None:
 
 def _export(args) -> None:
     contents = read_checkpoint(args.checkpoint, args.which)
-    state = backbone_state(contents, args.which)
+    state = backbone_state(contents, args.which, args.checkpoint)
     config = contents.get("config")
     out = export_backbone(state, args.out, weights_config(config) if isinstance(config, str) else None)
     print(f"wrote {out} ({len(state)} tensors)")

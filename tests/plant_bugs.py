@@ -1536,6 +1536,14 @@ BUGS = [
         'var = _SumOverRanks.apply(((xf - mean) ** 2).sum(0)) / n',
         'var = ((xf - mean) ** 2).mean(0)',
         ['test_distributed.py::test_two_processes']),
+    Bug('engine/checkpoint.py',
+        '    elif which == "student" or "student" in obj:',
+        '    elif "student" in obj:',
+        ['test_cli.py::test_official_weights_evaluate_without_a_dinofuse_config']),
+    Bug('engine/eval/report.py',
+        'if cfg.run.knn_val and cfg.data.path == "synthetic":',
+        'if False:',
+        ['test_train.py::test_knn_on_synthetic_crops_says_why_it_cannot_run']),
 ]
 
 

@@ -355,6 +355,11 @@ def test_official_weights_evaluate_without_a_dinofuse_config(folder, tmp_path, c
     for name, which, _ in cases:
         assert main(["knn", "--checkpoint", str(tmp_path / name), "--which", which, *knn]) == 0
         assert "3-NN: top-1" in capsys.readouterr().out
+    # one bare set of weights has no student: refused (it was evaluated as if it were)
+    for name in ("dino_tiny_pretrain.pth", "teacher.safetensors"):
+        assert main(["knn", "--checkpoint", str(tmp_path / name), "--which", "student", *knn]) == 2
+        assert (f"{tmp_path / name} holds no student weights (one bare set of weights, taken "
+                "as the teacher's): drop --which student") in capsys.readouterr().err
     assert main(["attention-maps", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--image",
                  str(folder / "c0" / "0.png"), "--output-dir", str(tmp_path / "maps"),  # as train's
                  "--size", "32"]) == 0
