@@ -627,8 +627,10 @@ class Trainer(TrainerCheckpoints):
         if board is not None:
             board.add_scalar("eval/knn_top1", acc["top1"], self.step)
             board.add_scalar("eval/knn_top5", acc["top5"], self.step)
-        print(f"epoch {epoch}: k-NN (k={r.knn_k}) of the teacher: top-1 {acc['top1']:.2f}%, "
-              f"top-5 {acc['top5']:.2f}%", file=sys.stderr, flush=True)
+        # `epoch` counts the epochs done (log.jsonl's epoch of the steps before is one less)
+        print(f"after epoch {epoch} of {self.cfg.optim.epochs} (step {self.step}): k-NN "
+              f"(k={r.knn_k}) of the teacher: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%",
+              file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -877,7 +877,7 @@ def test_resume_with_another_global_batch_keeps_the_epoch_and_its_fraction(
 
 
 def test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was(image_folder, tmp_path,
-                                                                          reference_path):
+                                                                          reference_path, capsys):
     """run.knn_every_epochs=1: a k-NN of the teacher at each epoch's end, in knn_log.jsonl
     (the last one is the teacher after training); the losses are those of a run without it
     (the evaluation leaves the random generators and the teacher's mode as they were)."""
@@ -903,6 +903,8 @@ def test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was(image_f
     assert trainer.teacher.backbone.training
     records = [json.loads(line) for line in (trainer.out / "knn_log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["epoch"]) for r in records] == [(10, 1), (20, 2)]
+    said = capsys.readouterr().err  # the epochs done, as the record (it said "epoch 1")
+    assert "after epoch 1 of 2 (step 10): k-NN (k=5) of the teacher: top-1" in said
     last = network_knn(cfg, trainer.teacher.backbone, knn_datasets(cfg), "cpu")
     assert (records[-1]["knn_top1"], records[-1]["knn_top5"]) == (last["top1"], last["top5"])
     assert 0 < records[-1]["knn_top1"] < 100
