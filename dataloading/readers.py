@@ -376,8 +376,8 @@ class WebDatasetShards:
         return decode_rgb(io.BytesIO(self.read(i)), self.name(i)), self.label(i)
 
 
-def patch_shard(shards: WebDatasetShards, tar: str, bad: set[int], folder: Path) -> str:
-    """A copy of shard `tar` in `folder` in which the image of each of its samples in `bad`
+def patch_shard(shards: WebDatasetShards, tar: str, bad: set[int], out: Path) -> str:
+    """A copy `out` of shard `tar` in which the image of each of its samples in `bad`
     (indices into `shards`) holds the bytes of the nearest readable image of the shard (of
     any shard, when none is left in it). Member names and order stay, so a reader sees the
     same samples. Written to a temporary name, then renamed; returns the copy's path."""
@@ -390,8 +390,7 @@ def patch_shard(shards: WebDatasetShards, tar: str, bad: set[int], folder: Path)
         if i in bad:  # the last readable one before it, else the first after it
             near = max((g for g in good if g < i), default=good[0])
             replacement[shards.samples[i][1]] = shards.read(near)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / Path(tar).name
+    out.parent.mkdir(parents=True, exist_ok=True)
     with renamed_into_place(out) as tmp, tarfile.open(tar) as source, tarfile.open(tmp, "w") as copy:
         for member in source:
             data = replacement.get(member.name) if member.isfile() else None

@@ -400,23 +400,47 @@ class TrainingInput:
     def _patched_shards(self, bad: list[tuple[int, str]], save: bool) -> list[str]:
         """The shards with each bad sample's image (and every one patched before) replaced
         by a readable image of the same shard: copies of the affected shards under
-        OUTPUT_DIR/patched_shards/rank<r>/ (the data itself is never written), the rest as
-        they are. Member names stay, so DALI sees the same samples in the same order."""
-        from dinofuse.dataloading.readers import patch_shard
-
+        OUTPUT_DIR/patched_shards/ (the data itself is never written), the rest as they are.
+        Member names stay, so DALI sees the same samples in the same order. The start's
+        screen finds the same images on every rank: rank 0 writes one copy for all
+        (screened/); a rank that meets a bad image later patches alone (rank<r>/round<k>/)."""
         if bad:
             self._stop_or_report([(self.shards.name(i), why) for i, why in bad], save)
             self.patched.update(i for i, _ in bad)
         if not self.patched:
             return list(self.shards.tars)
+        patched = Path(self.cfg.run.output_dir) / "patched_shards"
+        if not save:
+            return self._from_rank_zero(lambda: self._patch(patched / "screened"))
         # a new folder each time: DALI keeps a file it read mapped by its path, so a copy
         # written over an earlier one's path would still be read as the earlier one
         self.patch_rounds += 1
-        folder = (Path(self.cfg.run.output_dir) / "patched_shards" / f"rank{self.rank}"
-                  / f"round{self.patch_rounds}")
+        return self._patch(patched / f"rank{self.rank}" / f"round{self.patch_rounds}")
+
+    def _patch(self, folder: Path) -> list[str]:
+        from dinofuse.dataloading.readers import patch_shard
+
         affected = {self.shards.samples[i][0] for i in self.patched}
-        return [patch_shard(self.shards, tar, self.patched, folder) if tar in affected
-                else tar for tar in self.shards.tars]
+        # each copy named after its place in the list too: shards of several folders may
+        # share a file name
+        return [patch_shard(self.shards, tar, self.patched, folder / f"{k:06d}-{Path(tar).name}")
+                if tar in affected else tar for k, tar in enumerate(self.shards.tars)]
+
+    def _from_rank_zero(self, work: Callable[[], list[str]]) -> list[str]:
+        """work()'s result on every rank, done by rank 0 alone; its failure is every rank's
+        (the others must not wait in a collective for a result that never comes)."""
+        if not (self.world > 1 and dist.is_available() and dist.is_initialized()):
+            return work()
+        box: list = [None, None]
+        if self.rank == 0:
+            try:
+                box[1] = work()
+            except (DataError, OSError) as e:
+                box[0] = f"rank 0: {e}"
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise DataError(box[0])
+        return box[1]
 
     def _recover_from_decode_error(self, error: RuntimeError) -> None:
         """Stop naming the image DALI failed on (data.skip_bad_images=false), or put a

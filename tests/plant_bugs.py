@@ -1544,6 +1544,22 @@ BUGS = [
         'if cfg.run.knn_val and cfg.data.path == "synthetic":',
         'if False:',
         ['test_train.py::test_knn_on_synthetic_crops_says_why_it_cannot_run']),
+    Bug('engine/inputs.py',
+        '        if not save:\n            return self._from_rank_zero(lambda: self._patch(patched / "screened"))\n',
+        '',
+        ['test_distributed.py::test_the_screens_patched_shards_are_written_once_for_all_ranks']),
+    Bug('engine/inputs.py',
+        'folder / f"{k:06d}-{Path(tar).name}"',
+        'folder / Path(tar).name',
+        ['test_distributed.py::test_the_screens_patched_shards_are_written_once_for_all_ranks']),
+    Bug('engine/inputs.py',
+        '                box[0] = f"rank 0: {e}"',
+        '                raise',
+        ['test_distributed.py::test_two_processes']),
+    Bug('engine/train.py',
+        'print(f"after epoch {epoch} of {self.cfg.optim.epochs} (step {self.step}): k-NN "',
+        'print(f"epoch {epoch} of {self.cfg.optim.epochs} (step {self.step}): k-NN "',
+        ['test_train.py::test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was']),
 ]
 
 

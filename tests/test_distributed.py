@@ -149,9 +149,30 @@ def _head_batch_norm_across_ranks(rank):
     torch.testing.assert_close(y.float(), reference(x)[mine], rtol=3e-2, atol=3e-2)
 
 
+def _work_of_rank_zero(rank):
+    """What rank 0 alone does (the screen's patched shards) reaches every rank, and so does
+    its failure: the others do not wait in a collective for a result that never comes."""
+    from types import SimpleNamespace
+
+    from dinofuse.dataloading.readers import DataError
+    from dinofuse.engine.inputs import TrainingInput
+
+    me = SimpleNamespace(rank=rank, world=WORLD)
+    calls = []
+    result = TrainingInput._from_rank_zero(me, lambda: calls.append(rank) or [f"by {rank}"])
+    assert result == ["by 0"] and calls == ([0] if rank == 0 else [])
+
+    def full_disk():
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(DataError, match="^rank 0: .*No space left on device"):
+        TrainingInput._from_rank_zero(me, full_disk)
+
+
 @pytest.mark.parametrize("fn", [_center_all_reduce, _ema_on_fsdp2_shards,
-                                _head_batch_norm_across_ranks],
-                         ids=["center_all_reduce", "ema_fsdp2_shards", "head_batch_norm"])
+                                _head_batch_norm_across_ranks, _work_of_rank_zero],
+                         ids=["center_all_reduce", "ema_fsdp2_shards", "head_batch_norm",
+                              "work_of_rank_zero"])
 def test_two_processes(fn):
     _spawn(fn, interpret=True)
 
@@ -827,6 +848,36 @@ def test_every_rank_skips_the_bad_headers_found_by_any_rank(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("skipping undecodable image") == 1, done.stderr[-3000:]
     assert "07b.jpg" in done.stderr
+
+
+def test_the_screens_patched_shards_are_written_once_for_all_ranks(tmp_path):
+    """Every rank's screen finds the same bad image: rank 0 alone writes the patched copy
+    (each rank wrote its own before), the others read it. Two shards of one file name in two
+    folders get copies of their own (they were both written to one path, and one shard's
+    samples were read twice, the other's never)."""
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.dataloading.readers import WebDatasetShards
+    from test_readers import write_shard
+    from test_train import TINY, images_with_a_bad_one
+
+    images = images_with_a_bad_one(tmp_path, "header")  # 7 readable, the last one not
+    for folder, members in (("a", images[:3] + images[-1:]), ("b", images[3:])):
+        (tmp_path / folder).mkdir()
+        write_shard(tmp_path / folder / "train.tar", members)
+    overrides = [o for o in TINY if not o.startswith("data.backend")]
+    done = _torchrun(["train", "--data", str(tmp_path / "{a,b}" / "train.tar"), "--output-dir",
+                      str(tmp_path / "run"), "--quiet", *overrides, 'data.backend="dali"',
+                      "data.num_workers=1", "data.skip_bad_images=true",
+                      "optim.batch_size_per_device=2", "--max-steps", "2"], check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    patched = tmp_path / "run" / "patched_shards"
+    assert sorted(str(p.relative_to(patched)) for p in patched.rglob("*.tar")) == [
+        "screened/000000-train.tar", "screened/000001-train.tar"]
+    for k, folder in enumerate("ab"):
+        copy = WebDatasetShards([str(patched / "screened" / f"{k:06d}-train.tar")])
+        original = WebDatasetShards([str(tmp_path / folder / "train.tar")])
+        assert [copy.name(i).split(":")[1] for i in range(len(copy))] == [
+            original.name(i).split(":")[1] for i in range(len(original))]
 
 
 def test_knn_and_linear_commands_under_torchrun_give_one_process_figures(tmp_path, capsys):

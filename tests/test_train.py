@@ -648,8 +648,9 @@ def test_a_bad_image_in_webdataset_shards_is_named_and_patched_or_stops_the_run(
         tmp_path, kind, skip, capsys):
     """The same in shards, named shard.tar:member. The shard cannot lose a sample (DALI's
     reader would shift every later one), so skipping reads a patched copy of the shard
-    (OUTPUT_DIR/patched_shards/rank0/round1/) where the bad member holds a readable neighbour's
-    bytes; the shard itself is never written."""
+    (OUTPUT_DIR/patched_shards/: screened/ for what the start's screen finds, rank0/round1/
+    for what DALI meets) where the bad member holds a readable neighbour's bytes; the shard
+    itself is never written."""
     pytest.importorskip("nvidia.dali")
     from dinofuse.dataloading.readers import WebDatasetShards
     from test_readers import write_shard
@@ -671,7 +672,8 @@ def test_a_bad_image_in_webdataset_shards_is_named_and_patched_or_stops_the_run(
     logs = trainer.fit(progress=False)
     assert len(logs) == trainer.total_steps == 2 * 2
     assert "skipping undecodable image " + str(shards / "b.tar:broken.jpg") in capsys.readouterr().err
-    patched = tmp_path / "run" / "patched_shards" / "rank0" / "round1" / "b.tar"
+    found_by = "rank0/round1" if kind == "body" else "screened"  # a body: by DALI alone
+    patched = tmp_path / "run" / "patched_shards" / found_by / "000001-b.tar"
     assert Path(bad_shard).read_bytes() == before
     copy = WebDatasetShards([str(patched)])
     assert [copy.name(i).split(":")[1] for i in range(len(copy))] == [n for n, _ in images[4:]]
@@ -723,10 +725,11 @@ def test_dalis_named_image_is_skipped_without_decoding_everything_again(tmp_path
 
     images = images_with_a_bad_one(tmp_path, "body")  # 7 good, then a body cut short
     header_bad = ("header.jpg", BAD_IMAGES["header"](images[0][1]))
+    body_bad = ("broken2.jpg", BAD_IMAGES["body"](images[1][1]))  # DALI's second failure
     shards = tmp_path / "shards"
     shards.mkdir()
     write_shard(shards / "a.tar", images[:4])
-    write_shard(shards / "b.tar", [images[4], header_bad, images[5], images[7]])
+    write_shard(shards / "b.tar", [images[4], header_bad, images[5], images[7], body_bad])
     full_decodes = []
     real = check.image_problem
     monkeypatch.setattr(check, "image_problem", lambda source, decode=True, formats=None: (
@@ -735,14 +738,14 @@ def test_dalis_named_image_is_skipped_without_decoding_everything_again(tmp_path
     logs = trainer.fit(progress=False)
     assert len(logs) == trainer.total_steps == 2 * 2
     err = capsys.readouterr().err
-    for name in ("header.jpg (", "broken.jpg ("):
+    for name in ("header.jpg (", "broken.jpg (", "broken2.jpg ("):
         assert err.count(f"b.tar:{name}") == 1
-    assert sum(full_decodes) == 1  # the named image alone, for PIL's reason
-    # patched twice (the screen, then DALI): a new copy each time, since DALI keeps the
-    # earlier one mapped by its path
+    assert sum(full_decodes) == 2  # the named images alone, for PIL's reason
+    # patched three times (the screen, then DALI twice): a new copy each time, since DALI
+    # keeps the earlier one mapped by its path
     copy = WebDatasetShards([str(tmp_path / "run" / "patched_shards" / "rank0" / "round2" /
-                                 "b.tar")])
-    assert [copy.read(i) for i in range(4)] == [images[4][1]] * 2 + [images[5][1]] * 2
+                                 "000001-b.tar")])
+    assert [copy.read(i) for i in range(5)] == [images[4][1]] * 2 + [images[5][1]] * 3
 
 
 def test_the_time_limit_stops_at_an_agreed_step_with_a_checkpoint(image_folder, tmp_path,
