@@ -367,6 +367,10 @@ def run(args, on_row=None) -> dict:
 
     from dinofuse.engine.parallel import init_distributed
 
+    if args.batch == "max" and args.max_batch_limit < args.max_batch_start:
+        raise SystemExit(f"--batch max: --max-batch-limit {args.max_batch_limit} is below "
+                         f"--max-batch-start {args.max_batch_start}, so no batch would be "
+                         "tried")  # it said "not even batch 64 fits"
     device = _device(args)
     peak = matmul_peak_tflops(device)
     print(f"matmul peak: {peak['tflops']:.1f} TFLOP/s ({peak['dtype']}, {peak['size']}^3)", flush=True)

@@ -1560,6 +1560,10 @@ BUGS = [
         'print(f"after epoch {epoch} of {self.cfg.optim.epochs} (step {self.step}): k-NN "',
         'print(f"epoch {epoch} of {self.cfg.optim.epochs} (step {self.step}): k-NN "',
         ['test_train.py::test_knn_every_epochs_logs_the_teacher_and_leaves_training_as_it_was']),
+    Bug('bench/train.py',
+        'if args.batch == "max" and args.max_batch_limit < args.max_batch_start:',
+        'if False:',
+        ['test_bench_train.py::test_a_batch_search_that_would_try_nothing_is_named']),
 ]
 
 

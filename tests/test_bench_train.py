@@ -259,6 +259,14 @@ def test_bad_checkpointing_argument_is_named():
         variants(build_parser().parse_args(["--device", "cpu", "--checkpointing", "half"]))
 
 
+def test_a_batch_search_that_would_try_nothing_is_named():
+    from dinofuse.bench.train import build_parser, run
+
+    args = build_parser().parse_args(["--device", "cpu", "--batch", "max", "--max-batch-limit", "16"])
+    with pytest.raises(SystemExit, match="--max-batch-limit 16 is below --max-batch-start 64"):
+        run(args)
+
+
 def test_the_cuda_graph_rows_join_the_ablation_on_a_gpu():
     from dinofuse.bench.train import build_parser, variants
 
