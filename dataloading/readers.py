@@ -390,15 +390,19 @@ def patch_shard(shards: WebDatasetShards, tar: str, bad: set[int], out: Path) ->
         if i in bad:  # the last readable one before it, else the first after it
             near = max((g for g in good if g < i), default=good[0])
             replacement[shards.samples[i][1]] = shards.read(near)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with renamed_into_place(out) as tmp, tarfile.open(tar) as source, tarfile.open(tmp, "w") as copy:
-        for member in source:
-            data = replacement.get(member.name) if member.isfile() else None
-            if data is None:
-                copy.addfile(member, source.extractfile(member) if member.isfile() else None)
-            else:
-                member.size = len(data)
-                copy.addfile(member, io.BytesIO(data))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with renamed_into_place(out) as tmp, tarfile.open(tar) as source, \
+                tarfile.open(tmp, "w") as copy:
+            for member in source:
+                data = replacement.get(member.name) if member.isfile() else None
+                if data is None:
+                    copy.addfile(member, source.extractfile(member) if member.isfile() else None)
+                else:
+                    member.size = len(data)
+                    copy.addfile(member, io.BytesIO(data))
+    except (OSError, tarfile.TarError) as e:  # a full disk, say: one line naming the copy
+        raise DataError(f"cannot make {out}, the patched copy of {tar}: {e}") from None
     return str(out)
 
 

@@ -37,6 +37,7 @@ from dinofuse.dataloading.tensor_multicrop import TensorMultiCrop
 from dinofuse.dataloading.torchvision_multicrop import MultiCropAugmentation, SeededMultiCrop
 from dinofuse.engine.config import Config
 from dinofuse.engine.errors import TrainingError
+from dinofuse.engine.parallel import from_rank_zero
 
 BACKENDS = ("auto", "torchvision", "dali", "tensor")
 DALI_ONLY = "DALI cannot decode it; PIL can"  # the reason for an image only DALI fails on
@@ -411,7 +412,7 @@ class TrainingInput:
             return list(self.shards.tars)
         patched = Path(self.cfg.run.output_dir) / "patched_shards"
         if not save:
-            return self._from_rank_zero(lambda: self._patch(patched / "screened"))
+            return from_rank_zero(lambda: self._patch(patched / "screened"), (DataError,))
         # a new folder each time: DALI keeps a file it read mapped by its path, so a copy
         # written over an earlier one's path would still be read as the earlier one
         self.patch_rounds += 1
@@ -425,22 +426,6 @@ class TrainingInput:
         # share a file name
         return [patch_shard(self.shards, tar, self.patched, folder / f"{k:06d}-{Path(tar).name}")
                 if tar in affected else tar for k, tar in enumerate(self.shards.tars)]
-
-    def _from_rank_zero(self, work: Callable[[], list[str]]) -> list[str]:
-        """work()'s result on every rank, done by rank 0 alone; its failure is every rank's
-        (the others must not wait in a collective for a result that never comes)."""
-        if not (self.world > 1 and dist.is_available() and dist.is_initialized()):
-            return work()
-        box: list = [None, None]
-        if self.rank == 0:
-            try:
-                box[1] = work()
-            except (DataError, OSError) as e:
-                box[0] = f"rank 0: {e}"
-        dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise DataError(box[0])
-        return box[1]
 
     def _recover_from_decode_error(self, error: RuntimeError) -> None:
         """Stop naming the image DALI failed on (data.skip_bad_images=false), or put a

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
 
 
 def init_distributed(timeout_s: float = 600.0, force: bool = False) -> tuple[int, int]:
@@ -57,6 +61,26 @@ def use_training_threads(trainer) -> None:
 
 def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def from_rank_zero(work: Callable[[], T], failures: tuple[type[Exception], ...]) -> T:
+    """work()'s result on every rank of the process group, done by rank 0 alone (one write
+    to the shared output folder). A failure of the `failures` types there is raised on
+    every rank, as the same type with the same words: the others must not wait in their
+    next collective, until its timeout, for a rank that has stopped."""
+    if not dist.is_initialized():
+        return work()
+    box: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[1] = work()
+        except failures as e:
+            box[0] = (type(e), str(e))
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        kind, words = box[0]
+        raise kind(words)
+    return box[1]
 
 
 def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None,

@@ -38,6 +38,7 @@ from dinofuse.engine.checkpoint import (
 )
 from dinofuse.engine.config import config_from_toml, config_to_toml
 from dinofuse.engine.errors import TrainingError
+from dinofuse.engine.parallel import from_rank_zero
 
 
 # the run's folder itself, which a resume reads from wherever it was moved
@@ -120,18 +121,8 @@ class TrainerCheckpoints:
             return self._save_sharded()
         path = self.out / "checkpoint.pth"
         state = self.state()  # a collective under FSDP: every rank takes part
-        error = None
-        if self.rank == 0:
-            try:
-                save_atomic(state, path)
-            except CheckpointError as e:
-                error = str(e)
-        if dist.is_initialized():  # on disk before anyone goes on, and a failed write stops
-            box = [error]  # every rank now, not the others at the next collective's timeout
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error is not None:
-            raise CheckpointError(error)
+        # on disk before anyone goes on, and a failed write stops every rank now
+        from_rank_zero(lambda: save_atomic(state, path), (CheckpointError,))
         return path
 
     def _save_sharded(self) -> Path:

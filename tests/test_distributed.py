@@ -150,23 +150,21 @@ def _head_batch_norm_across_ranks(rank):
 
 
 def _work_of_rank_zero(rank):
-    """What rank 0 alone does (the screen's patched shards) reaches every rank, and so does
-    its failure: the others do not wait in a collective for a result that never comes."""
-    from types import SimpleNamespace
-
+    """What rank 0 alone does (a checkpoint file, the screen's patched shards) reaches every
+    rank, and so does its failure, as the same error: the others do not wait in a
+    collective for a result that never comes."""
     from dinofuse.dataloading.readers import DataError
-    from dinofuse.engine.inputs import TrainingInput
+    from dinofuse.engine.parallel import from_rank_zero
 
-    me = SimpleNamespace(rank=rank, world=WORLD)
     calls = []
-    result = TrainingInput._from_rank_zero(me, lambda: calls.append(rank) or [f"by {rank}"])
-    assert result == ["by 0"] and calls == ([0] if rank == 0 else [])
+    assert from_rank_zero(lambda: calls.append(rank) or [f"by {rank}"], (DataError,)) == ["by 0"]
+    assert calls == ([0] if rank == 0 else [])
 
     def full_disk():
-        raise OSError(28, "No space left on device")
+        raise DataError("cannot make x.tar: [Errno 28] No space left on device")
 
-    with pytest.raises(DataError, match="^rank 0: .*No space left on device"):
-        TrainingInput._from_rank_zero(me, full_disk)
+    with pytest.raises(DataError, match=r"^cannot make x\.tar: \[Errno 28\] No space left"):
+        from_rank_zero(full_disk, (DataError,))
 
 
 @pytest.mark.parametrize("fn", [_center_all_reduce, _ema_on_fsdp2_shards,

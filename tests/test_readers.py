@@ -308,3 +308,16 @@ def test_sixteen_bit_grayscale_is_scaled_to_eight_bits_not_clipped():
     eight = encoded(2, "PNG")
     assert np.array_equal(np.asarray(decode_rgb(io.BytesIO(eight), "y.png")),
                           np.asarray(Image.open(io.BytesIO(eight)).convert("RGB")))
+
+
+def test_a_patched_shard_copy_that_cannot_be_made_is_named(tmp_path):
+    """A full disk or a bad folder while copying a shard: one line naming the copy (it was
+    a traceback, under torchrun on rank 0 alone)."""
+    from dinofuse.dataloading.readers import DataError, WebDatasetShards, patch_shard
+
+    tar = write_shard(tmp_path / "a.tar", [("x.jpg", encoded(0)), ("y.jpg", encoded(1))])
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(DataError, match=r"^cannot make .*not-a-folder/a\.tar, the patched copy "
+                                        r"of .*a\.tar: "):
+        patch_shard(WebDatasetShards([tar]), tar, {0}, blocker / "a.tar")
