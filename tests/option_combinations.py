@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,15 @@ SEVERAL = {"impl.reshard_after_forward": ["true", "false"],
            "impl.reduce_dtype": ['"fp32"', '"bf16"'], "run.async_checkpoint": ["true", "false"]}
 
 
+def what_went_wrong(output: str) -> str:
+    """The lines that say it (an error line, an abort, a rank's exit code; torchrun's own
+    summary is long), then the last few."""
+    lines = output.splitlines()
+    said = [line for line in lines
+            if re.search(r"error|terminate called|Traceback|exitcode|Signal \d+", line, re.I)]
+    return "\n".join(said[:20] + ["..."] + lines[-8:])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("seed", type=int)
@@ -87,7 +97,7 @@ def main() -> int:
             print(json.dumps({"run": run, "ok": done.returncode == 0, "choices": picked}), flush=True)
             if done.returncode:
                 failed += 1
-                print((done.stderr + done.stdout)[-1200:], flush=True)
+                print(what_went_wrong(done.stderr + done.stdout), flush=True)
     print(f"{failed} of {args.runs} runs failed")
     return 1 if failed else 0
 
