@@ -211,8 +211,9 @@ class TrainingInput:
         60000 x 28 x 28 is 47 MB), cut into crops there batch by batch."""
         pixels = getattr(images, "pixels", None)
         if pixels is None:
+            held = "WebDataset shards" if isinstance(images, WebDatasetShards) else "image files"
             raise ValueError(f"data.backend=\"tensor\" needs a dataset held in memory "
-                             f"(Fashion-MNIST's IDX files); {self.cfg.data.path} is image files: "
+                             f"(Fashion-MNIST's IDX files); {self.cfg.data.path} holds {held}: "
                              "use data.backend=\"dali\" or \"torchvision\"")
         self.pixels = torch.from_numpy(pixels().copy()).to(self.device)
         self.labels = torch.from_numpy(images.labels).to(self.device)

@@ -369,8 +369,13 @@ def test_tensor_backend_ranks_together_cut_the_global_batch(idx_folder, tmp_path
 
 
 def test_tensor_backend_needs_images_in_memory(image_folder, tmp_path):
-    with pytest.raises(ValueError, match="held in memory.*image files"):
+    from test_readers import encoded, write_shard
+
+    with pytest.raises(ValueError, match="held in memory.*holds image files: use"):
         Trainer(make_cfg(image_folder, tmp_path, 'data.backend="tensor"'))
+    shard = write_shard(tmp_path / "a.tar", [(f"{i}.jpg", encoded(i)) for i in range(8)])
+    with pytest.raises(ValueError, match="held in memory.*a.tar holds WebDataset shards: use"):
+        Trainer(make_cfg(shard, tmp_path / "shard", 'data.backend="tensor"'))
 
 
 def test_auto_backend_is_tensor_for_idx_files_with_no_data_workers(idx_folder, tmp_path):
