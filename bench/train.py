@@ -25,6 +25,7 @@ import gc
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -192,6 +193,7 @@ def run_variant(args, variant: Variant, batch: int, peak_tflops: float, *,
             row.attention = resolve_attention(cfg.model.attention, device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            _say_if_epochs_end_inside(trainer, warmup + steps + PROFILE_STEPS * profile)
             batches = _endless(trainer)
             t0 = time.perf_counter()
             for _ in range(warmup):
@@ -251,6 +253,18 @@ def time_steps(trainer, batches, steps: int, device: torch.device) -> tuple[list
     return times, wall_s
 
 
+def _say_if_epochs_end_inside(trainer, steps: int) -> None:
+    """The trainer builds DALI's graph anew at each epoch's start (exact resumes): a folder
+    with fewer steps per epoch than the run times those builds too, not the steady state."""
+    per_epoch = trainer.iters_per_epoch
+    if trainer.input.backend == "dali" and per_epoch < steps:
+        batch = trainer.cfg.optim.batch_size_per_device
+        print(f"bench: {trainer.cfg.data.path} gives {per_epoch} steps per epoch at batch {batch}, "
+              f"fewer than the {steps} run: the timing includes building DALI's graph for each "
+              f"new epoch; {steps * batch} images or more time the steady state",
+              file=sys.stderr, flush=True)
+
+
 def _endless(trainer):
     """Crops of successive batches (the trainer's own loader, epoch after epoch)."""
     epoch = 0
@@ -260,7 +274,10 @@ def _endless(trainer):
         epoch += 1
 
 
-def profile_steps(trainer, batches, device, steps: int = 3, top: int = 15) -> list[dict]:
+PROFILE_STEPS = 3
+
+
+def profile_steps(trainer, batches, device, steps: int = PROFILE_STEPS, top: int = 15) -> list[dict]:
     """Where a step's time goes: the top kernels (GPU) or operators (CPU) by self time."""
     from torch.profiler import ProfilerActivity, profile
 

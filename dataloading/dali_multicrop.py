@@ -198,7 +198,8 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
                    batch_size: int, device_id: int | None = None, num_threads: int = 2,
                    seed: int = 0, shard_id: int = 0, num_shards: int = 1,
                    tars: Sequence[str] = (), hw_decoder_load: float | None = None,
-                   fancy_upsampling: bool = True, shuffle_buffer: int = SHUFFLE_BUFFER):
+                   fancy_upsampling: bool = True, shuffle_buffer: int = SHUFFLE_BUFFER,
+                   shuffle_each_epoch: bool = True):
     """A DALI pipeline yielding (crop_0, ..., crop_{2+N-1}, labels) per batch.
 
     Images come from `files` (with `labels`) or, when `tars` is given, from WebDataset
@@ -211,6 +212,9 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
     `hw_decoder_load`: on a GPU, the share of JPEGs given to its hardware decoder (A100,
     H100), the rest to nvJPEG's CUDA decoder; None keeps DALI's default (0.65).
     `fancy_upsampling`: see `decode_images` (GPU only).
+    `shuffle_each_epoch=False`: the files, or the shards, are read in the order given, the
+    same each pass (the shards' samples still drawn from the window): for one graph per
+    epoch over an order drawn outside, as the trainer builds them (exact resumes).
     """
     from nvidia.dali import pipeline_def
     import nvidia.dali.fn as fn
@@ -222,12 +226,20 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], spec: MultiCropS
     # (random_shuffle alone draws from a window over a list shuffled once with a fixed seed,
     # and reads shards one after another in their order: shards written class by class gave
     # batches of one class, and a folder's rank saw the same neighbours every epoch)
-    common = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed & 0x7FFF_FFFF,
+    common = dict(shuffle_after_epoch=shuffle_each_epoch,
                   shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, seed=seed,
                   name="reader")
+    if shuffle_each_epoch:  # (DALI warns of the seed without the shuffle)
+        common["shuffle_after_epoch_seed"] = seed & 0x7FFF_FFFF
+    else:  # (else each pass moves every rank to the next rank's part)
+        common["stick_to_shard"] = True
+
+    # each shard its own draws: with one seed everywhere, the i-th sample of every rank got
+    # the same crops, flips and jitters (a world-th of the global batch's draws were distinct)
+    draws_seed = seed if shard_id == 0 else hash((seed, shard_id)) & 0x7FFF_FFFF
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  seed=seed, enable_conditionals=True, exec_dynamic=True)
+                  seed=draws_seed, enable_conditionals=True, exec_dynamic=True)
     def multicrop():
         if tars:
             encoded = fn.readers.webdataset(paths=list(tars), ext=[WEBDATASET_IMAGE_EXT],

@@ -381,15 +381,22 @@ def patch_shard(shards: WebDatasetShards, tar: str, bad: set[int], out: Path) ->
     (indices into `shards`) holds the bytes of the nearest readable image of the shard (of
     any shard, when none is left in it). Member names and order stay, so a reader sees the
     same samples. Written to a temporary name, then renamed; returns the copy's path."""
+    from dinofuse.dataloading.check import DALI_FORMATS, image_problem
+
     mine = [i for i, sample in enumerate(shards.samples) if sample[0] == tar]
     good = [i for i in mine if i not in bad] or [i for i in range(len(shards)) if i not in bad]
-    if not good:
+
+    def readable_near(i: int) -> bytes:
+        # the last readable one before it, else the first after it, decoded in full: the
+        # screen reads headers, and a neighbour cut short, copied in, made DALI's next
+        # failure name the sample patched already
+        for g in [g for g in reversed(good) if g < i] + [g for g in good if g > i]:
+            data = shards.read(g)
+            if image_problem(data, formats=DALI_FORMATS) is None:
+                return data
         raise DataError(f"no decodable image left in the shards of {tar}")
-    replacement = {}
-    for i in mine:
-        if i in bad:  # the last readable one before it, else the first after it
-            near = max((g for g in good if g < i), default=good[0])
-            replacement[shards.samples[i][1]] = shards.read(near)
+
+    replacement = {shards.samples[i][1]: readable_near(i) for i in mine if i in bad}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with renamed_into_place(out) as tmp, tarfile.open(tar) as source, \

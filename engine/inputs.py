@@ -77,11 +77,19 @@ class EpochSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return (self.batches() - self.start_batch) * self.batch_size
 
-    def __iter__(self):
+    def _shares(self) -> torch.Tensor:
+        """The epoch's order as (batch, rank, place in the rank's batch)."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g)[: self.batches() * self.batch_size * self.world]
-        mine = order.view(self.batches(), self.world, self.batch_size)[:, self.rank]
-        return iter(mine[self.start_batch:].reshape(-1).tolist())
+        return order.view(self.batches(), self.world, self.batch_size)
+
+    def __iter__(self):
+        return iter(self._shares()[self.start_batch:, self.rank].reshape(-1).tolist())
+
+    def rank_after_rank(self) -> list[int]:
+        """The whole epoch, each rank's share in its order, rank 0's first: for a reader
+        that cuts one list into contiguous shards (DALI's)."""
+        return self._shares().transpose(0, 1).reshape(-1).tolist()
 
 
 def leave_ctrl_c_to_training(worker_id: int) -> None:
@@ -123,14 +131,11 @@ class TrainingInput:
         self.ncrops = 2 + d.local_crops_number
         self.dataset = self.sampler = self.dali = self.synthetic = self.shards = None
         self.backend = "synthetic"
-        self.dali_samples: list = []  # the files DALI reads, in its order (image folders)
+        self.dali_samples: list = []  # the files DALI reads (image folders; screened)
         self.dali_tars: list = []  # the shards DALI reads (some maybe patched copies)
         self.patched: set[int] = set()  # shards: the bad samples patched in copies
         self.patch_rounds = 0
-        # DALI draws each epoch's order and crops from its seed, one epoch after another: the
-        # graph's first epoch stands for training epoch `dali_first_epoch`, its next for
-        # `dali_next_epoch`
-        self.dali_first_epoch = self.dali_next_epoch = 0
+        self.dali_unread: int | None = None  # the epoch of a DALI graph not read from yet
         tars = webdataset_shards(d.path)
         if d.path == "synthetic":
             self.synthetic = synthetic_crops(multicrop_spec(d), o.batch_size_per_device,
@@ -148,7 +153,8 @@ class TrainingInput:
                 print(f"dinofuse: the shards in {d.path} have no DALI index (NAME.idx): DALI "
                       "and the screen walk every shard on every rank at each start; "
                       f"`dinofuse data index {shlex.quote(d.path)}` writes them once", file=sys.stderr)
-            self.dali = self._dali_loader(tars=self._screened_shards())
+            self.dali_tars = self._screened_shards()
+            self.dali = self._dali_loader(0)
             self.iters_per_epoch = len(self.dali)
         else:
             images = self._open_images(d.path)
@@ -156,15 +162,16 @@ class TrainingInput:
                 raise TrainingError(f"{d.path} has {len(images)} images, fewer than one batch "
                                     f"of {o.batch_size_per_device} x {self.world} processes")
             self.backend = d.backend if d.backend != "auto" else self._auto_backend(images)
-            if self.backend == "dali":
-                self.dali = self._dali_loader(samples=self._screened_files(images))
-            if self.backend == "tensor":
-                self._hold_on_device(images)
             self.dataset = SeededMultiCrop(images, MultiCropAugmentation(multicrop_spec(d)),
                                            seed=cfg.run.seed, skip_bad_images=d.skip_bad_images)
             self.sampler = EpochSampler(len(images), o.batch_size_per_device, cfg.run.seed,
                                         self.rank, self.world)
             self.iters_per_epoch = self.sampler.batches()
+            if self.backend == "dali":
+                self.dali_samples = self._screened_files(images)
+                self.dali = self._dali_loader(0)
+            if self.backend == "tensor":
+                self._hold_on_device(images)
         if self.iters_per_epoch == 0:
             raise TrainingError(f"{d.path}: not one full batch of {o.batch_size_per_device} per epoch")
 
@@ -219,22 +226,35 @@ class TrainingInput:
         self.labels = torch.from_numpy(images.labels).to(self.device)
         self.multicrop = TensorMultiCrop(multicrop_spec(self.cfg.data))
 
-    def _dali_loader(self, samples=(), tars=()):
-        """The DALI graph over a folder's files or WebDataset shards, this rank's share of
-        them (decoding on the GPU when training there)."""
+    def _dali_loader(self, epoch: int):
+        """The DALI graph of one epoch, this rank's share of it (decoding on the GPU when
+        training there). Each epoch has a graph of its own, seeded from (run.seed, epoch),
+        over an order drawn from the same: a folder's files in the EpochSampler's order (the
+        torchvision backend's), the shards in a permutation. So a run resumed anywhere reads
+        the images and cuts the crops the uninterrupted run would have."""
         from dinofuse.dataloading.dali_multicrop import DALIMultiCropLoader, build_pipeline
 
-        self.dali_samples, self.dali_tars = list(samples), list(tars)
+        self.dali = None  # the last epoch's graph goes first (its buffers, on a GPU)
+        seed = self.cfg.run.seed
+        samples, tars = [], []
+        if self.dali_samples:
+            sampler = EpochSampler(len(self.dali_samples), self.cfg.optim.batch_size_per_device,
+                                   seed, self.rank, self.world)
+            sampler.epoch = epoch
+            samples = [self.dali_samples[i] for i in sampler.rank_after_rank()]
+        else:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            tars = [self.dali_tars[i] for i in torch.randperm(len(self.dali_tars), generator=g)]
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
-        seed, first = self.cfg.run.seed, self.dali_first_epoch
-        seed = seed if first == 0 else hash((seed, first)) & 0x7FFF_FFFF
         pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
                               multicrop_spec(self.cfg.data),
                               batch_size=self.cfg.optim.batch_size_per_device,
                               device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
-                              seed=seed, shard_id=self.rank, num_shards=self.world,
-                              tars=tars, fancy_upsampling=self.cfg.data.jpeg_fancy_upsampling,
+                              seed=hash((seed, epoch)) & 0x7FFF_FFFF, shard_id=self.rank,
+                              num_shards=self.world, tars=tars, shuffle_each_epoch=False,
+                              fancy_upsampling=self.cfg.data.jpeg_fancy_upsampling,
                               shuffle_buffer=self.cfg.data.shuffle_buffer)
+        self.dali_unread = epoch
         return DALIMultiCropLoader(pipe, self.ncrops, dtype=self.crop_dtype)
 
     @property
@@ -289,36 +309,30 @@ class TrainingInput:
             raise died from None
 
     def _dali_batches(self, epoch: int, start_batch: int):
-        """DALI's batches of `epoch` from `start_batch` on (the ones before are run and
-        dropped). A resume at a later epoch than the graph's next seeds a new graph from that
-        epoch: started afresh from the run's seed, a run resumed each epoch (a preemptible
-        job) trained on the first epoch's images and crops again and again. Resumed within
-        the first epoch, the rest of that epoch is the same; later, another permutation and
-        other crops (exact resumes are torchvision's). A failed decode is traced to its
-        file(s)."""
-        if epoch != self.dali_next_epoch:
-            self.dali_first_epoch = self.dali_next_epoch = epoch
-            self.dali = self._dali_loader(samples=self.dali_samples, tars=self.dali_tars)
+        """DALI's batches of `epoch` from `start_batch` on, from the epoch's own graph (the
+        batches before `start_batch` are run and dropped: DALI's draws cannot be skipped,
+        and the rest must be the uninterrupted run's). A failed decode is traced to its
+        file(s); the epoch goes on from the same batch in a graph without them."""
         done = start_batch
         while True:
+            if self.dali_unread != epoch:
+                self.dali = self._dali_loader(epoch)
+            self.dali_unread = None
             try:
                 for batch in itertools.islice(iter(self.dali), done, None):
                     done += 1
                     yield batch
-                self.dali_next_epoch = epoch + 1
                 return
             except RuntimeError as e:
                 if "decoders.image" not in str(e) or not (self.dali_samples or self.shards):
                     raise
-                # the new graph's first epoch stands for this one (not the run's first again)
-                self.dali_first_epoch = self.dali_next_epoch = epoch
                 self._recover_from_decode_error(e)  # or stop, naming them
 
     def _screened(self, items: list, check) -> list:
         """[(item, reason)] for the items `check` ([item] -> [(item, reason)]) finds bad,
         the same list on every rank. Each rank checks a world-th of them and the lists are
-        gathered: with DALI every rank reads every image over the epochs (its reader moves
-        to the next shard each epoch), so each must know all of them."""
+        gathered: with DALI every rank reads every image over the epochs (each epoch's order
+        deals them out anew), so each must know all of them."""
         bad = check(items[self.rank::self.world])
         if self.world > 1 and dist.is_available() and dist.is_initialized():
             gathered = [None] * self.world
@@ -430,7 +444,7 @@ class TrainingInput:
 
     def _recover_from_decode_error(self, error: RuntimeError) -> None:
         """Stop naming the image DALI failed on (data.skip_bad_images=false), or put a
-        readable image in its place and rebuild the graph. DALI 2.4 names it ("Failed to
+        readable image in its place for the graph built next. DALI 2.4 names it ("Failed to
         decode sample #N : SOURCE"); otherwise every image is decoded again with PIL to
         find it. Images patched or replaced before are not blamed again."""
         named = [m.strip() for m in re.findall(r"Failed to decode sample #\d+ : (.+)", str(error))]
@@ -440,10 +454,9 @@ class TrainingInput:
                                 "every image decodes with PIL, in a format DALI reads; DALI "
                                 f"said: {dali_said(error)}")
         if self.shards is not None:
-            self.dali = self._dali_loader(tars=self._patched_shards(bad, save=True))
+            self.dali_tars = self._patched_shards(bad, save=True)
         else:
-            self.dali = self._dali_loader(samples=self._with_neighbours(self.dali_samples, bad,
-                                                                        save=True))
+            self.dali_samples = self._with_neighbours(self.dali_samples, bad, save=True)
 
     def _bad_shard_samples(self, named: list[str]) -> list[tuple[int, str]]:
         """[(sample index, reason)] of the shard images DALI named, else of every image PIL

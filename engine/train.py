@@ -557,6 +557,7 @@ class Trainer(TrainerCheckpoints):
         self._clear_stop()  # each fit asks afresh
         with JsonLines(self.out / "log.jsonl", main) as log_file, self._stop_on_signals():
             while self.step < stop_at and not self.stopping:
+                before = self.step
                 for crops, _ in self.input.batches(*divmod(self.step, self.iters_per_epoch)):
                     log = self.train_step(crops)
                     logs.append(log)
@@ -578,6 +579,10 @@ class Trainer(TrainerCheckpoints):
                         self.ask_to_stop("time")
                     if self.step >= stop_at or self.stopping:
                         break
+                if self.step == before:  # asking again would ask forever
+                    raise TrainingError("the input ({}) gave no batch for epoch {} from its step "
+                                        "{}".format(self.input.backend,
+                                                    *divmod(self.step, self.iters_per_epoch)))
                 if self.step % self.iters_per_epoch == 0:
                     self.keep_epoch_checkpoint(self.save())  # an epoch ended
                     self._knn_between_epochs(board)

@@ -335,3 +335,22 @@ def test_the_baseline_row_runs_the_official_codes_way_and_dinofuse_its_own(tmp_p
     assert base.optimizer.defaults["foreach"] is False and not base.optimizer.defaults["fused"]
     assert base.precision == torch.float16 and base.scaler is not None and ours.scaler is None
     assert {b.attn.backend for b in ours.student.backbone.blocks} == {"sdpa"}  # auto, on a CPU
+
+
+@pytest.mark.parametrize("images,warned", [(8, True), (12, False)])
+def test_dali_input_says_when_the_timed_steps_cross_an_epochs_end(tmp_path, images, warned):
+    """The trainer builds DALI's graph anew each epoch: a folder shorter than the run's steps
+    (here 1 warm-up + 2 timed at batch 4) times those builds too, and the run says so."""
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.bench.data import make_jpegs
+
+    (tmp_path / "jpegs").mkdir()
+    make_jpegs(tmp_path / "jpegs", images)
+    cmd = [sys.executable, "-m", "dinofuse.engine.cli", "bench", "train", *TOY,
+           "--data", str(tmp_path / "jpegs"), "--data-backend", "dali", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = ("gives 2 steps per epoch at batch 4, fewer than the 3 run: the timing includes "
+            "building DALI's graph for each new epoch; 12 images or more")
+    assert (line in done.stderr) == warned, done.stderr[-2000:]

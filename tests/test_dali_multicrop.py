@@ -243,6 +243,37 @@ def test_each_epoch_is_a_new_permutation_split_among_the_ranks(jpegs):
     assert [sum(b, []) for b in again] == orders and [sum(b, []) for b in other] != orders
 
 
+def test_each_shard_draws_its_own_crops(tmp_path):
+    """Ranks build their graphs from one seed: the i-th sample of every rank got the same
+    crop, flip and jitter (a world-th of a global batch's draws were distinct). One image
+    everywhere shows it: the two shards' crops must all differ."""
+    yy, xx = np.mgrid[0:60, 0:80] / 60.0
+    path = tmp_path / "one.jpg"
+    Image.fromarray((np.stack([xx, yy, 1 - xx], -1) * 255).astype(np.uint8)).save(path)
+    spec = MultiCropSpec(global_crop_size=16, local_crop_size=8, local_crops_number=2)
+    ranks = [[c for crops, _ in DALIMultiCropLoader(build_pipeline(
+        [str(path)] * 12, [0] * 12, spec, batch_size=3, seed=7, shard_id=rank, num_shards=2),
+        4) for c in crops] for rank in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 8
+    assert not any(torch.equal(a[i], b[i]) for a, b in zip(*ranks) for i in range(3))
+    again = [c for crops, _ in DALIMultiCropLoader(build_pipeline(
+        [str(path)] * 12, [0] * 12, spec, batch_size=3, seed=7, shard_id=1, num_shards=2), 4)
+        for c in crops]
+    assert all(torch.equal(a, b) for a, b in zip(again, ranks[1]))
+
+
+def test_without_the_epochs_shuffle_a_list_is_read_in_its_order_in_contiguous_shards(jpegs):
+    """shuffle_each_epoch=False (the trainer's graph per epoch): the files in the order
+    given, shard k the k-th contiguous part, the same each pass."""
+    spec = MultiCropSpec(global_crop_size=16, local_crop_size=8, local_crops_number=0)
+    order = [7, 2, 11, 0, 5, 9, 1, 3, 10, 4, 8, 6]
+    for rank in range(2):
+        pipe = build_pipeline([jpegs[i] for i in order], order, spec, batch_size=3, seed=5,
+                              shard_id=rank, num_shards=2, shuffle_each_epoch=False)
+        for batches in epochs_of(pipe, 2, 2):
+            assert sum(batches, []) == order[6 * rank:6 * rank + 6]
+
+
 def gray_shards(tmp_path, shards: int, per_shard: int) -> list[str]:
     """Shards whose images are one flat gray each, 30 levels apart shard to shard: a crop's
     value names its shard (as a class, a shard written class by class)."""

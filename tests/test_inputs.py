@@ -159,25 +159,94 @@ def test_data_workers_leave_ctrl_c_to_the_training_process(image_folder, monkeyp
         signal.signal(signal.SIGINT, before)
 
 
-def test_a_dali_resume_at_a_later_epoch_does_not_replay_the_first(image_folder):
-    """DALI draws each epoch's order and crops from its seed, one epoch after another: a run
-    resumed at epoch 2 started them afresh and trained on epoch 0's images and crops again
-    (every resumed part of a preemptible run alike). Resumed within epoch 0, the rest of the
-    epoch is the uninterrupted one's."""
+def test_a_dali_resume_anywhere_continues_as_the_uninterrupted_run(image_folder):
+    """Each epoch has its own DALI graph, seeded from (seed, epoch): a run resumed at any
+    batch of any epoch reads the images and cuts the crops the uninterrupted one would. (One
+    graph for the whole run drew epoch after epoch: resumed at epoch 2, a run saw epoch 0's
+    order and crops again; seeded from the epoch it resumed at, another order than the
+    uninterrupted run's for the rest of that epoch, some images twice, some never.)"""
     pytest.importorskip("nvidia.dali")
 
     def crops(epoch, start, source=None):
         source = source or training_input(image_folder, 'data.backend="dali"')
         return [c[0] for c, _ in source.batches(epoch, start)]
 
-    first = crops(0, 0)
-    assert len(first) == 5 and all(torch.equal(a, b) for a, b in zip(crops(0, 0), first))
-    rest = crops(0, 2)
-    assert len(rest) == 3 and all(torch.equal(a, b) for a, b in zip(rest, first[2:]))
-    later = crops(2, 0)
-    assert len(later) == 5 and not any(torch.equal(a, b) for a, b in zip(later, first))
-    going_on = training_input(image_folder, 'data.backend="dali"')  # epochs in a row: one graph
-    crops(0, 0, going_on)
-    graph = going_on.dali
-    second = crops(1, 0, going_on)
-    assert going_on.dali is graph and not any(torch.equal(a, b) for a, b in zip(second, first))
+    going_on = training_input(image_folder, 'data.backend="dali"')
+    epochs = [crops(epoch, 0, going_on) for epoch in range(3)]
+    assert [len(e) for e in epochs] == [5, 5, 5]
+    for epoch, start in [(0, 2), (2, 3), (1, 0), (2, 0)]:
+        rest = crops(epoch, start)
+        assert len(rest) == 5 - start
+        assert all(torch.equal(a, b) for a, b in zip(rest, epochs[epoch][start:])), (epoch, start)
+    assert not any(torch.equal(a, b) for a, b in zip(epochs[2], epochs[0]))
+
+
+def test_a_dali_resume_of_shards_continues_as_the_uninterrupted_run(tmp_path, monkeypatch):
+    """The same for WebDataset shards: each epoch reads them in an order of its own, drawn
+    from (seed, epoch) alike on every rank, with the window's draws seeded alike."""
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.dataloading import dali_multicrop
+    from test_readers import encoded, write_shard
+
+    tars = [write_shard(tmp_path / f"{n}.tar", [(f"{n}{i}.jpg", encoded(i)) for i in range(8)])
+            for n in "abcdef"]
+    orders, build = [], dali_multicrop.build_pipeline
+    monkeypatch.setattr(dali_multicrop, "build_pipeline", lambda *a, **k: (
+        orders.append(list(k["tars"])) or build(*a, **k)))
+    for rank in range(2):
+        source = training_input(tmp_path, 'data.backend="dali"', rank=rank, world=2)
+        for epoch in range(1, 4):
+            list(source.batches(epoch, 0))
+    per_epoch = orders[1:4]  # (the graph each start builds for epoch 0 comes first)
+    assert all(sorted(order) == tars for order in per_epoch)
+    assert len({tuple(order) for order in per_epoch}) == 3 and orders[5:8] == per_epoch
+
+    def crops(epoch, start, source=None):
+        source = source or training_input(tmp_path, 'data.backend="dali"',
+                                          "optim.batch_size_per_device=4")
+        return [c[0] for c, _ in source.batches(epoch, start)]
+
+    going_on = training_input(tmp_path, 'data.backend="dali"', "optim.batch_size_per_device=4")
+    epochs = [crops(epoch, 0, going_on) for epoch in range(3)]
+    assert [len(e) for e in epochs] == [12, 12, 12]
+    for epoch, start in [(0, 4), (2, 9), (1, 0)]:
+        rest = crops(epoch, start)
+        assert len(rest) == 12 - start
+        assert all(torch.equal(a, b) for a, b in zip(rest, epochs[epoch][start:])), (epoch, start)
+
+
+def test_each_dali_epoch_draws_crops_of_its_own(tmp_path):
+    """One image in every file: an epoch's crops differ from another's at every place (a
+    graph per epoch seeded alike would repeat the draws of each place, only the images
+    moving between them)."""
+    pytest.importorskip("nvidia.dali")
+    yy, xx = np.mgrid[0:24, 0:24] / 23.0
+    image = Image.fromarray((np.stack([xx, yy, 1 - xx], -1) * 255).astype(np.uint8))
+    for i in range(16):
+        image.save(tmp_path / f"{i}.png")
+    source = training_input(tmp_path, 'data.backend="dali"')
+    epochs = [[c for crops, _ in source.batches(epoch, 0) for c in crops] for epoch in range(2)]
+    assert len(epochs[0]) == len(epochs[1]) == 2 * 4
+    assert not any(torch.equal(a[i], b[i]) for a, b in zip(*epochs) for i in range(8))
+
+
+def test_dali_reads_a_folder_in_the_torchvision_backends_order(image_folder, monkeypatch):
+    """The files each rank's graph reads in an epoch are the EpochSampler's for that rank
+    (the torchvision backend's): DALI cuts the list it is given into contiguous shards."""
+    pytest.importorskip("nvidia.dali")
+    from dinofuse.dataloading import dali_multicrop
+
+    built, build = [], dali_multicrop.build_pipeline
+    monkeypatch.setattr(dali_multicrop, "build_pipeline", lambda files, *a, **k: (
+        built.append((files, k["shard_id"], k["num_shards"])) or build(files, *a, **k)))
+    for rank in range(2):
+        source = training_input(image_folder, 'data.backend="dali"',
+                                "optim.batch_size_per_device=4", rank=rank, world=2)
+        for epoch in (0, 3):
+            list(source.batches(epoch, 0))
+            files, shard, shards = built[-1]
+            assert (shard, shards) == (rank, 2) and len(files) == 40
+            source.sampler.epoch, source.sampler.start_batch = epoch, 0
+            expected = [str(source.dataset.images.samples[i][0]) for i in source.sampler]
+            assert files[20 * rank:20 * rank + 20] == expected
+        assert built[-2][0] != built[-1][0]  # another order in another epoch

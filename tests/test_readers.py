@@ -321,3 +321,22 @@ def test_a_patched_shard_copy_that_cannot_be_made_is_named(tmp_path):
     with pytest.raises(DataError, match=r"^cannot make .*not-a-folder/a\.tar, the patched copy "
                                         r"of .*a\.tar: "):
         patch_shard(WebDatasetShards([tar]), tar, {0}, blocker / "a.tar")
+
+
+def test_a_patched_sample_holds_the_nearest_image_that_decodes(tmp_path):
+    """A bad sample takes the bytes of the nearest image before it (else after it) that
+    decodes in full. The screen reads headers only: a neighbour cut short was copied in, and
+    DALI's next failure named the sample patched already (the run stopped: "every image
+    decodes with PIL")."""
+    from dinofuse.dataloading.readers import WebDatasetShards, patch_shard
+
+    cut = encoded(3)[:200]  # a JPEG cut short: its header reads
+    tar = write_shard(tmp_path / "a.tar", [("a.jpg", encoded(0)), ("b.jpg", encoded(1)),
+                                           ("c.jpg", cut), ("d.jpg", cut), ("e.jpg", encoded(4))])
+    shards = WebDatasetShards([tar])
+    copy = WebDatasetShards([patch_shard(shards, tar, {3}, tmp_path / "out" / "a.tar")])
+    assert [copy.read(i) for i in range(5)] == [encoded(0), encoded(1), cut, encoded(1), encoded(4)]
+    first = write_shard(tmp_path / "b.tar", [("a.jpg", cut), ("b.jpg", cut), ("c.jpg", encoded(2))])
+    shards = WebDatasetShards([first])
+    copy = WebDatasetShards([patch_shard(shards, first, {0}, tmp_path / "out" / "b.tar")])
+    assert copy.read(0) == encoded(2)  # none before it: the first after it that decodes

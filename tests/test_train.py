@@ -24,7 +24,7 @@ TINY = ["model.arch=\"vit_tiny\"", "model.embed_dim=32", "model.depth=2", "model
         "data.local_crops_number=2", "data.num_workers=0", "optim.batch_size_per_device=4",
         "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.freeze_last_layer=1",
         "run.knn_after_training=false", "run.log_every_steps=1", "run.max_minutes=0.0",
-        'data.backend="torchvision"']  # exact resume is torchvision's (auto would pick DALI)
+        'data.backend="torchvision"']  # (auto would pick DALI: a graph to build per epoch)
 
 
 def make_cfg(image_folder, tmp_path, *extra):
@@ -308,13 +308,20 @@ def test_missing_fashion_mnist_says_what_to_do(tmp_path):
         FashionMNIST("train", root=tmp_path)
 
 
-def test_dali_backend_trains_and_resumes(image_folder, tmp_path, reference_path):
+def test_dali_backend_trains_and_resumes_exactly(image_folder, tmp_path, reference_path):
+    """Each epoch's DALI graph is seeded from (seed, epoch) over that epoch's order: resumed
+    in the middle of the second epoch, a run goes on with the uninterrupted run's losses."""
     pytest.importorskip("nvidia.dali")
-    cfg = make_cfg(image_folder, tmp_path, 'data.backend="dali"', "optim.epochs=2")
-    first = Trainer(cfg).fit(max_steps=13, progress=False)
-    rest = Trainer(cfg, resume=True).fit(progress=False)
-    assert [log.step for log in first + rest] == list(range(20))
-    assert all(np.isfinite(log.loss) for log in first + rest)
+
+    def cfg(run):
+        return make_cfg(image_folder, tmp_path / run, 'data.backend="dali"', "optim.epochs=2")
+
+    whole = Trainer(cfg("a")).fit(progress=False)
+    first = Trainer(cfg("b")).fit(max_steps=13, progress=False)
+    rest = Trainer(cfg("b"), resume=True).fit(progress=False)
+    assert [log.step for log in whole] == [log.step for log in first + rest] == list(range(20))
+    assert [log.loss for log in first + rest] == pytest.approx([log.loss for log in whole], rel=1e-6)
+    assert len({log.loss for log in whole}) == 20
 
 
 @pytest.fixture(scope="module")
@@ -642,8 +649,9 @@ def test_a_bad_image_is_named_and_skipped_or_stops_the_run(tmp_path, kind, skip,
     assert "skipping undecodable image" in capsys.readouterr().err
     assert all("broken.jpg" not in str(p) for p, _ in trainer.input.dali_samples)
     assert len(trainer.input.dali_samples) == 8
+    # a graph per epoch, and one more for the rest of the epoch DALI failed in
     assert [any("broken.jpg" in f for f in files) for files in built] == (
-        [True, False] if kind == "body" else [False])
+        [True, False, False] if kind == "body" else [False, False])
     assert scans == [False]
 
 
@@ -735,22 +743,41 @@ def test_dalis_named_image_is_skipped_without_decoding_everything_again(tmp_path
     shards.mkdir()
     write_shard(shards / "a.tar", images[:4])
     write_shard(shards / "b.tar", [images[4], header_bad, images[5], images[7], body_bad])
-    full_decodes = []
-    real = check.image_problem
-    monkeypatch.setattr(check, "image_problem", lambda source, decode=True, formats=None: (
-        full_decodes.append(decode and isinstance(source, bytes)) or real(source, decode, formats)))
+    scans, real = [], check.check_shards
+    monkeypatch.setattr(check, "check_shards", lambda shards, threads, indices=None, decode=True,
+                        formats=None: scans.append(decode) or real(shards, threads, indices,
+                                                                   decode, formats))
     trainer = Trainer(dali_cfg(shards, tmp_path, skip=True))
     logs = trainer.fit(progress=False)
     assert len(logs) == trainer.total_steps == 2 * 2
     err = capsys.readouterr().err
     for name in ("header.jpg (", "broken.jpg (", "broken2.jpg ("):
         assert err.count(f"b.tar:{name}") == 1
-    assert sum(full_decodes) == 2  # the named images alone, for PIL's reason
+    assert scans == [False]  # the start's screen of the headers; no full decode of all
     # patched three times (the screen, then DALI twice): a new copy each time, since DALI
     # keeps the earlier one mapped by its path
     copy = WebDatasetShards([str(tmp_path / "run" / "patched_shards" / "rank0" / "round2" /
                                  "000001-b.tar")])
     assert [copy.read(i) for i in range(5)] == [images[4][1]] * 2 + [images[5][1]] * 3
+
+
+def test_an_input_that_gives_no_batch_stops_the_run_instead_of_asking_forever(tmp_path):
+    """The loop asks the input for the rest of the epoch until the epoch's steps are done: an
+    input that gives nothing (a DALI graph left exhausted) made it ask forever."""
+    trainer = Trainer(load_config("default", TINY + ['data.path="synthetic"',
+                                                     f'run.output_dir="{tmp_path}"']))
+    real, asked = trainer.input.batches, []
+
+    def one_batch_then_none(epoch, start):
+        asked.append((epoch, start))
+        assert len(asked) <= 3, "asked again and again"
+        return itertools.islice(real(epoch, start), 1 if len(asked) == 1 else 0)
+
+    trainer.input.batches = one_batch_then_none
+    with pytest.raises(TrainingError, match=r"^the input \(synthetic\) gave no batch for "
+                                            r"epoch 0 from its step 1$"):
+        trainer.fit(progress=False)
+    assert trainer.step == 1 and asked == [(0, 0), (0, 1)]
 
 
 def test_the_time_limit_stops_at_an_agreed_step_with_a_checkpoint(image_folder, tmp_path,
