@@ -86,11 +86,6 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         return iter(self._shares()[self.start_batch:, self.rank].reshape(-1).tolist())
 
-    def rank_after_rank(self) -> list[int]:
-        """The whole epoch, each rank's share in its order, rank 0's first: for a reader
-        that cuts one list into contiguous shards (DALI's)."""
-        return self._shares().transpose(0, 1).reshape(-1).tolist()
-
 
 def leave_ctrl_c_to_training(worker_id: int) -> None:
     """A data worker ignores Ctrl-C (the terminal sends SIGINT to every process of the job):
@@ -236,12 +231,14 @@ class TrainingInput:
 
         self.dali = None  # the last epoch's graph goes first (its buffers, on a GPU)
         seed = self.cfg.run.seed
-        samples, tars = [], []
-        if self.dali_samples:
+        samples, tars, share, draws = [], [], (self.rank, self.world), (seed, epoch)
+        if self.dali_samples:  # this rank's files alone (a world-th of the names to pass)
             sampler = EpochSampler(len(self.dali_samples), self.cfg.optim.batch_size_per_device,
                                    seed, self.rank, self.world)
             sampler.epoch = epoch
-            samples = [self.dali_samples[i] for i in sampler.rank_after_rank()]
+            samples = [self.dali_samples[i] for i in sampler]
+            # one shard of its own, so its draws are seeded by rank here (else by shard)
+            share, draws = (0, 1), (seed, epoch, self.rank)
         else:
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
             tars = [self.dali_tars[i] for i in torch.randperm(len(self.dali_tars), generator=g)]
@@ -250,8 +247,8 @@ class TrainingInput:
                               multicrop_spec(self.cfg.data),
                               batch_size=self.cfg.optim.batch_size_per_device,
                               device_id=device_id, num_threads=max(1, self.cfg.data.num_workers),
-                              seed=hash((seed, epoch)) & 0x7FFF_FFFF, shard_id=self.rank,
-                              num_shards=self.world, tars=tars, shuffle_each_epoch=False,
+                              seed=hash(draws) & 0x7FFF_FFFF, shard_id=share[0],
+                              num_shards=share[1], tars=tars, shuffle_each_epoch=False,
                               fancy_upsampling=self.cfg.data.jpeg_fancy_upsampling,
                               shuffle_buffer=self.cfg.data.shuffle_buffer)
         self.dali_unread = epoch
