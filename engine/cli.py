@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -528,6 +529,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
     return args
 
 
+def tell_torchrun(line: str) -> None:
+    """Under torchrun, also write the line where torchrun looks for a process's error (the
+    file its TORCHELASTIC_ERROR_FILE names): its closing summary then names the cause
+    instead of "error_file: <N/A>" and a link, below every rank's traceback-free line."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            Path(path).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+        except OSError:  # the line is on stderr already
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "train"]:  # its own parser takes every option that follows
@@ -542,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"dinofuse {command}: error: {message}", file=sys.stderr)
+        line = f"dinofuse {command}: error: {message}"
+        print(line, file=sys.stderr)
+        tell_torchrun(line)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C in training, or one in any other command
         print(f"\ndinofuse {command}: interrupted (Ctrl-C); what was saved before is kept",

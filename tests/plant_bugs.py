@@ -1611,6 +1611,10 @@ BUGS = [
         'if trainer.input.backend == "dali" and per_epoch < steps:',
         'if trainer.input.backend == "dali" and per_epoch < steps - 1:',
         ['test_bench_train.py::test_dali_input_says_when_the_timed_steps_cross_an_epochs_end']),
+    Bug('engine/cli.py',
+        '        tell_torchrun(line)\n',
+        '',
+        ['test_cli.py::test_under_torchrun_a_user_error_is_the_cause_torchrun_names']),
 ]
 
 

@@ -849,3 +849,22 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(trained, folder,
         f"{torch.load(run / 'checkpoint.pth')['step']}, the end of its {epochs} epochs (raise "
         f"optim.epochs to train on)")
     assert (run / "checkpoint.pth").read_bytes() == before
+
+
+def test_under_torchrun_a_user_error_is_the_cause_torchrun_names(tmp_path, monkeypatch, capsys):
+    """torchrun's closing summary said "error_file: <N/A>" and a link for each rank that
+    stopped on a user error (its line far above, once per rank): the line now goes to the
+    error file torchrun reads, as the failure's message."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("dinofuse data: error: image folder not found: ") and "nowhere" in line
+    failure = ProcessFailure(local_rank=1, pid=4242, exitcode=2, error_file=str(error_file))
+    assert failure.message == line
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    error_file.unlink()
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+    assert not error_file.exists()  # outside torchrun: no file
