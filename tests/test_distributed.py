@@ -965,7 +965,11 @@ def test_training_under_torchrun_ends_with_the_knn_report_of_its_teacher(tmp_pat
     refused = _torchrun([*train, "run.collective_timeout_s=30"], check=False)
     held.release()
     assert refused.returncode != 0
-    assert refused.stderr.count("is in use by another training run (pid ") == 2, refused.stderr[-2000:]
+    said = [line for line in refused.stderr.splitlines() if "is in use by another training run" in line]
+    # each rank's line, then torchrun's summary naming it as each failure's cause
+    assert [line.startswith("dinofuse train: error: ") for line in said] == [True, True, False, False]
+    assert all(line.strip().startswith("traceback : dinofuse train: error: ")
+               for line in said[2:]), refused.stderr[-2000:]
     printed = _torchrun(train)
     assert printed.count("k-NN (k=3") == 1 and printed.count(" steps to step ") == 1
     # the checkpoint named is the sharded one the run wrote
