@@ -61,6 +61,11 @@ def synthetic_crops(spec: MultiCropSpec, batch: int, in_chans: int, device: torc
     return [torch.randn(batch, in_chans, s, s, generator=g, device=device) for s in sizes]
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's permutation of n items, drawn from (seed, epoch) alone."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded permutation per epoch, cut to whole global batches (batch_size x world);
     rank r takes the r-th slice of each, so every image is seen once per epoch across ranks
@@ -79,8 +84,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def _shares(self) -> torch.Tensor:
         """The epoch's order as (batch, rank, place in the rank's batch)."""
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g)[: self.batches() * self.batch_size * self.world]
+        order = epoch_permutation(self.n, self.seed, self.epoch)
+        order = order[: self.batches() * self.batch_size * self.world]
         return order.view(self.batches(), self.world, self.batch_size)
 
     def __iter__(self):
@@ -240,8 +245,7 @@ class TrainingInput:
             # one shard of its own, so its draws are seeded by rank here (else by shard)
             share, draws = (0, 1), (seed, epoch, self.rank)
         else:
-            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            tars = [self.dali_tars[i] for i in torch.randperm(len(self.dali_tars), generator=g)]
+            tars = [self.dali_tars[i] for i in epoch_permutation(len(self.dali_tars), seed, epoch)]
         device_id = (self.device.index or 0) if self.device.type == "cuda" else None
         pipe = build_pipeline([str(p) for p, _ in samples], [label for _, label in samples],
                               multicrop_spec(self.cfg.data),
