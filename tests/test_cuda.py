@@ -189,10 +189,14 @@ def test_xformers_packed_under_bf16_autocast_trains_like_sdpa():
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_training_steps_on_the_gpu(precision, tmp_path):
     """A few real steps in bf16 autocast, and fp16 with a GradScaler: finite losses, the
-    teacher following the student, the same losses from the official-style loss and EMA."""
+    teacher following the student, the same losses from the official-style loss and EMA.
+    fp16: the scaler starts at 2**16 and skips (halving it) until the tiny model's gradients
+    fit in fp16, nine steps on the CPU (test_train's fp16 test), so fp16 runs 14 steps."""
     from dinofuse.engine.config import load_config
     from dinofuse.engine.train import Trainer
     from test_train import TINY
+
+    steps = 3 if precision == "bf16" else 14
 
     def run(*extra):
         torch.manual_seed(0)
@@ -203,17 +207,21 @@ def test_training_steps_on_the_gpu(precision, tmp_path):
         assert trainer.device.type == "cuda"
         teacher0 = [p.detach().clone() for p in trainer.teacher.parameters()]
         losses = [trainer.train_step(crops).loss
-                  for crops, _ in zip((b for b, _ in trainer.input.batches(0, 0)), range(3))]
+                  for crops, _ in zip((b for b, _ in trainer.input.batches(0, 0)), range(steps))]
+        assert len(losses) == steps
         moved = any(not torch.equal(a, b) for a, b in zip(teacher0, trainer.teacher.parameters()))
         return losses, moved
 
     fused, moved = run()
-    assert all(torch.isfinite(torch.tensor(fused))) and moved
+    assert all(torch.isfinite(torch.tensor(fused))), fused
+    assert moved, "no step changed the teacher"
     official, _ = run('impl.loss="official"', 'impl.ema="official"', 'impl.clip="official"',
                       'impl.patch_embedding="conv"')
-    assert official == pytest.approx(fused, rel=2e-2)  # half-precision logits, two paths
+    # half-precision logits, two paths (fp16: the first steps, before the scalers' skips
+    # could part ways)
+    assert official[:3] == pytest.approx(fused[:3], rel=2e-2)
     low_residual, _ = run('impl.residual_dtype="autocast"')
-    assert low_residual == pytest.approx(fused, rel=2e-2)
+    assert low_residual[:3] == pytest.approx(fused[:3], rel=2e-2)
 
 
 def test_patch_embedding_and_half_precision_residual_on_the_gpu():

@@ -4,6 +4,7 @@ import copy
 import hashlib
 import io
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -468,10 +469,8 @@ def _synthetic_run(tmp_path, *extra, steps=3):
                                          "optim.warmup_epochs=0.0", *extra])
     trainer = Trainer(cfg)
     losses = []
-    for crops, _ in trainer.input.batches(0, 0):
+    for crops, _ in itertools.islice(trainer.input.batches(0, 0), steps):
         losses.append(trainer.train_step(crops).loss)
-        if len(losses) == steps:
-            break
     teacher = torch.cat([p.detach().reshape(-1) for p in trainer.teacher.parameters()])
     return losses, teacher, trainer
 
@@ -494,6 +493,26 @@ def test_official_impl_choices_train_like_the_fused_ones(tmp_path):
     assert official_losses == pytest.approx(fused_losses, rel=1e-5)
     torch.testing.assert_close(official_teacher, fused_teacher, rtol=1e-5, atol=1e-6)
     assert fused_losses[0] != fused_losses[-1]  # the steps changed something
+
+
+def test_fp16_steps_are_skipped_until_the_gradient_scale_fits(tmp_path):
+    """fp16 with a GradScaler (the official use_fp16), on the CPU: a step whose scaled
+    gradients overflow changes no student weight and halves the scale (2**16 at the start,
+    far too much for this tiny head); once the scale fits, the student trains. A GPU test
+    runs the same; this is the tiny model's skip count it sizes its steps by."""
+    *_, trainer = _synthetic_run(tmp_path, 'optim.precision="fp16"', steps=0)
+    assert trainer.scaler is not None
+    accepted_at = None
+    for step, (crops, _) in zip(range(14), trainer.input.batches(0, 0)):
+        before = [p.detach().clone() for p in trainer.student.parameters()]
+        scale = trainer.scaler.get_scale()
+        assert math.isfinite(trainer.train_step(crops).loss)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, trainer.student.parameters()))
+        skipped = trainer.scaler.get_scale() < scale
+        assert changed != skipped, (step, scale)
+        if changed and accepted_at is None:
+            accepted_at = step
+    assert accepted_at is not None and 0 < accepted_at <= 10, accepted_at
 
 
 def test_checkpointing_and_compile_per_block_change_no_result(tmp_path, reference_path):
