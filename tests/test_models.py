@@ -325,6 +325,69 @@ def test_fix_attention_backend_decides_auto_once_and_blocks_trace_whole():
         vit_tiny(depth=1, attention="xformers").fix_attention_backend(torch.device("cpu"))
 
 
+def test_a_compiled_block_traces_no_backend_check(monkeypatch):
+    """The backend fixed, a compiled block does not trace `resolve_attention` (its cached
+    xformers probe broke every compiled block's graph on a GPU)."""
+    from dinofuse.engine.models import vit
+
+    model = vit_tiny(depth=1, attention="auto")
+    model.fix_attention_backend(torch.device("cpu"))
+    x = torch.randn(2, 5, model.embed_dim)
+    expected = model.blocks[0](x)[0]
+
+    def checked(*args):
+        raise AssertionError("resolve_attention traced")
+
+    monkeypatch.setattr(vit, "resolve_attention", checked)
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(model.blocks[0], backend="eager", fullgraph=True)(x)[0]
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, expected)
+
+
+def test_blocks_with_their_own_drop_path_rates_share_compiled_graphs():
+    """impl.compile_blocks: the blocks (rates rising with depth, 0 at the first) run one
+    compiled graph per input shape and grad mode. With each rate a float attribute dynamo
+    compiled every block anew, hit its recompile limit (8) and ran the rest eagerly."""
+    from torch._dynamo.utils import counters
+
+    from dinofuse.engine.models.vit import VisionTransformer
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=12, num_heads=2,
+                              drop_path_rate=0.1, attention="sdpa")
+    for block in model.blocks:
+        block.compile(dynamic=False, backend="eager")
+    try:
+        for size in (32, 16):
+            model(torch.randn(4, 3, size, size)).sum().backward()
+        with torch.no_grad():
+            model(torch.randn(4, 3, 32, 32))
+        assert counters["stats"]["unique_graphs"] == 3  # two crop sizes, and no_grad
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_drop_path_drops_whole_samples_at_its_rate():
+    from dinofuse.engine.models.vit import DropPath
+
+    torch.manual_seed(0)
+    drop = DropPath(0.25)
+    compiled = torch.compile(drop, backend="eager", fullgraph=True)
+    x = torch.ones(4000, 3, 2)
+    y = compiled(x)
+    per_sample = y.reshape(4000, -1)
+    assert (per_sample == per_sample[:, :1]).all()  # one draw per sample
+    assert per_sample[:, 0].unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert (per_sample[:, 0] > 0).float().mean() == pytest.approx(0.75, abs=0.03)
+    drop.eval()
+    assert torch.equal(compiled(x), x)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("checkpointed", [0, 1, 3, -1])
 def test_activation_checkpointing_recomputes_exactly_the_first_n_blocks(checkpointed):
     """Each checkpointed block runs its forward again in backward; the others do not, and the

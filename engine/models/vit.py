@@ -23,7 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath as TimmDropPath
+from timm.layers import Mlp, trunc_normal_
 from timm.layers import PatchEmbed as TimmPatchEmbed
 from torch import nn
 
@@ -228,7 +229,14 @@ class Attention(nn.Module):
                 return_attention: bool = False):
         B, N, C = x.shape
         q, k, v = split_qkv(self.qkv(x), self.num_heads)
-        backend = "naive" if return_attention else resolve_attention(self.backend, x.device)
+        if return_attention:
+            backend = "naive"
+        elif self.backend != "auto" and torch.compiler.is_compiling():
+            # checked in eager runs; traced, the check's cached probe of xformers would be
+            # traced too (H200, acd9a6a: a graph break in every compiled block)
+            backend = self.backend
+        else:
+            backend = resolve_attention(self.backend, x.device)
         attn = None
         if backend == "xformers":  # (B, N, H, d) layout, block-diagonal bias when packed
             bias = _block_diagonal_mask(seqlens, x.device) if seqlens is not None else None
@@ -248,13 +256,35 @@ class Attention(nn.Module):
         return self.proj(out.reshape(B, N, C)), attn
 
 
+class DropPath(TimmDropPath):
+    """timm's stochastic depth (a whole sample's branch dropped, the kept ones scaled by
+    1/keep). Under torch.compile the keep probability is read from a buffer: dynamo guards
+    on a float attribute's value, so twelve blocks with twelve rates compiled twelve times
+    over, hit its recompile limit after eight and ran the rest eagerly (H200, acd9a6a). With
+    the rate a tensor the blocks share one graph. Eager runs are timm's, draws included."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__(drop_prob)
+        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return super().forward(x)
+        if not self.training:
+            return x
+        keep = self.keep_prob.to(x.dtype)
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
+        kept = torch.rand(shape, device=x.device) < self.keep_prob
+        return x * (kept.to(x.dtype) / keep)
+
+
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
                  attention="auto"):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=attention)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)  # at 0 too (eager: x itself), one type for compile
         self.norm2 = LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
