@@ -111,8 +111,10 @@ class ImplConfig:
     residual_dtype: str = "fp32"  # under bf16/fp16 autocast, the residual stream and the
     # LayerNorms: fp32 (the official code's, autocast's LayerNorm) | autocast (its dtype,
     # half the bytes; the kernel's statistics stay fp32)
-    cuda_graph: bool = False  # capture the whole step in one CUDA graph and replay it
-    # (engine/graph_step.py: one process, bf16/fp32, the fused loss and clipping)
+    cuda_graph: str = "auto"  # capture the whole step in one CUDA graph and replay it
+    # (engine/graph_step.py): auto (on a GPU when the run allows it: one process, bf16/fp32,
+    # the fused loss, clipping and loss check) | on (the same step eagerly on a CPU; refuses
+    # what a graph cannot replay, by name) | off. true/false: on/off (an earlier switch)
     loss_check: str = "deferred"  # the non-finite loss check: deferred (each step's loss is
     # read during the next step or before a save: no host sync) | official (read right after
     # the forward, as the official code does: the host waits for the GPU every step)
@@ -163,8 +165,9 @@ def _parse_value(text: str):
         return text
 
 
-# Integer fields that were switches once: configs saved by then still load.
-_FORMER_SWITCHES = {("impl", "checkpoint_blocks"): {True: -1, False: 0}}
+# Fields that were switches once: configs saved by then (and true/false) still load.
+_FORMER_SWITCHES = {("impl", "checkpoint_blocks"): {True: -1, False: 0},
+                    ("impl", "cuda_graph"): {True: "on", False: "off"}}
 
 
 # The values a numeric field may take, as (test, what the error says it must be): caught where
@@ -202,7 +205,8 @@ _RULES = {
                   center_momentum=FRACTION, precision=one_of("auto", "bf16", "fp16", "fp32"),
                   clip_mode=one_of("per_param", "global")),
     "impl": dict(checkpoint_blocks=(lambda v: v >= -1,
-                                    "a block count >= 0, or -1 for every block")),
+                                    "a block count >= 0, or -1 for every block"),
+                 cuda_graph=one_of("auto", "on", "off")),
     "run": dict(cpu_threads=NON_NEGATIVE, max_minutes=NON_NEGATIVE,
                 save_every_steps=NON_NEGATIVE, keep_checkpoints=AT_LEAST_1,
                 saveckp_freq=NON_NEGATIVE,

@@ -35,23 +35,36 @@ _REFUSED = (("impl.loss", "official", "the official loss rebinds its center tens
             ("optim.precision", "fp16", "fp16's GradScaler reads its overflow flag on the host"))
 
 
-def check_graphable(trainer) -> None:
-    """Refuse, naming the setting, what a captured step cannot replay."""
-    cfg = trainer.cfg
+def graph_problem(cfg, sharded: bool) -> str | None:
+    """Why a captured step cannot replay this run (naming the setting), or None."""
     for field, value, why in _REFUSED:
         section, name = field.split(".")
         if getattr(getattr(cfg, section), name) == value:
-            raise ValueError(f"impl.cuda_graph=true needs {field} other than {value!r} ({why})")
-    if trainer.sharded:
-        raise ValueError("impl.cuda_graph=true runs on one process without FSDP2 (its "
-                         "collectives are not captured); set impl.cuda_graph=false")
+            return f"{field} is {value!r} ({why})"
+    if sharded:
+        return "the models are sharded by FSDP2 (its collectives are not captured)"
+    return None
+
+
+def uses_graph(cfg, device: torch.device, sharded: bool) -> bool:
+    """`impl.cuda_graph`: auto replays the step on a GPU when the run allows it; on always
+    (the CPU runs the same step eagerly) and refuses by name what a graph cannot replay."""
+    choice = cfg.impl.cuda_graph
+    if choice == "off":
+        return False
+    problem = graph_problem(cfg, sharded)
+    if choice == "auto":
+        return device.type == "cuda" and problem is None
+    if problem is not None:
+        raise ValueError(f"impl.cuda_graph=on cannot run here: {problem}; set impl.cuda_graph "
+                         "to auto or off")
+    return True
 
 
 class GraphedStep:
     """`step(crops, it, epoch) -> (loss, grad_norm)`, both 0-d device tensors."""
 
     def __init__(self, trainer):
-        check_graphable(trainer)
         self.trainer = trainer
         device = trainer.device
         self.on_gpu = self.capture = device.type == "cuda"  # the CPU runs the step eagerly
@@ -125,9 +138,11 @@ class GraphedStep:
         self.trainer.optimizer.zero_grad(set_to_none=True)  # the graph allocates the grads
         try:
             self.graph, self.outputs = capture_graph(lambda: self._body(self.inputs, epoch))
+        except torch.OutOfMemoryError:
+            raise  # as the plain step would (the largest-batch search looks for it)
         except Exception as e:
             raise TrainingError(f"impl.cuda_graph: capturing the training step failed "
-                                f"({type(e).__name__}: {e}); set impl.cuda_graph=false") from e
+                                f"({type(e).__name__}: {e}); set impl.cuda_graph=off") from e
         self.captures += 1
 
 

@@ -43,7 +43,7 @@ from dinofuse.engine.checkpoint import (
 from dinofuse.engine.clipping import clip_gradients, clip_gradients_official
 from dinofuse.engine.config import Config, check_ranges, config_from_toml, save_config
 from dinofuse.engine.errors import TrainingError
-from dinofuse.engine.graph_step import GraphedStep
+from dinofuse.engine.graph_step import GraphedStep, uses_graph
 from dinofuse.engine.inputs import TrainingInput
 from dinofuse.engine.models import (
     DINOHead,
@@ -281,7 +281,8 @@ class Trainer(TrainerCheckpoints):
             choice = "fused" if self.device.type == "cuda" else "torch"
         adamw = {"fused": dict(fused=True), "foreach": dict(foreach=True),
                  "official": dict(foreach=False), "torch": {}}[choice]
-        if cfg.impl.cuda_graph and self.device.type == "cuda":
+        self.uses_graph = uses_graph(cfg, self.device, self.sharded)
+        if self.uses_graph and self.device.type == "cuda":
             adamw["capturable"] = True  # its step counts on the device, lr read from a tensor
         self.optimizer = torch.optim.AdamW(param_groups(self.student), **adamw)
         loss_cls = DINOLoss if cfg.impl.loss == "fused" else OfficialDINOLoss
@@ -300,7 +301,7 @@ class Trainer(TrainerCheckpoints):
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, n)
         self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, o.epochs, n)
         self.total_steps = o.epochs * n
-        self.graphed = GraphedStep(self) if cfg.impl.cuda_graph else None
+        self.graphed = GraphedStep(self) if self.uses_graph else None
 
         self._unchecked: StepLog | None = None  # the last step whose loss was not read yet
         self._clear_stop()

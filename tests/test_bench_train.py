@@ -267,27 +267,26 @@ def test_a_batch_search_that_would_try_nothing_is_named():
         run(args)
 
 
-def test_the_cuda_graph_rows_join_the_ablation_on_a_gpu():
+def test_dinofuse_rows_replay_the_step_as_a_cuda_graph_but_one():
+    """The default ("auto") replays the step as a CUDA graph on a GPU; one ablation row turns
+    it off to show what it buys; the baseline never has it."""
     from dinofuse.bench.train import build_parser, variants
 
-    def graph_rows(device, *flags):
-        rows = variants(build_parser().parse_args(["--device", device, "--ablation", *flags]))
-        return [v for v in rows if v.settings.get("impl.cuda_graph")]
+    def rows(device, *flags):
+        return {v.name: v.settings for v in
+                variants(build_parser().parse_args(["--device", device, "--ablation", *flags]))}
 
-    rows = graph_rows("cuda")
-    assert [v.name for v in rows] == ["dinofuse + the step as one CUDA graph",
-                                      "dinofuse + CUDA graph + packed crops + bf16 residual stream"]
-    assert rows[1].settings["model.packed"] and rows[1].settings["impl.residual_dtype"] == "autocast"
-    assert not any(v.settings.get("impl.compile_blocks") for v in rows)
-    # with --compile, the compiled blocks inside the graph too (a compiled row: run last)
-    compiled = graph_rows("cuda", "--compile")
-    assert compiled[:2] == rows
-    assert [v.name for v in compiled[2:]] == [
-        "dinofuse + torch.compile + CUDA graph + packed crops + bf16 residual stream"]
-    assert compiled[2].settings == {**rows[1].settings, "impl.compile_blocks": True}
-    all_rows = variants(build_parser().parse_args(["--device", "cuda", "--ablation", "--compile"]))
-    assert all_rows[-1].name == compiled[2].name
-    assert graph_rows("cpu") == graph_rows("cpu", "--compile") == []  # the CPU runs it eagerly
+    gpu = rows("cuda", "--compile")
+    assert gpu["dinofuse"]["impl.cuda_graph"] == "auto"
+    assert gpu["dinofuse without the CUDA graph"] == {**gpu["dinofuse"], "impl.cuda_graph": "off"}
+    assert {n for n, v in gpu.items() if v["impl.cuda_graph"] == "off"} == {
+        n for n in gpu if n.startswith("baseline")} | {"dinofuse without the CUDA graph"}
+    best = gpu["dinofuse + packed crops + bf16 residual stream"]
+    assert best["model.packed"] and best["impl.residual_dtype"] == "autocast"
+    assert gpu["dinofuse + torch.compile + packed crops + bf16 residual stream"] == {
+        **best, "impl.compile_blocks": True}
+    assert list(gpu)[-1] == "dinofuse + torch.compile + packed crops + bf16 residual stream"
+    assert "dinofuse without the CUDA graph" not in rows("cpu")  # no graph on a CPU anyway
 
 
 def test_an_ablation_row_that_cannot_run_is_a_row_and_the_rest_goes_on():

@@ -21,6 +21,9 @@ def test_strings_round_trip_whatever_they_hold():
 def test_configs_saved_when_checkpointing_was_a_switch_still_load():
     for value, blocks in (("true", -1), ("false", 0)):  # -1: every block
         assert load_config("default", [f"impl.checkpoint_blocks={value}"]).impl.checkpoint_blocks == blocks
+    for value, choice in (("true", "on"), ("false", "off")):  # so was the CUDA graph
+        assert load_config("default", [f"impl.cuda_graph={value}"]).impl.cuda_graph == choice
+    assert load_config("default").impl.cuda_graph == "auto"
 
 
 def test_official_recipes_are_there():
@@ -97,6 +100,7 @@ def test_overrides_and_their_errors():
     ("data.global_crops_scale=[0.4]", "data.global_crops_scale must be 2 numbers; got"),
     ('data.global_crops_scale=["a", 1]', "data.global_crops_scale must be 2 numbers; got"),
     ("impl.checkpoint_blocks=-2", "impl.checkpoint_blocks must be a block count >= 0, or -1"),
+    ('impl.cuda_graph="yes"', "impl.cuda_graph must be one of auto, on, off; got 'yes'"),
 ])
 def test_values_out_of_range_are_named(override, message):
     """Caught where the value is set: before, a batch of 0 died in a division, a negative batch

@@ -247,15 +247,31 @@ def test_patch_embedding_and_half_precision_residual_on_the_gpu():
         assert torch.nn.functional.cosine_similarity(grads[name], grads["default"], dim=0) > 0.99
 
 
-def test_a_training_step_never_makes_the_host_wait(tmp_path):
-    """With the defaults a step queues its work and returns: torch's sync debug mode turns
-    any synchronizing call (.item(), a pageable copy, nonzero...) into an error. The loss is
-    read through an event one step later (not a stream sync)."""
+def test_the_step_is_one_cuda_graph_by_default_where_a_graph_can_replay_it(tmp_path):
     from dinofuse.engine.config import load_config
     from dinofuse.engine.train import Trainer
     from test_train import TINY
 
-    cfg = load_config("default", TINY + ['data.path="synthetic"', f'run.output_dir="{tmp_path}"'])
+    def graphed(*extra):
+        cfg = load_config("default", TINY + ['data.path="synthetic"',
+                                             f'run.output_dir="{tmp_path}"', *extra])
+        return Trainer(cfg).graphed is not None
+
+    assert graphed() and not graphed('optim.precision="fp16"')
+    assert not graphed('impl.cuda_graph="off"')
+
+
+def test_a_training_step_never_makes_the_host_wait(tmp_path):
+    """With the defaults a step queues its work and returns: torch's sync debug mode turns
+    any synchronizing call (.item(), a pageable copy, nonzero...) into an error. The loss is
+    read through an event one step later (not a stream sync). The plain step (a graph's
+    capture synchronizes once; its replays are checked in the graph test below)."""
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.train import Trainer
+    from test_train import TINY
+
+    cfg = load_config("default", TINY + ['data.path="synthetic"', f'run.output_dir="{tmp_path}"',
+                                         'impl.cuda_graph="off"'])
     trainer = Trainer(cfg)
     batches = (b for b, _ in trainer.input.batches(0, 0))
     trainer.train_step(next(batches))  # first step: one-time set-up (EMA tables, caches)
@@ -341,7 +357,8 @@ def test_in_memory_data_is_cut_into_crops_on_the_gpu_without_host_waits(tmp_path
     write_fashion_mnist(tmp_path / "fmnist", train=64, test=8, size=16)
     auto = [o for o in TINY if not o.startswith("data.backend")]
     trainer = Trainer(load_config("default", auto + [f'data.path="{tmp_path / "fmnist"}"',
-                                                     f'run.output_dir="{tmp_path / "run"}"']))
+                                                     f'run.output_dir="{tmp_path / "run"}"',
+                                                     'impl.cuda_graph="off"']))  # see above
     assert trainer.input.backend == "tensor" and trainer.input.pixels.is_cuda
     batches = (b for b, _ in trainer.input.batches(0, 0))
     trainer.train_step(next(batches))  # first step: one-time set-up (EMA tables, caches)

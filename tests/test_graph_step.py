@@ -6,13 +6,13 @@ The real capture is in tests/test_cuda.py."""
 
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
 
 from dinofuse.engine import graph_step
-from dinofuse.engine.graph_step import WARMUP_STEPS, check_graphable
+from dinofuse.engine.errors import TrainingError
+from dinofuse.engine.graph_step import WARMUP_STEPS, uses_graph
 from dinofuse.engine.train import Trainer
 from dinofuse.kernels import _runtime
 from test_train import make_cfg
@@ -107,7 +107,7 @@ def plain_run(image_folder, tmp_path_factory):
 def test_the_graphed_step_trains_like_the_plain_step(image_folder, tmp_path, plain_run):
     """Across the epoch where the last layer unfreezes and the teacher temperature steps."""
     plain, plain_logs, start = plain_run
-    graphed, graphed_logs = fit(image_folder, tmp_path / "graphed", "impl.cuda_graph=true")
+    graphed, graphed_logs = fit(image_folder, tmp_path / "graphed", "impl.cuda_graph=on")
     assert graphed.graphed is not None and graphed.graphed.captures == 0  # eager on the CPU
     assert_same_training(plain, plain_logs, graphed, graphed_logs, start)
 
@@ -116,7 +116,7 @@ def test_captured_steps_replay_with_new_crops_and_recapture_per_epoch(image_fold
                                                                        monkeypatch, plain_run):
     monkeypatch.setattr(graph_step, "capture_graph", stand_in_capture)
     plain, plain_logs, start = plain_run
-    trainer = Trainer(make_cfg(image_folder, tmp_path / "graphed", "impl.cuda_graph=true", *RUN))
+    trainer = Trainer(make_cfg(image_folder, tmp_path / "graphed", "impl.cuda_graph=on", *RUN))
     trainer.graphed.capture = True
     logs = trainer.fit(max_steps=STEPS, progress=False)
     # epoch 0 and epoch 1 (new temperature, last layer trained): warm-up then one capture each
@@ -132,7 +132,7 @@ def test_the_last_layer_unfreezing_alone_makes_a_new_capture(image_folder, tmp_p
     constant = "optim.warmup_teacher_temp_epochs=0"
     start = initial_weights(image_folder, tmp_path / "start")
     plain, plain_logs = fit(image_folder, tmp_path / "plain", constant)
-    trainer = Trainer(make_cfg(image_folder, tmp_path / "graphed", *RUN, constant, "impl.cuda_graph=true"))
+    trainer = Trainer(make_cfg(image_folder, tmp_path / "graphed", *RUN, constant, "impl.cuda_graph=on"))
     trainer.graphed.capture = True
     logs = trainer.fit(max_steps=STEPS, progress=False)
     assert trainer.graphed.captures == 2
@@ -154,11 +154,43 @@ def test_a_graphed_run_and_a_plain_run_resume_each_other(image_folder, tmp_path,
     ('impl.loss_check="official"', "impl.loss_check"), ('optim.precision="fp16"', "optim.precision"),
 ])
 def test_what_a_graph_cannot_replay_is_refused_by_name(image_folder, tmp_path, override, field):
-    with pytest.raises(ValueError, match=f"impl.cuda_graph=true needs {field} other than"):
-        Trainer(make_cfg(image_folder, tmp_path, "impl.cuda_graph=true", override))
+    for on in ('impl.cuda_graph="on"', "impl.cuda_graph=true"):  # true: the former switch
+        with pytest.raises(ValueError, match=f"impl.cuda_graph=on cannot run here: {field} is"):
+            Trainer(make_cfg(image_folder, tmp_path, on, override))
 
 
 def test_sharded_models_are_refused(image_folder, tmp_path):
-    cfg = make_cfg(image_folder, tmp_path)
-    with pytest.raises(ValueError, match="one process without FSDP2"):
-        check_graphable(types.SimpleNamespace(cfg=cfg, sharded=True))
+    cfg = make_cfg(image_folder, tmp_path, 'impl.cuda_graph="on"')
+    with pytest.raises(ValueError, match="sharded by FSDP2"):
+        uses_graph(cfg, torch.device("cpu"), sharded=True)
+
+
+@pytest.mark.parametrize("choice", ["auto", "on", "off"])
+def test_auto_replays_the_step_on_a_gpu_where_a_graph_can(image_folder, tmp_path, choice):
+    """(No GPU needed: the choice is made from the device's type.)"""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = make_cfg(image_folder, tmp_path, f'impl.cuda_graph="{choice}"')
+    assert uses_graph(cfg, cuda, sharded=False) == (choice != "off")
+    assert uses_graph(cfg, cpu, sharded=False) == (choice == "on")  # on: eagerly on the CPU
+    if choice == "auto":  # what a graph cannot replay: the plain step, no error
+        assert not uses_graph(cfg, cuda, sharded=True)
+        for override in ('impl.loss="official"', 'impl.clip="official"',
+                         'impl.loss_check="official"', 'optim.precision="fp16"'):
+            assert not uses_graph(make_cfg(image_folder, tmp_path, override), cuda, sharded=False)
+    assert Trainer(cfg).graphed is not None if choice == "on" else Trainer(cfg).graphed is None
+
+
+@pytest.mark.parametrize("error,raised", [(torch.OutOfMemoryError, torch.OutOfMemoryError),
+                                          (RuntimeError, TrainingError)])
+def test_a_failed_capture_names_the_setting_and_an_out_of_memory_stays_one(
+        image_folder, tmp_path, monkeypatch, error, raised):
+    """Running out of memory while capturing is what the plain step would raise (the
+    benchmark's largest-batch search looks for it); anything else says how to turn it off."""
+    def failing_capture(fn):
+        raise error("while capturing")
+
+    monkeypatch.setattr(graph_step, "capture_graph", failing_capture)
+    trainer = Trainer(make_cfg(image_folder, tmp_path, *RUN, 'impl.cuda_graph="on"'))
+    trainer.graphed.capture = True
+    with pytest.raises(raised, match="impl.cuda_graph=off" if raised is TrainingError else "while"):
+        trainer.fit(max_steps=WARMUP_STEPS + 1, progress=False)
