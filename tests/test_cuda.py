@@ -375,6 +375,28 @@ def test_in_memory_data_is_cut_into_crops_on_the_gpu_without_host_waits(tmp_path
     assert torch.isfinite(torch.tensor(log.loss))
 
 
+def test_the_gpu_presets_input_feeds_the_captured_step(tmp_path):
+    """The GPU preset's way: Fashion-MNIST-shaped data cut into crops on the GPU by the
+    tensor input, packed crops, the step captured by default; replays give finite losses."""
+    from dinofuse.engine.config import load_config
+    from dinofuse.engine.graph_step import WARMUP_STEPS
+    from dinofuse.engine.train import Trainer
+    from fashion_mnist_files import write_fashion_mnist
+    from test_train import TINY
+
+    write_fashion_mnist(tmp_path / "fmnist", train=64, test=8, size=16)
+    auto = [o for o in TINY if not o.startswith("data.backend")]
+    trainer = Trainer(load_config("default", auto + [f'data.path="{tmp_path / "fmnist"}"',
+                                                     f'run.output_dir="{tmp_path / "run"}"',
+                                                     "model.packed=true"]))
+    assert trainer.input.backend == "tensor" and trainer.graphed is not None
+    batches = (b for b, _ in trainer.input.batches(0, 0))
+    logs = [trainer.train_step(next(batches)) for _ in range(WARMUP_STEPS + 4)]
+    assert trainer.graphed.captures == 1
+    assert all(torch.isfinite(torch.tensor([log.loss, log.grad_norm])).all() for log in logs)
+    assert len({log.loss for log in logs[WARMUP_STEPS:]}) > 1  # new crops each replay
+
+
 @pytest.mark.parametrize("precision,packed,compiled", [
     ("fp32", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", True, True)])
 def test_the_captured_training_step_replays_like_the_eager_one(precision, packed, compiled,
