@@ -368,6 +368,12 @@ def variants(args) -> list[Variant]:
         # backward: the least machinery (compare with the packed row above)
         out.append(Variant("dinofuse + packed crops + FSDP2 (1 process, blocks kept gathered)",
                            {**fsdp, "model.packed": True, "impl.reshard_after_forward": False}))
+        # the same with the blocks in the root's unit: what FSDP2's per-unit hooks and
+        # collectives cost the host (ViT-S/B's weights are small enough to gather at once)
+        out.append(Variant("dinofuse + packed crops + FSDP2 (1 process, blocks kept gathered, "
+                           "one unit)", {**fsdp, "model.packed": True,
+                                         "impl.reshard_after_forward": False,
+                                         "impl.fsdp_unit_blocks": 0}))
     if args.compile:
         compiled.append(Variant("dinofuse + torch.compile", {**ours, "impl.compile_blocks": True}))
         if args.ablation:

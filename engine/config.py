@@ -102,6 +102,9 @@ class ImplConfig:
     checkpoint_blocks: int = 0  # activation checkpointing: the first N blocks keep only their
     # input and recompute the rest in backward (memory for compute); -1 (or true) = every block
     fsdp: str = "auto"  # auto (FSDP2 when world > 1) | always (also on one process)
+    fsdp_unit_blocks: int = 1  # FSDP2: consecutive transformer blocks per unit (one
+    # all-gather and one reduce-scatter for them: fewer collectives and hooks on the host,
+    # more weights gathered at once); 0 = every block in the root's unit
     reshard_after_forward: bool = True  # FSDP2, student: free blocks' and head's gathered
     reshard_root_after_forward: bool = False  # weights after forward; the same for the root
     # (embeddings, final norm). The teacher always reshards (the EMA updates its shards).
@@ -206,7 +209,7 @@ _RULES = {
                   clip_mode=one_of("per_param", "global")),
     "impl": dict(checkpoint_blocks=(lambda v: v >= -1,
                                     "a block count >= 0, or -1 for every block"),
-                 cuda_graph=one_of("auto", "on", "off")),
+                 cuda_graph=one_of("auto", "on", "off"), fsdp_unit_blocks=NON_NEGATIVE),
     "run": dict(cpu_threads=NON_NEGATIVE, max_minutes=NON_NEGATIVE,
                 save_every_steps=NON_NEGATIVE, keep_checkpoints=AT_LEAST_1,
                 saveckp_freq=NON_NEGATIVE,

@@ -86,9 +86,11 @@ def from_rank_zero(work: Callable[[], T], failures: tuple[type[Exception], ...])
 def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None,
                 reshard_after_forward: bool = True,
                 reduce_dtype: torch.dtype = torch.float32,
-                reshard_root_after_forward: bool = False) -> nn.Module:
-    """FSDP2 per transformer block, per head, then the whole model (fp32 master weights;
-    computation in param_dtype when given, gradients reduced in reduce_dtype).
+                reshard_root_after_forward: bool = False, unit_blocks: int = 1) -> nn.Module:
+    """FSDP2 per transformer block (or per `unit_blocks` consecutive blocks; 0: none apart
+    from the root), per head, then the whole model (fp32 master weights; computation in
+    param_dtype when given, gradients reduced in reduce_dtype). Each parameter is sharded
+    on its own whatever the units, so the student's and the teacher's shards match.
     reshard_after_forward applies to the blocks and the head; the root's own parameters
     (patch embedding, tokens, final norm) stay gathered by default, as backward starts
     with them (torchtitan's choice)."""
@@ -97,8 +99,10 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None,
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype) \
         if param_dtype is not None else MixedPrecisionPolicy()
     kwargs = dict(mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    for block in model.backbone.blocks:
-        fully_shard(block, **kwargs)
+    blocks = list(model.backbone.blocks)
+    for start in range(0, len(blocks) if unit_blocks > 0 else 0, max(unit_blocks, 1)):
+        unit = blocks[start:start + unit_blocks]
+        fully_shard(unit[0] if len(unit) == 1 else unit, **kwargs)  # a list: one unit
     fully_shard(model.head, **kwargs)
     fully_shard(model, **{**kwargs, "reshard_after_forward": reshard_root_after_forward})
     return model
@@ -118,7 +122,8 @@ def parallelize(model: nn.Module, impl, *, shard: bool, param_dtype: torch.dtype
         shard_model(model, param_dtype=param_dtype,
                     reshard_after_forward=impl.reshard_after_forward or is_teacher,
                     reshard_root_after_forward=impl.reshard_root_after_forward or is_teacher,
-                    reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[impl.reduce_dtype])
+                    reduce_dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[impl.reduce_dtype],
+                    unit_blocks=impl.fsdp_unit_blocks)
     return model
 
 

@@ -142,8 +142,11 @@ def test_benchmark_end_to_end_writes_json_markdown_and_png(tmp_path):
     result = json.loads((tmp_path / f"{tag}.json").read_text())
     names = [r["name"] for r in result["rows"]]
     assert names[0].startswith("baseline") and "dinofuse" in names
-    assert names[-2:] == ["dinofuse + FSDP2 (1 process)",
-                          "dinofuse + packed crops + FSDP2 (1 process, blocks kept gathered)"]
+    assert names[-3:] == ["dinofuse + FSDP2 (1 process)",
+                          "dinofuse + packed crops + FSDP2 (1 process, blocks kept gathered)",
+                          "dinofuse + packed crops + FSDP2 (1 process, blocks kept gathered, "
+                          "one unit)"]
+    assert all(r["status"] == "ok" for r in result["rows"][-3:])
     assert {f"baseline + {n}" for n in ("fused loss", "fused EMA", "sync-free clipping",
                                         "packed crops", "bf16 autocast",
                                         "patch embedding as one matmul")} <= set(names)

@@ -210,6 +210,9 @@ def _fsdp_training(rank, folder, out, result, clip_mode, interpret, overrides=()
     ("per_param", ("impl.checkpoint_blocks=1", "impl.compile_blocks=true"), "images", False),
     # BatchNorm in the head: its statistics over both ranks' samples, as one process's
     ("global", ("model.use_bn_in_head=true",), "images", False),
+    # both blocks in one FSDP2 unit, and none apart from the root's
+    ("per_param", ("impl.fsdp_unit_blocks=2",), "images", False),
+    ("global", ("impl.fsdp_unit_blocks=0",), "images", False),
 ])
 def test_fsdp2_two_processes_train_like_one(tmp_path, monkeypatch, clip_mode, overrides, data,
                                             interpret):

@@ -884,6 +884,35 @@ def test_fsdp2_gets_the_configured_reduction_dtype_and_the_teacher_always_reshar
     assert [(c["reduce_dtype"], c["param_dtype"], c["reshard_after_forward"]) for c in calls] == [
         (torch.float32, torch.bfloat16, False), (torch.float32, torch.bfloat16, True),
         (torch.bfloat16, torch.bfloat16, False), (torch.bfloat16, torch.bfloat16, True)]
+    assert {c["unit_blocks"] for c in calls} == {1}
+    parallel.parallelize(student, ImplConfig(fsdp_unit_blocks=4), shard=True, param_dtype=None,
+                         is_teacher=False)
+    assert calls[-1]["unit_blocks"] == 4
+
+
+@pytest.mark.parametrize("unit_blocks,units", [(1, 6), (2, 4), (3, 4), (0, 2)])
+def test_fsdp2_units_hold_the_configured_blocks(unit_blocks, units):
+    """impl.fsdp_unit_blocks: 4 blocks in units of 1, 2, 3 (then 1) or none (the root's),
+    plus the head's and the root's units."""
+    import torch.distributed as dist
+
+    from dinofuse.engine.parallel import init_distributed, shard_model
+
+    student, _ = build_student_teacher(load_config("default", [
+        "model.depth=4", "model.embed_dim=32", "model.num_heads=2", "model.out_dim=64",
+        "model.head_hidden_dim=32"]))
+    init_distributed(force=True)  # one process, in-process store
+    try:
+        shard_model(student, unit_blocks=unit_blocks)
+        states = {id(m._get_fsdp_state()) for m in student.modules() if hasattr(m, "_get_fsdp_state")}
+        assert len(states) == units
+        # which blocks gather together: a unit's blocks share its state; none: the root's
+        unit_of = [id(b._get_fsdp_state()) if hasattr(b, "_get_fsdp_state") else "root"
+                   for b in student.backbone.blocks]
+        expected = [i // unit_blocks if unit_blocks else "root" for i in range(4)]
+        assert [unit_of.index(u) for u in unit_of] == [expected.index(e) for e in expected]
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_fresh_start_never_overwrites_an_earlier_runs_checkpoint(image_folder, tmp_path,
