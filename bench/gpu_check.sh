@@ -94,7 +94,9 @@ run_stage() {
       stage kernel_bench 200 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;
     kernel_resources) stage kernel_resources 60 python3 -m dinofuse.bench.kernel_resources \
         --out "$work" --arch 90 ;;  # registers and spills under this image's triton
-    train_s16) stage train_s16 300 "${train[@]}" --arch vit_small --patch 16 --batch 64 --ablation --compile \
+    # TORCH_LOGS: dynamo's recompiles and graph breaks in the compiled rows' log
+    train_s16) stage train_s16 300 env TORCH_LOGS=recompiles,graph_breaks \
+        "${train[@]}" --arch vit_small --patch 16 --batch 64 --ablation --compile \
         --fsdp --profile --target-speedup 2.5 --target-mfu 35 ;;
     # compile too: inductor recomputes cheap elementwise work instead of saving it (memory)
     train_s8) stage train_s8 120 "${train[@]}" --arch vit_small --patch 8 --batch 64 --baseline \
