@@ -281,8 +281,8 @@ class Trainer(TrainerCheckpoints):
             choice = "fused" if self.device.type == "cuda" else "torch"
         adamw = {"fused": dict(fused=True), "foreach": dict(foreach=True),
                  "official": dict(foreach=False), "torch": {}}[choice]
-        self.uses_graph = uses_graph(cfg, self.device, self.sharded)
-        if self.uses_graph and self.device.type == "cuda":
+        graphed = uses_graph(cfg, self.device, self.sharded)
+        if graphed and self.device.type == "cuda":
             adamw["capturable"] = True  # its step counts on the device, lr read from a tensor
         self.optimizer = torch.optim.AdamW(param_groups(self.student), **adamw)
         loss_cls = DINOLoss if cfg.impl.loss == "fused" else OfficialDINOLoss
@@ -301,7 +301,7 @@ class Trainer(TrainerCheckpoints):
         self.wd_schedule = cosine_schedule(o.weight_decay, o.weight_decay_end, o.epochs, n)
         self.momentum_schedule = cosine_schedule(o.momentum_teacher, 1.0, o.epochs, n)
         self.total_steps = o.epochs * n
-        self.graphed = GraphedStep(self) if self.uses_graph else None
+        self.graphed = GraphedStep(self) if graphed else None
 
         self._unchecked: StepLog | None = None  # the last step whose loss was not read yet
         self._clear_stop()
