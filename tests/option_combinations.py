@@ -50,11 +50,12 @@ CHOICES = {
     "impl.patch_embedding": ['"matmul"', '"conv"'],
     "impl.residual_dtype": ['"fp32"', '"autocast"'],
     "impl.loss_check": ['"deferred"', '"official"'],
+    "impl.cuda_graph": ['"auto"', '"on"', '"off"'],  # on: the graph's step, eagerly on a CPU
     "run.save_every_steps": ["0", "2"],
     "run.checkpoint_format": ['"auto"', '"file"', '"sharded"'],
 }
-ONE_PROCESS = {"impl.fsdp": ['"auto"', '"always"']}
-SEVERAL = {"impl.reshard_after_forward": ["true", "false"],
+ONE_PROCESS = {"impl.fsdp": ['"auto"', '"always"'], "impl.fsdp_unit_blocks": ["1", "0", "2"]}
+SEVERAL = {"impl.reshard_after_forward": ["true", "false"], "impl.fsdp_unit_blocks": ["1", "0", "2"],
            "impl.reshard_root_after_forward": ["true", "false"],
            "impl.reduce_dtype": ['"fp32"', '"bf16"'], "run.async_checkpoint": ["true", "false"]}
 
