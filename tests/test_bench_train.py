@@ -200,12 +200,23 @@ def test_targets_say_met_or_missed_and_by_what():
 
     from dinofuse.bench.train import Row, check_targets
 
-    args = argparse.Namespace(target_speedup=2.5, target_mfu=35.0, target_memory_gib=20.0)
-    for speedup, mfu, gib, met in ((2.6, 36.0, 19.0, True), (2.4, 34.0, 21.0, False)):
+    args = argparse.Namespace(target_speedup=2.5, target_mfu=35.0, target_memory_gib=20.0,
+                              target_fsdp_overhead=5.0, device="cuda")
+    for speedup, mfu, gib, fsdp_ips, met in ((2.6, 36.0, 19.0, 960.0, True),
+                                             (2.4, 34.0, 21.0, 940.0, False)):
         ours = Row("dinofuse", {}, 64, role="dinofuse", speedup_vs_baseline=speedup,
-                   mfu_pct=mfu, peak_memory_gib=gib)
-        targets = check_targets(args, [Row("baseline", {}, 64, role="baseline"), ours])
-        assert [(t["measured"], t["met"]) for t in targets] == [(speedup, met), (mfu, met), (gib, met)]
+                   mfu_pct=mfu, peak_memory_gib=gib, images_per_s=2000.0)  # graphed
+        plain = Row("dinofuse without the CUDA graph", {}, 64, images_per_s=1000.0)
+        fsdp = Row("dinofuse + FSDP2 (1 process)", {}, 64, images_per_s=fsdp_ips)
+        targets = check_targets(args, [Row("baseline", {}, 64, role="baseline"), ours, plain, fsdp])
+        overhead = round(100 * (1000.0 / fsdp_ips - 1), 1)  # 4.2% / 6.4%: against the plain step
+        assert [(t["measured"], t["met"]) for t in targets] == [
+            (speedup, met), (mfu, met), (gib, met), (overhead, met)]
+    # on a CPU there is no graph: the dinofuse row is the plain step
+    from dinofuse.bench.train import fsdp_overhead_pct
+
+    assert fsdp_overhead_pct([ours, fsdp], "cpu") == pytest.approx(100 * (2000 / 940 - 1))
+    assert fsdp_overhead_pct([ours, fsdp], "cuda") is None  # no plain row to compare with
 
 
 def test_matmul_peak_counts_two_flops_per_multiply_add(monkeypatch):
