@@ -155,6 +155,10 @@ STUDENT_SWEEP = [(2, 2048, 8, None),  # the default until acd9a6a
                  # memory on sm_90): more bytes in flight per program
                  (2, 2048, 8, None, "views", 3), (2, 1024, 4, None, "image", 3),
                  (2, 2048, 8, None, "image", 2),
+                 # around the default since acd9a6a (the row above): deeper pipeline, one
+                 # view per statistics program, more slices, wider steps
+                 (2, 1024, 4, None, "image", 4), (1, 1024, 4, None, "image", 3),
+                 (2, 1024, 4, 8, "image", 3), (2, 2048, 8, None, "image", 3),
                  # persistent, whole rows: few rows in flight (132 SMs x programs x views x
                  # 128 KB at K=65536 bf16: 17-34 MB), so pass B's re-read may hit L2 and the
                  # student come from memory once (the 1.5x floor target needs that)
