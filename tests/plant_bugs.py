@@ -1672,7 +1672,7 @@ BUGS = [
         '                    )',
         ['test_train.py::test_fsdp2_gets_the_configured_reduction_dtype_and_the_teacher_always_reshards']),
     Bug('bench/train.py',
-        'plain = by_name.get("dinofuse" if device_type == "cpu" else "dinofuse without the CUDA graph")',
+        'plain = by_name.get("dinofuse" if device_type == "cpu" else UNGRAPHED_ROW)',
         'plain = by_name.get("dinofuse")',
         ['test_bench_train.py::test_targets_say_met_or_missed_and_by_what']),
     Bug('bench/train.py',
