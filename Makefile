@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install data train test test-compat bench gpu-check
+.PHONY: install data train test test-compat bench gpu-check dali-parts
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,3 +54,19 @@ bench: install
 # On a GPU machine: CUDA tests + benchmark into OUT (see README "GPU check").
 gpu-check:
 	bash bench/gpu_check.sh $(OUT)
+
+# DALI for the GPU check, which carries at most 64 MiB a call: downloaded for the GPU image
+# (Python 3.12), installed into .dali/site, pruned and packed into ~55 MiB parts in .dali/
+# (bench/dali_carry.py). Carry .dali/part.KofN with .dali/parts.sha256 in calls right after
+# each other; the GPU check installs DALI once the last part is there.
+DALI_PIP := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64
+DALI_WHEELS := nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg==13.3.2.43 \
+  nvidia-nvjpeg2k-cu13==0.11.0.51 nvidia-nvtiff-cu13==0.8.0.82 \
+  astunparse==1.6.3 gast==0.7.0 libcst==1.9.0 makefun==1.16.0 nvtx==0.2.17 optree==0.20.0 six==1.17.0
+dali-parts: install
+	rm -rf .dali/site .dali/wheels && mkdir -p .dali/wheels
+	$(PY) -m pip download -q $(DALI_PIP) -d .dali/wheels $(DALI_WHEELS)
+	$(PY) -m pip install -q $(DALI_PIP) --no-compile --target .dali/site .dali/wheels/*.whl
+	$(PY) -m dinofuse.bench.dali_carry pack .dali/site .dali

@@ -11,12 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
+import torch.nn.functional as F
+
 from dinofuse.kernels import (
     EMAPlan,
     dino_loss,
     dino_loss_reference,
     ema_reference_,
     ema_update_,
+    layer_norm,
 )
 
 OUT_DIM = 65536
@@ -136,3 +139,54 @@ class EmaCase:
 def _foreach_mul_add(T, S, m=0.996):
     torch._foreach_mul_(T, m)
     torch._foreach_add_(T, S, alpha=1 - m)
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+
+
+@dataclass
+class LayerNormCase:
+    """A ViT's LayerNorm over a step's tokens (ViT-S/16, batch 64, 2x224 + 10x96 crops: 64 x
+    764 tokens), forward and backward; under autocast the fp32 residual stream in, bf16 out."""
+
+    dim: int
+    dtype: torch.dtype = torch.float32
+    out_dtype: torch.dtype = torch.bfloat16
+    rows: int = 64 * (2 * 197 + 10 * 37)
+
+    @property
+    def name(self) -> str:
+        return (f"layer_norm rows={self.rows} D={self.dim} {str(self.dtype)[6:]}->"
+                f"{str(self.out_dtype)[6:]}")
+
+    def floor_bytes(self) -> int:
+        """Forward: read x, write y; backward: read x and dy, write dx (and 8 bytes of
+        statistics per row each way)."""
+        x = torch.empty((), dtype=self.dtype).element_size()
+        y = torch.empty((), dtype=self.out_dtype).element_size()
+        return self.rows * (self.dim * (3 * x + 2 * y) + 16)
+
+    def inputs(self, device):
+        x = (torch.randn(self.rows, self.dim, device=device) * 2 + 0.5).to(self.dtype)
+        w = torch.randn(self.dim, device=device) + 1
+        b = torch.randn(self.dim, device=device)
+        dy = torch.randn(self.rows, self.dim, device=device).to(self.out_dtype)
+        return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), dy
+
+    def variants(self) -> dict[str, Callable]:
+        out_dtype = self.out_dtype
+
+        def torch_autocast(x, w, b):  # autocast's LayerNorm in fp32, then the matmul's cast
+            return F.layer_norm(x.float(), (x.shape[-1],), w, b, 1e-6).to(out_dtype)
+
+        return {"fused": lambda x, w, b: layer_norm(x, w, b, 1e-6, out_dtype),
+                "torch (autocast's way)": torch_autocast,
+                "torch.compile(torch)": torch.compile(torch_autocast, dynamic=False)}
+
+
+def layer_norm_step(fn) -> Callable:
+    def step(x, w, b, dy):
+        x.grad = w.grad = b.grad = None
+        fn(x, w, b).backward(dy)
+
+    return step

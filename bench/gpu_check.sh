@@ -6,17 +6,18 @@
 #   bash bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else bench/out)
 #
 # Runs on a bare GPU machine with torch + triton installed and no network: dinofuse goes on
-# the import path from this checkout; wheels in .whl/ are installed to /tmp/site; DALI's
-# wheels, too big for one transfer, may come as parts .dali/part.* (a split tar with
-# .dali/parts.sha256, see README "GPU check") plus their small dependencies in .dali/deps/,
-# and are joined and installed once all parts are there.
+# the import path from this checkout; wheels in .whl/ are installed to /tmp/site; DALI, too
+# big for one transfer, may come as parts .dali/part.* with .dali/parts.sha256 (made by
+# `make dali-parts`, see README "GPU check"; bench/dali_carry.py), one part per call, and is
+# installed to /tmp/site once all parts are there.
 # Fashion-MNIST's four IDX .gz files in .data/fashion-mnist/ (30 MB, carried; or the folder
 # FASHION_MNIST names) enable the default run's GPU preset (stage train_default_gpu: as many
 # epochs as fit in PRESET_MINUTES, a whole number, default 3; then its k-NN report;
 # PRESET_OVERRIDES adds section.field=value overrides).
 # Environment: STAGES (space-separated subset, in the order given; default: all),
 # DINOFUSE_COMMIT (the commit, where the copy has no .git), SWEEP=0 (no launch-shape sweep),
-# GPU_CHECK_WORK (the work folder), GPU_CHECK_INSTALL=0 (install no wheels).
+# GPU_CHECK_WORK (the work folder), GPU_CHECK_INSTALL=0 (install no wheels), GPU_CHECK_SITE
+# (where they install; default /tmp/site), WHEELS and DALI_PARTS (default .whl and .dali).
 # Each stage has its own time limit and log; after each one everything so far is packed into
 # OUT_DIR/results.tgz, so a stage that fails or runs long still leaves the others' results.
 set -u
@@ -31,20 +32,16 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 site=/tmp/dinofuse-path
 mkdir -p "$site/dinofuse"
 for pkg in engine kernels dataloading bench; do ln -sfn "$repo/$pkg" "$site/dinofuse/$pkg"; done
-export PYTHONPATH="$site:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
-if [ "${GPU_CHECK_INSTALL:-1}" = 0 ]; then :  # use what is installed
-elif compgen -G ".whl/*.whl" >/dev/null && [ ! -f /tmp/site/.whl-done ]; then
-  pip_install .whl/*.whl && touch /tmp/site/.whl-done
-fi
-if [ "${GPU_CHECK_INSTALL:-1}" = 0 ]; then :
-elif compgen -G ".dali/part.*" >/dev/null && [ -f .dali/parts.sha256 ] && [ ! -f /tmp/site/.dali-done ]; then
-  if (cd .dali && sha256sum -c --quiet parts.sha256); then
-    mkdir -p /tmp/dali-wheels && cat .dali/part.* | tar -x -C /tmp/dali-wheels &&
-      pip_install /tmp/dali-wheels/*.whl .dali/deps/*.whl && touch /tmp/site/.dali-done
-  else
-    echo "DALI parts incomplete or corrupt: skipping DALI" | tee -a "$work/stages.txt"
+pysite=${GPU_CHECK_SITE:-/tmp/site} wheels=${WHEELS:-.whl} dali=${DALI_PARTS:-.dali}
+export PYTHONPATH="$site:$pysite${PYTHONPATH:+:$PYTHONPATH}"
+pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$pysite" "$@"; }
+if [ "${GPU_CHECK_INSTALL:-1}" != 0 ]; then
+  if compgen -G "$wheels/*.whl" >/dev/null && [ ! -f "$pysite/.whl-done" ]; then
+    pip_install "$wheels"/*.whl && touch "$pysite/.whl-done"
   fi
+  # waits (says so) until every part listed in parts.sha256 is here, then installs once
+  [ -f "$dali/parts.sha256" ] && python3 -m dinofuse.bench.dali_carry unpack "$dali" "$pysite" |
+    tee -a "$work/stages.txt"
 fi
 
 {
@@ -89,6 +86,11 @@ for f in make_jpegs(p, 512):
 run_stage() {
   case $1 in
     cuda_tests) stage cuda_tests 180 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --no-header -rfE ;;
+    # DALI's CUDA tests alone: for a call after DALI's last part arrived (cuda_tests ran before)
+    cuda_tests_dali)
+      if has_dali; then stage cuda_tests_dali 90 python3 -m pytest tests/test_cuda.py -k dali -q \
+          -p no:cacheprovider --no-header -rfE
+      else echo "stage cuda_tests_dali: skipped (no DALI)" | tee -a "$work/stages.txt"; fi ;;
     kernel_bench)
       local sweep=--sweep; [ "${SWEEP:-1}" = 0 ] && sweep=
       stage kernel_bench 200 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;

@@ -37,6 +37,7 @@ from dinofuse.bench.meta import write_results
 
 LOSS = importlib.import_module("dinofuse.kernels.dino_loss")
 EMA = importlib.import_module("dinofuse.kernels.ema")
+LAYER_NORM = importlib.import_module("dinofuse.kernels.layer_norm")
 
 
 @dataclass
@@ -128,7 +129,7 @@ def recording():
         raise RuntimeError("kernel_resources compiles the kernels: run it with TRITON_INTERPRET=0")
     launches: list[Launch] = []
     saved = {}
-    for module in (LOSS, EMA):
+    for module in (LOSS, EMA, LAYER_NORM):
         saved[module, "runs_triton"] = module.runs_triton
         module.runs_triton = lambda t: True
         for name, obj in vars(module).items():
@@ -292,6 +293,38 @@ def ema_launches(student_dtype: torch.dtype, tensor_momentum: bool) -> list[Laun
     return launches
 
 
+def layer_norm_launches(rows: int, D: int, dtype: torch.dtype, out_dtype: torch.dtype,
+                        affine: bool = True) -> list[Launch]:
+    """The LayerNorm's forward and backward launches (backward: as many programs as an H100's
+    SMs ask for)."""
+    x = torch.zeros(rows, D, dtype=dtype, requires_grad=True)
+    weight = torch.ones(D, requires_grad=True) if affine else None
+    bias = torch.zeros(D, requires_grad=True) if affine else None
+    sms = 132
+    old = LAYER_NORM._backward_programs
+    LAYER_NORM._backward_programs = lambda n, device: max(1, min(
+        sms * LAYER_NORM.BACKWARD_PROGRAMS_PER_SM, -(-n // LAYER_NORM.BLOCK_ROWS)))
+    try:
+        with recording() as launches:
+            LAYER_NORM.layer_norm(x, weight, bias, 1e-6, out_dtype).backward(
+                torch.zeros(rows, D, dtype=out_dtype))
+    finally:
+        LAYER_NORM._backward_programs = old
+    return launches
+
+
+def _layer_norm_rows(archs, cases) -> list[dict]:
+    return [dict(case=f"layer_norm D={D} {_name(dtype)}->{_name(out)}", student_launch="-",
+                 default=True, **compile_launch(launch, arch))
+            for D, dtype, out, affine in cases
+            for launch in layer_norm_launches(64 * 764, D, dtype, out, affine) for arch in archs]
+
+
+# ViT-S/B/L widths: the fp32 residual stream into bf16 (autocast), the bf16 stream
+LAYER_NORM_CASES = [(384, torch.float32, torch.bfloat16, True), (768, torch.float32, torch.bfloat16, True),
+                    (1024, torch.float32, torch.bfloat16, True), (384, torch.bfloat16, torch.bfloat16, True)]
+
+
 def report(archs=(80, 90), sweep: bool = True) -> list[dict]:
     """Every kernel at the official size (K=65536, 10 crops, B=256 and 64), bf16 and fp32,
     the default launch shapes and (sweep) the benchmark's; the EMA for both student dtypes."""
@@ -299,7 +332,7 @@ def report(archs=(80, 90), sweep: bool = True) -> list[dict]:
     for B in (256, 64):
         for dtype in (torch.bfloat16, torch.float32):
             rows += _loss_rows(f"loss B={B} {_name(dtype)}", (65536, B, 10, 2, dtype), archs, sweep)
-    return _unique(rows + _ema_rows(archs))
+    return _unique(rows + _ema_rows(archs) + _layer_norm_rows(archs, LAYER_NORM_CASES))
 
 
 def check(archs=(80, 90)) -> list[dict]:
@@ -314,7 +347,8 @@ def check(archs=(80, 90)) -> list[dict]:
         rows += _loss_rows(f"loss K={shape[0]} B={shape[1]}", shape, archs, False)
     rows += _loss_rows("loss sweep", (65536, 64, 10, 2, torch.bfloat16), archs, True,
                        machine_code=False)
-    return _unique(rows + _ema_rows(archs))
+    odd = [(37, torch.float16, torch.float16, False), (100, torch.float32, torch.float32, True)]
+    return _unique(rows + _ema_rows(archs) + _layer_norm_rows(archs, LAYER_NORM_CASES + odd))
 
 
 def _name(dtype: torch.dtype) -> str:

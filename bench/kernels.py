@@ -1,11 +1,13 @@
-"""Kernel benchmark: the fused DINO loss and EMA against the official code paths, side by side.
+"""Kernel benchmark: the fused DINO loss, EMA and LayerNorm against the official code paths, side by side.
 
     python -m dinofuse.bench.kernels [--out DIR] [--quick]
 
 Loss (K=65536, 10 crops, B=64 and 256, fp32 and bf16; forward + backward): fused op, the
 official eager math, torch.compile of the official math. EMA (ViT-S/16 and ViT-B/16 with a
 DINO head): fused op (float and tensor momentum), the official per-parameter loop,
-_foreach_mul_ + _foreach_add_, _foreach_lerp_. Each row reports the median time, the
+_foreach_mul_ + _foreach_add_, _foreach_lerp_. LayerNorm (a ViT-S/16 step's tokens at
+widths 384 and 768, fp32 in and bf16 out as under autocast, and bf16 in and out; forward +
+backward): fused op, torch's layer norm in fp32 then the cast, torch.compile of that. Each row reports the median time, the
 bytes floor over that time (GB/s), that as a share of the copy bandwidth measured in the same
 run, and peak extra memory. Writes kernels.json and kernels.md into --out.
 On a machine without CUDA it runs the CPU-capable rows and lists what it skipped.
@@ -26,8 +28,10 @@ import torch
 
 from dinofuse.bench.cases import (
     EmaCase,
+    LayerNormCase,
     LossCase,
     fused_loss,
+    layer_norm_step,
     loss_step,
     official_loss,
 )
@@ -144,6 +148,21 @@ def bench_ema(case: EmaCase, device, copy_bw, reps, skipped):
     return rows
 
 
+def bench_layer_norm(case: LayerNormCase, device, copy_bw, reps, skipped, compile_ok=True):
+    x, w, b, dy = case.inputs(device)
+    rows = []
+    for name, fn in case.variants().items():
+        if name == "fused" and device.type != "cuda":
+            skipped.append(f"{case.name}: fused (Triton kernel needs CUDA)")
+            continue
+        if name.startswith("torch.compile") and not compile_ok:
+            skipped.append(f"{case.name}: {name} (skipped: compile time)")
+            continue
+        m = measure(functools.partial(layer_norm_step(fn), x, w, b, dy), device, reps)
+        rows.append(_row(case.name, name, m, case.floor_bytes(), copy_bw))
+    return rows
+
+
 # (V_BLOCK, BLOCK_K, warps, splits[, layout, stages, programs per SM]):
 # kernels.dino_loss.StudentLaunch. The "views" shapes that led the H200 sweep at b807297,
 # then the "image" layout (the fastest at acd9a6a, pipelined: now the default).
@@ -173,6 +192,12 @@ TEACHER_SWEEP = [dict(block_k=1024, block_r=8, rows_per_program=64, num_warps=4)
                  dict(block_k=2048, block_r=4, rows_per_program=32, num_warps=8)]
 EMA_SWEEP = [dict(chunk=16384, block=1024, num_warps=4), dict(chunk=65536, block=2048, num_warps=8),
              dict(chunk=4096, block=1024, num_warps=4), dict(chunk=32768, block=4096, num_warps=8)]
+
+# The LayerNorm's rows per program step (forward and backward; the warps follow: ~16 elements
+# per thread) and backward programs per SM (each sums its rows' weight and bias gradients).
+LAYER_NORM_SWEEP = [dict(BLOCK_ROWS=4, BACKWARD_PROGRAMS_PER_SM=4), dict(BLOCK_ROWS=2, BACKWARD_PROGRAMS_PER_SM=4),
+                    dict(BLOCK_ROWS=8, BACKWARD_PROGRAMS_PER_SM=4), dict(BLOCK_ROWS=4, BACKWARD_PROGRAMS_PER_SM=8),
+                    dict(BLOCK_ROWS=1, BACKWARD_PROGRAMS_PER_SM=8), dict(BLOCK_ROWS=4, BACKWARD_PROGRAMS_PER_SM=2)]
 
 
 @contextlib.contextmanager
@@ -223,10 +248,32 @@ def sweep_loss(case: LossCase, device, copy_bw, reps) -> list[dict]:
     return students + teachers + [both]
 
 
-def sweep_launch_shapes(loss_cases: list[LossCase], ema_case: EmaCase, device, copy_bw, reps):
+def sweep_layer_norm(case: LayerNormCase, device, copy_bw, reps) -> list[dict]:
+    ln_mod = importlib.import_module("dinofuse.kernels.layer_norm")
+    x, w, b, dy = case.inputs(device)
+    step = layer_norm_step(case.variants()["fused"])
+    default = {k: getattr(ln_mod, k) for k in LAYER_NORM_SWEEP[0]}
+    rows = []
+    for launch in LAYER_NORM_SWEEP:
+        try:
+            for k, v in launch.items():
+                setattr(ln_mod, k, v)
+            m = measure(lambda: step(x, w, b, dy), device, reps)
+        finally:
+            for k, v in default.items():
+                setattr(ln_mod, k, v)
+        label = ",".join(f"{k.lower()}={v}" for k, v in launch.items())
+        rows.append(_row(case.name, f"fused {label}", m, case.floor_bytes(), copy_bw))
+    return rows
+
+
+def sweep_launch_shapes(loss_cases: list[LossCase], ema_case: EmaCase, device, copy_bw, reps,
+                        layer_norm_cases: list[LayerNormCase] = ()):
     """The fused ops under each launch shape, to choose the defaults from measurements."""
     ema_mod = importlib.import_module("dinofuse.kernels.ema")
     rows = []
+    for case in layer_norm_cases:  # short: before the loss sweep, which a time limit may cut
+        rows += sweep_layer_norm(case, device, copy_bw, reps)
     for loss_case in loss_cases:
         rows += sweep_loss(loss_case, device, copy_bw, reps)
     teacher, student = ema_case.inputs(device)
@@ -345,11 +392,15 @@ def main(argv=None):
         loss_cases = [LossCase(b, d) for b in (256, 64) for d in (torch.bfloat16, torch.float32)]
         ema_cases = [EmaCase("vit_small16+head"), EmaCase("vit_base16+head"),
                      EmaCase("vit_base16+head", torch.bfloat16)]
+        layer_norm_cases = [LayerNormCase(384), LayerNormCase(768),
+                            LayerNormCase(384, torch.bfloat16, torch.bfloat16)]
     else:
         skipped.append("loss at B=64/256 (CPU: one reduced case B=4 instead)")
         loss_cases = [LossCase(4, torch.float32)]
         ema_cases = [EmaCase("vit_small16+head")]
         skipped.append("EMA ViT-B/16 and bf16-student rows (CPU)")
+        layer_norm_cases = [LayerNormCase(384, out_dtype=torch.float32, rows=2048)]
+        skipped.append("LayerNorm at a ViT-S/16 step's size and bf16 (CPU: 2048 rows in fp32)")
     if args.quick and cuda:
         loss_cases = loss_cases[:1]
     rows, checks = [], {}
@@ -366,10 +417,13 @@ def main(argv=None):
     for case in ema_cases:
         rows += bench_ema(case, device, copy_bw, reps, skipped)
         print(f"done: {case.name}", flush=True)
+    for case in layer_norm_cases:
+        rows += bench_layer_norm(case, device, copy_bw, reps, skipped, compile_ok=cuda and not args.no_compile)
+        print(f"done: {case.name}", flush=True)
     host_us = host_overhead_us(device)
     if args.sweep and cuda:
         rows += sweep_launch_shapes([loss_cases[0], loss_cases[2]], ema_cases[1], device, copy_bw,
-                                    reps)
+                                    reps, layer_norm_cases[:2])
         print("done: launch-shape sweep", flush=True)
 
     result = dict(

@@ -10,7 +10,15 @@ times are wall times of complete calls; the script's GPU-kernel times come from 
 import pytest
 import torch
 
-from dinofuse.bench.cases import EmaCase, LossCase, fused_loss, loss_step, official_loss
+from dinofuse.bench.cases import (
+    EmaCase,
+    LayerNormCase,
+    LossCase,
+    fused_loss,
+    layer_norm_step,
+    loss_step,
+    official_loss,
+)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -18,6 +26,8 @@ LOSS_CASES = ([LossCase(b, d) for b in (256, 64) for d in (torch.bfloat16, torch
               if CUDA else [LossCase(4, torch.float32)])
 EMA_CASES = [EmaCase("vit_small16+head"), EmaCase("vit_base16+head")] if CUDA \
     else [EmaCase("vit_small16+head")]
+LAYER_NORM_CASES = ([LayerNormCase(384), LayerNormCase(768), LayerNormCase(384, torch.bfloat16)]
+                    if CUDA else [LayerNormCase(384, out_dtype=torch.float32, rows=2048)])
 
 
 def _run(benchmark, fn):
@@ -53,3 +63,14 @@ def test_ema(benchmark, case, variant):
     fn = case.variants(teacher, student, DEVICE)[variant]
     benchmark.extra_info.update(case=case.name, floor_bytes=case.floor_bytes())
     _run(benchmark, lambda: fn(teacher, student))
+
+
+@pytest.mark.parametrize("case", LAYER_NORM_CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("variant", ["fused", "torch (autocast's way)", "torch.compile(torch)"])
+def test_layer_norm(benchmark, case, variant):
+    if variant != "torch (autocast's way)" and not CUDA:
+        pytest.skip("the fused kernel and compile rows are timed on a GPU")
+    x, w, b, dy = case.inputs(DEVICE)
+    step = layer_norm_step(case.variants()[variant])
+    benchmark.extra_info.update(case=case.name, floor_bytes=case.floor_bytes())
+    _run(benchmark, lambda: step(x, w, b, dy))

@@ -45,12 +45,14 @@ from dinofuse.engine.models.vit import ARCHS
 BASELINE = {"model.attention": "naive", "model.packed": False, "impl.loss": "official",
             "impl.ema": "official", "impl.clip": "official", "impl.optimizer": "official",
             "optim.precision": "fp16", "impl.compile_blocks": False, "impl.loss_check": "official",
-            "impl.patch_embedding": "conv", "impl.residual_dtype": "fp32", "impl.cuda_graph": "off"}
+            "impl.patch_embedding": "conv", "impl.residual_dtype": "fp32", "impl.cuda_graph": "off",
+            "impl.layer_norm": "torch"}
 # dinofuse's defaults for the same parts (attention "auto": xformers on CUDA, SDPA on CPU).
 DINOFUSE = {"model.attention": "auto", "model.packed": False, "impl.loss": "fused",
             "impl.ema": "fused", "impl.clip": "fused", "impl.optimizer": "auto",
             "optim.precision": "bf16", "impl.compile_blocks": False, "impl.loss_check": "deferred",
-            "impl.patch_embedding": "matmul", "impl.residual_dtype": "fp32", "impl.cuda_graph": "auto"}
+            "impl.patch_embedding": "matmul", "impl.residual_dtype": "fp32", "impl.cuda_graph": "auto",
+            "impl.layer_norm": "auto"}
 # Rows that the FSDP2 overhead target compares (named once: a renamed row would silently
 # drop the target from the results).
 UNGRAPHED_ROW = "dinofuse without the CUDA graph"
@@ -65,6 +67,7 @@ OPTIMIZATIONS = {
     "loss read a step later": {"impl.loss_check": "deferred"},
     "fused AdamW": {"impl.optimizer": "fused"},
     "patch embedding as one matmul": {"impl.patch_embedding": "matmul"},
+    "fused LayerNorm": {"impl.layer_norm": "auto"},
     "bf16 autocast": {"optim.precision": "bf16"},
     "torch.compile per block": {"impl.compile_blocks": True},
 }
@@ -356,6 +359,8 @@ def variants(args) -> list[Variant]:
     if args.ablation:
         if device_type == "cuda":
             out.append(Variant(UNGRAPHED_ROW, {**ours, "impl.cuda_graph": "off"}))
+            out.append(Variant("dinofuse without the fused LayerNorm",
+                               {**ours, "impl.layer_norm": "torch"}))
         out.append(Variant("dinofuse + packed crops", {**ours, "model.packed": True}))
         # not over the baseline: an fp16 residual stream risks overflow (bf16 has fp32's range)
         out.append(Variant("dinofuse + bf16 residual stream and LayerNorm",

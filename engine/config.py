@@ -114,6 +114,9 @@ class ImplConfig:
     residual_dtype: str = "fp32"  # under bf16/fp16 autocast, the residual stream and the
     # LayerNorms: fp32 (the official code's, autocast's LayerNorm) | autocast (its dtype,
     # half the bytes; the kernel's statistics stay fp32)
+    layer_norm: str = "auto"  # the ViT's LayerNorms: auto (dinofuse.kernels.layer_norm on
+    # CUDA, one pass each way, bf16 written straight for the next matmul; torch's where
+    # torch.compile generates its own) | fused (ours wherever Triton runs) | torch
     cuda_graph: str = "auto"  # capture the whole step in one CUDA graph and replay it
     # (engine/graph_step.py): auto (on a GPU when the run allows it: one process, bf16/fp32,
     # the fused loss, clipping and loss check) | on (the same step eagerly on a CPU; refuses

@@ -51,7 +51,7 @@ from dinofuse.engine.models import (
     build_vit,
     cancel_last_layer_gradients,
 )
-from dinofuse.engine.models.vit import PATCH_EMBEDDINGS, RESIDUAL_DTYPES
+from dinofuse.engine.models.vit import LAYER_NORM_KERNELS, PATCH_EMBEDDINGS, RESIDUAL_DTYPES
 from dinofuse.engine.parallel import DeviceValue, parallelize, world
 from dinofuse.engine.progress import Progress
 from dinofuse.engine.run_lock import RunLock
@@ -68,7 +68,8 @@ IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
                 "clip": ("fused", "official"), "fsdp": ("auto", "always"),
                 "optimizer": ("auto", "fused", "foreach", "official"),
                 "reduce_dtype": ("fp32", "bf16"), "loss_check": ("deferred", "official"),
-                "patch_embedding": PATCH_EMBEDDINGS, "residual_dtype": RESIDUAL_DTYPES}
+                "patch_embedding": PATCH_EMBEDDINGS, "residual_dtype": RESIDUAL_DTYPES,
+                "layer_norm": LAYER_NORM_KERNELS}
 
 
 def pick_device(name: str, field: str = "run.device") -> torch.device:
@@ -155,7 +156,8 @@ def build_backbone(cfg: Config, drop_path_rate: float) -> nn.Module:
     return build_vit(m.arch, m.patch_size, img_size=m.img_size, in_chans=m.in_chans,
                      drop_path_rate=drop_path_rate, attention=m.attention,
                      patch_embedding=cfg.impl.patch_embedding,
-                     residual_dtype=cfg.impl.residual_dtype, **sizes)
+                     residual_dtype=cfg.impl.residual_dtype, layer_norm=cfg.impl.layer_norm,
+                     **sizes)
 
 
 def build_student_teacher(cfg: Config) -> tuple[MultiCropWrapper, MultiCropWrapper]:

@@ -49,6 +49,7 @@ CHOICES = {
     "impl.checkpoint_blocks": ["0", "-1", "2"],
     "impl.patch_embedding": ['"matmul"', '"conv"'],
     "impl.residual_dtype": ['"fp32"', '"autocast"'],
+    "impl.layer_norm": ['"auto"', '"fused"', '"torch"'],  # fused: the Triton kernel (interpreted)
     "impl.loss_check": ['"deferred"', '"official"'],
     "impl.cuda_graph": ['"auto"', '"on"', '"off"'],  # on: the graph's step, eagerly on a CPU
     "run.save_every_steps": ["0", "2"],

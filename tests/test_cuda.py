@@ -9,11 +9,12 @@ import importlib
 import pytest
 import torch
 
-from dinofuse.bench.kernels import STUDENT_SWEEP, TEACHER_SWEEP
+from dinofuse.bench.kernels import LAYER_NORM_SWEEP, STUDENT_SWEEP, TEACHER_SWEEP
 from dinofuse.kernels import DINOLoss, dino_loss, ema_update_
 from official_dino import OfficialDINOLoss
 from test_dino_loss import assert_matches_reference, make_inputs
 from test_ema import assert_ema_exact
+from test_layer_norm import check as check_layer_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -135,6 +136,51 @@ def test_ema_replays_in_a_cuda_graph_with_a_new_momentum():
         graph.replay()
         torch.cuda.synchronize()
         assert_ema_exact(before, student, teacher, float(torch.tensor(m, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("rows,D,dtype,out_dtype", [
+    (64 * 764, 384, torch.float32, torch.bfloat16),  # a ViT-S/16 step's tokens, autocast
+    (64 * 764, 768, torch.float32, torch.bfloat16),
+    (64 * 764, 384, torch.bfloat16, torch.bfloat16),  # the bf16 residual stream
+    (4097, 1024, torch.float16, torch.float16),
+    (1, 37, torch.float32, torch.float32),
+    (3, 100, torch.bfloat16, torch.float32),
+])
+def test_layer_norm_matches_float64_reference(rows, D, dtype, out_dtype, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("dinofuse.kernels.layer_norm"), "POISON_OUTPUTS", True)
+    x = (torch.randn(rows, D, device="cuda") * 2 + 0.5).to(dtype)
+    w, b = torch.randn(D, device="cuda") + 1, torch.randn(D, device="cuda")
+    check_layer_norm(x, w, b, 1e-6, out_dtype)
+
+
+@pytest.mark.parametrize("launch", LAYER_NORM_SWEEP, ids=str)
+def test_every_benchmarked_layer_norm_launch_shape(launch, monkeypatch):
+    module = importlib.import_module("dinofuse.kernels.layer_norm")
+    monkeypatch.setattr(module, "POISON_OUTPUTS", True)
+    for name, value in launch.items():
+        monkeypatch.setattr(module, name, value)
+    x = torch.randn(64 * 764 + 3, 384, device="cuda")
+    check_layer_norm(x, torch.randn(384, device="cuda") + 1, torch.randn(384, device="cuda"), 1e-6,
+                     torch.bfloat16)
+
+
+def test_fused_layer_norm_in_a_vit_under_autocast_matches_torchs():
+    """ViT-S/16 under bf16 autocast with our LayerNorm (the default on CUDA) against torch's:
+    the same outputs and gradients to bf16's precision."""
+    from dinofuse.engine.models import vit_small
+
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    outs, grads = {}, {}
+    for kernel in ("fused", "torch"):
+        torch.manual_seed(1)
+        model = vit_small(attention="sdpa", layer_norm=kernel).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        outs[kernel] = out.float()
+        grads[kernel] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(outs["fused"], outs["torch"], rtol=0.02, atol=0.02)
+    assert torch.nn.functional.cosine_similarity(grads["fused"], grads["torch"], dim=0) > 0.999
 
 
 def test_xformers_attention_and_packed_multicrop_match_sdpa():

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _run_gpu_check(tmp_path, stages: str, **env_extra) -> Path:
     env = dict(os.environ, STAGES=stages, DINOFUSE_COMMIT="test123",
                GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_INSTALL="0",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env_extra)
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.update(env_extra)
     env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "out"
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out)],
@@ -100,3 +101,74 @@ def test_every_training_stage_of_the_gpu_check_parses():
                            .replace('"$(nproc)"', "16"))
         args = build_parser().parse_args([*argv, "--device", "cpu"])
         assert variants(args), command
+
+
+def _fake_dali_site(site: Path) -> None:
+    """The layout `pip install --target` gives DALI: a package, extension modules for several
+    Pythons, C headers; a marker module so an import shows which copy was found."""
+    dali = site / "nvidia" / "dali"
+    (dali / "include" / "dali").mkdir(parents=True)
+    (site / "nvidia" / "__init__.py").write_text("")
+    (dali / "__init__.py").write_text("__version__ = 'carried-in-parts'\n")
+    (dali / "include" / "dali" / "pipeline.h").write_text("// header\n" * 100)
+    for tag in ("310", "311", "312", "313t"):
+        (dali / f"backend_impl.cpython-{tag}-x86_64-linux-gnu.so").write_bytes(tag.encode() * 999)
+    (dali / "libdali.so").write_bytes(os.urandom(150_000))  # incompressible: several parts
+
+
+def test_dali_parts_prune_other_pythons_and_install_only_once_all_arrived(tmp_path, capsys):
+    from dinofuse.bench.dali_carry import main
+
+    site, parts, target = tmp_path / "site", tmp_path / "parts", tmp_path / "target"
+    _fake_dali_site(site)
+    main(["pack", str(site), str(parts), "--part-mib", "0.06", "--python", "3.12"])
+    names = sorted(p.name for p in parts.glob("part.*"))
+    assert names == ["part.1of3", "part.2of3", "part.3of3"]
+    sizes = [(parts / n).stat().st_size for n in names]
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 0.06 * 2**20
+    # arrivals one part per call: nothing installed until the last
+    held = tmp_path / "held"
+    held.mkdir()
+    for name in names[1:]:
+        (parts / name).rename(held / name)
+    main(["unpack", str(parts), str(target)])
+    assert "1 of 3 parts here (missing: part.2of3, part.3of3)" in capsys.readouterr().out
+    assert not (target / "nvidia").exists()
+    # a part damaged on the way: refused, named
+    (held / "part.2of3").rename(parts / "part.2of3")
+    (held / "part.3of3").write_bytes(b"x")
+    (held / "part.3of3").rename(parts / "part.3of3")
+    main(["unpack", str(parts), str(target)])
+    assert "checksum mismatch in part.3of3" in capsys.readouterr().out
+    assert not (target / "nvidia").exists()
+    # all there: installed, pruned of the other Pythons' modules and the headers
+    main(["pack", str(site), str(parts), "--part-mib", "0.06"])
+    main(["unpack", str(parts), str(target)])
+    assert "3 parts installed" in capsys.readouterr().out
+    dali = target / "nvidia" / "dali"
+    assert sorted(p.name for p in dali.iterdir()) == [
+        "__init__.py", "backend_impl.cpython-312-x86_64-linux-gnu.so", "libdali.so"]
+    assert (dali / "libdali.so").read_bytes() == (site / "nvidia/dali/libdali.so").read_bytes()
+    main(["unpack", str(parts), str(target)])
+    assert "already installed" in capsys.readouterr().out
+
+
+def test_gpu_check_installs_carried_dali_parts_before_the_version_report(tmp_path):
+    from dinofuse.bench.dali_carry import main
+
+    _fake_dali_site(tmp_path / "site")
+    main(["pack", str(tmp_path / "site"), str(tmp_path / "parts"), "--part-mib", "0.06"])
+    out = _run_gpu_check(tmp_path, "no_such_stage", GPU_CHECK_INSTALL="1", GPU_CHECK_SITE=str(tmp_path / "target"),
+                         WHEELS=str(tmp_path / "no-wheels"), DALI_PARTS=str(tmp_path / "parts"))
+    assert "DALI: 3 parts installed" in (out / "stages.txt").read_text()
+    with tarfile.open(out / "results.tgz") as tar:
+        assert "nvidia.dali carried-in-parts" in tar.extractfile("./env.txt").read().decode()
+
+
+def test_the_dali_cuda_tests_stage_runs_only_dalis_tests(tmp_path):
+    out = _run_gpu_check(tmp_path, "cuda_tests_dali")
+    assert "stage cuda_tests_dali: exit 0" in (out / "stages.txt").read_text()
+    with tarfile.open(out / "results.tgz") as tar:
+        log = tar.extractfile("./cuda_tests_dali.log").read().decode()
+    skipped = int(re.search(r"(\d+) skipped", log).group(1))
+    assert 2 <= skipped and re.search(r"\d+ deselected", log)  # DALI's tests, no others

@@ -43,7 +43,8 @@ def test_every_kernel_compiles_for_a100_and_h100(compiled):
 
     # the kernels the modules define (under the tests' interpreter they are not JITFunctions,
     # so find them by name)
-    names = {n for m in ("dinofuse.kernels.dino_loss", "dinofuse.kernels.ema")
+    names = {n for m in ("dinofuse.kernels.dino_loss", "dinofuse.kernels.ema",
+                         "dinofuse.kernels.layer_norm")
              for n in vars(importlib.import_module(m)) if n.endswith("_kernel")}
     assert names and {r["kernel"] for r in compiled} == names
     for name in names:
@@ -61,7 +62,8 @@ def test_default_launches_do_not_spill_registers(compiled):
     assert {r["pointers"] for r in defaults} >= {"bf16/fp32", "fp32", "fp16/fp32"}
     official = [r for r in defaults if "K=" not in r["case"]]
     assert {r["kernel"] for r in official} >= {"_teacher_pass_kernel", _default_student_kernel(),
-                                               "_ema_kernel"}
+                                               "_ema_kernel", "_layer_norm_forward_kernel",
+                                               "_layer_norm_backward_kernel"}
     spilled = [(r["case"], r["kernel"], r["arch"], r["spill_bytes"], r["spill_accesses"])
                for r in official if r["spill_bytes"] or r["spill_accesses"]]
     assert not spilled

@@ -32,3 +32,26 @@ def test_sweep_times_the_fastest_pair_together_and_restores_the_defaults(monkeyp
     assert rows[0]["variant"] == f"fused V,BK,warps,splits={bench.STUDENT_SWEEP[0]}"
     assert loss_mod.STUDENT_LAUNCH_OVERRIDE is None and loss_mod.TEACHER_LAUNCH == default_teacher
 
+
+
+def test_layer_norm_sweep_runs_each_launch_shape_and_restores_the_defaults(monkeypatch):
+    """Each shape is active while its row is measured (and runs: the op under the
+    interpreter here), and the module's defaults come back."""
+    from dinofuse.bench.cases import LayerNormCase
+
+    ln_mod = importlib.import_module("dinofuse.kernels.layer_norm")
+    default = (ln_mod.BLOCK_ROWS, ln_mod.BACKWARD_PROGRAMS_PER_SM)
+    seen = []
+
+    def checked_measure(fn, device, reps):
+        seen.append((ln_mod.BLOCK_ROWS, ln_mod.BACKWARD_PROGRAMS_PER_SM))
+        fn()
+        return dict(ms=1.0, kernel_ms=1.0, peak_mb=0.0, kernels_us={})
+
+    monkeypatch.setattr(bench, "measure", checked_measure)
+    case = LayerNormCase(24, out_dtype=torch.float32, rows=37)
+    rows = bench.sweep_layer_norm(case, torch.device("cpu"), copy_bw=1.0, reps=1)
+    assert seen == [(s["BLOCK_ROWS"], s["BACKWARD_PROGRAMS_PER_SM"]) for s in bench.LAYER_NORM_SWEEP]
+    assert rows[0]["variant"] == "fused block_rows=4,backward_programs_per_sm=4"
+    assert len({r["variant"] for r in rows}) == len(bench.LAYER_NORM_SWEEP)
+    assert (ln_mod.BLOCK_ROWS, ln_mod.BACKWARD_PROGRAMS_PER_SM) == default

@@ -200,6 +200,7 @@ def test_last_layer_freeze():
     (lambda: vit_tiny(img_size=100), "img_size 100 is not divisible"),
     (lambda: vit_tiny(patch_embedding="unfold"), "patch_embedding must be one of matmul, conv"),
     (lambda: vit_tiny(residual_dtype="bf16"), "residual_dtype must be one of fp32, autocast"),
+    (lambda: vit_tiny(layer_norm="apex"), "layer_norm must be one of auto, fused, torch"),
 ])
 def test_bad_input_is_rejected(make, message):
     with pytest.raises(ValueError, match=message):
@@ -489,3 +490,63 @@ def test_residual_stream_in_the_autocast_dtype(monkeypatch):
     assert all(p.grad.dtype == torch.float32 for p in low.parameters())
     torch.testing.assert_close(outs[1], outs[0], rtol=0.05, atol=0.05)
     assert torch.nn.functional.cosine_similarity(grads[1], grads[0], dim=0) > 0.99
+
+
+def _count_fused_layer_norms(monkeypatch) -> list:
+    from dinofuse.kernels.layer_norm import LayerNormFunction
+
+    calls, apply = [], LayerNormFunction.apply
+
+    def counted(x, weight, bias, eps, out_dtype):
+        calls.append((x.dtype, out_dtype))
+        return apply(x, weight, bias, eps, out_dtype)
+
+    monkeypatch.setattr(LayerNormFunction, "apply", counted)
+    return calls
+
+
+def test_fused_layer_norm_gives_torchs_outputs_and_gradients(monkeypatch):
+    """layer_norm="fused" (the Triton kernel, here under the interpreter) against torch's:
+    every norm runs it; fp32 outputs and gradients agree; under bf16 autocast the norms that
+    feed a matmul write bf16 and the final one fp32, as autocast's cast and LayerNorm give."""
+    calls = _count_fused_layer_norms(monkeypatch)
+    torch.manual_seed(0)
+    ours = random_state(vit_tiny(depth=2, attention="sdpa", layer_norm="fused"))
+    theirs = vit_tiny(depth=2, attention="sdpa", layer_norm="torch")
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    outs, grads = [], []
+    for model in (ours, theirs):
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert len(calls) == 2 * 2 + 1
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+        expected = theirs(x)
+    assert calls == [(torch.float32, torch.bfloat16)] * 4 + [(torch.float32, torch.float32)]
+    assert out.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
+
+
+def test_auto_layer_norm_is_torchs_on_the_cpu_and_under_torch_compile(monkeypatch):
+    """"auto" runs ours on CUDA only; torch.compile traces torch's layer norm (its generated
+    kernels fuse the norm with its neighbours) even where ours was asked for."""
+    calls = _count_fused_layer_norms(monkeypatch)
+    vit_tiny(depth=1, attention="sdpa")(torch.randn(1, 3, 32, 32))
+    assert calls == []
+    block = vit_tiny(depth=1, attention="sdpa", layer_norm="fused").blocks[0]
+    x = torch.randn(2, 5, block.norm1.normalized_shape[0])
+    expected = block(x)[0]
+    assert len(calls) == 2
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(block, backend="eager", fullgraph=True)(x)[0]
+    finally:
+        torch._dynamo.reset()
+    assert len(calls) == 2
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

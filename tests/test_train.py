@@ -495,6 +495,17 @@ def test_official_impl_choices_train_like_the_fused_ones(tmp_path):
     assert fused_losses[0] != fused_losses[-1]  # the steps changed something
 
 
+def test_the_fused_layer_norm_trains_like_torchs_with_recomputed_blocks(tmp_path):
+    """impl.layer_norm="fused" (the Triton kernel, interpreted here) with every block
+    checkpointed (its forward runs again in backward): torch's losses and teacher weights."""
+    torch_losses, torch_teacher, _ = _synthetic_run(tmp_path / "a", 'impl.layer_norm="torch"')
+    fused_losses, fused_teacher, trainer = _synthetic_run(
+        tmp_path / "b", 'impl.layer_norm="fused"', "impl.checkpoint_blocks=-1")
+    assert {m.kernel for m in trainer.student.modules() if hasattr(m, "feeds_matmul")} == {"fused"}
+    assert fused_losses == pytest.approx(torch_losses, rel=1e-5)
+    torch.testing.assert_close(fused_teacher, torch_teacher, rtol=1e-5, atol=1e-6)
+
+
 def test_fp16_steps_are_skipped_until_the_gradient_scale_fits(tmp_path):
     """fp16 with a GradScaler (the official use_fp16), on the CPU: a step whose scaled
     gradients overflow changes no student weight and halves the scale (2**16 at the start,
@@ -535,6 +546,7 @@ def test_checkpointing_and_compile_per_block_change_no_result(tmp_path, referenc
     ('impl.fsdp="sometimes"', "impl.fsdp must be one of auto, always"),
     ("impl.checkpoint_blocks=-2", "impl.checkpoint_blocks must be a block count"),
     ("impl.checkpoint_blocks=1.5", "impl.checkpoint_blocks must be int"),
+    ('impl.layer_norm="apex"', "impl.layer_norm must be one of auto, fused, torch"),
 ])
 def test_impl_choices_are_checked(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

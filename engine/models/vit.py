@@ -28,9 +28,12 @@ from timm.layers import Mlp, trunc_normal_
 from timm.layers import PatchEmbed as TimmPatchEmbed
 from torch import nn
 
+from dinofuse.kernels.layer_norm import FusedLayerNorm
+
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "naive")
 PATCH_EMBEDDINGS = ("matmul", "conv")
 RESIDUAL_DTYPES = ("fp32", "autocast")
+LAYER_NORM_KERNELS = ("auto", "fused", "torch")
 
 # Packed layout: ((count, length), ...): `count` consecutive sequences of `length` tokens each.
 SeqLens = tuple[tuple[int, int], ...]
@@ -182,17 +185,27 @@ class PatchEmbed(TimmPatchEmbed):
         return self.norm(F.linear(patches, weight, self.proj.bias))
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm; with `low_precision`, under autocast it runs in the autocast dtype (the
-    kernel keeps its statistics in fp32) instead of autocast's fp32, which reads and writes
-    twice the bytes and adds a cast before the next matmul."""
+class LayerNorm(FusedLayerNorm):
+    """nn.LayerNorm's parameters and math, run by torch's kernel or by ours
+    (`dinofuse.kernels.layer_norm`: one pass each way, the output written in the dtype the
+    next matmul reads). `kernel`: "auto" (ours on CUDA, not under torch.compile, whose own
+    generated kernels fuse the norm with its neighbours), "fused" (ours wherever Triton runs),
+    "torch". `feeds_matmul`: the output only feeds a linear layer, which under autocast casts
+    it anyway, so ours writes that dtype at once. With `low_precision`, under autocast the
+    norm runs in the autocast dtype (statistics in fp32) instead of autocast's fp32, which
+    reads and writes twice the bytes and adds a cast before the next matmul."""
 
     low_precision = False
+    feeds_matmul = False
+    kernel = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
+        if self.kernel != "torch" and not torch.compiler.is_compiling() and (
+                self.kernel == "fused" or device == "cuda"):
+            return self.fused_forward(x, self.feeds_matmul or self.low_precision)
         if not (self.low_precision and torch.is_autocast_enabled(device)):
-            return super().forward(x)
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
             return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
@@ -283,9 +296,11 @@ class Block(nn.Module):
                  attention="auto"):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=1e-6)
+        self.norm1.feeds_matmul = True  # the qkv projection
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=attention)
         self.drop_path = DropPath(drop_path)  # at 0 too (eager: x itself), one type for compile
         self.norm2 = LayerNorm(dim, eps=1e-6)
+        self.norm2.feeds_matmul = True  # the MLP's first layer
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, x, seqlens: SeqLens | None = None, return_attention: bool = False):
@@ -304,7 +319,7 @@ class VisionTransformer(nn.Module):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
                  attention: str = "auto", patch_embedding: str = "matmul",
-                 residual_dtype: str = "fp32"):
+                 residual_dtype: str = "fp32", layer_norm: str = "auto"):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
@@ -314,6 +329,9 @@ class VisionTransformer(nn.Module):
         if residual_dtype not in RESIDUAL_DTYPES:
             raise ValueError(f"residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}; "
                              f"got {residual_dtype!r}")
+        if layer_norm not in LAYER_NORM_KERNELS:
+            raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORM_KERNELS)}; "
+                             f"got {layer_norm!r}")
         self.patch_size = patch_size
         # Under autocast the official residual stream is fp32 (the position embedding is) and
         # autocast runs LayerNorm in fp32; "autocast" keeps both in the autocast dtype, as
@@ -333,6 +351,7 @@ class VisionTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, LayerNorm):
                 m.low_precision = residual_dtype == "autocast"
+                m.kernel = layer_norm
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)

@@ -1,0 +1,227 @@
+"""LayerNorm, fused: statistics in fp32, output written straight in the dtype the next matmul
+reads, and a backward that computes the input gradient and the weight and bias gradients in
+one pass over the rows.
+
+Why: under bf16 autocast the ViT's residual stream is fp32 and autocast runs LayerNorm in
+fp32, so torch reads fp32, writes fp32, and the next linear layer casts that to bf16 (a
+read and a write more). Its backward runs two kernels, one of them a column reduction for
+the weight and bias gradients that alone took 8% of a ViT-S/16 step on an H200 (profile at
+acd9a6a, bench/results/). Here the forward reads x once and writes bf16 once; the backward
+reads x and dy once and writes dx once, each program keeping fp32 partial sums of the weight
+and bias gradients over its rows (summed afterwards over a few hundred programs).
+
+`layer_norm(x, weight, bias, eps, out_dtype=None)` over the last dimension; `weight` and
+`bias` may be None. The math is torch's (`F.layer_norm`, biased variance).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from dinofuse.kernels._runtime import FLOAT_DTYPES, check_float, next_power_of_2, runs_triton
+
+# Rows per loop step (program-wide), and how many programs share the backward's rows: the
+# partial weight/bias gradients are (programs, D) fp32, summed once at the end.
+BLOCK_ROWS = 4
+BACKWARD_PROGRAMS_PER_SM = 4
+POISON_OUTPUTS = False  # tests: every output starts as NaN, so an unwritten element fails
+
+
+@triton.jit
+def _layer_norm_forward_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, D, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < n_rows
+    col_ok = cols < D
+    ok = row_ok[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    centered = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
+    y = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(
+    x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
+    n_rows, D, rows_per_program,
+    HAS_WEIGHT: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first = pid * rows_per_program
+    for start in range(first, first + rows_per_program, BLOCK_R):
+        rows = start + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        ok = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        x_hat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_WEIGHT:
+            g = dy * w[None, :]
+        else:
+            g = dy
+        # d/dx of (x - mean) * rstd: subtract g's mean and its projection on x_hat
+        c_hat = tl.sum(g * x_hat, axis=1) / D
+        c_one = tl.sum(g, axis=1) / D
+        dx = (g - x_hat * c_hat[:, None] - c_one[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if WANT_DW:
+            dw += tl.sum(dy * x_hat, axis=0)
+        if WANT_DB:
+            db += tl.sum(dy, axis=0)
+    if WANT_DW:
+        tl.store(dw_partial_ptr + pid * D + cols, dw, mask=col_ok)
+    if WANT_DB:
+        tl.store(db_partial_ptr + pid * D + cols, db, mask=col_ok)
+
+
+def _new(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _or(tensor, placeholder):
+    """A pointer argument the kernel will not touch (its flag is off): any tensor will do."""
+    return placeholder if tensor is None else tensor
+
+
+def _block_d(D: int) -> int:
+    return max(16, next_power_of_2(D))
+
+
+def _warps(block_d: int) -> int:
+    # ~16 elements of each row block per thread: the backward holds five such tiles (x, dy,
+    # x_hat, dy * w, dx); at 32 it took 154 registers (sm_90), a third of the SM's warps
+    return min(16, max(1, BLOCK_ROWS * block_d // 512))
+
+
+def _backward_programs(n_rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = sms * BACKWARD_PROGRAMS_PER_SM
+    else:  # the interpreter: few programs, each walking many rows
+        wanted = 4
+    return max(1, min(wanted, triton.cdiv(n_rows, BLOCK_ROWS)))
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, out_dtype):
+        D = x.shape[-1]
+        x2 = x.reshape(-1, D).contiguous()
+        n_rows = x2.shape[0]
+        y = _new((n_rows, D), x2, out_dtype)
+        mean = _new((n_rows,), x2, torch.float32)
+        rstd = _new((n_rows,), x2, torch.float32)
+        block_d = _block_d(D)
+        if n_rows:
+            _layer_norm_forward_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
+                x2, _or(weight, x2), _or(bias, x2), y, mean, rstd, n_rows, D, eps,
+                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d, num_warps=_warps(block_d))
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.has_bias = bias is not None
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.param_dtypes = (None if weight is None else weight.dtype,
+                            None if bias is None else bias.dtype)
+        return y.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        n_rows, D = x2.shape
+        if not n_rows:  # no rows: zero gradients for the parameters, as torch gives
+            zeros = [None if d is None else torch.zeros(D, dtype=d, device=x2.device)
+                     for d in ctx.param_dtypes]
+            return dy.new_zeros(ctx.x_shape, dtype=ctx.x_dtype), *zeros, None, None
+        dy2 = dy.reshape(n_rows, D).contiguous()
+        want_dw = weight is not None and ctx.needs_input_grad[1]
+        want_db = ctx.has_bias and ctx.needs_input_grad[2]
+        programs = _backward_programs(n_rows, x2.device)
+        rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), BLOCK_ROWS) * BLOCK_ROWS
+        programs = max(1, triton.cdiv(n_rows, rows_per_program))
+        dx = _new((n_rows, D), x2, ctx.x_dtype)
+        dw_partial = _new((programs, D), x2, torch.float32) if want_dw else None
+        db_partial = _new((programs, D), x2, torch.float32) if want_db else None
+        block_d = _block_d(D)
+        _layer_norm_backward_kernel[(programs,)](
+            x2, _or(weight, x2), dy2, mean, rstd, dx, _or(dw_partial, dx), _or(db_partial, dx),
+            n_rows, D, rows_per_program,
+            HAS_WEIGHT=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
+            BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d, num_warps=_warps(block_d))
+        w_dtype, b_dtype = ctx.param_dtypes
+        dw = dw_partial.sum(0).to(w_dtype) if want_dw else None
+        db = db_partial.sum(0).to(b_dtype) if want_db else None
+        return dx.reshape(ctx.x_shape), dw, db, None, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension, output in `out_dtype` (default: x's dtype).
+
+    Triton on CUDA (and on CPU under TRITON_INTERPRET=1); elsewhere torch's layer_norm in fp32
+    cast to `out_dtype`, which is the same math.
+    """
+    check_float("x", x)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
+    D = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != (D,):
+            raise ValueError(f"{name} must have shape ({D},) for inputs of last dimension {D}; "
+                             f"got {tuple(p.shape)}")
+    if not runs_triton(x):
+        fp32 = (None if p is None else p.float() for p in (weight, bias))
+        return F.layer_norm(x.float(), (D,), *fp32, eps).to(out_dtype)
+    return LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
+
+
+class FusedLayerNorm(torch.nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same state dict) running the fused op. Under autocast
+    it writes fp32, as autocast's LayerNorm does, or with `out_autocast_dtype` the autocast
+    dtype (for a layer whose output only feeds matmuls, which would cast it anyway)."""
+
+    def __init__(self, *args, out_autocast_dtype: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.out_autocast_dtype = out_autocast_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused_forward(x, self.out_autocast_dtype)
+
+    def fused_forward(self, x: torch.Tensor, out_autocast_dtype: bool) -> torch.Tensor:
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"FusedLayerNorm normalizes the last dimension only; "
+                             f"got normalized_shape {tuple(self.normalized_shape)}")
+        device = x.device.type
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(device):
+            out_dtype = torch.get_autocast_dtype(device) if out_autocast_dtype else torch.float32
+        with torch.autocast(device, enabled=False):
+            return layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
