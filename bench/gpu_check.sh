@@ -102,7 +102,7 @@ run_stage() {
         --fsdp --profile --target-speedup 2.5 --target-mfu 35 --target-fsdp-overhead 5 ;;
     # compile too: inductor recomputes cheap elementwise work instead of saving it (memory)
     train_s8) stage train_s8 120 "${train[@]}" --arch vit_small --patch 8 --batch 64 --baseline \
-        --checkpointing all,8,6 --compile --target-memory-gib 20 ;;
+        --checkpointing all,8,6 --compile --target-memory-gb 20 ;;
     train_b16) stage train_b16 60 "${train[@]}" --arch vit_base --patch 16 --batch 64 --baseline --target-mfu 50 ;;
     train_b8) stage train_b8 90 "${train[@]}" --arch vit_base --patch 8 --batch 64 --baseline ;;
     train_s16_max) stage train_s16_max 75 "${train[@]}" --arch vit_small --patch 16 --batch max \

@@ -57,6 +57,7 @@ DINOFUSE = {"model.attention": "auto", "model.packed": False, "impl.loss": "fuse
 # drop the target from the results).
 UNGRAPHED_ROW = "dinofuse without the CUDA graph"
 FSDP_ROW = "dinofuse + FSDP2 (1 process)"
+CHECKPOINTING_ROW = "dinofuse + activation checkpointing"  # "(every block)" or "(first N blocks)"
 # What each optimization changes, switched on alone over the baseline in the ablation.
 OPTIMIZATIONS = {
     "memory-efficient attention": {"model.attention": "auto"},
@@ -368,7 +369,7 @@ def variants(args) -> list[Variant]:
         out.append(Variant("dinofuse + packed crops + bf16 residual stream", best))
     for blocks in checkpointing_rows(args.checkpointing):
         what = "every block" if blocks < 0 else f"first {blocks} blocks"
-        out.append(Variant(f"dinofuse + activation checkpointing ({what})",
+        out.append(Variant(f"{CHECKPOINTING_ROW} ({what})",
                            {**ours, "impl.checkpoint_blocks": blocks}))
     if args.fsdp:
         fsdp = {**ours, "impl.fsdp": "always"}
@@ -473,15 +474,33 @@ def check_targets(args, rows: list[Row]) -> list[dict]:
     if args.target_mfu:
         out.append({"target": f"MFU >= {args.target_mfu}%", "measured": round(ours.mfu_pct, 1),
                     "met": ours.mfu_pct >= args.target_mfu})
-    if args.target_memory_gib and ours.peak_memory_gib is not None:
-        out.append({"target": f"peak memory <= {args.target_memory_gib} GiB",
-                    "measured": round(ours.peak_memory_gib, 2),
-                    "met": ours.peak_memory_gib <= args.target_memory_gib})
+    if args.target_memory_gb and ours.peak_memory_gib is not None:
+        out += memory_targets(args.target_memory_gb, ours, rows)
     overhead = fsdp_overhead_pct(rows, _planned_device_type(args))
     if args.target_fsdp_overhead and overhead is not None:
         out.append({"target": f"FSDP2 on one process costs <= {args.target_fsdp_overhead}% "
                               "(against the same step unsharded, without the CUDA graph)",
                     "measured": round(overhead, 1), "met": overhead <= args.target_fsdp_overhead})
+    return out
+
+
+def memory_targets(limit_gb: float, ours: Row, rows: list[Row]) -> list[dict]:
+    """Peak memory within `limit_gb` (decimal GB, as issue 6 states it; the tables' peaks are
+    GiB): with the defaults, and where they do not fit, the fastest activation-checkpointing
+    row that does (the option a user short of memory takes; named, with its images/s)."""
+    limit_gib = limit_gb * 1e9 / 2 ** 30
+    label = f"peak memory <= {limit_gb:g} GB ({limit_gib:.2f} GiB)"
+    out = [{"target": label, "measured": round(ours.peak_memory_gib, 2),
+            "met": ours.peak_memory_gib <= limit_gib}]
+    if out[0]["met"]:
+        return out
+    fitting = [r for r in rows if r.name.startswith(CHECKPOINTING_ROW) and r.status == "ok"
+               and r.peak_memory_gib is not None and r.peak_memory_gib <= limit_gib]
+    if fitting:
+        best = max(fitting, key=lambda r: r.images_per_s)
+        out.append({"target": f"{label}, fastest row within it: {best.name}, "
+                              f"{best.images_per_s:.1f} images/s",
+                    "measured": round(best.peak_memory_gib, 2), "met": True})
     return out
 
 
@@ -628,7 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-batch-limit", type=POSITIVE_INT_ARG, default=2048)
     ap.add_argument("--target-speedup", type=NON_NEGATIVE_FLOAT_ARG, default=0.0)
     ap.add_argument("--target-mfu", type=NON_NEGATIVE_FLOAT_ARG, default=0.0)
-    ap.add_argument("--target-memory-gib", type=NON_NEGATIVE_FLOAT_ARG, default=0.0)
+    ap.add_argument("--target-memory-gb", type=NON_NEGATIVE_FLOAT_ARG, default=0.0,
+                    help="peak memory within this many GB (10^9 bytes); where the defaults "
+                         "exceed it, also the fastest --checkpointing row within it")
     ap.add_argument("--target-fsdp-overhead", type=NON_NEGATIVE_FLOAT_ARG, default=0.0,
                     help="with --fsdp: FSDP2 on one process at most this %% slower than the "
                          "plain step")

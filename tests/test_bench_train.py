@@ -200,10 +200,10 @@ def test_targets_say_met_or_missed_and_by_what():
 
     from dinofuse.bench.train import Row, check_targets
 
-    args = argparse.Namespace(target_speedup=2.5, target_mfu=35.0, target_memory_gib=20.0,
+    args = argparse.Namespace(target_speedup=2.5, target_mfu=35.0, target_memory_gb=20.0,
                               target_fsdp_overhead=5.0, device="cuda")
-    for speedup, mfu, gib, fsdp_ips, met in ((2.6, 36.0, 19.0, 960.0, True),
-                                             (2.4, 34.0, 21.0, 940.0, False)):
+    for speedup, mfu, gib, fsdp_ips, met in ((2.6, 36.0, 18.6, 960.0, True),
+                                             (2.4, 34.0, 18.7, 940.0, False)):  # 20 GB = 18.63 GiB
         ours = Row("dinofuse", {}, 64, role="dinofuse", speedup_vs_baseline=speedup,
                    mfu_pct=mfu, peak_memory_gib=gib, images_per_s=2000.0)  # graphed
         plain = Row("dinofuse without the CUDA graph", {}, 64, images_per_s=1000.0)
@@ -213,10 +213,20 @@ def test_targets_say_met_or_missed_and_by_what():
         assert [(t["measured"], t["met"]) for t in targets] == [
             (speedup, met), (mfu, met), (gib, met), (overhead, met)]
     # on a CPU there is no graph: the dinofuse row is the plain step
-    from dinofuse.bench.train import fsdp_overhead_pct
+    from dinofuse.bench.train import fsdp_overhead_pct, memory_targets
 
     assert fsdp_overhead_pct([ours, fsdp], "cpu") == pytest.approx(100 * (2000 / 940 - 1))
     assert fsdp_overhead_pct([ours, fsdp], "cuda") is None  # no plain row to compare with
+    # memory over the limit: the fastest checkpointing row within it is named as well
+    ours = Row("dinofuse", {}, 64, role="dinofuse", peak_memory_gib=32.3, images_per_s=344.0)
+    checkpointed = [Row(f"dinofuse + activation checkpointing ({what})", {}, 64,
+                        peak_memory_gib=gib, images_per_s=ips)
+                    for what, gib, ips in (("every block", 7.0, 273.3), ("first 8 blocks", 16.0, 293.7),
+                                           ("first 6 blocks", 20.45, 304.7))]
+    targets = memory_targets(20.0, ours, [ours, *checkpointed])
+    assert [(t["measured"], t["met"]) for t in targets] == [(32.3, False), (16.0, True)]
+    assert "(first 8 blocks), 293.7 images/s" in targets[1]["target"]
+    assert len(memory_targets(20.0, ours, [ours, checkpointed[2]])) == 1  # none fits: no row
 
 
 def test_matmul_peak_counts_two_flops_per_multiply_add(monkeypatch):
