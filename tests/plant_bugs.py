@@ -1739,6 +1739,14 @@ BUGS = [
         'size = -(-len(data) // count)',
         'size = int(part_mib * MIB)',
         ['test_gpu_check.py::test_dali_parts_prune_other_pythons_and_install_only_once_all_arrived']),
+    Bug('bench/train.py',
+        '"met": ours.peak_memory_gib <= limit_gib}]',
+        '"met": ours.peak_memory_gib <= limit_gb}]',
+        ['test_bench_train.py::test_targets_say_met_or_missed_and_by_what']),
+    Bug('bench/train.py',
+        'best = max(fitting, key=lambda r: r.images_per_s)',
+        'best = min(fitting, key=lambda r: r.peak_memory_gib)',
+        ['test_bench_train.py::test_targets_say_met_or_missed_and_by_what']),
 ]
 
 
