@@ -130,55 +130,125 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(wanted, triton.cdiv(n_rows, BLOCK_ROWS)))
 
 
+def _forward(x, weight, bias, eps: float, out_dtype: torch.dtype):
+    """y (x's shape, out_dtype), and each row's mean and 1/std (fp32) for the backward."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    n_rows = x2.shape[0]
+    y = _new((n_rows, D), x2, out_dtype)
+    mean = _new((n_rows,), x2, torch.float32)
+    rstd = _new((n_rows,), x2, torch.float32)
+    block_d = _block_d(D)
+    if n_rows:
+        _layer_norm_forward_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
+            x2, _or(weight, x2), _or(bias, x2), y, mean, rstd, n_rows, D, eps,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d, num_warps=_warps(block_d))
+    return y.reshape(x.shape), mean, rstd
+
+
+def _backward(dy, x, weight, mean, rstd, w_dtype, b_dtype):
+    """dx (x's shape and dtype), and the weight and bias gradients in w_dtype and b_dtype
+    (None: not wanted)."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    n_rows = x2.shape[0]
+    if not n_rows:  # no rows: zero gradients for the parameters, as torch gives
+        zeros = [None if d is None else torch.zeros(D, dtype=d, device=x.device)
+                 for d in (w_dtype, b_dtype)]
+        return torch.zeros_like(x), *zeros
+    dy2 = dy.reshape(n_rows, D).contiguous()
+    want_dw, want_db = w_dtype is not None, b_dtype is not None
+    programs = _backward_programs(n_rows, x2.device)
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), BLOCK_ROWS) * BLOCK_ROWS
+    programs = max(1, triton.cdiv(n_rows, rows_per_program))
+    dx = _new((n_rows, D), x2, x.dtype)
+    dw_partial = _new((programs, D), x2, torch.float32) if want_dw else None
+    db_partial = _new((programs, D), x2, torch.float32) if want_db else None
+    block_d = _block_d(D)
+    _layer_norm_backward_kernel[(programs,)](
+        x2, _or(weight, x2), dy2, mean, rstd, dx, _or(dw_partial, dx), _or(db_partial, dx),
+        n_rows, D, rows_per_program,
+        HAS_WEIGHT=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
+        BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d, num_warps=_warps(block_d))
+    dw = dw_partial.sum(0).to(w_dtype) if want_dw else None
+    db = db_partial.sum(0).to(b_dtype) if want_db else None
+    return dx.reshape(x.shape), dw, db
+
+
+def _wanted_dtypes(weight, bias, needs_weight_grad: bool, needs_bias_grad: bool):
+    return (weight.dtype if weight is not None and needs_weight_grad else None,
+            bias.dtype if bias is not None and needs_bias_grad else None)
+
+
+# Two doors to the same implementation, as for the loss (kernels/dino_loss.py): eager code
+# takes the autograd.Function (no dispatcher layers per call); torch.compile takes the
+# custom ops, so a compiled model that calls layer_norm traces it without a graph break.
+
+
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype):
-        D = x.shape[-1]
-        x2 = x.reshape(-1, D).contiguous()
-        n_rows = x2.shape[0]
-        y = _new((n_rows, D), x2, out_dtype)
-        mean = _new((n_rows,), x2, torch.float32)
-        rstd = _new((n_rows,), x2, torch.float32)
-        block_d = _block_d(D)
-        if n_rows:
-            _layer_norm_forward_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
-                x2, _or(weight, x2), _or(bias, x2), y, mean, rstd, n_rows, D, eps,
-                HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d, num_warps=_warps(block_d))
-        ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.param_dtypes = (None if weight is None else weight.dtype,
-                            None if bias is None else bias.dtype)
-        return y.reshape(x.shape)
+        y, mean, rstd = _forward(x, weight, bias, eps, out_dtype)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, mean, rstd = ctx.saved_tensors
-        n_rows, D = x2.shape
-        if not n_rows:  # no rows: zero gradients for the parameters, as torch gives
-            zeros = [None if d is None else torch.zeros(D, dtype=d, device=x2.device)
-                     for d in ctx.param_dtypes]
-            return dy.new_zeros(ctx.x_shape, dtype=ctx.x_dtype), *zeros, None, None
-        dy2 = dy.reshape(n_rows, D).contiguous()
-        want_dw = weight is not None and ctx.needs_input_grad[1]
-        want_db = ctx.has_bias and ctx.needs_input_grad[2]
-        programs = _backward_programs(n_rows, x2.device)
-        rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), BLOCK_ROWS) * BLOCK_ROWS
-        programs = max(1, triton.cdiv(n_rows, rows_per_program))
-        dx = _new((n_rows, D), x2, ctx.x_dtype)
-        dw_partial = _new((programs, D), x2, torch.float32) if want_dw else None
-        db_partial = _new((programs, D), x2, torch.float32) if want_db else None
-        block_d = _block_d(D)
-        _layer_norm_backward_kernel[(programs,)](
-            x2, _or(weight, x2), dy2, mean, rstd, dx, _or(dw_partial, dx), _or(db_partial, dx),
-            n_rows, D, rows_per_program,
-            HAS_WEIGHT=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
-            BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d, num_warps=_warps(block_d))
-        w_dtype, b_dtype = ctx.param_dtypes
-        dw = dw_partial.sum(0).to(w_dtype) if want_dw else None
-        db = db_partial.sum(0).to(b_dtype) if want_db else None
-        return dx.reshape(ctx.x_shape), dw, db, None, None
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dtypes = _wanted_dtypes(weight, bias, *ctx.needs_input_grad[1:3])
+        dx, dw, db = _backward(dy, x, weight, mean, rstd, *dtypes)
+        return dx, dw, db, None, None
+
+
+@torch.library.custom_op("dinofuse::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, eps, out_dtype)
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format),
+            x.new_empty((rows,), dtype=torch.float32), x.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("dinofuse::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                    want_dw: bool, want_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtypes = _wanted_dtypes(weight, bias, want_dw, want_db)
+    dx, dw, db = _backward(dy, x, weight, mean, rstd, *dtypes)
+    # an op returns tensors: "no gradient" is an empty one (each its own: outputs may not alias)
+    return dx, x.new_empty((0,)) if dw is None else dw, x.new_empty((0,)) if db is None else db
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, want_dw, want_db):
+    def grad(p, wanted):
+        return torch.empty_like(p) if p is not None and wanted else x.new_empty((0,))
+
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), grad(weight, want_dw),
+            grad(bias, want_db))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+
+
+def _op_backward(ctx, dy, _grad_mean, _grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    want_dw = weight is not None and ctx.needs_input_grad[1]
+    want_db = bias is not None and ctx.needs_input_grad[2]
+    dx, dw, db = torch.ops.dinofuse.layer_norm_bwd(dy, x, weight, bias, mean, rstd, want_dw, want_db)
+    return dx, dw if want_dw else None, db if want_db else None, None, None
+
+
+_layer_norm_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -200,6 +270,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     if not runs_triton(x):
         fp32 = (None if p is None else p.float() for p in (weight, bias))
         return F.layer_norm(x.float(), (D,), *fp32, eps).to(out_dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.dinofuse.layer_norm_fwd(x, weight, bias, eps, out_dtype)[0]
     return LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
 
 

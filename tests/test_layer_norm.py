@@ -174,3 +174,49 @@ def test_reference_path_without_the_interpreter(reference_path):
     y = layer_norm(x, w, b, 1e-6, torch.bfloat16)
     assert y.dtype == torch.bfloat16
     assert torch.equal(y, F.layer_norm(x, (12,), w, b, 1e-6).bfloat16())
+
+
+def test_torch_compile_traces_the_op_without_a_graph_break():
+    """A compiled model calling layer_norm gets the torch.library op (one graph, fullgraph),
+    with the eager outputs and gradients."""
+    w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+
+    def model(x):
+        return (layer_norm(x * 2, w, b, 1e-6, torch.bfloat16).float() ** 2).sum()
+
+    graphs = []
+
+    def backend(gm, example_inputs):  # record what dynamo traced, then run it with AOT eager
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend=backend)(x)
+        compiled.backward()
+    finally:
+        torch._dynamo.reset()
+    targets = {n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert torch.ops.dinofuse.layer_norm_fwd.default in targets or \
+        torch.ops.dinofuse.layer_norm_fwd in targets, targets
+    grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    model(x).backward()
+    torch.testing.assert_close(compiled, model(x))
+    for got, t in zip(grads, (x, w, b)):
+        torch.testing.assert_close(got, t.grad)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_custom_ops_schemas_are_valid(affine):
+    x = torch.randn(4, 6, requires_grad=True)
+    w, b = (torch.randn(6, requires_grad=True), torch.randn(6, requires_grad=True)) if affine \
+        else (None, None)
+    torch.library.opcheck(torch.ops.dinofuse.layer_norm_fwd.default, (x, w, b, 1e-5, torch.bfloat16),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    y, mean, rstd = torch.ops.dinofuse.layer_norm_fwd(x, w, b, 1e-5, torch.float32)
+    torch.library.opcheck(torch.ops.dinofuse.layer_norm_bwd.default,
+                          (torch.randn(4, 6), x.detach(), w, b, mean, rstd, affine, affine),
+                          test_utils=("test_schema", "test_faketensor"))
