@@ -389,6 +389,47 @@ def test_compiled_drop_path_drops_whole_samples_at_its_rate():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_packed_drop_path_drops_each_image_at_its_rate(compiled):
+    """In a packed sequence (one row holding every image of every crop size) each image's
+    branch is kept or dropped whole, each image drawn apart; not one draw for the row."""
+    from dinofuse.engine.models.vit import DropPath
+
+    torch.manual_seed(0)
+    drop = DropPath(0.25)
+    forward = torch.compile(drop, backend="eager", fullgraph=True) if compiled else drop
+    seqlens = ((1500, 5), (2500, 2))  # 4000 images: 1500 of 5 tokens, 2500 of 2
+    x = torch.ones(1, 1500 * 5 + 2500 * 2, 3)
+    y = forward(x, seqlens)[0]
+    images = [y[:7500].reshape(1500, 5 * 3), y[7500:].reshape(2500, 2 * 3)]
+    for image in images:
+        assert (image == image[:, :1]).all()  # one draw per image, all its tokens
+    first = torch.cat([image[:, 0] for image in images])
+    assert first.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
+    assert (first > 0).float().mean() == pytest.approx(0.75, abs=0.03)
+    drop.eval()
+    assert torch.equal(forward(x, seqlens), x)
+    torch._dynamo.reset()
+
+
+def test_blocks_give_drop_path_the_packed_layout(monkeypatch):
+    """A packed training forward hands each block's drop path the sequence layout."""
+    from dinofuse.engine.models.vit import DropPath
+
+    seen = []
+    forward = DropPath.forward
+
+    def spy(self, x, seqlens=None):
+        seen.append(seqlens)
+        return forward(self, x, seqlens)
+
+    monkeypatch.setattr(DropPath, "forward", spy)
+    backbone = vit_tiny(depth=2, attention="sdpa", drop_path_rate=0.5)
+    MultiCropWrapper(backbone, DINOHead(192, 30, hidden_dim=16, bottleneck_dim=8), packed=True)(
+        [torch.randn(2, 3, 32, 32)] * 2 + [torch.randn(2, 3, 16, 16)] * 3)
+    assert seen == [((4, 5), (6, 2))] * 4  # two blocks, two branches each
+
+
 @pytest.mark.parametrize("checkpointed", [0, 1, 3, -1])
 def test_activation_checkpointing_recomputes_exactly_the_first_n_blocks(checkpointed):
     """Each checkpointed block runs its forward again in backward; the others do not, and the

@@ -270,25 +270,44 @@ class Attention(nn.Module):
 
 
 class DropPath(TimmDropPath):
-    """timm's stochastic depth (a whole sample's branch dropped, the kept ones scaled by
-    1/keep). Under torch.compile the keep probability is read from a buffer: dynamo guards
-    on a float attribute's value, so twelve blocks with twelve rates compiled twelve times
-    over, hit its recompile limit after eight and ran the rest eagerly (H200, acd9a6a). With
-    the rate a tensor the blocks share one graph. Eager runs are timm's, draws included."""
+    """timm's stochastic depth: a whole sample's branch dropped, the kept ones scaled by
+    1/keep. Eager runs of unpacked batches are timm's, draws included.
+
+    Packed sequences (`seqlens`): the batch is one sequence of many images, so one draw per
+    image, spread over its tokens (a draw per packed sequence would drop every image's branch
+    at once, which is not the official regularization).
+
+    Under torch.compile the keep probability is read from a buffer: dynamo guards on a float
+    attribute's value, so twelve blocks with twelve rates compiled twelve times over, hit its
+    recompile limit after eight and ran the rest eagerly (H200, acd9a6a). With the rate a
+    tensor the blocks share one graph."""
 
     def __init__(self, drop_prob: float):
         super().__init__(drop_prob)
         self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
+    def forward(self, x: torch.Tensor, seqlens: SeqLens | None = None) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()
+        if seqlens is None and not compiling:
             return super().forward(x)
-        if not self.training:
+        if not self.training or (not compiling and self.drop_prob == 0.0):
             return x
-        keep = self.keep_prob.to(x.dtype)
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
-        kept = torch.rand(shape, device=x.device) < self.keep_prob
-        return x * (kept.to(x.dtype) / keep)
+        if seqlens is None:
+            return x * self._scales((x.shape[0],) + (1,) * (x.ndim - 1), x, compiling)
+        counts = [count for count, _ in seqlens]
+        scales = self._scales((sum(counts),), x, compiling).split(counts)
+        per_token = torch.cat([s[:, None].expand(count, length).reshape(-1)
+                               for s, (count, length) in zip(scales, seqlens)])
+        return x * per_token.view(1, -1, *(1,) * (x.ndim - 2))
+
+    def _scales(self, shape, x: torch.Tensor, compiling: bool) -> torch.Tensor:
+        """One draw per sample: 1/keep where kept, 0 where dropped (timm's formula)."""
+        if compiling:
+            keep = self.keep_prob.to(x.dtype)
+            return (torch.rand(shape, device=x.device) < self.keep_prob).to(x.dtype) / keep
+        keep = 1.0 - self.drop_prob
+        kept = x.new_empty(shape).bernoulli_(keep)
+        return kept.div_(keep) if keep > 0.0 and self.scale_by_keep else kept
 
 
 class Block(nn.Module):
@@ -305,8 +324,8 @@ class Block(nn.Module):
 
     def forward(self, x, seqlens: SeqLens | None = None, return_attention: bool = False):
         y, attn = self.attn(self.norm1(x), seqlens, return_attention)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(y, seqlens)  # per image, packed or not
+        x = x + self.drop_path(self.mlp(self.norm2(x)), seqlens)
         return x, attn
 
 
