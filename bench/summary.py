@@ -21,14 +21,14 @@ def summarize(folder: Path) -> str:
         k = json.loads(kernels.read_text())
         lines.append(f"kernels ({k['device']}, copy {k['copy_bandwidth_gbs']} GB/s):")
         for r in k["rows"]:
-            if r["variant"] in ("fused", "torch.compile(official)"):
+            if r["variant"] in ("fused", "torch.compile(official)", "torch.compile(torch)"):
                 ms = r.get("kernel_ms") or r["ms"]
                 floor = r.get("floor_ms")
                 over = f", {ms / floor:.2f}x floor" if floor else ""
                 lines.append(f"  {r['case']} | {r['variant']}: {ms:.3f} ms{over}")
         swept: dict[str, dict] = {}  # the fastest launch shape per case, when swept
         for r in k["rows"]:
-            if r["variant"].startswith("fused ") and r["case"].startswith("loss"):
+            if r["variant"].startswith("fused ") and r["case"].startswith(("loss", "layer_norm")):
                 ms = r.get("kernel_ms") or r["ms"]
                 if r["case"] not in swept or ms < swept[r["case"]]["ms"]:
                     swept[r["case"]] = dict(ms=ms, variant=r["variant"])

@@ -73,7 +73,11 @@ def test_summary_names_the_fastest_swept_shape_and_the_data_breakdown(tmp_path):
     rows = [dict(case=case, variant="fused", ms=0.6, kernel_ms=0.52, floor_ms=0.17),
             dict(case=case, variant="fused V,BK,warps,splits=(2, 2048, 8, 4)", ms=0.5, kernel_ms=0.46),
             dict(case=case, variant="fused teacher block_k=1024", ms=0.5, kernel_ms=0.48),
-            dict(case="ema x", variant="fused chunk=1", ms=0.1, kernel_ms=0.01)]
+            dict(case="ema x", variant="fused chunk=1", ms=0.1, kernel_ms=0.01),
+            dict(case="layer_norm D=384", variant="fused", ms=0.2, kernel_ms=0.08, floor_ms=0.04),
+            dict(case="layer_norm D=384", variant="torch.compile(torch)", ms=0.2, kernel_ms=0.1),
+            dict(case="layer_norm D=384", variant="fused block_rows=2,backward_programs_per_sm=4",
+                 ms=0.2, kernel_ms=0.07)]
     (tmp_path / "kernels.json").write_text(json.dumps(dict(device="GPU", copy_bandwidth_gbs=1.0,
                                                            rows=rows)))
     (tmp_path / "data.json").write_text(json.dumps(dict(
@@ -82,6 +86,9 @@ def test_summary_names_the_fastest_swept_shape_and_the_data_breakdown(tmp_path):
     text = summarize(tmp_path)
     assert f"{case} | fastest swept: 0.460 ms (fused V,BK,warps,splits=(2, 2048, 8, 4))" in text
     assert "ema x | fastest" not in text
+    assert "layer_norm D=384 | fused: 0.080 ms, 2.00x floor" in text
+    assert "layer_norm D=384 | torch.compile(torch): 0.100 ms" in text
+    assert "layer_norm D=384 | fastest swept: 0.070 ms (fused block_rows=2" in text
     assert "DALI decode only: 9.0 img/s" in text
 
 
