@@ -18,6 +18,7 @@ from dinofuse.kernels import (
     dino_loss,
     dino_loss_reference,
     ema_reference_,
+    add_layer_norm,
     ema_update_,
     layer_norm,
 )
@@ -147,31 +148,45 @@ def _foreach_mul_add(T, S, m=0.996):
 @dataclass
 class LayerNormCase:
     """A ViT's LayerNorm over a step's tokens (ViT-S/16, batch 64, 2x224 + 10x96 crops: 64 x
-    764 tokens), forward and backward; under autocast the fp32 residual stream in, bf16 out."""
+    764 tokens), forward and backward; under autocast the fp32 residual stream in, bf16 out.
+    `residual`: a block's residual add before its second norm (s = x + branch * drop path's
+    factor per row, then the norm of s; a bf16 branch, as the attention's projection gives)."""
 
     dim: int
     dtype: torch.dtype = torch.float32
     out_dtype: torch.dtype = torch.bfloat16
     rows: int = 64 * (2 * 197 + 10 * 37)
+    residual: bool = False
 
     @property
     def name(self) -> str:
-        return (f"layer_norm rows={self.rows} D={self.dim} {str(self.dtype)[6:]}->"
-                f"{str(self.out_dtype)[6:]}")
+        return (f"layer_norm{' + residual add' if self.residual else ''} rows={self.rows} "
+                f"D={self.dim} {str(self.dtype)[6:]}->{str(self.out_dtype)[6:]}")
 
     def floor_bytes(self) -> int:
         """Forward: read x, write y; backward: read x and dy, write dx (and 8 bytes of
-        statistics per row each way)."""
+        statistics per row each way). With the residual add also: read the branch and write
+        s forward; read ds and write the branch's gradient backward."""
         x = torch.empty((), dtype=self.dtype).element_size()
         y = torch.empty((), dtype=self.out_dtype).element_size()
-        return self.rows * (self.dim * (3 * x + 2 * y) + 16)
+        extra = 2 * (x + 2) if self.residual else 0  # a bf16 branch
+        return self.rows * (self.dim * (3 * x + 2 * y + extra) + 16)
 
     def inputs(self, device):
-        x = (torch.randn(self.rows, self.dim, device=device) * 2 + 0.5).to(self.dtype)
-        w = torch.randn(self.dim, device=device) + 1
-        b = torch.randn(self.dim, device=device)
-        dy = torch.randn(self.rows, self.dim, device=device).to(self.out_dtype)
-        return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), dy
+        """(arguments, output gradients) of one call."""
+        def randn(dtype, scale=1.0, shift=0.0):
+            return (torch.randn(self.rows, self.dim, device=device) * scale + shift).to(dtype)
+
+        x = randn(self.dtype, 2, 0.5).requires_grad_()
+        w = (torch.randn(self.dim, device=device) + 1).requires_grad_()
+        b = torch.randn(self.dim, device=device).requires_grad_()
+        dy = randn(self.out_dtype)
+        if not self.residual:
+            return (x, w, b), (dy,)
+        branch = randn(torch.bfloat16).requires_grad_()
+        keep = 0.9  # drop path's factors at ViT-S's last-block rate, one per row here
+        scale = (torch.rand(self.rows, device=device) < keep).float() / keep
+        return (x, branch, scale, w, b), (randn(self.dtype), dy)
 
     def variants(self) -> dict[str, Callable]:
         out_dtype = self.out_dtype
@@ -179,14 +194,25 @@ class LayerNormCase:
         def torch_autocast(x, w, b):  # autocast's LayerNorm in fp32, then the matmul's cast
             return F.layer_norm(x.float(), (x.shape[-1],), w, b, 1e-6).to(out_dtype)
 
+        def torch_add(x, branch, scale, w, b):  # x + drop_path(branch), then the norm
+            s = x + branch * scale[:, None].to(branch.dtype)
+            return s, torch_autocast(s, w, b)
+
+        if self.residual:
+            return {"fused": lambda x, r, scale, w, b: add_layer_norm(x, r, w, b, 1e-6, out_dtype, scale),
+                    "torch (autocast's way)": torch_add,
+                    "torch.compile(torch)": torch.compile(torch_add, dynamic=False)}
         return {"fused": lambda x, w, b: layer_norm(x, w, b, 1e-6, out_dtype),
                 "torch (autocast's way)": torch_autocast,
                 "torch.compile(torch)": torch.compile(torch_autocast, dynamic=False)}
 
 
 def layer_norm_step(fn) -> Callable:
-    def step(x, w, b, dy):
-        x.grad = w.grad = b.grad = None
-        fn(x, w, b).backward(dy)
+    """Forward and backward of `fn(*args)` with the given output gradients."""
+    def step(args, grads):
+        for t in args:
+            t.grad = None
+        outs = fn(*args)
+        torch.autograd.backward(outs if isinstance(outs, tuple) else (outs,), grads)
 
     return step

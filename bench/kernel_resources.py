@@ -294,9 +294,10 @@ def ema_launches(student_dtype: torch.dtype, tensor_momentum: bool) -> list[Laun
 
 
 def layer_norm_launches(rows: int, D: int, dtype: torch.dtype, out_dtype: torch.dtype,
-                        affine: bool = True) -> list[Launch]:
+                        affine: bool = True, branch: torch.dtype | None = None) -> list[Launch]:
     """The LayerNorm's forward and backward launches (backward: as many programs as an H100's
-    SMs ask for)."""
+    SMs ask for); with `branch` (its dtype), the residual add before it, with drop path's
+    factors, as a block's second norm runs."""
     x = torch.zeros(rows, D, dtype=dtype, requires_grad=True)
     weight = torch.ones(D, requires_grad=True) if affine else None
     bias = torch.zeros(D, requires_grad=True) if affine else None
@@ -306,23 +307,35 @@ def layer_norm_launches(rows: int, D: int, dtype: torch.dtype, out_dtype: torch.
         sms * LAYER_NORM.BACKWARD_PROGRAMS_PER_SM, -(-n // LAYER_NORM.BLOCK_ROWS)))
     try:
         with recording() as launches:
-            LAYER_NORM.layer_norm(x, weight, bias, 1e-6, out_dtype).backward(
-                torch.zeros(rows, D, dtype=out_dtype))
+            if branch is None:
+                y = LAYER_NORM.layer_norm(x, weight, bias, 1e-6, out_dtype)
+                y.backward(torch.zeros(rows, D, dtype=out_dtype))
+            else:
+                r = torch.zeros(rows, D, dtype=branch, requires_grad=True)
+                s, y = LAYER_NORM.add_layer_norm(x, r, weight, bias, 1e-6, out_dtype, torch.ones(rows))
+                torch.autograd.backward([s, y], [torch.zeros_like(s), torch.zeros_like(y)])
     finally:
         LAYER_NORM._backward_programs = old
     return launches
 
 
 def _layer_norm_rows(archs, cases) -> list[dict]:
-    return [dict(case=f"layer_norm D={D} {_name(dtype)}->{_name(out)}", student_launch="-",
-                 default=True, **compile_launch(launch, arch))
-            for D, dtype, out, affine in cases
-            for launch in layer_norm_launches(64 * 764, D, dtype, out, affine) for arch in archs]
+    return [dict(case=f"layer_norm D={D} {_name(dtype)}->{_name(out)}"
+                      + (f" + {_name(branch)} branch" if branch else ""),
+                 student_launch="-", default=True, **compile_launch(launch, arch))
+            for D, dtype, out, affine, branch in cases
+            for launch in layer_norm_launches(64 * 764, D, dtype, out, affine, branch)
+            for arch in archs]
 
 
-# ViT-S/B/L widths: the fp32 residual stream into bf16 (autocast), the bf16 stream
-LAYER_NORM_CASES = [(384, torch.float32, torch.bfloat16, True), (768, torch.float32, torch.bfloat16, True),
-                    (1024, torch.float32, torch.bfloat16, True), (384, torch.bfloat16, torch.bfloat16, True)]
+# ViT-S/B/L widths: the fp32 residual stream into bf16 (autocast), the bf16 stream, and a
+# block's residual add with its second norm
+LAYER_NORM_CASES = [(384, torch.float32, torch.bfloat16, True, None),
+                    (768, torch.float32, torch.bfloat16, True, None),
+                    (1024, torch.float32, torch.bfloat16, True, None),
+                    (384, torch.bfloat16, torch.bfloat16, True, None),
+                    (384, torch.float32, torch.bfloat16, True, torch.bfloat16),
+                    (768, torch.bfloat16, torch.bfloat16, True, torch.bfloat16)]
 
 
 def report(archs=(80, 90), sweep: bool = True) -> list[dict]:
@@ -347,7 +360,7 @@ def check(archs=(80, 90)) -> list[dict]:
         rows += _loss_rows(f"loss K={shape[0]} B={shape[1]}", shape, archs, False)
     rows += _loss_rows("loss sweep", (65536, 64, 10, 2, torch.bfloat16), archs, True,
                        machine_code=False)
-    odd = [(37, torch.float16, torch.float16, False), (100, torch.float32, torch.float32, True)]
+    odd = [(37, torch.float16, torch.float16, False, None), (100, torch.float32, torch.float32, True, None)]
     return _unique(rows + _ema_rows(archs) + _layer_norm_rows(archs, LAYER_NORM_CASES + odd))
 
 

@@ -7,7 +7,8 @@ official eager math, torch.compile of the official math. EMA (ViT-S/16 and ViT-B
 DINO head): fused op (float and tensor momentum), the official per-parameter loop,
 _foreach_mul_ + _foreach_add_, _foreach_lerp_. LayerNorm (a ViT-S/16 step's tokens at
 widths 384 and 768, fp32 in and bf16 out as under autocast, and bf16 in and out; forward +
-backward): fused op, torch's layer norm in fp32 then the cast, torch.compile of that. Each row reports the median time, the
+backward; and with a block's residual add before it): fused op, torch's layer norm in fp32
+then the cast, torch.compile of that. Each row reports the median time, the
 bytes floor over that time (GB/s), that as a share of the copy bandwidth measured in the same
 run, and peak extra memory. Writes kernels.json and kernels.md into --out.
 On a machine without CUDA it runs the CPU-capable rows and lists what it skipped.
@@ -149,7 +150,7 @@ def bench_ema(case: EmaCase, device, copy_bw, reps, skipped):
 
 
 def bench_layer_norm(case: LayerNormCase, device, copy_bw, reps, skipped, compile_ok=True):
-    x, w, b, dy = case.inputs(device)
+    args, grads = case.inputs(device)
     rows = []
     for name, fn in case.variants().items():
         if name == "fused" and device.type != "cuda":
@@ -158,7 +159,7 @@ def bench_layer_norm(case: LayerNormCase, device, copy_bw, reps, skipped, compil
         if name.startswith("torch.compile") and not compile_ok:
             skipped.append(f"{case.name}: {name} (skipped: compile time)")
             continue
-        m = measure(functools.partial(layer_norm_step(fn), x, w, b, dy), device, reps)
+        m = measure(functools.partial(layer_norm_step(fn), args, grads), device, reps)
         rows.append(_row(case.name, name, m, case.floor_bytes(), copy_bw))
     return rows
 
@@ -250,7 +251,7 @@ def sweep_loss(case: LossCase, device, copy_bw, reps) -> list[dict]:
 
 def sweep_layer_norm(case: LayerNormCase, device, copy_bw, reps) -> list[dict]:
     ln_mod = importlib.import_module("dinofuse.kernels.layer_norm")
-    x, w, b, dy = case.inputs(device)
+    args, grads = case.inputs(device)
     step = layer_norm_step(case.variants()["fused"])
     default = {k: getattr(ln_mod, k) for k in LAYER_NORM_SWEEP[0]}
     rows = []
@@ -258,7 +259,7 @@ def sweep_layer_norm(case: LayerNormCase, device, copy_bw, reps) -> list[dict]:
         try:
             for k, v in launch.items():
                 setattr(ln_mod, k, v)
-            m = measure(lambda: step(x, w, b, dy), device, reps)
+            m = measure(lambda: step(args, grads), device, reps)
         finally:
             for k, v in default.items():
                 setattr(ln_mod, k, v)
@@ -393,13 +394,15 @@ def main(argv=None):
         ema_cases = [EmaCase("vit_small16+head"), EmaCase("vit_base16+head"),
                      EmaCase("vit_base16+head", torch.bfloat16)]
         layer_norm_cases = [LayerNormCase(384), LayerNormCase(768),
-                            LayerNormCase(384, torch.bfloat16, torch.bfloat16)]
+                            LayerNormCase(384, torch.bfloat16, torch.bfloat16),
+                            LayerNormCase(384, residual=True)]
     else:
         skipped.append("loss at B=64/256 (CPU: one reduced case B=4 instead)")
         loss_cases = [LossCase(4, torch.float32)]
         ema_cases = [EmaCase("vit_small16+head")]
         skipped.append("EMA ViT-B/16 and bf16-student rows (CPU)")
-        layer_norm_cases = [LayerNormCase(384, out_dtype=torch.float32, rows=2048)]
+        layer_norm_cases = [LayerNormCase(384, out_dtype=torch.float32, rows=2048),
+                            LayerNormCase(384, out_dtype=torch.float32, rows=2048, residual=True)]
         skipped.append("LayerNorm at a ViT-S/16 step's size and bf16 (CPU: 2048 rows in fp32)")
     if args.quick and cuda:
         loss_cases = loss_cases[:1]

@@ -26,8 +26,10 @@ LOSS_CASES = ([LossCase(b, d) for b in (256, 64) for d in (torch.bfloat16, torch
               if CUDA else [LossCase(4, torch.float32)])
 EMA_CASES = [EmaCase("vit_small16+head"), EmaCase("vit_base16+head")] if CUDA \
     else [EmaCase("vit_small16+head")]
-LAYER_NORM_CASES = ([LayerNormCase(384), LayerNormCase(768), LayerNormCase(384, torch.bfloat16)]
-                    if CUDA else [LayerNormCase(384, out_dtype=torch.float32, rows=2048)])
+LAYER_NORM_CASES = ([LayerNormCase(384), LayerNormCase(768), LayerNormCase(384, torch.bfloat16),
+                     LayerNormCase(384, residual=True)]
+                    if CUDA else [LayerNormCase(384, out_dtype=torch.float32, rows=2048),
+                                  LayerNormCase(384, out_dtype=torch.float32, rows=2048, residual=True)])
 
 
 def _run(benchmark, fn):
@@ -70,7 +72,7 @@ def test_ema(benchmark, case, variant):
 def test_layer_norm(benchmark, case, variant):
     if variant != "torch (autocast's way)" and not CUDA:
         pytest.skip("the fused kernel and compile rows are timed on a GPU")
-    x, w, b, dy = case.inputs(DEVICE)
+    args, grads = case.inputs(DEVICE)
     step = layer_norm_step(case.variants()[variant])
     benchmark.extra_info.update(case=case.name, floor_bytes=case.floor_bytes())
-    _run(benchmark, lambda: step(x, w, b, dy))
+    _run(benchmark, lambda: step(args, grads))

@@ -6,13 +6,14 @@ TRITON_INTERPRET=1 (set before import), and the official math in plain PyTorch o
 
 from dinofuse.kernels.dino_loss import DINOLoss, dino_loss
 from dinofuse.kernels.ema import EMAPlan, ema_update_
-from dinofuse.kernels.layer_norm import FusedLayerNorm, layer_norm
+from dinofuse.kernels.layer_norm import FusedLayerNorm, add_layer_norm, layer_norm
 from dinofuse.kernels.reference import dino_loss_reference, ema_reference_, teacher_temp_schedule
 
 __all__ = [
     "DINOLoss",
     "EMAPlan",
     "FusedLayerNorm",
+    "add_layer_norm",
     "dino_loss",
     "dino_loss_reference",
     "ema_reference_",

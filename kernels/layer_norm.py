@@ -32,8 +32,9 @@ POISON_OUTPUTS = False  # tests: every output starts as NaN, so an unwritten ele
 
 @triton.jit
 def _layer_norm_forward_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, D, eps,
+    x_ptr, r_ptr, scale_ptr, s_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, D, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -43,6 +44,13 @@ def _layer_norm_forward_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # s = x + r * scale[row], stored in s's dtype; the norm reads it as stored
+        r = tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            r = r * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        summed = (x + r).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + offs, summed, mask=ok)
+        x = summed.to(tl.float32)
     mean = tl.sum(x, axis=1) / D
     centered = tl.where(ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / D + eps)
@@ -58,11 +66,14 @@ def _layer_norm_forward_kernel(
 
 @triton.jit
 def _layer_norm_backward_kernel(
-    x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
-    n_rows, D, rows_per_program,
+    x_ptr, w_ptr, dy_ptr, ds_ptr, scale_ptr, mean_ptr, rstd_ptr, dx_ptr, dr_ptr,
+    dw_partial_ptr, db_partial_ptr, n_rows, D, rows_per_program,
     HAS_WEIGHT: tl.constexpr, WANT_DW: tl.constexpr, WANT_DB: tl.constexpr,
+    HAS_DS: tl.constexpr, WANT_DR: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # with a residual sum s = x + r * scale normalized: x_ptr holds s, ds is the gradient
+    # reaching s from the residual stream downstream; dx = ds + the norm's part, dr = dx * scale
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -89,7 +100,14 @@ def _layer_norm_backward_kernel(
         c_hat = tl.sum(g * x_hat, axis=1) / D
         c_one = tl.sum(g, axis=1) / D
         dx = (g - x_hat * c_hat[:, None] - c_one[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(ds_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+        if WANT_DR:
+            dr = dx
+            if HAS_SCALE:
+                dr = dx * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=ok)
         if WANT_DW:
             dw += tl.sum(dy * x_hat, axis=0)
         if WANT_DB:
@@ -130,50 +148,70 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(wanted, triton.cdiv(n_rows, BLOCK_ROWS)))
 
 
-def _forward(x, weight, bias, eps: float, out_dtype: torch.dtype):
-    """y (x's shape, out_dtype), and each row's mean and 1/std (fp32) for the backward."""
+def _rows(t: torch.Tensor | None, D: int) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1, D).contiguous()
+
+
+def _launch_forward(x, weight, bias, eps: float, out_dtype: torch.dtype, residual=None, scale=None):
+    """(s, y, mean, rstd): with `residual`, s = x + residual * scale[row] in x's dtype and y its
+    norm (else s is None and y the norm of x); y in out_dtype; each row's mean and 1/std in
+    fp32 for the backward."""
     D = x.shape[-1]
-    x2 = x.reshape(-1, D).contiguous()
+    x2, r2 = _rows(x, D), _rows(residual, D)
     n_rows = x2.shape[0]
+    s = _new((n_rows, D), x2, x.dtype) if residual is not None else None
     y = _new((n_rows, D), x2, out_dtype)
     mean = _new((n_rows,), x2, torch.float32)
     rstd = _new((n_rows,), x2, torch.float32)
     block_d = _block_d(D)
     if n_rows:
         _layer_norm_forward_kernel[(triton.cdiv(n_rows, BLOCK_ROWS),)](
-            x2, _or(weight, x2), _or(bias, x2), y, mean, rstd, n_rows, D, eps,
+            x2, _or(r2, x2), _or(scale, x2), _or(s, x2), _or(weight, x2), _or(bias, x2), y,
+            mean, rstd, n_rows, D, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None,
             BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d, num_warps=_warps(block_d))
-    return y.reshape(x.shape), mean, rstd
+    s = None if s is None else s.reshape(x.shape)
+    return s, y.reshape(x.shape), mean, rstd
 
 
-def _backward(dy, x, weight, mean, rstd, w_dtype, b_dtype):
+def _forward(x, weight, bias, eps: float, out_dtype: torch.dtype):
+    """y (x's shape, out_dtype), and each row's mean and 1/std (fp32) for the backward."""
+    return _launch_forward(x, weight, bias, eps, out_dtype)[1:]
+
+
+def _backward(dy, x, weight, mean, rstd, w_dtype, b_dtype, ds=None, scale=None, r_dtype=None):
     """dx (x's shape and dtype), and the weight and bias gradients in w_dtype and b_dtype
-    (None: not wanted)."""
+    (None: not wanted). For a residual sum (x: the sum s): `ds` the gradient reaching s from
+    downstream, added to dx; with `r_dtype`, also dr = dx * scale[row] in that dtype."""
     D = x.shape[-1]
     x2 = x.reshape(-1, D).contiguous()
     n_rows = x2.shape[0]
     if not n_rows:  # no rows: zero gradients for the parameters, as torch gives
         zeros = [None if d is None else torch.zeros(D, dtype=d, device=x.device)
                  for d in (w_dtype, b_dtype)]
-        return torch.zeros_like(x), *zeros
-    dy2 = dy.reshape(n_rows, D).contiguous()
+        dr = None if r_dtype is None else torch.zeros_like(x, dtype=r_dtype)
+        return torch.zeros_like(x), *zeros, dr
+    dy2, ds2 = _rows(dy, D), _rows(ds, D)
     want_dw, want_db = w_dtype is not None, b_dtype is not None
     programs = _backward_programs(n_rows, x2.device)
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), BLOCK_ROWS) * BLOCK_ROWS
     programs = max(1, triton.cdiv(n_rows, rows_per_program))
     dx = _new((n_rows, D), x2, x.dtype)
+    dr = _new((n_rows, D), x2, r_dtype) if r_dtype is not None else None
     dw_partial = _new((programs, D), x2, torch.float32) if want_dw else None
     db_partial = _new((programs, D), x2, torch.float32) if want_db else None
     block_d = _block_d(D)
     _layer_norm_backward_kernel[(programs,)](
-        x2, _or(weight, x2), dy2, mean, rstd, dx, _or(dw_partial, dx), _or(db_partial, dx),
-        n_rows, D, rows_per_program,
+        x2, _or(weight, x2), dy2, _or(ds2, dx), _or(scale, dx), mean, rstd, dx, _or(dr, dx),
+        _or(dw_partial, dx), _or(db_partial, dx), n_rows, D, rows_per_program,
         HAS_WEIGHT=weight is not None, WANT_DW=want_dw, WANT_DB=want_db,
+        HAS_DS=ds is not None, WANT_DR=dr is not None, HAS_SCALE=scale is not None,
         BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d, num_warps=_warps(block_d))
     dw = dw_partial.sum(0).to(w_dtype) if want_dw else None
     db = db_partial.sum(0).to(b_dtype) if want_db else None
-    return dx.reshape(x.shape), dw, db
+    dr = None if dr is None else dr.reshape(x.shape)
+    return dx.reshape(x.shape), dw, db, dr
 
 
 def _wanted_dtypes(weight, bias, needs_weight_grad: bool, needs_bias_grad: bool):
@@ -197,7 +235,7 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dtypes = _wanted_dtypes(weight, bias, *ctx.needs_input_grad[1:3])
-        dx, dw, db = _backward(dy, x, weight, mean, rstd, *dtypes)
+        dx, dw, db, _ = _backward(dy, x, weight, mean, rstd, *dtypes)
         return dx, dw, db, None, None
 
 
@@ -219,7 +257,7 @@ def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
                     bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
                     want_dw: bool, want_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dtypes = _wanted_dtypes(weight, bias, want_dw, want_db)
-    dx, dw, db = _backward(dy, x, weight, mean, rstd, *dtypes)
+    dx, dw, db, _ = _backward(dy, x, weight, mean, rstd, *dtypes)
     # an op returns tensors: "no gradient" is an empty one (each its own: outputs may not alias)
     return dx, x.new_empty((0,)) if dw is None else dw, x.new_empty((0,)) if db is None else db
 
@@ -251,13 +289,8 @@ def _op_backward(ctx, dy, _grad_mean, _grad_rstd):
 _layer_norm_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """LayerNorm over the last dimension, output in `out_dtype` (default: x's dtype).
-
-    Triton on CUDA (and on CPU under TRITON_INTERPRET=1); elsewhere torch's layer_norm in fp32
-    cast to `out_dtype`, which is the same math.
-    """
+def _checked(x, weight, bias, out_dtype) -> torch.dtype:
+    """The output dtype (None: x's), after checking the arguments; errors name them."""
     check_float("x", x)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in FLOAT_DTYPES:
@@ -267,12 +300,72 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
         if p is not None and p.shape != (D,):
             raise ValueError(f"{name} must have shape ({D},) for inputs of last dimension {D}; "
                              f"got {tuple(p.shape)}")
+    return out_dtype
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               eps: float = 1e-5, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over the last dimension, output in `out_dtype` (default: x's dtype).
+
+    Triton on CUDA (and on CPU under TRITON_INTERPRET=1); elsewhere torch's layer_norm in fp32
+    cast to `out_dtype`, which is the same math.
+    """
+    out_dtype = _checked(x, weight, bias, out_dtype)
+    D = x.shape[-1]
     if not runs_triton(x):
         fp32 = (None if p is None else p.float() for p in (weight, bias))
         return F.layer_norm(x.float(), (D,), *fp32, eps).to(out_dtype)
     if torch.compiler.is_compiling():
         return torch.ops.dinofuse.layer_norm_fwd(x, weight, bias, eps, out_dtype)[0]
     return LayerNormFunction.apply(x, weight, bias, eps, out_dtype)
+
+
+class AddLayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, scale, eps, out_dtype):
+        s, y, mean, rstd = _launch_forward(x, weight, bias, eps, out_dtype, residual, scale)
+        ctx.save_for_backward(s, weight, bias, scale, mean, rstd)
+        ctx.residual_dtype = residual.dtype
+        ctx.set_materialize_grads(False)  # no gradient from downstream: none read (not zeros)
+        return s, y
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        s, weight, bias, scale, mean, rstd = ctx.saved_tensors
+        if dy is None:  # the norm unused: its part of the gradient is 0
+            dy = torch.zeros_like(s)
+        dtypes = _wanted_dtypes(weight, bias, *ctx.needs_input_grad[2:4])
+        r_dtype = ctx.residual_dtype if ctx.needs_input_grad[1] else None
+        dx, dw, db, dr = _backward(dy, s, weight, mean, rstd, *dtypes, ds=ds, scale=scale,
+                                   r_dtype=r_dtype)
+        return dx, dr, dw, db, None, None, None
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5,
+                   out_dtype: torch.dtype | None = None, scale: torch.Tensor | None = None):
+    """(s, LayerNorm(s)) with s = x + residual * scale[row], in one pass each way.
+
+    A transformer block's `x = x + drop_path(branch); h = norm(x)`: `scale` holds one factor
+    per row of the flattened leading dimensions (stochastic depth's 0 or 1/keep per sample,
+    spread over its tokens), None for 1. s is in x's dtype (the residual stream's), the norm
+    in `out_dtype` (default x's). The backward adds the gradient reaching s from downstream
+    to the norm's, and gives the branch its gradient in its own dtype. Triton where the ops
+    run it (not under torch.compile, which fuses this sum and norm itself); else the same
+    math in torch.
+    """
+    out_dtype = _checked(x, weight, bias, out_dtype)
+    check_float("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if scale is not None and scale.shape != (rows,):
+        raise ValueError(f"scale must have one value per row, shape ({rows},); got {tuple(scale.shape)}")
+    if not runs_triton(x) or torch.compiler.is_compiling():
+        branch = residual if scale is None else residual * scale.reshape(*x.shape[:-1], 1).to(residual.dtype)
+        s = (x + branch).to(x.dtype)
+        return s, layer_norm(s, weight, bias, eps, out_dtype)
+    return AddLayerNormFunction.apply(x, residual, weight, bias, scale, eps, out_dtype)
 
 
 class FusedLayerNorm(torch.nn.LayerNorm):
@@ -288,12 +381,23 @@ class FusedLayerNorm(torch.nn.LayerNorm):
         return self.fused_forward(x, self.out_autocast_dtype)
 
     def fused_forward(self, x: torch.Tensor, out_autocast_dtype: bool) -> torch.Tensor:
+        out_dtype = self._output_dtype(x, out_autocast_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
+
+    def fused_add_forward(self, x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor | None,
+                          out_autocast_dtype: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual * scale[row], this norm of it): `add_layer_norm` with this layer's
+        parameters."""
+        out_dtype = self._output_dtype(x, out_autocast_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype, scale)
+
+    def _output_dtype(self, x: torch.Tensor, out_autocast_dtype: bool) -> torch.dtype:
         if len(self.normalized_shape) != 1:
             raise ValueError(f"FusedLayerNorm normalizes the last dimension only; "
                              f"got normalized_shape {tuple(self.normalized_shape)}")
         device = x.device.type
-        out_dtype = x.dtype
-        if torch.is_autocast_enabled(device):
-            out_dtype = torch.get_autocast_dtype(device) if out_autocast_dtype else torch.float32
-        with torch.autocast(device, enabled=False):
-            return layer_norm(x, self.weight, self.bias, self.eps, out_dtype)
+        if not torch.is_autocast_enabled(device):
+            return x.dtype
+        return torch.get_autocast_dtype(device) if out_autocast_dtype else torch.float32

@@ -15,6 +15,7 @@ from official_dino import OfficialDINOLoss
 from test_dino_loss import assert_matches_reference, make_inputs
 from test_ema import assert_ema_exact
 from test_layer_norm import check as check_layer_norm
+from test_layer_norm import check_add as check_add_layer_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -162,6 +163,20 @@ def test_every_benchmarked_layer_norm_launch_shape(launch, monkeypatch):
     x = torch.randn(64 * 764 + 3, 384, device="cuda")
     check_layer_norm(x, torch.randn(384, device="cuda") + 1, torch.randn(384, device="cuda"), 1e-6,
                      torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows,D,dtype,branch_dtype", [
+    (64 * 764, 384, torch.float32, torch.bfloat16),  # a ViT-S/16 block's residual add, autocast
+    (64 * 764, 768, torch.bfloat16, torch.bfloat16),  # the bf16 stream, ViT-B
+    (5, 100, torch.float32, torch.float32),
+])
+def test_add_layer_norm_matches_float64_reference(rows, D, dtype, branch_dtype, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("dinofuse.kernels.layer_norm"), "POISON_OUTPUTS", True)
+    x = (torch.randn(rows, D, device="cuda") * 2 + 0.5).to(dtype)
+    branch = torch.randn(rows, D, device="cuda").to(branch_dtype)
+    scale = (torch.rand(rows, device="cuda") < 0.9).float() / 0.9
+    check_add_layer_norm(x, branch, scale, torch.randn(D, device="cuda") + 1,
+                         torch.randn(D, device="cuda"), 1e-6, dtype if dtype != torch.float32 else torch.bfloat16)
 
 
 def test_fused_layer_norm_in_a_vit_under_autocast_matches_torchs():

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinofuse.kernels import FusedLayerNorm, layer_norm
+from dinofuse.kernels import FusedLayerNorm, add_layer_norm, layer_norm
 
 # the module, not the function of the same name that dinofuse.kernels exports
 layer_norm_module = importlib.import_module("dinofuse.kernels.layer_norm")
@@ -54,6 +54,13 @@ def check(x, w, b, eps, out_dtype, dy_scale=1.0):
     assert y.dtype == (out_dtype or x.dtype) and y.shape == x.shape
     dy = (torch.randn(x.shape, device=x.device) * dy_scale).to(y.dtype)
     y.backward(dy)
+    assert_norm(x, y, dy, x.grad, w, b, eps)
+
+
+def assert_norm(x, y, dy, grad_x, w, b, eps, ds=None):
+    """The norm of `x` (what the kernel normalized), its input gradient `grad_x` (plus `ds`
+    when given: a residual sum's gradient from downstream) and w.grad, b.grad within the
+    bounds above. Returns the float64 input gradient and its bound."""
     y64, dx64, dw64, db64, x_hat, rstd = reference(x, w, b, dy, eps)
     D = x.shape[-1]
     rows = x.numel() // D
@@ -66,9 +73,13 @@ def check(x, w, b, eps, out_dtype, dy_scale=1.0):
     g = dy.double() * w64
     mean_g = g.abs().mean(-1, keepdim=True)
     spread = (g * x_hat).abs().mean(-1, keepdim=True)
-    bound_dx = torch.finfo(x.dtype).eps * dx64.abs() + e * rstd * (g.abs() + spread + (x_hat.abs() + 1) * mean_g)
-    assert x.grad.dtype == x.dtype
-    assert (x.grad.double() - dx64).abs().le(bound_dx).all(), (x.grad.double() - dx64).abs().max()
+    bound_dx = e * rstd * (g.abs() + spread + (x_hat.abs() + 1) * mean_g)
+    if ds is not None:  # one fp32 addition more
+        dx64 = dx64 + ds.double()
+        bound_dx = bound_dx + EPS32 * ds.double().abs()
+    bound_dx = bound_dx + torch.finfo(grad_x.dtype).eps * dx64.abs()
+    assert grad_x.dtype == x.dtype
+    assert (grad_x.double() - dx64).abs().le(bound_dx).all(), (grad_x.double() - dx64).abs().max()
     dy_rows = dy.double().reshape(rows, D)
     x_hat_rows, e_rows = x_hat.reshape(rows, D), e.reshape(rows, 1)
     sum_eps = 8 * math.sqrt(rows) * EPS32
@@ -81,6 +92,33 @@ def check(x, w, b, eps, out_dtype, dy_scale=1.0):
         bound = torch.finfo(b.dtype).eps * db64.abs() + sum_eps * dy_rows.abs().sum(0)
         assert b.grad.dtype == b.dtype
         assert (b.grad.double() - db64).abs().le(bound).all(), (b.grad.double() - db64).abs().max()
+    return dx64, bound_dx
+
+
+def check_add(x, r, scale, w, b, eps, out_dtype, with_ds=True):
+    """add_layer_norm: s = x + r * scale[row] to one rounding in x's dtype (after an fp32
+    product and sum: 2 eps32 of the terms); the norm of the s it stored within the norm's
+    bounds; x's gradient = ds + the norm's part; r's = that times scale, rounded to r's
+    dtype."""
+    x, r = x.detach().requires_grad_(), r.detach().requires_grad_()
+    for p in (w, b):
+        if p is not None:
+            p.requires_grad_()
+    s, y = add_layer_norm(x, r, w, b, eps, out_dtype, scale)
+    assert s.dtype == x.dtype and y.dtype == (out_dtype or x.dtype) and s.shape == y.shape == x.shape
+    rows_scale = 1.0 if scale is None else scale.double().reshape(*x.shape[:-1], 1)
+    branch64 = r.detach().double() * rows_scale
+    s64 = x.detach().double() + branch64
+    bound_s = torch.finfo(x.dtype).eps * s64.abs() + 2 * EPS32 * (x.detach().double().abs() + branch64.abs())
+    assert (s.double() - s64).abs().le(bound_s).all(), (s.double() - s64).abs().max()
+    dy = torch.randn(x.shape, device=x.device).to(y.dtype)
+    ds = torch.randn(x.shape, device=x.device).to(s.dtype) if with_ds else None
+    torch.autograd.backward([y, s] if with_ds else [y], [dy, ds] if with_ds else [dy])
+    dx64, bound_dx = assert_norm(s.detach(), y, dy, x.grad, w, b, eps, ds=ds)
+    dr64 = dx64 * rows_scale
+    bound_dr = torch.finfo(r.dtype).eps * dr64.abs() + bound_dx * (rows_scale.abs() if scale is not None else 1.0)
+    assert r.grad.dtype == r.dtype
+    assert (r.grad.double() - dr64).abs().le(bound_dr).all(), (r.grad.double() - dr64).abs().max()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -220,3 +258,48 @@ def test_custom_ops_schemas_are_valid(affine):
     torch.library.opcheck(torch.ops.dinofuse.layer_norm_bwd.default,
                           (torch.randn(4, 6), x.detach(), w, b, mean, rstd, affine, affine),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype,out_dtype", [
+    (torch.float32, torch.bfloat16, torch.bfloat16),  # fp32 stream, bf16 branch (autocast)
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),  # the bf16 stream
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float16, torch.float32, torch.float16),
+], ids=str)
+@pytest.mark.parametrize("shape", [(7, 37), (2, 5, 48), (1, 1, 16)], ids=str)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_add_layer_norm_matches_float64_reference(shape, x_dtype, r_dtype, out_dtype, scaled):
+    x = (torch.randn(shape) * 2 + 0.5).to(x_dtype)
+    r = torch.randn(shape).to(r_dtype)
+    rows = x.numel() // shape[-1]
+    # stochastic depth's factors: 0 (dropped) or 1/keep per sample, one per row here
+    scale = (torch.rand(rows) < 0.7).float() / 0.7 if scaled else None
+    D = shape[-1]
+    check_add(x, r, scale, torch.randn(D) + 1, torch.randn(D), 1e-6, out_dtype)
+
+
+def test_add_layer_norm_without_a_downstream_gradient_or_parameters():
+    """Only the norm used (no gradient reaches the sum from downstream), no weight or bias,
+    more rows than backward programs."""
+    x, r = torch.randn(4 * 37 + 3, 24), torch.randn(4 * 37 + 3, 24)
+    check_add(x, r, None, None, None, 1e-5, None, with_ds=False)
+    check_add(x, r, torch.full((4 * 37 + 3,), 2.0), torch.randn(24), None, 1e-5, None, with_ds=False)
+
+
+def test_add_layer_norm_is_the_sum_then_the_norm_without_the_interpreter(reference_path):
+    x, r = torch.randn(3, 4, 8), torch.randn(3, 4, 8).bfloat16()
+    w, b, scale = torch.randn(8), torch.randn(8), torch.tensor([0.0, 2.0, 2.0] * 4)
+    s, y = add_layer_norm(x, r, w, b, 1e-6, torch.bfloat16, scale)
+    expected = x + r * scale.reshape(3, 4, 1).bfloat16()
+    assert s.dtype == torch.float32 and torch.equal(s, expected)
+    assert torch.equal(y, F.layer_norm(expected, (8,), w, b, 1e-6).bfloat16())
+
+
+def test_add_layer_norm_names_bad_arguments():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"residual must have x's shape \(2, 3, 8\)"):
+        add_layer_norm(x, torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"scale must have one value per row, shape \(6,\)"):
+        add_layer_norm(x, torch.randn(2, 3, 8), scale=torch.ones(2))
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        add_layer_norm(x, torch.randn(2, 3, 8), torch.randn(3))

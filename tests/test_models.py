@@ -534,15 +534,21 @@ def test_residual_stream_in_the_autocast_dtype(monkeypatch):
 
 
 def _count_fused_layer_norms(monkeypatch) -> list:
-    from dinofuse.kernels.layer_norm import LayerNormFunction
+    """Each call of our kernels: ("norm" or "add+norm", input dtype, output dtype)."""
+    from dinofuse.kernels.layer_norm import AddLayerNormFunction, LayerNormFunction
 
-    calls, apply = [], LayerNormFunction.apply
+    calls, apply, add_apply = [], LayerNormFunction.apply, AddLayerNormFunction.apply
 
     def counted(x, weight, bias, eps, out_dtype):
-        calls.append((x.dtype, out_dtype))
+        calls.append(("norm", x.dtype, out_dtype))
         return apply(x, weight, bias, eps, out_dtype)
 
+    def add_counted(x, residual, weight, bias, scale, eps, out_dtype):
+        calls.append(("add+norm", x.dtype, out_dtype))
+        return add_apply(x, residual, weight, bias, scale, eps, out_dtype)
+
     monkeypatch.setattr(LayerNormFunction, "apply", counted)
+    monkeypatch.setattr(AddLayerNormFunction, "apply", add_counted)
     return calls
 
 
@@ -569,9 +575,39 @@ def test_fused_layer_norm_gives_torchs_outputs_and_gradients(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ours(x)
         expected = theirs(x)
-    assert calls == [(torch.float32, torch.bfloat16)] * 4 + [(torch.float32, torch.float32)]
+    # per block norm1, then the residual add with norm2; the final norm writes fp32
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert calls == [("norm", f32, bf16), ("add+norm", f32, bf16)] * 2 + [("norm", f32, f32)]
     assert out.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_fused_residual_add_drops_paths_as_the_plain_block(packed, monkeypatch):
+    """Training with stochastic depth: the blocks' residual add inside our norm kernel draws
+    the same per-image factors as the plain `x + drop_path(y)` and gives its outputs and
+    gradients, per resolution and packed."""
+    calls = _count_fused_layer_norms(monkeypatch)
+    torch.manual_seed(0)
+    models = {}
+    for kernel in ("fused", "torch"):
+        backbone = vit_tiny(depth=3, attention="sdpa", drop_path_rate=0.6, layer_norm=kernel)
+        models[kernel] = MultiCropWrapper(backbone, DINOHead(192, 40, hidden_dim=16, bottleneck_dim=8),
+                                          packed=packed)
+    random_state(models["fused"])
+    models["torch"].load_state_dict(models["fused"].state_dict())
+    crops = [torch.randn(4, 3, 32, 32)] * 2 + [torch.randn(4, 3, 16, 16)] * 3
+    outs, grads = {}, {}
+    for kernel, model in models.items():
+        torch.manual_seed(7)
+        outs[kernel] = model(crops)
+        outs[kernel].square().sum().backward()
+        grads[kernel] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    assert ("add+norm", torch.float32, torch.float32) in calls
+    torch.testing.assert_close(outs["fused"], outs["torch"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads["fused"], grads["torch"], rtol=1e-3, atol=1e-5)
+    torch.manual_seed(8)  # another draw: another result (the factors are drawn, not fixed)
+    assert not torch.allclose(models["fused"](crops), outs["fused"])
 
 
 def test_auto_layer_norm_is_torchs_on_the_cpu_and_under_torch_compile(monkeypatch):
@@ -584,10 +620,18 @@ def test_auto_layer_norm_is_torchs_on_the_cpu_and_under_torch_compile(monkeypatc
     x = torch.randn(2, 5, block.norm1.normalized_shape[0])
     expected = block(x)[0]
     assert len(calls) == 2
+    graphs = []
+
+    def backend(gm, example_inputs):  # what dynamo traced, run as traced
+        graphs.append(gm)
+        return gm.forward
+
     torch._dynamo.reset()
     try:
-        out = torch.compile(block, backend="eager", fullgraph=True)(x)[0]
+        out = torch.compile(block, backend=backend, fullgraph=True)(x)[0]
     finally:
         torch._dynamo.reset()
     assert len(calls) == 2
+    traced = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert traced and not [t for t in traced if "dinofuse" in t], traced  # torch's norm traced
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)

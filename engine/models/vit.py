@@ -199,10 +199,19 @@ class LayerNorm(FusedLayerNorm):
     feeds_matmul = False
     kernel = "auto"
 
+    def runs_fused(self, x: torch.Tensor) -> bool:
+        return self.kernel != "torch" and not torch.compiler.is_compiling() and (
+            self.kernel == "fused" or x.device.type == "cuda")
+
+    def add_forward(self, x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None):
+        """(x + branch * scale[row], this norm of it) in one pass of our kernel each way (a
+        block's residual add and its second norm: the sum is read once, and in backward the
+        stream's gradient and the branch's come out of the norm's pass)."""
+        return self.fused_add_forward(x, branch, scale, self.feeds_matmul or self.low_precision)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        if self.kernel != "torch" and not torch.compiler.is_compiling() and (
-                self.kernel == "fused" or device == "cuda"):
+        if self.runs_fused(x):
             return self.fused_forward(x, self.feeds_matmul or self.low_precision)
         if not (self.low_precision and torch.is_autocast_enabled(device)):
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -292,13 +301,25 @@ class DropPath(TimmDropPath):
             return super().forward(x)
         if not self.training or (not compiling and self.drop_prob == 0.0):
             return x
+        return x * self._factors(x, seqlens, compiling)
+
+    def row_scales(self, x: torch.Tensor, seqlens: SeqLens | None = None) -> torch.Tensor | None:
+        """The factors this forward would multiply x by, one per token row (fp32; for
+        `add_layer_norm`), drawn as the forward draws them; None when nothing is dropped."""
+        if not self.training or self.drop_prob == 0.0:
+            return None
+        factors = self._factors(x, seqlens, compiling=False)
+        return factors.expand(*x.shape[:-1], 1).reshape(-1).float()
+
+    def _factors(self, x: torch.Tensor, seqlens: SeqLens | None, compiling: bool) -> torch.Tensor:
+        """0 or 1/keep per image, shaped to multiply x: (B, 1, ..) or, packed, (1, tokens, 1)."""
         if seqlens is None:
-            return x * self._scales((x.shape[0],) + (1,) * (x.ndim - 1), x, compiling)
+            return self._scales((x.shape[0],) + (1,) * (x.ndim - 1), x, compiling)
         counts = [count for count, _ in seqlens]
         scales = self._scales((sum(counts),), x, compiling).split(counts)
         per_token = torch.cat([s[:, None].expand(count, length).reshape(-1)
                                for s, (count, length) in zip(scales, seqlens)])
-        return x * per_token.view(1, -1, *(1,) * (x.ndim - 2))
+        return per_token.view(1, -1, *(1,) * (x.ndim - 2))
 
     def _scales(self, shape, x: torch.Tensor, compiling: bool) -> torch.Tensor:
         """One draw per sample: 1/keep where kept, 0 where dropped (timm's formula)."""
@@ -324,8 +345,12 @@ class Block(nn.Module):
 
     def forward(self, x, seqlens: SeqLens | None = None, return_attention: bool = False):
         y, attn = self.attn(self.norm1(x), seqlens, return_attention)
-        x = x + self.drop_path(y, seqlens)  # per image, packed or not
-        x = x + self.drop_path(self.mlp(self.norm2(x)), seqlens)
+        if self.norm2.runs_fused(x):  # the residual add inside the norm's kernel
+            x, h = self.norm2.add_forward(x, y, self.drop_path.row_scales(y, seqlens))
+        else:
+            x = x + self.drop_path(y, seqlens)  # per image, packed or not
+            h = self.norm2(x)
+        x = x + self.drop_path(self.mlp(h), seqlens)
         return x, attn
 
 
