@@ -430,12 +430,15 @@ def test_blocks_give_drop_path_the_packed_layout(monkeypatch):
     assert seen == [((4, 5), (6, 2))] * 4  # two blocks, two branches each
 
 
+@pytest.mark.parametrize("layer_norm", ["torch", "fused"])
 @pytest.mark.parametrize("checkpointed", [0, 1, 3, -1])
-def test_activation_checkpointing_recomputes_exactly_the_first_n_blocks(checkpointed):
+def test_activation_checkpointing_recomputes_exactly_the_first_n_blocks(checkpointed, layer_norm):
     """Each checkpointed block runs its forward again in backward; the others do not, and the
-    gradients are the ones of the plain forward."""
+    gradients are the ones of the plain forward. With our norms too, whose blocks pass each
+    MLP branch on to the next norm."""
     torch.manual_seed(0)
-    model = random_state(build_vit("vit_tiny", patch_size=8, depth=4, attention="sdpa"))
+    model = random_state(build_vit("vit_tiny", patch_size=8, depth=4, attention="sdpa",
+                                   layer_norm=layer_norm))
     x = torch.randn(2, 3, 32, 32)
     model(x).square().sum().backward()
     plain = [p.grad.clone() for p in model.parameters()]
@@ -575,9 +578,10 @@ def test_fused_layer_norm_gives_torchs_outputs_and_gradients(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ours(x)
         expected = theirs(x)
-    # per block norm1, then the residual add with norm2; the final norm writes fp32
+    # every residual add inside a norm's kernel: the first block's norm1 has none before it,
+    # each block's MLP branch is added by the next norm1, the last by the final norm (fp32)
     f32, bf16 = torch.float32, torch.bfloat16
-    assert calls == [("norm", f32, bf16), ("add+norm", f32, bf16)] * 2 + [("norm", f32, f32)]
+    assert calls == [("norm", f32, bf16)] + [("add+norm", f32, bf16)] * 3 + [("add+norm", f32, f32)]
     assert out.dtype == expected.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
 

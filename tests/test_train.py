@@ -496,11 +496,14 @@ def test_official_impl_choices_train_like_the_fused_ones(tmp_path):
 
 
 def test_the_fused_layer_norm_trains_like_torchs_with_recomputed_blocks(tmp_path):
-    """impl.layer_norm="fused" (the Triton kernel, interpreted here) with every block
-    checkpointed (its forward runs again in backward): torch's losses and teacher weights."""
-    torch_losses, torch_teacher, _ = _synthetic_run(tmp_path / "a", 'impl.layer_norm="torch"')
+    """impl.layer_norm="fused" (the Triton kernels, interpreted here: every residual add
+    inside a norm) with stochastic depth and every block checkpointed (its forward, draws
+    included, runs again in backward): torch's losses and teacher weights."""
+    torch_losses, torch_teacher, _ = _synthetic_run(tmp_path / "a", 'impl.layer_norm="torch"',
+                                                    "model.drop_path_rate=0.3")
     fused_losses, fused_teacher, trainer = _synthetic_run(
-        tmp_path / "b", 'impl.layer_norm="fused"', "impl.checkpoint_blocks=-1")
+        tmp_path / "b", 'impl.layer_norm="fused"', "impl.checkpoint_blocks=-1",
+        "model.drop_path_rate=0.3")
     assert {m.kernel for m in trainer.student.modules() if hasattr(m, "feeds_matmul")} == {"fused"}
     assert fused_losses == pytest.approx(torch_losses, rel=1e-5)
     torch.testing.assert_close(fused_teacher, torch_teacher, rtol=1e-5, atol=1e-6)

@@ -343,15 +343,34 @@ class Block(nn.Module):
         self.norm2.feeds_matmul = True  # the MLP's first layer
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x, seqlens: SeqLens | None = None, return_attention: bool = False):
-        y, attn = self.attn(self.norm1(x), seqlens, return_attention)
+    def forward(self, x, seqlens: SeqLens | None = None, return_attention: bool = False,
+                branch: torch.Tensor | None = None, branch_scale: torch.Tensor | None = None,
+                chain: bool = False):
+        """(x after the block, the last block's attention map or None).
+
+        chain=True, where our norms run (`VisionTransformer.forward_tokens`): both residual
+        adds happen inside norm kernels. x is then the stream before this block less the
+        previous block's MLP branch (`branch`, times drop path's `branch_scale` per row),
+        which norm1's kernel adds; the result is (the stream after this block's attention
+        residual, this block's MLP branch, its factors) for the next norm to add. A keyword
+        of forward, not a method of its own: FSDP2's and torch.compile's hooks run on calls."""
+        if chain:
+            if branch is None:
+                h = self.norm1(x)
+            else:
+                x, h = self.norm1.add_forward(x, branch, branch_scale)
+        else:
+            h = self.norm1(x)
+        y, attn = self.attn(h, seqlens, return_attention)
         if self.norm2.runs_fused(x):  # the residual add inside the norm's kernel
             x, h = self.norm2.add_forward(x, y, self.drop_path.row_scales(y, seqlens))
         else:
             x = x + self.drop_path(y, seqlens)  # per image, packed or not
             h = self.norm2(x)
-        x = x + self.drop_path(self.mlp(h), seqlens)
-        return x, attn
+        z = self.mlp(h)
+        if chain:
+            return x, z, self.drop_path.row_scales(z, seqlens)
+        return x + self.drop_path(z, seqlens), attn
 
 
 class VisionTransformer(nn.Module):
@@ -436,6 +455,8 @@ class VisionTransformer(nn.Module):
     def forward_tokens(self, tokens: torch.Tensor, seqlens: SeqLens | None = None) -> torch.Tensor:
         n = self.checkpoint_blocks
         recomputed = (len(self.blocks) if n < 0 else n) if torch.is_grad_enabled() else 0
+        if self.norm.runs_fused(tokens) and len(self.blocks):
+            return self._forward_tokens_chained(tokens, seqlens, recomputed)
         for i, block in enumerate(self.blocks):
             if i < recomputed:  # keep only the block's input; recompute the rest in backward
                 tokens, _ = torch.utils.checkpoint.checkpoint(block, tokens, seqlens,
@@ -443,6 +464,19 @@ class VisionTransformer(nn.Module):
             else:
                 tokens, _ = block(tokens, seqlens)
         return self.norm(tokens)
+
+    def _forward_tokens_chained(self, tokens, seqlens, recomputed: int) -> torch.Tensor:
+        """The blocks with every residual add inside our norm kernels: each block's MLP
+        branch is added by the next block's norm1 (the last by the final norm)."""
+        branch = scale = None
+        for i, block in enumerate(self.blocks):
+            if i < recomputed:  # keep only the block's inputs; recompute the rest in backward
+                tokens, branch, scale = torch.utils.checkpoint.checkpoint(
+                    block, tokens, seqlens, False, branch, scale, True, use_reentrant=False)
+            else:
+                tokens, branch, scale = block(tokens, seqlens, branch=branch, branch_scale=scale,
+                                              chain=True)
+        return self.norm.add_forward(tokens, branch, scale)[1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm: (B, 1 + patches, D)."""
