@@ -360,7 +360,7 @@ def variants(args) -> list[Variant]:
     if args.ablation:
         if device_type == "cuda":
             out.append(Variant(UNGRAPHED_ROW, {**ours, "impl.cuda_graph": "off"}))
-            out.append(Variant("dinofuse without the fused LayerNorm",
+            out.append(Variant("dinofuse with torch's LayerNorm and residual adds",
                                {**ours, "impl.layer_norm": "torch"}))
         out.append(Variant("dinofuse + packed crops", {**ours, "model.packed": True}))
         # not over the baseline: an fp16 residual stream risks overflow (bf16 has fp32's range)
