@@ -12,6 +12,9 @@ and bias gradients over its rows (summed afterwards over a few hundred programs)
 
 `layer_norm(x, weight, bias, eps, out_dtype=None)` over the last dimension; `weight` and
 `bias` may be None. The math is torch's (`F.layer_norm`, biased variance).
+`add_layer_norm(x, branch, ..., scale=None)`: a residual add and the norm after it in the
+same passes (s = x + branch * scale[row]; returns s and its norm), as a transformer block
+runs them; the backward adds the stream's gradient from downstream and writes the branch's.
 """
 
 from __future__ import annotations
@@ -365,6 +368,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
         branch = residual if scale is None else residual * scale.reshape(*x.shape[:-1], 1).to(residual.dtype)
         s = (x + branch).to(x.dtype)
         return s, layer_norm(s, weight, bias, eps, out_dtype)
+    scale = None if scale is None else scale.contiguous()  # the kernels read it row by row
     return AddLayerNormFunction.apply(x, residual, weight, bias, scale, eps, out_dtype)
 
 

@@ -1819,6 +1819,10 @@ BUGS = [
         "if i < recomputed:  # keep only the block's inputs;",
         "if i <= recomputed:  # keep only the block's inputs;",
         ['test_models.py::test_activation_checkpointing_recomputes_exactly_the_first_n_blocks']),
+    Bug('kernels/layer_norm.py',
+        'scale = None if scale is None else scale.contiguous()  # the kernels read it row by row',
+        'pass',
+        ['test_layer_norm.py::test_add_layer_norm_without_a_downstream_gradient_or_parameters']),
 ]
 
 

@@ -205,7 +205,7 @@ class LayerNorm(FusedLayerNorm):
 
     def add_forward(self, x: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor | None):
         """(x + branch * scale[row], this norm of it) in one pass of our kernel each way (a
-        block's residual add and its second norm: the sum is read once, and in backward the
+        residual add and the norm after it: the sum is read once, and in backward the
         stream's gradient and the branch's come out of the norm's pass)."""
         return self.fused_add_forward(x, branch, scale, self.feeds_matmul or self.low_precision)
 
@@ -346,7 +346,7 @@ class Block(nn.Module):
     def forward(self, x, seqlens: SeqLens | None = None, return_attention: bool = False,
                 branch: torch.Tensor | None = None, branch_scale: torch.Tensor | None = None,
                 chain: bool = False):
-        """(x after the block, the last block's attention map or None).
+        """(x after the block, its attention map when `return_attention`, else None).
 
         chain=True, where our norms run (`VisionTransformer.forward_tokens`): both residual
         adds happen inside norm kernels. x is then the stream before this block less the
@@ -354,11 +354,8 @@ class Block(nn.Module):
         which norm1's kernel adds; the result is (the stream after this block's attention
         residual, this block's MLP branch, its factors) for the next norm to add. A keyword
         of forward, not a method of its own: FSDP2's and torch.compile's hooks run on calls."""
-        if chain:
-            if branch is None:
-                h = self.norm1(x)
-            else:
-                x, h = self.norm1.add_forward(x, branch, branch_scale)
+        if chain and branch is not None:
+            x, h = self.norm1.add_forward(x, branch, branch_scale)
         else:
             h = self.norm1(x)
         y, attn = self.attn(h, seqlens, return_attention)
