@@ -38,6 +38,7 @@ from dinofuse.bench.meta import write_results
 LOSS = importlib.import_module("dinofuse.kernels.dino_loss")
 EMA = importlib.import_module("dinofuse.kernels.ema")
 LAYER_NORM = importlib.import_module("dinofuse.kernels.layer_norm")
+BIAS_GELU = importlib.import_module("dinofuse.kernels.bias_gelu")
 
 
 @dataclass
@@ -129,7 +130,7 @@ def recording():
         raise RuntimeError("kernel_resources compiles the kernels: run it with TRITON_INTERPRET=0")
     launches: list[Launch] = []
     saved = {}
-    for module in (LOSS, EMA, LAYER_NORM):
+    for module in (LOSS, EMA, LAYER_NORM, BIAS_GELU):
         saved[module, "runs_triton"] = module.runs_triton
         module.runs_triton = lambda t: True
         for name, obj in vars(module).items():
@@ -338,6 +339,27 @@ LAYER_NORM_CASES = [(384, torch.float32, torch.bfloat16, True, None),
                     (768, torch.bfloat16, torch.bfloat16, True, torch.bfloat16)]
 
 
+def bias_gelu_launches(rows: int, N: int, dtype: torch.dtype) -> list[Launch]:
+    a = torch.zeros(rows, N, dtype=dtype, requires_grad=True)
+    bias = torch.zeros(N, requires_grad=True)
+    old = BIAS_GELU._row_programs
+    BIAS_GELU._row_programs = lambda n, blocks, device: max(1, min(
+        132 * BIAS_GELU.BACKWARD_PROGRAMS_PER_SM // blocks, -(-n // BIAS_GELU.BLOCK_ROWS)))
+    try:
+        with recording() as launches:
+            BIAS_GELU.bias_gelu(a, bias).backward(torch.zeros(rows, N, dtype=dtype))
+    finally:
+        BIAS_GELU._row_programs = old
+    return launches
+
+
+def _bias_gelu_rows(archs) -> list[dict]:
+    return [dict(case=f"bias_gelu N={N} {_name(dtype)}", student_launch="-", default=True,
+                 **compile_launch(launch, arch))
+            for N, dtype in ((1536, torch.bfloat16), (3072, torch.float32))
+            for launch in bias_gelu_launches(64 * 764, N, dtype) for arch in archs]
+
+
 def report(archs=(80, 90), sweep: bool = True) -> list[dict]:
     """Every kernel at the official size (K=65536, 10 crops, B=256 and 64), bf16 and fp32,
     the default launch shapes and (sweep) the benchmark's; the EMA for both student dtypes."""
@@ -345,7 +367,8 @@ def report(archs=(80, 90), sweep: bool = True) -> list[dict]:
     for B in (256, 64):
         for dtype in (torch.bfloat16, torch.float32):
             rows += _loss_rows(f"loss B={B} {_name(dtype)}", (65536, B, 10, 2, dtype), archs, sweep)
-    return _unique(rows + _ema_rows(archs) + _layer_norm_rows(archs, LAYER_NORM_CASES))
+    return _unique(rows + _ema_rows(archs) + _layer_norm_rows(archs, LAYER_NORM_CASES)
+                   + _bias_gelu_rows(archs))
 
 
 def check(archs=(80, 90)) -> list[dict]:
@@ -361,7 +384,8 @@ def check(archs=(80, 90)) -> list[dict]:
     rows += _loss_rows("loss sweep", (65536, 64, 10, 2, torch.bfloat16), archs, True,
                        machine_code=False)
     odd = [(37, torch.float16, torch.float16, False, None), (100, torch.float32, torch.float32, True, None)]
-    return _unique(rows + _ema_rows(archs) + _layer_norm_rows(archs, LAYER_NORM_CASES + odd))
+    return _unique(rows + _ema_rows(archs) + _layer_norm_rows(archs, LAYER_NORM_CASES + odd)
+                   + _bias_gelu_rows(archs))
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -46,13 +46,13 @@ BASELINE = {"model.attention": "naive", "model.packed": False, "impl.loss": "off
             "impl.ema": "official", "impl.clip": "official", "impl.optimizer": "official",
             "optim.precision": "fp16", "impl.compile_blocks": False, "impl.loss_check": "official",
             "impl.patch_embedding": "conv", "impl.residual_dtype": "fp32", "impl.cuda_graph": "off",
-            "impl.layer_norm": "torch"}
+            "impl.layer_norm": "torch", "impl.bias_gelu": "torch"}
 # dinofuse's defaults for the same parts (attention "auto": xformers on CUDA, SDPA on CPU).
 DINOFUSE = {"model.attention": "auto", "model.packed": False, "impl.loss": "fused",
             "impl.ema": "fused", "impl.clip": "fused", "impl.optimizer": "auto",
             "optim.precision": "bf16", "impl.compile_blocks": False, "impl.loss_check": "deferred",
             "impl.patch_embedding": "matmul", "impl.residual_dtype": "fp32", "impl.cuda_graph": "auto",
-            "impl.layer_norm": "auto"}
+            "impl.layer_norm": "auto", "impl.bias_gelu": "auto"}
 # Rows that the FSDP2 overhead target compares (named once: a renamed row would silently
 # drop the target from the results).
 UNGRAPHED_ROW = "dinofuse without the CUDA graph"
@@ -69,6 +69,7 @@ OPTIMIZATIONS = {
     "fused AdamW": {"impl.optimizer": "fused"},
     "patch embedding as one matmul": {"impl.patch_embedding": "matmul"},
     "fused LayerNorm": {"impl.layer_norm": "auto"},
+    "fused bias + GELU": {"impl.bias_gelu": "auto"},
     "bf16 autocast": {"optim.precision": "bf16"},
     "torch.compile per block": {"impl.compile_blocks": True},
 }
@@ -362,6 +363,7 @@ def variants(args) -> list[Variant]:
             out.append(Variant(UNGRAPHED_ROW, {**ours, "impl.cuda_graph": "off"}))
             out.append(Variant("dinofuse with torch's LayerNorm and residual adds",
                                {**ours, "impl.layer_norm": "torch"}))
+            out.append(Variant("dinofuse with torch's bias + GELU", {**ours, "impl.bias_gelu": "torch"}))
         out.append(Variant("dinofuse + packed crops", {**ours, "model.packed": True}))
         # not over the baseline: an fp16 residual stream risks overflow (bf16 has fp32's range)
         out.append(Variant("dinofuse + bf16 residual stream and LayerNorm",

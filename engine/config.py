@@ -117,6 +117,9 @@ class ImplConfig:
     layer_norm: str = "auto"  # the ViT's LayerNorms: auto (dinofuse.kernels.layer_norm on
     # CUDA, one pass each way, bf16 written straight for the next matmul; torch's where
     # torch.compile generates its own) | fused (ours wherever Triton runs) | torch
+    bias_gelu: str = "auto"  # the MLP's fc1 bias and GELU: auto (dinofuse.kernels.bias_gelu
+    # on CUDA: the bias gradient summed in GELU's backward pass; torch's under torch.compile)
+    # | fused | torch
     cuda_graph: str = "auto"  # capture the whole step in one CUDA graph and replay it
     # (engine/graph_step.py): auto (on a GPU when the run allows it: one process, bf16/fp32,
     # the fused loss, clipping and loss check) | on (the same step eagerly on a CPU; refuses

@@ -51,7 +51,12 @@ from dinofuse.engine.models import (
     build_vit,
     cancel_last_layer_gradients,
 )
-from dinofuse.engine.models.vit import LAYER_NORM_KERNELS, PATCH_EMBEDDINGS, RESIDUAL_DTYPES
+from dinofuse.engine.models.vit import (
+    BIAS_GELU_KERNELS,
+    LAYER_NORM_KERNELS,
+    PATCH_EMBEDDINGS,
+    RESIDUAL_DTYPES,
+)
 from dinofuse.engine.parallel import DeviceValue, parallelize, world
 from dinofuse.engine.progress import Progress
 from dinofuse.engine.run_lock import RunLock
@@ -69,7 +74,7 @@ IMPL_CHOICES = {"loss": ("fused", "official"), "ema": ("fused", "official"),
                 "optimizer": ("auto", "fused", "foreach", "official"),
                 "reduce_dtype": ("fp32", "bf16"), "loss_check": ("deferred", "official"),
                 "patch_embedding": PATCH_EMBEDDINGS, "residual_dtype": RESIDUAL_DTYPES,
-                "layer_norm": LAYER_NORM_KERNELS}
+                "layer_norm": LAYER_NORM_KERNELS, "bias_gelu": BIAS_GELU_KERNELS}
 
 
 def pick_device(name: str, field: str = "run.device") -> torch.device:
@@ -157,7 +162,7 @@ def build_backbone(cfg: Config, drop_path_rate: float) -> nn.Module:
                      drop_path_rate=drop_path_rate, attention=m.attention,
                      patch_embedding=cfg.impl.patch_embedding,
                      residual_dtype=cfg.impl.residual_dtype, layer_norm=cfg.impl.layer_norm,
-                     **sizes)
+                     bias_gelu=cfg.impl.bias_gelu, **sizes)
 
 
 def build_student_teacher(cfg: Config) -> tuple[MultiCropWrapper, MultiCropWrapper]:

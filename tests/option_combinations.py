@@ -50,6 +50,7 @@ CHOICES = {
     "impl.patch_embedding": ['"matmul"', '"conv"'],
     "impl.residual_dtype": ['"fp32"', '"autocast"'],
     "impl.layer_norm": ['"auto"', '"fused"', '"torch"'],  # fused: the Triton kernel (interpreted)
+    "impl.bias_gelu": ['"auto"', '"fused"', '"torch"'],
     "impl.loss_check": ['"deferred"', '"official"'],
     "impl.cuda_graph": ['"auto"', '"on"', '"off"'],  # on: the graph's step, eagerly on a CPU
     "run.save_every_steps": ["0", "2"],

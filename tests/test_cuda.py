@@ -14,6 +14,7 @@ from dinofuse.kernels import DINOLoss, dino_loss, ema_update_
 from official_dino import OfficialDINOLoss
 from test_dino_loss import assert_matches_reference, make_inputs
 from test_ema import assert_ema_exact
+from test_bias_gelu import check as check_bias_gelu
 from test_layer_norm import check as check_layer_norm
 from test_layer_norm import check_add as check_add_layer_norm
 
@@ -177,6 +178,17 @@ def test_add_layer_norm_matches_float64_reference(rows, D, dtype, branch_dtype, 
     scale = (torch.rand(rows, device="cuda") < 0.9).float() / 0.9
     check_add_layer_norm(x, branch, scale, torch.randn(D, device="cuda") + 1,
                          torch.randn(D, device="cuda"), 1e-6, dtype if dtype != torch.float32 else torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows,N,dtype,bias_dtype", [
+    (64 * 764, 1536, torch.bfloat16, torch.float32),  # ViT-S/16's fc1 under autocast
+    (64 * 764, 3072, torch.bfloat16, torch.float32),  # ViT-B
+    (3, 300, torch.float32, torch.float32),
+])
+def test_bias_gelu_matches_float64_reference(rows, N, dtype, bias_dtype, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("dinofuse.kernels.bias_gelu"), "POISON_OUTPUTS", True)
+    check_bias_gelu((torch.randn(rows, N, device="cuda") * 2).to(dtype),
+                    torch.randn(N, device="cuda").to(bias_dtype))
 
 
 def test_fused_layer_norm_in_a_vit_under_autocast_matches_torchs():

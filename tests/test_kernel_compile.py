@@ -44,7 +44,7 @@ def test_every_kernel_compiles_for_a100_and_h100(compiled):
     # the kernels the modules define (under the tests' interpreter they are not JITFunctions,
     # so find them by name)
     names = {n for m in ("dinofuse.kernels.dino_loss", "dinofuse.kernels.ema",
-                         "dinofuse.kernels.layer_norm")
+                         "dinofuse.kernels.layer_norm", "dinofuse.kernels.bias_gelu")
              for n in vars(importlib.import_module(m)) if n.endswith("_kernel")}
     assert names and {r["kernel"] for r in compiled} == names
     for name in names:
@@ -63,7 +63,9 @@ def test_default_launches_do_not_spill_registers(compiled):
     official = [r for r in defaults if "K=" not in r["case"]]
     assert {r["kernel"] for r in official} >= {"_teacher_pass_kernel", _default_student_kernel(),
                                                "_ema_kernel", "_layer_norm_forward_kernel",
-                                               "_layer_norm_backward_kernel"}
+                                               "_layer_norm_backward_kernel",
+                                               "_bias_gelu_forward_kernel",
+                                               "_bias_gelu_backward_kernel"}
     spilled = [(r["case"], r["kernel"], r["arch"], r["spill_bytes"], r["spill_accesses"])
                for r in official if r["spill_bytes"] or r["spill_accesses"]]
     assert not spilled

@@ -201,6 +201,7 @@ def test_last_layer_freeze():
     (lambda: vit_tiny(patch_embedding="unfold"), "patch_embedding must be one of matmul, conv"),
     (lambda: vit_tiny(residual_dtype="bf16"), "residual_dtype must be one of fp32, autocast"),
     (lambda: vit_tiny(layer_norm="apex"), "layer_norm must be one of auto, fused, torch"),
+    (lambda: vit_tiny(bias_gelu="tanh"), "bias_gelu must be one of auto, fused, torch"),
 ])
 def test_bad_input_is_rejected(make, message):
     with pytest.raises(ValueError, match=message):
@@ -639,3 +640,43 @@ def test_auto_layer_norm_is_torchs_on_the_cpu_and_under_torch_compile(monkeypatc
     traced = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
     assert traced and not [t for t in traced if "dinofuse" in t], traced  # torch's norm traced
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_bias_gelu_gives_torchs_outputs_and_gradients(monkeypatch):
+    """bias_gelu="fused" (fc1 without its bias, then our bias + GELU kernel, interpreted
+    here) against timm's MLP: outputs and every gradient (fc1's bias included); under bf16
+    autocast the kernel gets fc1's bf16 output and writes bf16 for fc2; "auto" is torch's
+    on the CPU and under torch.compile."""
+    from dinofuse.kernels.bias_gelu import BiasGELUFunction
+
+    calls, apply = [], BiasGELUFunction.apply
+    monkeypatch.setattr(BiasGELUFunction, "apply",
+                        lambda a, b, dtype: calls.append((a.dtype, dtype)) or apply(a, b, dtype))
+    torch.manual_seed(0)
+    ours = random_state(vit_tiny(depth=2, attention="sdpa", bias_gelu="fused"))
+    theirs = vit_tiny(depth=2, attention="sdpa", bias_gelu="torch")
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    outs, grads = [], []
+    for model in (ours, theirs):
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert calls == [(torch.float32, torch.float32)] * 2
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = ours(x), theirs(x)
+    assert calls == [(torch.bfloat16, torch.bfloat16)] * 2
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
+    calls.clear()
+    vit_tiny(depth=1, attention="sdpa")(torch.randn(1, 3, 32, 32))  # auto on the CPU
+    mlp = ours.blocks[0].mlp
+    torch._dynamo.reset()
+    try:
+        torch.compile(mlp, backend="eager", fullgraph=True)(torch.randn(2, 5, 192))
+    finally:
+        torch._dynamo.reset()
+    assert calls == []

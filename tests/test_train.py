@@ -500,10 +500,11 @@ def test_the_fused_layer_norm_trains_like_torchs_with_recomputed_blocks(tmp_path
     inside a norm) with stochastic depth and every block checkpointed (its forward, draws
     included, runs again in backward): torch's losses and teacher weights."""
     torch_losses, torch_teacher, _ = _synthetic_run(tmp_path / "a", 'impl.layer_norm="torch"',
-                                                    "model.drop_path_rate=0.3")
+                                                    'impl.bias_gelu="torch"', "model.drop_path_rate=0.3")
     fused_losses, fused_teacher, trainer = _synthetic_run(
-        tmp_path / "b", 'impl.layer_norm="fused"', "impl.checkpoint_blocks=-1",
-        "model.drop_path_rate=0.3")
+        tmp_path / "b", 'impl.layer_norm="fused"', 'impl.bias_gelu="fused"',
+        "impl.checkpoint_blocks=-1", "model.drop_path_rate=0.3")
+    assert {b.mlp.kernel for b in trainer.student.backbone.blocks} == {"fused"}
     assert {m.kernel for m in trainer.student.modules() if hasattr(m, "feeds_matmul")} == {"fused"}
     assert fused_losses == pytest.approx(torch_losses, rel=1e-5)
     torch.testing.assert_close(fused_teacher, torch_teacher, rtol=1e-5, atol=1e-6)
@@ -550,6 +551,7 @@ def test_checkpointing_and_compile_per_block_change_no_result(tmp_path, referenc
     ("impl.checkpoint_blocks=-2", "impl.checkpoint_blocks must be a block count"),
     ("impl.checkpoint_blocks=1.5", "impl.checkpoint_blocks must be int"),
     ('impl.layer_norm="apex"', "impl.layer_norm must be one of auto, fused, torch"),
+    ('impl.bias_gelu="tanh"', "impl.bias_gelu must be one of auto, fused, torch"),
 ])
 def test_impl_choices_are_checked(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

@@ -24,16 +24,19 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.layers import DropPath as TimmDropPath
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import Mlp as TimmMlp
+from timm.layers import trunc_normal_
 from timm.layers import PatchEmbed as TimmPatchEmbed
 from torch import nn
 
+from dinofuse.kernels.bias_gelu import bias_gelu
 from dinofuse.kernels.layer_norm import FusedLayerNorm
 
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa", "naive")
 PATCH_EMBEDDINGS = ("matmul", "conv")
 RESIDUAL_DTYPES = ("fp32", "autocast")
 LAYER_NORM_KERNELS = ("auto", "fused", "torch")
+BIAS_GELU_KERNELS = ("auto", "fused", "torch")
 
 # Packed layout: ((count, length), ...): `count` consecutive sequences of `length` tokens each.
 SeqLens = tuple[tuple[int, int], ...]
@@ -278,6 +281,24 @@ class Attention(nn.Module):
         return self.proj(out.reshape(B, N, C)), attn
 
 
+class Mlp(TimmMlp):
+    """timm's MLP (fc1, GELU, fc2: the official names). `kernel` "auto" (ours on CUDA),
+    "fused", "torch": ours runs fc1 without its bias and adds it in
+    `dinofuse.kernels.bias_gelu` with the GELU, whose backward sums the bias gradient in
+    the same pass (no column reduction over fc1's whole output gradient). Under
+    torch.compile that op is torch's math, which Inductor fuses itself."""
+
+    kernel = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "torch" or (self.kernel == "auto" and x.device.type != "cuda"):
+            return super().forward(x)
+        a = F.linear(x, self.fc1.weight)  # under autocast: the autocast dtype
+        with torch.autocast(x.device.type, enabled=False):
+            h = bias_gelu(a, self.fc1.bias, a.dtype)
+        return self.fc2(h)
+
+
 class DropPath(TimmDropPath):
     """timm's stochastic depth: a whole sample's branch dropped, the kept ones scaled by
     1/keep. Eager runs of unpacked batches are timm's, draws included.
@@ -379,7 +400,7 @@ class VisionTransformer(nn.Module):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path_rate: float = 0.0,
                  attention: str = "auto", patch_embedding: str = "matmul",
-                 residual_dtype: str = "fp32", layer_norm: str = "auto"):
+                 residual_dtype: str = "fp32", layer_norm: str = "auto", bias_gelu: str = "auto"):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
@@ -392,6 +413,9 @@ class VisionTransformer(nn.Module):
         if layer_norm not in LAYER_NORM_KERNELS:
             raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORM_KERNELS)}; "
                              f"got {layer_norm!r}")
+        if bias_gelu not in BIAS_GELU_KERNELS:
+            raise ValueError(f"bias_gelu must be one of {', '.join(BIAS_GELU_KERNELS)}; "
+                             f"got {bias_gelu!r}")
         self.patch_size = patch_size
         # Under autocast the official residual stream is fp32 (the position embedding is) and
         # autocast runs LayerNorm in fp32; "autocast" keeps both in the autocast dtype, as
@@ -412,6 +436,8 @@ class VisionTransformer(nn.Module):
             if isinstance(m, LayerNorm):
                 m.low_precision = residual_dtype == "autocast"
                 m.kernel = layer_norm
+            elif isinstance(m, Mlp):
+                m.kernel = bias_gelu
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
