@@ -96,8 +96,9 @@ run_stage() {
       stage kernel_bench 280 python3 -m dinofuse.bench.kernels --out "$work" $sweep ;;  # 101 s at acd9a6a, LayerNorm rows since
     kernel_resources) stage kernel_resources 60 python3 -m dinofuse.bench.kernel_resources \
         --out "$work" --arch 90 ;;  # registers and spills under this image's triton
-    # TORCH_LOGS: dynamo's recompiles and graph breaks in the compiled rows' log
-    train_s16) stage train_s16 300 env TORCH_LOGS=recompiles,graph_breaks \
+    # TORCH_LOGS: dynamo's recompiles and graph breaks in the compiled rows' log; 175 s at
+    # acd9a6a, four ablation rows more since (our norms and bias + GELU, on and off)
+    train_s16) stage train_s16 360 env TORCH_LOGS=recompiles,graph_breaks \
         "${train[@]}" --arch vit_small --patch 16 --batch 64 --ablation --compile \
         --fsdp --profile --target-speedup 2.5 --target-mfu 35 --target-fsdp-overhead 5 ;;
     # compile too: inductor recomputes cheap elementwise work instead of saving it (memory)
