@@ -35,3 +35,11 @@ def check_float(name: str, tensor: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
 def local_shard(t: torch.Tensor) -> torch.Tensor:
     """The local shard of an FSDP2 DTensor (no communication), else the tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def new_output(shape, like: torch.Tensor, dtype: torch.dtype, poison: bool = False) -> torch.Tensor:
+    """A kernel's output buffer on `like`'s device; NaN-filled when `poison` (the tests set
+    it, so an element a kernel fails to write shows up instead of passing on stale memory)."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)

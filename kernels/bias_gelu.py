@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dinofuse.kernels._runtime import FLOAT_DTYPES, check_float, runs_triton
+from dinofuse.kernels._runtime import FLOAT_DTYPES, check_float, new_output, runs_triton
 
 # A program's tile: BLOCK_ROWS rows x BLOCK_COLS columns; backward programs per SM, split
 # over the column blocks (each keeps the bias gradient's partial sums of its rows).
@@ -76,9 +76,7 @@ def _bias_gelu_backward_kernel(a_ptr, b_ptr, dh_ptr, da_ptr, db_partial_ptr, n_r
 
 
 def _new(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    return new_output(shape, like, dtype, POISON_OUTPUTS)
 
 
 def _row_programs(n_rows: int, col_blocks: int, device: torch.device) -> int:

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from dinofuse.kernels._runtime import check_float, next_power_of_2, runs_triton
+from dinofuse.kernels._runtime import check_float, new_output, next_power_of_2, runs_triton
 from dinofuse.kernels.ema import ema_update_
 from dinofuse.kernels.reference import (
     dino_loss_reference,
@@ -335,9 +335,7 @@ POISON_OUTPUTS = False
 
 
 def _new_output(shape, *, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    return new_output(shape, like, dtype, POISON_OUTPUTS)
 
 
 # Teacher pass launch shape (rows_per_program a multiple of block_r); the benchmark sweeps it.

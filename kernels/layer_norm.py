@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dinofuse.kernels._runtime import FLOAT_DTYPES, check_float, next_power_of_2, runs_triton
+from dinofuse.kernels._runtime import FLOAT_DTYPES, check_float, new_output, next_power_of_2, runs_triton
 
 # Rows per loop step (program-wide), and how many programs share the backward's rows: the
 # partial weight/bias gradients are (programs, D) fp32, summed once at the end.
@@ -122,9 +122,7 @@ def _layer_norm_backward_kernel(
 
 
 def _new(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+    return new_output(shape, like, dtype, POISON_OUTPUTS)
 
 
 def _or(tensor, placeholder):

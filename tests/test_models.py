@@ -537,6 +537,26 @@ def test_residual_stream_in_the_autocast_dtype(monkeypatch):
     assert torch.nn.functional.cosine_similarity(grads[1], grads[0], dim=0) > 0.99
 
 
+def _ours_against_torchs(option: str):
+    """Two 2-block ViTs with the same random weights, `option` ("layer_norm", "bias_gelu")
+    "fused" (our kernel, interpreted here) in one and "torch" in the other: their outputs
+    and gradients on the same images agree. Returns (ours, theirs, the images)."""
+    torch.manual_seed(0)
+    ours = random_state(vit_tiny(depth=2, attention="sdpa", **{option: "fused"}))
+    theirs = vit_tiny(depth=2, attention="sdpa", **{option: "torch"})
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    outs, grads = [], []
+    for model in (ours, theirs):
+        out = model(x)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+    return ours, theirs, x
+
+
 def _count_fused_layer_norms(monkeypatch) -> list:
     """Each call of our kernels: ("norm" or "add+norm", input dtype, output dtype)."""
     from dinofuse.kernels.layer_norm import AddLayerNormFunction, LayerNormFunction
@@ -561,20 +581,8 @@ def test_fused_layer_norm_gives_torchs_outputs_and_gradients(monkeypatch):
     every norm runs it; fp32 outputs and gradients agree; under bf16 autocast the norms that
     feed a matmul write bf16 and the final one fp32, as autocast's cast and LayerNorm give."""
     calls = _count_fused_layer_norms(monkeypatch)
-    torch.manual_seed(0)
-    ours = random_state(vit_tiny(depth=2, attention="sdpa", layer_norm="fused"))
-    theirs = vit_tiny(depth=2, attention="sdpa", layer_norm="torch")
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    outs, grads = [], []
-    for model in (ours, theirs):
-        out = model(x)
-        out.square().sum().backward()
-        outs.append(out)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    ours, theirs, x = _ours_against_torchs("layer_norm")
     assert len(calls) == 2 * 2 + 1
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = ours(x)
@@ -652,20 +660,8 @@ def test_fused_bias_gelu_gives_torchs_outputs_and_gradients(monkeypatch):
     calls, apply = [], BiasGELUFunction.apply
     monkeypatch.setattr(BiasGELUFunction, "apply",
                         lambda a, b, dtype: calls.append((a.dtype, dtype)) or apply(a, b, dtype))
-    torch.manual_seed(0)
-    ours = random_state(vit_tiny(depth=2, attention="sdpa", bias_gelu="fused"))
-    theirs = vit_tiny(depth=2, attention="sdpa", bias_gelu="torch")
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    outs, grads = [], []
-    for model in (ours, theirs):
-        out = model(x)
-        out.square().sum().backward()
-        outs.append(out)
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    ours, theirs, x = _ours_against_torchs("bias_gelu")
     assert calls == [(torch.float32, torch.float32)] * 2
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, expected = ours(x), theirs(x)

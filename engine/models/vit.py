@@ -404,18 +404,12 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
-        if patch_embedding not in PATCH_EMBEDDINGS:
-            raise ValueError(f"patch_embedding must be one of {', '.join(PATCH_EMBEDDINGS)}; "
-                             f"got {patch_embedding!r}")
-        if residual_dtype not in RESIDUAL_DTYPES:
-            raise ValueError(f"residual_dtype must be one of {', '.join(RESIDUAL_DTYPES)}; "
-                             f"got {residual_dtype!r}")
-        if layer_norm not in LAYER_NORM_KERNELS:
-            raise ValueError(f"layer_norm must be one of {', '.join(LAYER_NORM_KERNELS)}; "
-                             f"got {layer_norm!r}")
-        if bias_gelu not in BIAS_GELU_KERNELS:
-            raise ValueError(f"bias_gelu must be one of {', '.join(BIAS_GELU_KERNELS)}; "
-                             f"got {bias_gelu!r}")
+        for name, value, choices in (("patch_embedding", patch_embedding, PATCH_EMBEDDINGS),
+                                     ("residual_dtype", residual_dtype, RESIDUAL_DTYPES),
+                                     ("layer_norm", layer_norm, LAYER_NORM_KERNELS),
+                                     ("bias_gelu", bias_gelu, BIAS_GELU_KERNELS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
         self.patch_size = patch_size
         # Under autocast the official residual stream is fp32 (the position embedding is) and
         # autocast runs LayerNorm in fp32; "autocast" keeps both in the autocast dtype, as
