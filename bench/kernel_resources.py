@@ -39,6 +39,9 @@ LOSS = importlib.import_module("dinofuse.kernels.dino_loss")
 EMA = importlib.import_module("dinofuse.kernels.ema")
 LAYER_NORM = importlib.import_module("dinofuse.kernels.layer_norm")
 BIAS_GELU = importlib.import_module("dinofuse.kernels.bias_gelu")
+RUNTIME = importlib.import_module("dinofuse.kernels._runtime")
+multiprocessors = RUNTIME.multiprocessors
+H100_SMS = 132  # the backward's row split as an H100 would make it (its program count)
 
 
 @dataclass
@@ -302,11 +305,8 @@ def layer_norm_launches(rows: int, D: int, dtype: torch.dtype, out_dtype: torch.
     x = torch.zeros(rows, D, dtype=dtype, requires_grad=True)
     weight = torch.ones(D, requires_grad=True) if affine else None
     bias = torch.zeros(D, requires_grad=True) if affine else None
-    sms = 132
-    old = LAYER_NORM._backward_programs
-    LAYER_NORM._backward_programs = lambda n, device: max(1, min(
-        sms * LAYER_NORM.BACKWARD_PROGRAMS_PER_SM, -(-n // LAYER_NORM.BLOCK_ROWS)))
     try:
+        RUNTIME.multiprocessors = lambda device: H100_SMS
         with recording() as launches:
             if branch is None:
                 y = LAYER_NORM.layer_norm(x, weight, bias, 1e-6, out_dtype)
@@ -316,7 +316,7 @@ def layer_norm_launches(rows: int, D: int, dtype: torch.dtype, out_dtype: torch.
                 s, y = LAYER_NORM.add_layer_norm(x, r, weight, bias, 1e-6, out_dtype, torch.ones(rows))
                 torch.autograd.backward([s, y], [torch.zeros_like(s), torch.zeros_like(y)])
     finally:
-        LAYER_NORM._backward_programs = old
+        RUNTIME.multiprocessors = multiprocessors
     return launches
 
 
@@ -342,14 +342,12 @@ LAYER_NORM_CASES = [(384, torch.float32, torch.bfloat16, True, None),
 def bias_gelu_launches(rows: int, N: int, dtype: torch.dtype) -> list[Launch]:
     a = torch.zeros(rows, N, dtype=dtype, requires_grad=True)
     bias = torch.zeros(N, requires_grad=True)
-    old = BIAS_GELU._row_programs
-    BIAS_GELU._row_programs = lambda n, blocks, device: max(1, min(
-        132 * BIAS_GELU.BACKWARD_PROGRAMS_PER_SM // blocks, -(-n // BIAS_GELU.BLOCK_ROWS)))
     try:
+        RUNTIME.multiprocessors = lambda device: H100_SMS
         with recording() as launches:
             BIAS_GELU.bias_gelu(a, bias).backward(torch.zeros(rows, N, dtype=dtype))
     finally:
-        BIAS_GELU._row_programs = old
+        RUNTIME.multiprocessors = multiprocessors
     return launches
 
 

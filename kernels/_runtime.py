@@ -43,3 +43,27 @@ def new_output(shape, like: torch.Tensor, dtype: torch.dtype, poison: bool = Fal
     if poison:
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def multiprocessors(device: torch.device) -> int | None:
+    """The CUDA device's SM count; None elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def row_split(n_rows: int, block_rows: int, programs_per_sm: int, device: torch.device,
+              col_blocks: int = 1, elsewhere: int = 4) -> tuple[int, int]:
+    """(programs, rows per program) for a backward that walks its rows in blocks and keeps
+    per-program partial sums of a parameter's gradient: `programs_per_sm` per SM shared by
+    `col_blocks` column blocks on CUDA, `elsewhere` programs under the interpreter (few, each
+    walking many rows); rows per program a whole number of blocks, so no row is summed twice."""
+    sms = multiprocessors(device)
+    wanted = max(1, sms * programs_per_sm // col_blocks) if sms else elsewhere
+    programs = max(1, min(wanted, _cdiv(n_rows, block_rows)))
+    rows_per_program = _cdiv(_cdiv(n_rows, programs), block_rows) * block_rows
+    return _cdiv(n_rows, rows_per_program), rows_per_program
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

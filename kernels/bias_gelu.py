@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dinofuse.kernels._runtime import FLOAT_DTYPES, check_float, new_output, runs_triton
+from dinofuse.kernels._runtime import FLOAT_DTYPES, check_float, new_output, row_split, runs_triton
 
 # A program's tile: BLOCK_ROWS rows x BLOCK_COLS columns; backward programs per SM, split
 # over the column blocks (each keeps the bias gradient's partial sums of its rows).
@@ -79,15 +79,6 @@ def _new(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return new_output(shape, like, dtype, POISON_OUTPUTS)
 
 
-def _row_programs(n_rows: int, col_blocks: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = max(1, sms * BACKWARD_PROGRAMS_PER_SM // col_blocks)
-    else:  # the interpreter: few programs, each walking many rows
-        wanted = 3
-    return max(1, min(wanted, triton.cdiv(n_rows, BLOCK_ROWS)))
-
-
 def _forward(a, bias, out_dtype):
     N = a.shape[-1]
     a2 = a.reshape(-1, N).contiguous()
@@ -110,9 +101,8 @@ def _backward(dh, a, bias, want_db: bool):
         return torch.zeros_like(a), db
     dh2 = dh.reshape(n_rows, N).contiguous()
     col_blocks = triton.cdiv(N, BLOCK_COLS)
-    programs = _row_programs(n_rows, col_blocks, a.device)
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), BLOCK_ROWS) * BLOCK_ROWS
-    programs = triton.cdiv(n_rows, rows_per_program)
+    programs, rows_per_program = row_split(n_rows, BLOCK_ROWS, BACKWARD_PROGRAMS_PER_SM, a.device,
+                                           col_blocks, elsewhere=3)
     da = _new((n_rows, N), a2, a.dtype)
     db_partial = _new((programs, N), a2, torch.float32) if want_db else da
     _bias_gelu_backward_kernel[(programs, col_blocks)](

@@ -24,7 +24,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dinofuse.kernels._runtime import FLOAT_DTYPES, check_float, new_output, next_power_of_2, runs_triton
+from dinofuse.kernels._runtime import (
+    FLOAT_DTYPES,
+    check_float,
+    new_output,
+    next_power_of_2,
+    row_split,
+    runs_triton,
+)
 
 # Rows per loop step (program-wide), and how many programs share the backward's rows: the
 # partial weight/bias gradients are (programs, D) fp32, summed once at the end.
@@ -140,15 +147,6 @@ def _warps(block_d: int) -> int:
     return min(16, max(1, BLOCK_ROWS * block_d // 512))
 
 
-def _backward_programs(n_rows: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = sms * BACKWARD_PROGRAMS_PER_SM
-    else:  # the interpreter: few programs, each walking many rows
-        wanted = 4
-    return max(1, min(wanted, triton.cdiv(n_rows, BLOCK_ROWS)))
-
-
 def _rows(t: torch.Tensor | None, D: int) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1, D).contiguous()
 
@@ -195,9 +193,7 @@ def _backward(dy, x, weight, mean, rstd, w_dtype, b_dtype, ds=None, scale=None, 
         return torch.zeros_like(x), *zeros, dr
     dy2, ds2 = _rows(dy, D), _rows(ds, D)
     want_dw, want_db = w_dtype is not None, b_dtype is not None
-    programs = _backward_programs(n_rows, x2.device)
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), BLOCK_ROWS) * BLOCK_ROWS
-    programs = max(1, triton.cdiv(n_rows, rows_per_program))
+    programs, rows_per_program = row_split(n_rows, BLOCK_ROWS, BACKWARD_PROGRAMS_PER_SM, x2.device)
     dx = _new((n_rows, D), x2, x.dtype)
     dr = _new((n_rows, D), x2, r_dtype) if r_dtype is not None else None
     dw_partial = _new((programs, D), x2, torch.float32) if want_dw else None
